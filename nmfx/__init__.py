@@ -1,0 +1,30 @@
+"""nmfx: N:M structured sparsity for PyTorch.
+
+``model = nmfx.sparsify(model)`` rewrites a model's FX graph to train it N:M sparse with
+SR-STE. Importing nmfx is light: no C++ build, no optional backends.
+"""
+
+from nmfx.api import Summary, is_sparsified, sparsify, summary
+from nmfx.config import SparsityConfig
+from nmfx.masks import is_nm, nm_mask
+from nmfx.pattern import NMPattern, parse_pattern
+from nmfx.srste import add_srste_terms
+from nmfx.stats import mask_snapshot, mask_stats
+
+__version__ = "0.1.0.dev0"
+
+__all__ = [
+    "NMPattern",
+    "SparsityConfig",
+    "Summary",
+    "__version__",
+    "add_srste_terms",
+    "is_nm",
+    "is_sparsified",
+    "mask_snapshot",
+    "mask_stats",
+    "nm_mask",
+    "parse_pattern",
+    "sparsify",
+    "summary",
+]

@@ -1,0 +1,352 @@
+"""``nmfx.sparsify`` and ``nmfx.summary``: the one-liner and what it decided."""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from tabulate import tabulate
+from torch import fx, nn
+
+from nmfx.capture import NATIVE, OwnGraph, capture_own_graphs, trace_whole_model
+from nmfx.config import SparsityConfig, config_from_options
+from nmfx.modules import MHAForward, NMMasker, RewrittenForward
+from nmfx.opgraph import ModelFacts, build_op_graph
+from nmfx.passes import SPARSIFY_PASSES, Pass, PassContext, run_passes
+from nmfx.passes.decide_eligibility import dense_reason
+from nmfx.passes.insert_srste_masks import masker_name
+from nmfx.plan import DENSE, SPARSE, Candidate, Coverage, SparsityPlan
+from nmfx.srste import ensure_optimizer_hook
+from nmfx.weight_ops import find_weight_uses, mha_weights
+
+__all__ = ["Summary", "is_sparsified", "sparsify", "summary"]
+
+log = logging.getLogger("nmfx")
+PLAN_ATTR = "_nmfx_plan"
+
+
+@dataclass
+class _Install:
+    """What to change on one module, computed before anything is changed."""
+
+    module: nn.Module
+    maskers: dict[str, nn.Module]
+    forward: Any
+
+
+def is_sparsified(model: nn.Module) -> bool:
+    return any(isinstance(m, NMMasker) for m in model.modules())
+
+
+def _check_model(model: Any) -> None:
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        raise TypeError(
+            "model is a torch.compile'd module; call nmfx.sparsify on the original module "
+            "first, then torch.compile the result"
+        )
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
+    if is_sparsified(model):
+        raise ValueError(
+            "model is already sparsified by nmfx (it contains NMMasker modules); sparsify the "
+            "original model once, or call nmfx.finalize first to bake the masks"
+        )
+
+
+def _forward_defaults(module: nn.Module) -> tuple[str, ...]:
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):
+        return ()
+    return tuple(
+        f"{p.name}={p.default!r}" if p.default is not p.empty else f"*{p.name}"
+        for p in sig.parameters.values()
+        if p.default is not p.empty or p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD)
+    )
+
+
+def _trace_modes(own: OwnGraph) -> list[tuple[bool, fx.Graph]]:
+    """The module's own graph in train and eval mode; one entry when both are the same code.
+
+    FX evaluates ``if self.training`` at trace time, so a forward that branches on it
+    gives two graphs and the rewritten forward picks one at run time.
+    """
+    module = own.module
+    was = module.training
+    graphs = []
+    try:
+        for mode in (True, False):
+            module.training = mode  # this module only: children are leaves here
+            graphs.append((mode, own.graph if mode == was else _retrace(module)))
+    finally:
+        module.training = was
+    codes = {g.python_code("self").src for _, g in graphs}
+    return graphs if len(codes) > 1 else [(was, own.graph)]
+
+
+def _retrace(module: nn.Module) -> fx.Graph:
+    from nmfx.capture import _OwnForwardTracer
+
+    return _OwnForwardTracer().trace(module)
+
+
+def _stand_ins(graph: fx.Graph) -> dict[str, Any]:
+    """Placeholders for the attributes a graph names: the code runs on the real module."""
+    out: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            out[node.target] = torch.empty(0)
+        elif node.op == "call_module":
+            out[node.target] = nn.Identity()
+    return out
+
+
+class _ModeDispatch(RewrittenForward):
+    """RewrittenForward with separate train/eval code (see ``_trace_modes``)."""
+
+    def __init__(self, owner: nn.Module, train: fx.GraphModule, evaluate: fx.GraphModule) -> None:
+        super().__init__(owner, train)
+        self._eval_code = (evaluate,)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        owner = self._owner[0]
+        code = self._code[0] if owner.training else self._eval_code[0]
+        return type(code).forward(owner, *args, **kwargs)
+
+
+def _plan_own_graph(
+    own: OwnGraph, cfg: SparsityConfig, facts: ModelFacts, traced: bool, passes: tuple[Pass, ...]
+) -> tuple[list[Candidate], _Install | None]:
+    defaults = _forward_defaults(own.module)
+    maskers: dict[str, nn.Module] = {}
+    results: dict[bool, fx.GraphModule] = {}
+    candidates: list[Candidate] = []
+    for mode, graph in _trace_modes(own):
+        ctx = PassContext(
+            cfg, own.fqn, own.module, facts, traced, maskers=maskers, forward_defaults=defaults
+        )
+        gm = fx.GraphModule(own.module, graph)
+        result = run_passes(gm, passes, ctx)
+        if candidates and [c.param for c in candidates if c.sparse] != [
+            c.param for c in ctx.candidates if c.sparse
+        ]:
+            raise RuntimeError(f"{own.fqn}: train and eval forwards consume different weights")
+        candidates = candidates or ctx.candidates
+        if result.modified:
+            results[mode] = fx.GraphModule(
+                _stand_ins(result.graph_module.graph), result.graph_module.graph
+            )
+    if not maskers:
+        return candidates, None
+    if len(results) == 1:
+        forward = RewrittenForward(own.module, next(iter(results.values())))
+    else:
+        forward = _ModeDispatch(own.module, results[True], results[False])
+    return candidates, _Install(own.module, maskers, forward)
+
+
+def _plan_mha(
+    fqn: str, mha: nn.MultiheadAttention, cfg: SparsityConfig, facts: ModelFacts, traced: bool
+) -> tuple[list[Candidate], _Install | None]:
+    ctx = PassContext(cfg, fqn, mha, facts, traced)
+    candidates, maskers, by_path = [], {}, {}
+    for path, op in mha_weights(mha):
+        weight = mha.get_parameter(path)
+        param = f"{fqn}.{path}" if fqn else path
+        cand = Candidate(
+            f"{fqn}.{op.split('.')[1]}", param, fqn, path, op, tuple(weight.shape), weight.dtype, 1
+        )
+        reason = dense_reason(cand, ctx)
+        cand.verdict, cand.reason = (
+            (DENSE, reason) if reason else (SPARSE, f"{cfg.pattern} along in_features")
+        )
+        candidates.append(cand)
+        if cand.sparse:
+            name = masker_name(path)
+            maskers[name] = NMMasker(
+                mha,
+                path,
+                cfg.pattern.n,
+                cfg.pattern.m,
+                1,
+                cfg.srste_lambda,
+                cfg.mask_mode,
+                cfg.mask_interval,
+            )
+            by_path[path] = name
+    install = _Install(mha, maskers, MHAForward(mha, by_path)) if maskers else None
+    return candidates, install
+
+
+def _untraceable_candidates(own: OwnGraph) -> list[Candidate]:
+    """The module's own (not its children's) weights: their ops could not be seen."""
+    out = []
+    for name, p in own.module.named_parameters(recurse=False):
+        if p.dim() >= 2:
+            param = f"{own.fqn}.{name}" if own.fqn else name
+            out.append(Candidate(
+                param, param, own.fqn, name, "unknown", tuple(p.shape), p.dtype, None, DENSE,
+                f"{type(own.module).__name__}.forward is not traceable by torch.fx ({own.error}); "
+                f"its own weight ops stay dense (its submodules are still sparsified)",
+            ))  # fmt: skip
+    return out
+
+
+def sparsify(
+    model: nn.Module,
+    config: SparsityConfig | None = None,
+    *,
+    passes: tuple[Pass, ...] = SPARSIFY_PASSES,
+    **options: Any,
+) -> nn.Module:
+    """Make ``model`` train N:M sparse with SR-STE; returns the same object, changed in place.
+
+    Options are the fields of :class:`SparsityConfig` (``pattern="2:4"``,
+    ``srste_lambda=2e-4``, ``exclude=[...]``, ...). Parameter names, shapes and
+    ``state_dict`` keys are unchanged. Errors are raised before anything is changed.
+    """
+    cfg = config_from_options(config, options)
+    _check_model(model)
+    whole_graph, trace_error = trace_whole_model(model)
+    traced = whole_graph is not None
+    facts = build_op_graph(model, whole_graph)
+    owns = capture_own_graphs(model)
+    if not traced:
+        facts.graph.graph["last_weight"] = _last_weight(model, owns)
+
+    candidates: list[Candidate] = []
+    coverage: list[Coverage] = []
+    installs: list[_Install] = []
+    for fqn, module in model.named_modules():
+        if isinstance(module, NATIVE):
+            cands, install = _plan_mha(fqn, module, cfg, facts, traced)
+            coverage.append(Coverage(fqn, "native", "nn.MultiheadAttention: in/out projections"))
+        else:
+            own = next((o for o in owns if o.module is module), None)
+            if own is None:
+                continue
+            if own.graph is None:
+                cands, install = _untraceable_candidates(own), None
+                coverage.append(Coverage(fqn, "untraceable", own.error))
+            else:
+                cands, install = _plan_own_graph(own, cfg, facts, traced, passes)
+                coverage.append(Coverage(fqn, "fx"))
+        candidates += cands
+        if install is not None:
+            installs.append(install)
+
+    plan = SparsityPlan(cfg, candidates, coverage, traced, trace_error)
+    if not installs:
+        raise ValueError(
+            "no layer of the model can be made N:M sparse with these options; nothing was "
+            "changed. Reasons per layer:\n" + render_candidates(candidates)
+        )
+    for install in installs:  # from here on nothing can fail: all-or-nothing
+        for name, masker in install.maskers.items():
+            install.module.add_module(name, masker)
+            if masker.mask_mode == "fixed":
+                with torch.no_grad():
+                    masker.weight.mul_(masker.mask)
+        install.module.forward = install.forward
+    model.__dict__[PLAN_ATTR] = plan
+    ensure_optimizer_hook()
+    log.info(
+        "nmfx.sparsify: %d of %d weight ops N:M (%s)",
+        len(plan.sparse),
+        len(candidates),
+        cfg.pattern,
+    )
+    return model
+
+
+def _last_weight(model: nn.Module, owns: list[OwnGraph]) -> str | None:
+    """Without a whole-model graph, the output layer is taken to be the last weight op
+    in registration order (the usual ``head`` / ``fc`` / ``lm_head`` placement)."""
+    last = None
+    by_module = {id(o.module): o for o in owns}
+    for fqn, module in model.named_modules():
+        if isinstance(module, NATIVE):
+            last = f"{fqn}.out_proj.weight"
+            continue
+        own = by_module.get(id(module))
+        if own is not None and own.graph is not None:
+            uses = find_weight_uses(fx.GraphModule(module, own.graph))
+            if uses:
+                last = f"{fqn}.{uses[-1].target}" if fqn else uses[-1].target
+    return last
+
+
+def render_candidates(candidates: list[Candidate], fmt: str = "simple") -> str:
+    rows = [
+        (
+            c.name,
+            c.op,
+            "x".join(map(str, c.shape)),
+            str(c.dtype).replace("torch.", ""),
+            c.verdict,
+            c.reason,
+        )
+        for c in candidates
+    ]
+    return tabulate(
+        rows, headers=["layer", "op", "weight", "dtype", "verdict", "reason"], tablefmt=fmt
+    )
+
+
+@dataclass
+class Summary:
+    """What ``sparsify`` did to a model: per-layer verdicts and how each part was analysed."""
+
+    plan: SparsityPlan
+
+    @property
+    def candidates(self) -> list[Candidate]:
+        return self.plan.candidates
+
+    def __str__(self) -> str:
+        plan = self.plan
+        sparse = plan.sparse
+        n_sparse = sum(_numel(c.shape) for c in sparse)
+        n_all = sum(_numel(c.shape) for c in plan.candidates)
+        lines = [
+            f"nmfx: {plan.config.pattern} SR-STE (lambda_W={plan.config.srste_lambda:g}, "
+            f"mask_mode={plan.config.mask_mode}): {len(sparse)} of {len(plan.candidates)} weight ops N:M, "
+            f"{n_sparse:,} of {n_all:,} weights in N:M layers",
+            render_candidates(plan.candidates),
+        ]
+        if plan.whole_model_traced:
+            lines.append("coverage: whole model traced by torch.fx")
+        else:
+            lines.append(
+                f"coverage: model not traceable as a whole ({plan.trace_error}); analysed per module"
+            )
+        counts: dict[str, int] = {}
+        for cov in plan.coverage:
+            counts[cov.how] = counts.get(cov.how, 0) + 1
+        lines.append("  " + ", ".join(f"{n} module(s) {how}" for how, n in sorted(counts.items())))
+        lines += [
+            f"  untraceable: {c.module or '<root>'}: {c.detail}"
+            for c in plan.coverage
+            if c.how == "untraceable"
+        ]
+        return "\n".join(lines)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def summary(model: nn.Module) -> Summary:
+    """The plan ``sparsify`` recorded on ``model``."""
+    plan = model.__dict__.get(PLAN_ATTR)
+    if plan is None:
+        raise ValueError(
+            "model was not sparsified by nmfx.sparsify; call nmfx.sparsify(model) first"
+        )
+    return Summary(plan)

@@ -1,0 +1,121 @@
+// AVX-512 N:M kernel: one expand-load (vexpandps / vpexpandw) rebuilds 16 dense weights from the
+// kept values and a 16-bit slice of the mask. Compiled with target pragmas so it builds on any
+// x86-64 compiler; it only runs where the CPU reports avx512f/bw/vl/vbmi2 (checked in nm_ops.cpp).
+#include <immintrin.h>
+
+#include "nm_kernels.h"
+
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,f16c,popcnt")
+
+namespace nmfx {
+namespace {
+
+struct BF16 {
+  uint16_t bits;
+};
+struct F16 {
+  uint16_t bits;
+};
+
+template <typename T>
+inline __m512 expand16(const T* p, __mmask16 m);
+
+template <>
+inline __m512 expand16<float>(const float* p, __mmask16 m) {
+  return _mm512_maskz_expandloadu_ps(m, p);
+}
+
+template <>
+inline __m512 expand16<BF16>(const BF16* p, __mmask16 m) {
+  const __m256i h = _mm256_maskz_expandloadu_epi16(m, p);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(h), 16));
+}
+
+template <>
+inline __m512 expand16<F16>(const F16* p, __mmask16 m) {
+  return _mm512_cvtph_ps(_mm256_maskz_expandloadu_epi16(m, p));
+}
+
+inline unsigned mask16(const uint8_t* mrow, int64_t kb2, int64_t KB) {
+  const int64_t lo = 2 * kb2;
+  return mrow[lo] | (lo + 1 < KB ? static_cast<unsigned>(mrow[lo + 1]) << 8 : 0u);
+}
+
+template <typename T, int WR, int XB>
+void micro(const NMProblem& p, int64_t r, int64_t b) {
+  const T* vp[WR];
+  const uint8_t* mp[WR];
+  for (int i = 0; i < WR; ++i) {
+    vp[i] = static_cast<const T*>(row_values(p, r + i, sizeof(T)));
+    mp[i] = p.mask + (r + i) * p.KB;
+  }
+  __m512 acc[WR][XB];
+  for (int i = 0; i < WR; ++i) {
+    for (int j = 0; j < XB; ++j) acc[i][j] = _mm512_setzero_ps();
+  }
+  const float* xb = p.x + b * p.ldx;
+  const int64_t blocks = (p.KB + 1) / 2;  // ldx is a multiple of 16, so x reads stay in bounds
+  for (int64_t kb2 = 0; kb2 < blocks; ++kb2) {
+    __m512 w[WR];
+    for (int i = 0; i < WR; ++i) {
+      const unsigned m = mask16(mp[i], kb2, p.KB);
+      w[i] = expand16(vp[i], static_cast<__mmask16>(m));
+      vp[i] += _mm_popcnt_u32(m);
+    }
+    for (int j = 0; j < XB; ++j) {
+      const __m512 xv = _mm512_loadu_ps(xb + j * p.ldx + kb2 * 16);
+      for (int i = 0; i < WR; ++i) acc[i][j] = _mm512_fmadd_ps(w[i], xv, acc[i][j]);
+    }
+  }
+  for (int i = 0; i < WR; ++i) {
+    for (int j = 0; j < XB; ++j) p.y[(b + j) * p.R + r + i] += _mm512_reduce_add_ps(acc[i][j]);
+  }
+}
+
+template <typename T, int WR>
+void all_x_rows(const NMProblem& p, int64_t r) {
+  int64_t b = 0;
+  for (; b + 4 <= p.B; b += 4) micro<T, WR, 4>(p, r, b);
+  switch (p.B - b) {
+    case 3:
+      micro<T, WR, 3>(p, r, b);
+      break;
+    case 2:
+      micro<T, WR, 2>(p, r, b);
+      break;
+    case 1:
+      micro<T, WR, 1>(p, r, b);
+      break;
+    default:
+      break;
+  }
+}
+
+template <typename T>
+void run(const NMProblem& p, int64_t r0, int64_t r1) {
+  int64_t r = r0;
+  if (p.B == 1) {
+    for (; r + 4 <= r1; r += 4) micro<T, 4, 1>(p, r, 0);
+  } else {
+    for (; r + 4 <= r1; r += 4) all_x_rows<T, 4>(p, r);
+  }
+  for (; r < r1; ++r) all_x_rows<T, 1>(p, r);
+}
+
+}  // namespace
+
+void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) {
+  switch (p.vtype) {
+    case ValueType::kFloat32:
+      run<float>(p, r0, r1);
+      break;
+    case ValueType::kBFloat16:
+      run<BF16>(p, r0, r1);
+      break;
+    case ValueType::kFloat16:
+      run<F16>(p, r0, r1);
+      break;
+  }
+}
+
+}  // namespace nmfx

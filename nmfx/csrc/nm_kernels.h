@@ -1,0 +1,49 @@
+// Shared declarations for nmfx's N:M sparse linear kernels.
+//
+// Packed layout (see nmfx/packed.py, format version 1): for a weight [R, K] with pattern N:M
+//   values [R, K*N/M]  kept values of each row in column order (fp32, bf16 or fp16)
+//   mask   [R, KB]     uint8, KB = ceil(K/8); bit j of byte b <=> dense column 8*b + j is kept.
+//                      Bits past column K are zero.
+// Every kernel computes y[b, r] = init[b, r] + sum_k W[r, k] * x[b, k] in fp32, where x is an fp32
+// buffer [B, ldx] whose columns K..ldx-1 are zero (ldx is a multiple of 16).
+#pragma once
+
+#include <cstdint>
+
+namespace nmfx {
+
+enum class ValueType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+
+struct NMProblem {
+  const float* x;          // [B, ldx], zero padded past K
+  int64_t B;
+  int64_t ldx;
+  const void* values;      // [R, kept] row-major
+  int64_t kept;            // kept values per row (K*N/M)
+  const uint8_t* mask;     // [R, KB]
+  int64_t KB;              // mask bytes per row
+  int64_t R;
+  ValueType vtype;
+  // Rows >= safe_rows read their values from `tail_values` (a copy of the last rows followed by
+  // zero padding) so that 8- or 16-wide loads never run past the end of `values`.
+  int64_t safe_rows;
+  const void* tail_values;
+  float* y;                // [B, R] fp32, pre-initialised (bias or zero); kernels accumulate
+};
+
+inline const void* row_values(const NMProblem& p, int64_t r, int elem_size) {
+  const char* base = r < p.safe_rows ? static_cast<const char*>(p.values)
+                                     : static_cast<const char*>(p.tail_values);
+  const int64_t rr = r < p.safe_rows ? r : r - p.safe_rows;
+  return base + rr * p.kept * elem_size;
+}
+
+// Each kernel handles W rows [r0, r1) for every x row; safe to call concurrently on disjoint rows.
+void nm_gemm_portable(const NMProblem& p, int64_t r0, int64_t r1);
+void nm_gemm_avx2(const NMProblem& p, int64_t r0, int64_t r1);
+void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1);
+
+bool cpu_has_avx2();
+bool cpu_has_avx512();
+
+}  // namespace nmfx

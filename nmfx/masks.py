@@ -1,0 +1,82 @@
+"""N:M masks: which N of every M consecutive weights along the reduction dim are kept.
+
+The mask is computed by comparisons inside each group (rank of every element among its
+M neighbours), never by sorting: for M = 4 that is six compares per group and it fuses
+under ``torch.compile``.
+
+Ties and non-finite values, the documented rules:
+
+- equal magnitudes: the element with the lower index in its group wins (deterministic);
+- NaN counts as the largest magnitude (like +/-Inf), so a diverged weight is kept and
+  shows up in the output instead of being hidden by the mask; among NaN/Inf the lower
+  index wins. Every group therefore keeps exactly N elements, whatever its values.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nmfx.pattern import NMPattern, parse_pattern
+
+__all__ = ["is_nm", "nm_mask"]
+
+
+def _group_view(weight: torch.Tensor, m: int, dim: int) -> torch.Tensor:
+    """``weight`` with ``dim`` moved last and split into ``[..., K // m, m]`` groups."""
+    moved = weight.movedim(dim, -1)
+    k = moved.shape[-1]
+    if k % m:
+        raise ValueError(
+            f"reduction dim {dim} has size {k}, which is not a multiple of M={m}; "
+            f"exclude the layer or pad it to a multiple of {m}"
+        )
+    return moved.reshape(*moved.shape[:-1], k // m, m)
+
+
+def _keep_from_magnitudes(mag: torch.Tensor, n: int) -> torch.Tensor:
+    """Bool keep-mask for groups along the last dim of ``mag`` (no NaN in ``mag``)."""
+    m = mag.shape[-1]
+    cols = [mag[..., i] for i in range(m)]
+    # rank[i] = how many group members beat element i; element j beats i when it is
+    # larger, or equal with a lower index. Each pair (i < j) is compared once.
+    ranks = [torch.zeros_like(cols[0], dtype=torch.uint8) for _ in range(m)]
+    for i in range(m):
+        for j in range(i + 1, m):
+            i_wins = cols[i] >= cols[j]
+            ranks[j] += i_wins
+            ranks[i] += ~i_wins
+    return torch.stack([r < n for r in ranks], dim=-1)
+
+
+def nm_mask(
+    weight: torch.Tensor, pattern: str | tuple[int, int] | NMPattern, dim: int = -1
+) -> torch.Tensor:
+    """Boolean mask keeping the N largest-magnitude weights of every M along ``dim``.
+
+    ``dim`` is the reduction dim: 1 (``in_features``) for Linear ``[out, in]``, 1 (input
+    channels) for ConvNd ``[out, in, *k]`` — groups then run over input channels at each
+    kernel position — and 0 for a ``[in, out]`` weight used as ``x @ W``.
+    """
+    p = parse_pattern(pattern)
+    w = weight.detach()
+    if not (w.is_floating_point()):
+        raise TypeError(f"N:M masks need a floating-point weight, got dtype {w.dtype}")
+    dim = dim % w.dim()
+    groups = _group_view(w, p.m, dim)
+    mag = groups.abs()
+    if mag.dtype in (torch.float16, torch.bfloat16):
+        mag = mag.float()
+    mag = torch.nan_to_num(mag, nan=float("inf"), posinf=float("inf"))
+    keep = _keep_from_magnitudes(mag, p.n)
+    moved_shape = w.movedim(dim, -1).shape
+    return keep.reshape(moved_shape).movedim(-1, dim)
+
+
+def is_nm(weight: torch.Tensor, pattern: str | tuple[int, int] | NMPattern, dim: int = -1) -> bool:
+    """True when every group of M along ``dim`` holds at most N non-zeros."""
+    p = parse_pattern(pattern)
+    dim = dim % weight.dim()
+    if weight.shape[dim] % p.m:
+        return False
+    nonzero = _group_view(weight.detach() != 0, p.m, dim).sum(-1)
+    return bool((nonzero <= p.n).all())

@@ -1,0 +1,225 @@
+"""The runtime pieces that sparsify installs into a model.
+
+- ``NMMasker``: the SR-STE masked op ``W -> E (.) W`` for one weight. A submodule of the
+  module that consumes the weight, holding no persistent state (``state_dict`` keys stay the
+  original model's; masks are derived from weights).
+- ``RewrittenForward``: a module's forward replaced by the code of its rewritten FX graph.
+  The module keeps its class, parameters and hooks; only ``forward`` is an instance attribute.
+- ``MHAForward``: ``nn.MultiheadAttention`` cannot be FX-traced; its forward is re-stated here
+  with masked in/out projection weights.
+"""
+
+from __future__ import annotations
+
+import weakref
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmfx.masks import nm_mask
+
+__all__ = ["MHAForward", "NMMasker", "RewrittenForward", "live_maskers"]
+
+_LIVE: weakref.WeakSet[NMMasker] = weakref.WeakSet()
+
+
+def live_maskers() -> list[NMMasker]:
+    """Every NMMasker alive in this process (the SR-STE optimizer hook walks these)."""
+    return list(_LIVE)
+
+
+class _StraightThroughMask(torch.autograd.Function):
+    """Forward ``where(mask, w, 0)``; backward passes the gradient to *all* weights (STE),
+    or only to kept ones when ``block_pruned`` (fixed-mask fine-tuning)."""
+
+    @staticmethod
+    def forward(weight: torch.Tensor, mask: torch.Tensor, block_pruned: bool) -> torch.Tensor:
+        return torch.where(mask, weight, 0)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        _, mask, block_pruned = inputs
+        ctx.block_pruned = block_pruned
+        if block_pruned:
+            ctx.save_for_backward(mask)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        if ctx.block_pruned:
+            (mask,) = ctx.saved_tensors
+            return torch.where(mask, grad, 0), None, None
+        return grad, None, None
+
+
+class NMMasker(nn.Module):
+    """Applies the N:M mask of one weight. Called as ``masker(weight) -> masked weight``."""
+
+    def __init__(
+        self,
+        owner: nn.Module,
+        param_name: str,
+        n: int,
+        m: int,
+        reduce_dim: int,
+        srste_lambda: float,
+        mask_mode: str = "srste",
+        mask_interval: int = 1,
+    ) -> None:
+        super().__init__()
+        self.param_name = param_name
+        self.n, self.m, self.reduce_dim = n, m, reduce_dim
+        self.srste_lambda = srste_lambda
+        self.mask_mode = mask_mode
+        self.mask_interval = mask_interval
+        self.forward_count = 0
+        # A plain tuple: the owner is not registered as a child (no cycle in the module tree),
+        # but deepcopy/pickle carry it along with the rest of the model.
+        self._owner = (owner,)
+        stored = None
+        if self.stores_mask:
+            stored = nm_mask(owner.get_parameter(param_name), (n, m), reduce_dim)
+        self.register_buffer("mask", stored, persistent=False)
+        self._last: tuple[int, torch.Tensor] | None = None  # (weight version, mask), eager only
+        _LIVE.add(self)
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_last"] = None  # a cache, rebuilt by the next forward
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        super().__setstate__(state)
+        _LIVE.add(self)
+
+    @property
+    def stores_mask(self) -> bool:
+        return self.mask_mode == "fixed" or self.mask_interval > 1
+
+    @property
+    def owner(self) -> nn.Module:
+        return self._owner[0]
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.owner.get_parameter(self.param_name)
+
+    def compute_mask(self, weight: torch.Tensor) -> torch.Tensor:
+        return nm_mask(weight, (self.n, self.m), self.reduce_dim)
+
+    def current_mask(self) -> torch.Tensor:
+        """The mask the last forward used (recomputed from the weight where not stored)."""
+        if self.mask is not None:
+            return self.mask
+        weight = self.weight
+        last = self._last
+        if (
+            last is not None
+            and last[0] == weight._version
+            and last[1].device == weight.device
+            and last[1].shape == weight.shape
+        ):
+            return last[1]
+        return self.compute_mask(weight)
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.stores_mask:
+            mask = self.compute_mask(weight)
+            if not torch.compiler.is_compiling():
+                self._last = (weight._version, mask)
+        else:
+            if self.training and self.mask_mode != "fixed":
+                if self.forward_count % self.mask_interval == 0:
+                    self.mask.copy_(self.compute_mask(weight))
+                self.forward_count += 1
+            mask = self.mask
+        return _StraightThroughMask.apply(weight, mask, self.mask_mode == "fixed")
+
+    @torch.no_grad()
+    def add_srste_term(self) -> None:
+        """grad += lambda_W * (1 - E) (.) W, on the unscaled gradient, once per optimizer step."""
+        weight = self.weight
+        if weight.grad is None or self.srste_lambda == 0:
+            return
+        pruned = torch.where(self.current_mask(), 0, weight.detach())
+        weight.grad.add_(pruned, alpha=self.srste_lambda)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.param_name}, {self.n}:{self.m} along dim {self.reduce_dim}, "
+            f"mode={self.mask_mode}, lambda_W={self.srste_lambda:g}"
+        )
+
+
+class RewrittenForward:
+    """A module's forward, replaced by the code generated from its rewritten FX graph.
+
+    The graph module holds only stand-ins for the attributes it names; the code runs with
+    the real module as ``self``, so parameters, buffers and children stay where they were.
+    """
+
+    def __init__(self, owner: nn.Module, code: torch.fx.GraphModule) -> None:
+        self._owner = (owner,)
+        self._code = (code,)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return type(self._code[0]).forward(self._owner[0], *args, **kwargs)
+
+    @property
+    def graph(self) -> torch.fx.Graph:
+        return self._code[0].graph
+
+
+class MHAForward:
+    """``nn.MultiheadAttention.forward`` (the general path) with masked projection weights."""
+
+    def __init__(self, owner: nn.MultiheadAttention, maskers: dict[str, str]) -> None:
+        self._owner = (owner,)
+        self.maskers = dict(maskers)  # weight path in the MHA -> masker attribute name
+
+    def _weight(self, mha: nn.MultiheadAttention, path: str) -> torch.Tensor | None:
+        weight = mha.get_parameter(path) if _has_param(mha, path) else None
+        if weight is not None and path in self.maskers:
+            return getattr(mha, self.maskers[path])(weight)
+        return weight
+
+    def __call__(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        key_padding_mask: torch.Tensor | None = None,
+        need_weights: bool = True,
+        attn_mask: torch.Tensor | None = None,
+        average_attn_weights: bool = True,
+        is_causal: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        mha = self._owner[0]
+        batched = query.dim() == 3
+        if mha.batch_first and batched:
+            query, key, value = (t.transpose(1, 0) for t in (query, key, value))
+        separate = not mha._qkv_same_embed_dim
+        out, weights = F.multi_head_attention_forward(
+            query, key, value, mha.embed_dim, mha.num_heads,
+            self._weight(mha, "in_proj_weight"), mha.in_proj_bias,
+            mha.bias_k, mha.bias_v, mha.add_zero_attn, mha.dropout,
+            self._weight(mha, "out_proj.weight"), mha.out_proj.bias,
+            training=mha.training, key_padding_mask=key_padding_mask,
+            need_weights=need_weights, attn_mask=attn_mask,
+            use_separate_proj_weight=separate,
+            q_proj_weight=self._weight(mha, "q_proj_weight") if separate else None,
+            k_proj_weight=self._weight(mha, "k_proj_weight") if separate else None,
+            v_proj_weight=self._weight(mha, "v_proj_weight") if separate else None,
+            average_attn_weights=average_attn_weights, is_causal=is_causal,
+        )  # fmt: skip
+        if mha.batch_first and batched:
+            out = out.transpose(1, 0)
+        return out, weights
+
+
+def _has_param(module: nn.Module, path: str) -> bool:
+    try:
+        return module.get_parameter(path) is not None
+    except AttributeError:
+        return False

@@ -1,0 +1,113 @@
+"""A networkx graph of a model's ops and weights, for structural questions.
+
+Nodes are the FX nodes of the whole-model graph plus one node per distinct weight
+parameter (tied weights are one node); edges are data flow, weight -> consuming op.
+Questions answered: which weight ops produce the model output, and which weights more
+than one op consumes (tied embeddings, reused functional weights).
+"""
+
+from __future__ import annotations
+
+import networkx as nx
+from torch import fx, nn
+
+from nmfx.weight_ops import WeightUse, find_weight_uses, module_weight_uses
+
+__all__ = ["ModelFacts", "build_op_graph"]
+
+
+class ModelFacts:
+    """Answers from the op graph, keyed by canonical weight FQN."""
+
+    def __init__(self, graph: nx.DiGraph, canonical: dict[str, str]) -> None:
+        self.graph = graph
+        self.canonical = canonical  # any FQN of a weight -> its first registered FQN
+        self.output_weights = self._output_weights()
+
+    def _weight_op_nodes(self) -> dict[str, str]:
+        return {n: d["weight"] for n, d in self.graph.nodes(data=True) if d.get("weight_op")}
+
+    def _output_weights(self) -> set[str]:
+        """Weights of the weight ops that reach an output with no other weight op between."""
+        if "output" not in self.graph:
+            return set()
+        weight_ops = self._weight_op_nodes()
+        found, seen, stack = set(), {"output"}, ["output"]
+        while stack:
+            for pred in self.graph.predecessors(stack.pop()):
+                if pred in seen:
+                    continue
+                seen.add(pred)
+                if pred in weight_ops:
+                    found.add(weight_ops[pred])
+                else:
+                    stack.append(pred)
+        return found
+
+    def consumers(self, fqn: str) -> list[str]:
+        """Modules whose forward consumes the weight ``fqn`` (a reused module counts once)."""
+        key = ("weight", self.canonical.get(fqn, fqn))
+        if key not in self.graph:
+            return []
+        return sorted({self.graph.nodes[s].get("label", s) for s in self.graph.successors(key)})
+
+    def is_output_weight(self, fqn: str) -> bool:
+        return self.canonical.get(fqn, fqn) in self.output_weights
+
+
+def _canonical_names(model: nn.Module) -> dict[str, str]:
+    first: dict[int, str] = {}
+    canonical = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        canonical[name] = first.setdefault(id(p), name)
+    return canonical
+
+
+def build_op_graph(model: nn.Module, graph: fx.Graph | None) -> ModelFacts:
+    """Build the op graph from the whole-model FX graph (or from weights alone when the
+    model could not be traced as a whole: then only tied-weight facts are known)."""
+    canonical = _canonical_names(model)
+    g = nx.DiGraph()
+    for name, p in model.named_parameters(remove_duplicate=False):
+        g.add_node(("weight", canonical[name]), shape=tuple(p.shape))
+    if graph is None:  # only tied-weight facts (``canonical``) are known
+        return ModelFacts(g, canonical)
+
+    gm = fx.GraphModule(model, graph)
+    for node in graph.nodes:
+        g.add_node(node.name, op=node.op, label=_owner_label(node))
+        for inp in node.all_input_nodes:
+            g.add_edge(inp.name, node.name)
+        if node.op == "call_module":
+            module = gm.get_submodule(node.target)
+            for pname, _ in module.named_parameters(prefix=node.target):
+                g.add_edge(("weight", canonical.get(pname, pname)), node.name)
+            for use in module_weight_uses(node, module):
+                _mark(g, use, canonical)
+        elif node.op == "get_attr" and node.target in canonical:
+            g.add_edge(("weight", canonical[node.target]), node.name)
+    for use in find_weight_uses(gm):
+        _mark(g, use, canonical)
+    # A get_attr node only forwards its weight: its users are the weight's consumers.
+    for node in graph.nodes:
+        if node.op == "get_attr" and node.target in canonical:
+            key = ("weight", canonical[node.target])
+            for user in node.users:
+                g.add_edge(key, user.name)
+            g.remove_edge(key, node.name)
+    return ModelFacts(g, canonical)
+
+
+def _mark(g: nx.DiGraph, use: WeightUse, canonical: dict[str, str]) -> None:
+    data = g.nodes[use.node.name]
+    data["weight_op"] = True
+    data["weight"] = canonical.get(use.target, use.target)
+
+
+def _owner_label(node: fx.Node) -> str:
+    """The module an op belongs to: the leaf itself for call_module, else the innermost
+    module whose forward ran it ("" for the root)."""
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack.values()))[0] if stack else ""

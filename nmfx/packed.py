@@ -1,0 +1,359 @@
+"""Compressed N:M weights: pack, unpack, save and load (DESIGN.md section 5).
+
+A weight ``[rows, cols]`` that is already N:M along its last dim (at most N nonzeros in every
+group of M consecutive columns) is stored as
+
+* ``values`` ``[rows, cols * N / M]`` -- the kept values of each row in column order, in the
+  weight's dtype (float32, bfloat16 or float16);
+* ``mask`` ``[rows, ceil(cols / 8)]`` uint8 -- one bit per dense element, bit ``j`` of byte ``b``
+  set when column ``8 * b + j`` is kept; bits past ``cols`` are zero.
+
+Every group keeps exactly N positions (a group with fewer nonzeros also keeps its first zeros),
+so the row length of ``values`` is fixed and the kernels can find any group without an index.
+The bitmask costs 1/8 byte per weight whatever the pattern: the same as 2-bit indices for 2:4,
+and it is what AVX-512 ``vexpandps`` and the AVX2 permutation table consume directly.
+
+``pack`` then ``unpack`` is exact, bit for bit, for every kept value. Pruned positions come back
+as ``+0.0`` (a ``-0.0`` at a pruned position is zero by value, and its sign is not stored).
+
+On disk (``save_packed`` / ``load_packed``) a file is a safetensors file holding, per weight
+``name``, the tensors ``name.values`` and ``name.mask``, plus header metadata
+``{"format": "nmfx.packed", "version": "1", "layout": <json>}``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import weakref
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from nmfx.pattern import NMPattern, parse_pattern
+
+__all__ = [
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "SUPPORTED_DTYPES",
+    "SUPPORTED_M",
+    "PackedNM",
+    "load_packed",
+    "pack",
+    "save_packed",
+    "unpack",
+]
+
+logger = logging.getLogger(__name__)
+
+FORMAT_NAME = "nmfx.packed"
+FORMAT_VERSION = 1
+SUPPORTED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+SUPPORTED_M = (4, 8, 16)
+
+_DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
+_DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
+_BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+
+
+@dataclass(frozen=True, eq=False)
+class PackedNM:
+    """A weight ``[rows, cols]`` in compressed N:M form (see the module docstring).
+
+    Build one with :func:`pack`; the fields are validated here so that a hand-made or
+    loaded instance can be trusted by the kernels.
+    """
+
+    values: torch.Tensor
+    mask: torch.Tensor
+    shape: tuple[int, int]
+    pattern: NMPattern
+
+    def __post_init__(self) -> None:
+        rows, cols = self.shape
+        n, m = self.pattern.n, self.pattern.m
+        if self.values.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(_dtype_error(self.values.dtype))
+        if m not in SUPPORTED_M or cols % m:
+            raise ValueError(
+                f"PackedNM: cols={cols} with pattern {self.pattern} is invalid: "
+                f"M must be one of {SUPPORTED_M} and divide cols"
+            )
+        want_values = (rows, cols // m * n)
+        want_mask = (rows, (cols + 7) // 8)
+        if tuple(self.values.shape) != want_values:
+            raise ValueError(
+                f"PackedNM: values has shape {tuple(self.values.shape)}, expected {want_values} "
+                f"for a [{rows}, {cols}] weight with pattern {self.pattern}"
+            )
+        if self.mask.dtype != torch.uint8 or tuple(self.mask.shape) != want_mask:
+            raise ValueError(
+                f"PackedNM: mask must be uint8 {want_mask}, got {self.mask.dtype} "
+                f"{tuple(self.mask.shape)}"
+            )
+        if self.values.device.type != "cpu" or self.mask.device.type != "cpu":
+            raise ValueError("PackedNM: values and mask must be CPU tensors; move them with .cpu()")
+        if not self.values.is_contiguous():
+            object.__setattr__(self, "values", self.values.contiguous())
+        if not self.mask.is_contiguous():
+            object.__setattr__(self, "mask", self.mask.contiguous())
+
+    @property
+    def rows(self) -> int:
+        return self.shape[0]
+
+    @property
+    def cols(self) -> int:
+        return self.shape[1]
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.values.dtype
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed representation (values + mask)."""
+        return (
+            self.values.numel() * self.values.element_size()
+            + self.mask.numel() * self.mask.element_size()
+        )
+
+    @property
+    def dense_nbytes(self) -> int:
+        """Bytes the same weight takes dense."""
+        return self.rows * self.cols * self.values.element_size()
+
+    def dense(self, cache: bool = True) -> torch.Tensor:
+        """The dense weight; with ``cache=True`` it is kept while ``self.values`` lives."""
+        return _dense_cached(self) if cache else unpack(self)
+
+    def __repr__(self) -> str:
+        return (
+            f"PackedNM(shape={self.shape}, pattern='{self.pattern}', dtype={self.dtype}, "
+            f"nbytes={self.nbytes})"
+        )
+
+
+def _dtype_error(dtype: torch.dtype) -> str:
+    names = ", ".join(_DTYPE_NAMES.values())
+    return (
+        f"dtype {dtype} is not supported by the packed N:M format; supported: {names}; "
+        f"cast the weight first, e.g. w.float()"
+    )
+
+
+def _check_pattern(pattern: NMPattern, cols: int) -> None:
+    if pattern.m not in SUPPORTED_M:
+        raise ValueError(
+            f"pattern {pattern}: M={pattern.m} is not supported by the packed format; "
+            f"use M in {SUPPORTED_M}, e.g. '2:4' or '4:8'"
+        )
+    if cols % pattern.m:
+        raise ValueError(
+            f"cols={cols} is not a multiple of M={pattern.m} (pattern {pattern}); "
+            f"pad the weight's columns to a multiple of {pattern.m} or keep the layer dense"
+        )
+
+
+def _mask_bits_to_bytes(keep: torch.Tensor) -> torch.Tensor:
+    """bool [rows, cols] -> uint8 [rows, ceil(cols/8)], little-endian bits."""
+    rows, cols = keep.shape
+    pad = (-cols) % 8
+    if pad:
+        keep = torch.nn.functional.pad(keep, (0, pad))
+    bits = keep.view(rows, -1, 8).to(torch.uint8) * _BIT_WEIGHTS
+    return bits.sum(dim=-1, dtype=torch.uint8)
+
+
+def _mask_bytes_to_bits(mask: torch.Tensor, cols: int) -> torch.Tensor:
+    """uint8 [rows, ceil(cols/8)] -> bool [rows, cols]."""
+    bits = (mask.unsqueeze(-1) & _BIT_WEIGHTS) != 0
+    return bits.reshape(mask.shape[0], -1)[:, :cols]
+
+
+def pack(w: torch.Tensor, pattern: str | tuple[int, int] | NMPattern = "2:4") -> PackedNM:
+    """Compress a weight ``[rows, cols]`` that is already N:M along its last dim.
+
+    Raises ``ValueError`` naming the first group (row, group index, nonzeros found) with more
+    than N nonzeros, and ``TypeError`` for unsupported dtypes.
+    """
+    pat = parse_pattern(pattern)
+    if not isinstance(w, torch.Tensor):
+        raise TypeError(f"pack expects a torch.Tensor, got {type(w).__name__}")
+    if w.dim() != 2:
+        raise ValueError(
+            f"pack expects a 2-D weight [rows, cols], got shape {tuple(w.shape)}; "
+            f"reshape conv weights to [out, k..., in] first (group along input channels)"
+        )
+    if w.dtype not in SUPPORTED_DTYPES:
+        raise TypeError(_dtype_error(w.dtype))
+    rows, cols = w.shape
+    _check_pattern(pat, cols)
+    n, m = pat.n, pat.m
+    w = w.detach().to("cpu").contiguous()
+    groups = w.view(rows, cols // m, m)
+    nonzero = groups != 0  # NaN counts as nonzero, -0.0 as zero
+    counts = nonzero.sum(dim=-1)
+    bad = counts > n
+    if bool(bad.any()):
+        flat = int(bad.flatten().nonzero()[0])
+        row, grp = divmod(flat, cols // m)
+        raise ValueError(
+            f"weight is not {pat}: row {row}, group {grp} (columns {grp * m}..{grp * m + m - 1}) "
+            f"has {int(counts[row, grp])} nonzeros, at most N={n} allowed; prune it to {pat} "
+            f"first (keep the N largest |w| of each group of {m}) or pick a denser pattern"
+        )
+    # Keep every nonzero, then the first zeros of the group, so each group keeps exactly N.
+    position = torch.arange(m, dtype=torch.int16)
+    score = nonzero.to(torch.int16) * m + (m - 1 - position)
+    keep_idx = score.topk(n, dim=-1, sorted=False).indices.sort(dim=-1).values
+    keep = torch.zeros_like(nonzero).scatter_(-1, keep_idx, True).view(rows, cols)
+    values = groups.gather(-1, keep_idx).reshape(rows, cols // m * n)
+    return PackedNM(values=values, mask=_mask_bits_to_bytes(keep), shape=(rows, cols), pattern=pat)
+
+
+def unpack(p: PackedNM) -> torch.Tensor:
+    """The dense weight ``[rows, cols]`` of ``p`` (exact inverse of :func:`pack`)."""
+    keep = _mask_bytes_to_bits(p.mask, p.cols)
+    dense = torch.zeros(p.shape, dtype=p.dtype)
+    return dense.masked_scatter_(keep, p.values)
+
+
+# Dense copies for layers the dispatcher runs dense, keyed by the values tensor's identity and
+# dropped when that tensor is freed. Validated on use, so an in-place edit is not served stale.
+_DENSE_CACHE: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = {}
+
+
+def _cache_key(values: torch.Tensor, mask: torch.Tensor) -> tuple[Any, ...]:
+    return (values.data_ptr(), values._version, mask.data_ptr(), mask._version)
+
+
+def _dense_cached(p: PackedNM) -> torch.Tensor:
+    return dense_for(p.values, p.mask, p.shape, p.pattern)
+
+
+def dense_for(
+    values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int], pattern: NMPattern
+) -> torch.Tensor:
+    """Cached dense weight for packed ``values``/``mask`` (used by the kernel dispatcher)."""
+    slot = id(values)
+    key = _cache_key(values, mask)
+    hit = _DENSE_CACHE.get(slot)
+    if hit is not None and hit[0] == key:
+        return hit[1]
+    dense = unpack(PackedNM(values=values, mask=mask, shape=tuple(shape), pattern=pattern))
+    if hit is None:
+        weakref.finalize(values, _DENSE_CACHE.pop, slot, None)
+    _DENSE_CACHE[slot] = (key, dense)
+    return dense
+
+
+def clear_dense_cache() -> None:
+    """Drop every cached dense weight (they are rebuilt on demand)."""
+    _DENSE_CACHE.clear()
+
+
+def save_packed(path: str | os.PathLike[str], tensors: dict[str, PackedNM]) -> None:
+    """Write packed weights to a versioned safetensors file."""
+    from safetensors.torch import save_file
+
+    flat: dict[str, torch.Tensor] = {}
+    layout: dict[str, dict[str, Any]] = {}
+    for name, p in tensors.items():
+        if not isinstance(p, PackedNM):
+            raise TypeError(f"save_packed: {name!r} is a {type(p).__name__}, expected PackedNM")
+        layout[name] = {
+            "rows": p.rows,
+            "cols": p.cols,
+            "n": p.pattern.n,
+            "m": p.pattern.m,
+            "dtype": _DTYPE_NAMES[p.dtype],
+            "values": f"{name}.values",
+            "mask": f"{name}.mask",
+        }
+        flat[f"{name}.values"] = p.values
+        flat[f"{name}.mask"] = p.mask
+    metadata = {"format": FORMAT_NAME, "version": str(FORMAT_VERSION), "layout": json.dumps(layout)}
+    save_file(flat, os.fspath(path), metadata=metadata)
+    logger.info("saved %d packed weights to %s", len(tensors), path)
+
+
+def _read_header(path: str) -> dict[str, str]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return f.metadata() or {}
+    except FileNotFoundError:
+        raise
+    except Exception as exc:  # safetensors raises its own error types for bad headers
+        raise ValueError(
+            f"{path}: not a readable safetensors file ({exc}); it is corrupt or truncated, "
+            f"re-save it with nmfx.packed.save_packed"
+        ) from exc
+
+
+def load_packed(path: str | os.PathLike[str]) -> dict[str, PackedNM]:
+    """Read a file written by :func:`save_packed`; checks format, version and integrity."""
+    from safetensors.torch import load_file
+
+    path = os.fspath(path)
+    meta = _read_header(path)
+    if meta.get("format") != FORMAT_NAME:
+        raise ValueError(
+            f"{path}: not an nmfx packed file (metadata format={meta.get('format')!r}, "
+            f"expected {FORMAT_NAME!r}); write it with nmfx.packed.save_packed"
+        )
+    try:
+        version = int(meta.get("version", ""))
+    except ValueError:
+        raise ValueError(f"{path}: bad format version {meta.get('version')!r}") from None
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: packed format version {version} is newer than this nmfx supports "
+            f"(version {FORMAT_VERSION}); upgrade nmfx to read it"
+        )
+    if version < 1:
+        raise ValueError(f"{path}: bad format version {version}")
+    try:
+        layout = json.loads(meta["layout"])
+        flat = load_file(path)
+    except Exception as exc:
+        raise ValueError(
+            f"{path}: corrupt or truncated packed file ({exc}); re-save it with save_packed"
+        ) from exc
+    out: dict[str, PackedNM] = {}
+    for name, spec in layout.items():
+        try:
+            dtype = _DTYPES_BY_NAME[spec["dtype"]]
+            values, mask = flat[spec["values"]], flat[spec["mask"]]
+            pattern = NMPattern(int(spec["n"]), int(spec["m"]))
+            p = PackedNM(
+                values=values,
+                mask=mask,
+                shape=(int(spec["rows"]), int(spec["cols"])),
+                pattern=pattern,
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path}: entry {name!r} is corrupt: {exc}") from exc
+        if p.dtype != dtype:
+            raise ValueError(f"{path}: entry {name!r} has dtype {p.dtype}, header says {dtype}")
+        _check_mask(p, path, name)
+        out[name] = p
+    logger.info("loaded %d packed weights from %s (format v%d)", len(out), path, version)
+    return out
+
+
+def _check_mask(p: PackedNM, path: str, name: str) -> None:
+    """Every group of M must keep exactly N positions, and no bits past cols."""
+    keep = _mask_bytes_to_bits(p.mask, p.mask.shape[1] * 8)
+    if p.mask.shape[1] * 8 > p.cols and bool(keep[:, p.cols :].any()):
+        raise ValueError(f"{path}: entry {name!r} is corrupt: mask bits set past cols={p.cols}")
+    counts = keep[:, : p.cols].reshape(p.rows, -1, p.pattern.m).sum(-1)
+    if bool((counts != p.pattern.n).any()):
+        raise ValueError(
+            f"{path}: entry {name!r} is corrupt: its mask does not keep exactly "
+            f"{p.pattern.n} of every {p.pattern.m}"
+        )

@@ -1,0 +1,29 @@
+"""The ordered pass pipelines. Customise by passing another list, never by mutating this one.
+
+``SPARSIFY_PASSES`` runs on each module's own FX graph (``nmfx.capture``), with the
+whole-model facts (output layers, shared weights) already in the context.
+"""
+
+from __future__ import annotations
+
+from nmfx.passes.decide_eligibility import decide_eligibility
+from nmfx.passes.find_weight_ops import find_weight_ops
+from nmfx.passes.infra import Pass, PassContext, PassResult, run_passes
+from nmfx.passes.insert_srste_masks import insert_srste_masks
+
+SPARSIFY_PASSES: tuple[Pass, ...] = (
+    find_weight_ops,  # analysis: every op reducing over a weight becomes a candidate
+    decide_eligibility,  # analysis: verdict + reason; needs the candidates above
+    insert_srste_masks,  # rewrite: masker(weight) into each sparse op; needs verdicts
+)
+
+__all__ = [
+    "SPARSIFY_PASSES",
+    "Pass",
+    "PassContext",
+    "PassResult",
+    "decide_eligibility",
+    "find_weight_ops",
+    "insert_srste_masks",
+    "run_passes",
+]

@@ -1,0 +1,54 @@
+"""The pass runner and the context passes share. A pass is ``fn(gm, ctx) -> PassResult``."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from torch import fx, nn
+from torch.fx.passes.infra.pass_base import PassResult
+
+from nmfx.config import SparsityConfig
+from nmfx.opgraph import ModelFacts
+from nmfx.plan import Candidate
+
+__all__ = ["Pass", "PassContext", "PassResult", "run_passes"]
+
+log = logging.getLogger("nmfx.passes")
+
+
+@dataclass
+class PassContext:
+    """What a pass over one module's own graph may read (and the candidates it fills in)."""
+
+    config: SparsityConfig
+    fqn: str  # the module whose own forward the graph is ("" = root)
+    module: nn.Module
+    facts: ModelFacts
+    whole_model_traced: bool
+    candidates: list[Candidate] = field(default_factory=list)
+    maskers: dict[str, nn.Module] = field(default_factory=dict)  # to install on ``module``
+    forward_defaults: tuple[str, ...] = ()  # forward parameters that have default values
+
+
+Pass = Callable[[fx.GraphModule, PassContext], PassResult]
+
+
+def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext) -> PassResult:
+    """Run ``passes`` in order, linting the graph after each; errors name the failing pass."""
+    modified = False
+    done: list[str] = []
+    for p in passes:
+        name = getattr(p, "__name__", repr(p))
+        try:
+            result = p(gm, ctx)
+            result.graph_module.graph.lint()
+        except Exception as exc:
+            after = f" (after {', '.join(done)})" if done else ""
+            raise RuntimeError(
+                f"nmfx pass {name}{after} failed on {ctx.fqn or '<root>'}: {exc}"
+            ) from exc
+        gm, modified = result.graph_module, modified or result.modified
+        done.append(name)
+    return PassResult(gm, modified)

@@ -1,0 +1,49 @@
+"""Rewrite: feed each sparse op ``masker(weight)`` instead of ``weight``.
+
+Before: ``w = get_attr weight; y = linear(x, w, b)``.
+After:  ``w = get_attr weight; w_nm = call_module _nmfx_weight(w); y = linear(x, w_nm, b)``.
+The weight node itself is untouched, so other users (``w.shape``, ...) still see the
+original parameter, and the parameter keeps its name.
+"""
+
+from __future__ import annotations
+
+from torch import fx
+
+from nmfx.modules import NMMasker
+from nmfx.passes.infra import PassContext, PassResult, log
+
+
+def masker_name(local_param: str) -> str:
+    return "_nmfx_" + local_param.replace(".", "_")
+
+
+def insert_srste_masks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+    """Insert an ``NMMasker`` call between every sparse candidate and its weight."""
+    nodes = {n.name: n for n in gm.graph.nodes}
+    todo = [c for c in ctx.candidates if c.sparse]
+    for cand in todo:
+        op_node = nodes[cand.facts["node"]]
+        operand = nodes[cand.facts["operand"]]
+        weight_node = next(
+            n for n in gm.graph.nodes if n.op == "get_attr" and n.target == cand.local_param
+        )
+        name = masker_name(cand.local_param)
+        cfg = ctx.config
+        # The eval-mode graph of the same module reuses the train-mode graph's masker.
+        masker = ctx.maskers.get(name) or NMMasker(
+            ctx.module, cand.local_param, cfg.pattern.n, cfg.pattern.m, cand.reduce_dim,
+            cfg.srste_lambda, cfg.mask_mode, cfg.mask_interval,
+        )  # fmt: skip
+        gm.add_submodule(name, masker)
+        ctx.maskers[name] = masker
+        with gm.graph.inserting_after(weight_node):
+            masked = gm.graph.call_module(name, (weight_node,))
+        masked.meta = {**weight_node.meta, "nmfx_masked": cand.param}
+        # Through a transpose, the transpose now reads the masked weight.
+        (operand if operand is not weight_node else op_node).replace_input_with(weight_node, masked)
+    if todo:
+        gm.graph.eliminate_dead_code()
+        gm.recompile()
+    log.debug("insert_srste_masks: %s: %d masks inserted", ctx.fqn or "<root>", len(todo))
+    return PassResult(gm, bool(todo))

@@ -1,0 +1,60 @@
+"""Decisions as data: one ``Candidate`` per weight-consuming op, gathered in a ``SparsityPlan``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from nmfx.config import SparsityConfig
+
+__all__ = ["Candidate", "Coverage", "SparsityPlan"]
+
+SPARSE = "sparse"
+DENSE = "dense"
+
+
+@dataclass
+class Candidate:
+    """One op that consumes a weight parameter, and what nmfx decided about it."""
+
+    name: str  # layer name shown to people: module FQN, or the weight FQN for functional ops
+    param: str  # the weight's FQN == its state_dict key
+    owner: str  # FQN of the module whose forward consumes the weight ("" = root)
+    local_param: str  # the weight's path relative to ``owner``
+    op: str  # linear, conv2d, matmul, addmm, bmm, einsum, mha.in_proj, ...
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    reduce_dim: int | None  # dim of the weight that the op reduces over; groups of M run along it
+    verdict: str = "pending"
+    reason: str = ""
+    groups: int = 1  # conv groups
+    facts: dict = field(default_factory=dict)  # structural facts from analysis (shared_with, ...)
+
+    @property
+    def sparse(self) -> bool:
+        return self.verdict == SPARSE
+
+
+@dataclass
+class Coverage:
+    """How one part of the model was analysed: traced by FX, handled natively, or not at all."""
+
+    module: str
+    how: str  # "fx", "native", "untraceable"
+    detail: str = ""
+
+
+@dataclass
+class SparsityPlan:
+    """Everything ``sparsify`` decided; kept on the model for ``nmfx.summary``."""
+
+    config: SparsityConfig
+    candidates: list[Candidate]
+    coverage: list[Coverage]
+    whole_model_traced: bool
+    trace_error: str = ""
+
+    @property
+    def sparse(self) -> list[Candidate]:
+        return [c for c in self.candidates if c.sparse]

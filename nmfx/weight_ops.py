@@ -1,0 +1,178 @@
+"""Recognising ops that reduce over a weight parameter, and along which of its dims.
+
+Shared by the passes that analyse whole-model graphs and per-module graphs, so the two
+always agree on what a "weight op" is.
+"""
+
+from __future__ import annotations
+
+import operator
+import re
+from dataclasses import dataclass
+
+import torch
+from torch import fx, nn
+
+__all__ = ["WeightUse", "find_weight_uses", "module_weight_uses"]
+
+# target -> (op name, {position of the weight operand: dim of the weight reduced over})
+_FUNCTIONS: dict[object, tuple[str, dict[int, int]]] = {
+    torch._C._nn.linear: ("linear", {1: -1}),
+    torch.conv1d: ("conv1d", {1: 1}),
+    torch.conv2d: ("conv2d", {1: 1}),
+    torch.conv3d: ("conv3d", {1: 1}),
+    torch.matmul: ("matmul", {0: -1, 1: -2}),
+    operator.matmul: ("matmul", {0: -1, 1: -2}),
+    torch.mm: ("mm", {0: -1, 1: -2}),
+    torch.addmm: ("addmm", {1: -1, 2: -2}),
+    torch.bmm: ("bmm", {0: -1, 1: -2}),
+}
+_METHODS: dict[str, tuple[str, dict[int, int]]] = {
+    "matmul": ("matmul", {0: -1, 1: -2}),
+    "mm": ("mm", {0: -1, 1: -2}),
+    "bmm": ("bmm", {0: -1, 1: -2}),
+    "__matmul__": ("matmul", {0: -1, 1: -2}),
+}
+_CONV_GROUPS_ARG = 6  # F.convNd(input, weight, bias, stride, padding, dilation, groups)
+
+
+@dataclass
+class WeightUse:
+    """``op`` (an FX node) reduces over dim ``reduce_dim`` of the weight at ``target``."""
+
+    node: fx.Node
+    weight_node: fx.Node | None  # the get_attr node (None for call_module leaves)
+    operand: fx.Node | None  # what the op consumes: weight_node or a transpose of it
+    target: str  # the weight's path relative to the traced root
+    op: str
+    reduce_dim: int | None
+    groups: int = 1
+    why_unknown: str = ""
+
+
+def _is_transpose(node: fx.Node) -> bool:
+    if node.op == "call_method" and node.target in ("t", "transpose"):
+        return node.target == "t" or sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
+    if node.op == "call_function" and node.target is torch.t:
+        return True
+    return node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT")
+
+
+def _einsum_reduce_dim(node: fx.Node, position: int) -> tuple[int | None, str]:
+    equation = node.args[0]
+    if not isinstance(equation, str) or "..." in equation or "->" not in equation:
+        return None, f"einsum equation {equation!r} has no explicit output"
+    inputs, output = equation.replace(" ", "").split("->")
+    subs = inputs.split(",")
+    mine = subs[position - 1]
+    others = "".join(s for i, s in enumerate(subs) if i != position - 1)
+    reduced = [i for i, ch in enumerate(mine) if ch not in output and ch in others]
+    if len(reduced) != 1:
+        return None, f"einsum {equation!r} reduces the weight over {len(reduced)} dims, not one"
+    return reduced[0], ""
+
+
+def _uses_of(weight_node: fx.Node, operand: fx.Node, consumer: fx.Node) -> list[WeightUse]:
+    """Uses of ``weight_node`` by ``consumer``, where it appears as ``operand`` (itself, or
+    a 2-D transpose of it)."""
+    rank = weight_node.meta.get("nmfx_rank", 2)
+    transposed = operand is not weight_node
+    uses = []
+    if consumer.op == "call_function" and consumer.target is torch.einsum:
+        for pos, arg in enumerate(consumer.args[1:], start=1):
+            if arg is operand and not transposed:
+                dim, why = _einsum_reduce_dim(consumer, pos)
+                uses.append(
+                    WeightUse(
+                        consumer,
+                        weight_node,
+                        operand,
+                        weight_node.target,
+                        "einsum",
+                        dim,
+                        why_unknown=why,
+                    )
+                )
+        return uses
+    if consumer.op == "call_function":
+        spec = _FUNCTIONS.get(consumer.target)
+    elif consumer.op == "call_method":
+        spec = _METHODS.get(consumer.target)
+    else:
+        spec = None
+    if spec is None:
+        return uses
+    name, positions = spec
+    for pos, dim in positions.items():
+        if pos < len(consumer.args) and consumer.args[pos] is operand:
+            dim = dim % rank
+            if transposed:
+                if rank != 2:
+                    continue
+                dim = 1 - dim
+            groups = 1
+            if name.startswith("conv"):
+                groups = (
+                    consumer.args[_CONV_GROUPS_ARG]
+                    if len(consumer.args) > _CONV_GROUPS_ARG
+                    else consumer.kwargs.get("groups", 1)
+                )
+            uses.append(
+                WeightUse(
+                    consumer, weight_node, operand, weight_node.target, name, dim, int(groups)
+                )
+            )
+    return uses
+
+
+def find_weight_uses(gm: fx.GraphModule) -> list[WeightUse]:
+    """Every (op, weight) pair where an op of ``gm``'s graph reduces over a weight parameter.
+
+    Weights reached through a 2-D transpose (``w.t()``, ``w.T``) count, with the dims swapped.
+    """
+    uses: list[WeightUse] = []
+    for node in gm.graph.nodes:
+        if node.op != "get_attr":
+            continue
+        try:
+            value = gm.get_parameter(node.target)
+        except AttributeError:
+            continue
+        if value.dim() < 2:
+            continue
+        node.meta["nmfx_rank"] = value.dim()
+        for user in node.users:
+            if _is_transpose(user):
+                for inner in user.users:
+                    uses += _uses_of(node, user, inner)
+            else:
+                uses += _uses_of(node, node, user)
+    return uses
+
+
+def module_weight_uses(node: fx.Node, module: nn.Module) -> list[WeightUse]:
+    """Weight uses of a ``call_module`` leaf: Linear / ConvNd / MultiheadAttention."""
+    prefix = f"{node.target}."
+    if isinstance(module, nn.Linear):
+        return [WeightUse(node, None, None, prefix + "weight", "linear", 1)]
+    if isinstance(module, nn.Conv1d | nn.Conv2d | nn.Conv3d):
+        op = (
+            re.sub(r"^Conv", "conv", type(module).__name__)
+            if type(module).__module__.startswith("torch.nn")
+            else "conv"
+        )
+        return [WeightUse(node, None, None, prefix + "weight", op.lower(), 1, module.groups)]
+    if isinstance(module, nn.MultiheadAttention):
+        return [
+            WeightUse(node, None, None, prefix + path, op, 1) for path, op in mha_weights(module)
+        ]
+    return []
+
+
+def mha_weights(mha: nn.MultiheadAttention) -> list[tuple[str, str]]:
+    """(weight path inside the MHA, op name) for its projections."""
+    if mha._qkv_same_embed_dim:
+        paths = [("in_proj_weight", "mha.in_proj")]
+    else:
+        paths = [(f"{x}_proj_weight", f"mha.{x}_proj") for x in "qkv"]
+    return [*paths, ("out_proj.weight", "mha.out_proj")]

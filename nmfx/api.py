@@ -94,9 +94,14 @@ def _retrace(module: nn.Module) -> fx.Graph:
 
 
 def _stand_ins(graph: fx.Graph) -> dict[str, Any]:
-    """Placeholders for the attributes a graph names: the code runs on the real module."""
+    """Placeholders for the attributes a graph names: the code runs on the real module.
+
+    Also drops type annotations from the graph: string annotations (``from __future__
+    import annotations``) would make the generated code unpicklable.
+    """
     out: dict[str, Any] = {}
     for node in graph.nodes:
+        node.type = None
         if node.op == "get_attr":
             out[node.target] = torch.empty(0)
         elif node.op == "call_module":

@@ -19,9 +19,12 @@ __all__ = ["ModelFacts", "build_op_graph"]
 class ModelFacts:
     """Answers from the op graph, keyed by canonical weight FQN."""
 
-    def __init__(self, graph: nx.DiGraph, canonical: dict[str, str]) -> None:
+    def __init__(
+        self, graph: nx.DiGraph, canonical: dict[str, str], holders: dict[str, int]
+    ) -> None:
         self.graph = graph
         self.canonical = canonical  # any FQN of a weight -> its first registered FQN
+        self.holders = holders  # any FQN of a weight -> id of the module object holding it
         self.output_weights = self._output_weights()
 
     def _weight_op_nodes(self) -> dict[str, str]:
@@ -29,10 +32,11 @@ class ModelFacts:
 
     def _output_weights(self) -> set[str]:
         """Weights of the weight ops that reach an output with no other weight op between."""
-        if "output" not in self.graph:
+        out = self.graph.graph.get("output")
+        if out is None:
             return set()
         weight_ops = self._weight_op_nodes()
-        found, seen, stack = set(), {"output"}, ["output"]
+        found, seen, stack = set(), {out}, [out]
         while stack:
             for pred in self.graph.predecessors(stack.pop()):
                 if pred in seen:
@@ -51,31 +55,41 @@ class ModelFacts:
             return []
         return sorted({self.graph.nodes[s].get("label", s) for s in self.graph.successors(key)})
 
+    def tied_with(self, fqn: str) -> list[str]:
+        """Other names of the same parameter held by a *different* module (tied weights).
+        A module registered twice (``Sequential(lin, act, lin)``) is one op, not a tie."""
+        canon = self.canonical.get(fqn, fqn)
+        mine = self.holders.get(fqn)
+        return [n for n, c in self.canonical.items() if c == canon and self.holders[n] != mine]
+
     def is_output_weight(self, fqn: str) -> bool:
         return self.canonical.get(fqn, fqn) in self.output_weights
 
 
-def _canonical_names(model: nn.Module) -> dict[str, str]:
+def _canonical_names(model: nn.Module) -> tuple[dict[str, str], dict[str, int]]:
     first: dict[int, str] = {}
-    canonical = {}
+    canonical, holders = {}, {}
     for name, p in model.named_parameters(remove_duplicate=False):
         canonical[name] = first.setdefault(id(p), name)
-    return canonical
+        holders[name] = id(model.get_submodule(name.rpartition(".")[0]))
+    return canonical, holders
 
 
 def build_op_graph(model: nn.Module, graph: fx.Graph | None) -> ModelFacts:
     """Build the op graph from the whole-model FX graph (or from weights alone when the
     model could not be traced as a whole: then only tied-weight facts are known)."""
-    canonical = _canonical_names(model)
+    canonical, holders = _canonical_names(model)
     g = nx.DiGraph()
     for name, p in model.named_parameters(remove_duplicate=False):
         g.add_node(("weight", canonical[name]), shape=tuple(p.shape))
     if graph is None:  # only tied-weight facts (``canonical``) are known
-        return ModelFacts(g, canonical)
+        return ModelFacts(g, canonical, holders)
 
     gm = fx.GraphModule(model, graph)
     for node in graph.nodes:
         g.add_node(node.name, op=node.op, label=_owner_label(node))
+        if node.op == "output":  # by op, not name: a module called "output" takes that name
+            g.graph["output"] = node.name
         for inp in node.all_input_nodes:
             g.add_edge(inp.name, node.name)
         if node.op == "call_module":
@@ -95,7 +109,7 @@ def build_op_graph(model: nn.Module, graph: fx.Graph | None) -> ModelFacts:
             for user in node.users:
                 g.add_edge(key, user.name)
             g.remove_edge(key, node.name)
-    return ModelFacts(g, canonical)
+    return ModelFacts(g, canonical, holders)
 
 
 def _mark(g: nx.DiGraph, use: WeightUse, canonical: dict[str, str]) -> None:

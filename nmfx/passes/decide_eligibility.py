@@ -44,11 +44,7 @@ def dense_reason(cand: Candidate, ctx: PassContext) -> str | None:
     others = [c or "<root>" for c in ctx.facts.consumers(cand.param) if c != cand.owner]
     if cand.facts.get("uses_in_forward", 1) > 1:
         return f"weight used by {cand.facts['uses_in_forward']} ops in {ctx.fqn or '<root>'}.forward (shared)"
-    aliases = [
-        n
-        for n, c in ctx.facts.canonical.items()
-        if c == ctx.facts.canonical.get(cand.param) and n != cand.param
-    ]
+    aliases = ctx.facts.tied_with(cand.param)
     if aliases:
         return f"weight shared with {', '.join(aliases)} (tied); N:M would also prune the other use"
     if others:

@@ -153,17 +153,23 @@ def _plan_own_graph(
     return candidates, _Install(own.module, maskers, forward)
 
 
+def mha_candidates(fqn: str, mha: nn.MultiheadAttention) -> list[Candidate]:
+    out = []
+    for path, op in mha_weights(mha):
+        weight = mha.get_parameter(path)
+        param = f"{fqn}.{path}" if fqn else path
+        name = f"{fqn}.{op.split('.')[1]}" if fqn else op.split(".")[1]
+        out.append(Candidate(name, param, fqn, path, op, tuple(weight.shape), weight.dtype, 1))
+    return out
+
+
 def _plan_mha(
     fqn: str, mha: nn.MultiheadAttention, cfg: SparsityConfig, facts: ModelFacts, traced: bool
 ) -> tuple[list[Candidate], _Install | None]:
     ctx = PassContext(cfg, fqn, mha, facts, traced)
     candidates, maskers, by_path = [], {}, {}
-    for path, op in mha_weights(mha):
-        weight = mha.get_parameter(path)
-        param = f"{fqn}.{path}" if fqn else path
-        cand = Candidate(
-            f"{fqn}.{op.split('.')[1]}", param, fqn, path, op, tuple(weight.shape), weight.dtype, 1
-        )
+    for cand in mha_candidates(fqn, mha):
+        path = cand.local_param
         reason = dense_reason(cand, ctx)
         cand.verdict, cand.reason = (
             (DENSE, reason) if reason else (SPARSE, f"{cfg.pattern} along in_features")
@@ -200,6 +206,62 @@ def _untraceable_candidates(own: OwnGraph) -> list[Candidate]:
     return out
 
 
+@dataclass
+class Analysis:
+    """The candidates of a model and what to install, before anything is changed."""
+
+    candidates: list[Candidate]
+    coverage: list[Coverage]
+    installs: list[_Install]
+    traced: bool
+    trace_error: str
+    facts: ModelFacts
+
+
+NativeHandler = Any  # (fqn, module, cfg, facts, traced) -> (candidates, install | None)
+
+
+def analyse(
+    model: nn.Module,
+    cfg: SparsityConfig,
+    passes: tuple[Pass, ...],
+    native: NativeHandler | None = None,
+    detect_pattern: Any = None,
+) -> Analysis:
+    """Trace ``model`` (whole, then each module's own forward) and run ``passes`` on every
+    own graph. Changes nothing on the model."""
+    whole_graph, trace_error = trace_whole_model(model)
+    traced = whole_graph is not None
+    facts = build_op_graph(model, whole_graph)
+    facts.graph.graph["detect_pattern"] = detect_pattern
+    owns = capture_own_graphs(model)
+    if not traced:
+        facts.graph.graph["last_weight"] = _last_weight(model, owns)
+    native = native or _plan_mha
+    out = Analysis([], [], [], traced, trace_error, facts)
+    by_module = {id(o.module): o for o in owns}
+    for fqn, module in model.named_modules():
+        if isinstance(module, NATIVE):
+            cands, install = native(fqn, module, cfg, facts, traced)
+            out.coverage.append(
+                Coverage(fqn, "native", "nn.MultiheadAttention: in/out projections")
+            )
+        else:
+            own = by_module.get(id(module))
+            if own is None:
+                continue
+            if own.graph is None:
+                cands, install = _untraceable_candidates(own), None
+                out.coverage.append(Coverage(fqn, "untraceable", own.error))
+            else:
+                cands, install = _plan_own_graph(own, cfg, facts, traced, passes)
+                out.coverage.append(Coverage(fqn, "fx"))
+        out.candidates += cands
+        if install is not None:
+            out.installs.append(install)
+    return out
+
+
 def sparsify(
     model: nn.Module,
     config: SparsityConfig | None = None,
@@ -215,41 +277,14 @@ def sparsify(
     """
     cfg = config_from_options(config, options)
     _check_model(model)
-    whole_graph, trace_error = trace_whole_model(model)
-    traced = whole_graph is not None
-    facts = build_op_graph(model, whole_graph)
-    owns = capture_own_graphs(model)
-    if not traced:
-        facts.graph.graph["last_weight"] = _last_weight(model, owns)
-
-    candidates: list[Candidate] = []
-    coverage: list[Coverage] = []
-    installs: list[_Install] = []
-    for fqn, module in model.named_modules():
-        if isinstance(module, NATIVE):
-            cands, install = _plan_mha(fqn, module, cfg, facts, traced)
-            coverage.append(Coverage(fqn, "native", "nn.MultiheadAttention: in/out projections"))
-        else:
-            own = next((o for o in owns if o.module is module), None)
-            if own is None:
-                continue
-            if own.graph is None:
-                cands, install = _untraceable_candidates(own), None
-                coverage.append(Coverage(fqn, "untraceable", own.error))
-            else:
-                cands, install = _plan_own_graph(own, cfg, facts, traced, passes)
-                coverage.append(Coverage(fqn, "fx"))
-        candidates += cands
-        if install is not None:
-            installs.append(install)
-
-    plan = SparsityPlan(cfg, candidates, coverage, traced, trace_error)
-    if not installs:
+    found = analyse(model, cfg, passes)
+    plan = SparsityPlan(cfg, found.candidates, found.coverage, found.traced, found.trace_error)
+    if not found.installs:
         raise ValueError(
             "no layer of the model can be made N:M sparse with these options; nothing was "
-            "changed. Reasons per layer:\n" + render_candidates(candidates)
+            "changed. Reasons per layer:\n" + render_candidates(found.candidates)
         )
-    for install in installs:  # from here on nothing can fail: all-or-nothing
+    for install in found.installs:  # from here on nothing can fail: all-or-nothing
         for name, masker in install.maskers.items():
             install.module.add_module(name, masker)
             if masker.mask_mode == "fixed":
@@ -261,7 +296,7 @@ def sparsify(
     log.info(
         "nmfx.sparsify: %d of %d weight ops N:M (%s)",
         len(plan.sparse),
-        len(candidates),
+        len(plan.candidates),
         cfg.pattern,
     )
     return model

@@ -7,8 +7,9 @@ from dataclasses import dataclass, field
 import torch
 
 from nmfx.config import SparsityConfig
+from nmfx.pattern import NMPattern
 
-__all__ = ["Candidate", "Coverage", "SparsityPlan"]
+__all__ = ["Candidate", "Coverage", "LayerDecision", "NMWeight", "SparsityPlan"]
 
 SPARSE = "sparse"
 DENSE = "dense"
@@ -58,3 +59,28 @@ class SparsityPlan:
     @property
     def sparse(self) -> list[Candidate]:
         return [c for c in self.candidates if c.sparse]
+
+
+@dataclass(frozen=True)
+class NMWeight:
+    """A weight known to be N:M: groups of ``pattern.m`` along ``reduce_dim`` hold at most
+    ``pattern.n`` non-zeros. ``finalize`` and the detection pass produce these."""
+
+    param: str  # weight FQN (state_dict key)
+    name: str  # layer name shown to people
+    op: str  # linear, conv2d, addmm, ...
+    pattern: NMPattern
+    reduce_dim: int
+
+
+@dataclass
+class LayerDecision:
+    """One layer's lowering verdict for a target (``sparse`` or ``dense``) and why."""
+
+    name: str
+    param: str
+    op: str
+    target: str
+    verdict: str
+    reason: str
+    facts: dict = field(default_factory=dict)  # measured times, dtype casts, ...

@@ -1,12 +1,15 @@
 """The ordered pass pipelines. Customise by passing another list, never by mutating this one.
 
-``SPARSIFY_PASSES`` runs on each module's own FX graph (``nmfx.capture``), with the
-whole-model facts (output layers, shared weights) already in the context.
+Both run on each module's own FX graph (``nmfx.capture``), with the whole-model facts
+(output layers, shared weights) already in the context. ``SPARSIFY_PASSES`` is
+``nmfx.sparsify``; ``DETECT_PASSES`` finds N:M weights in models nmfx did not train
+(``nmfx.finalize``).
 """
 
 from __future__ import annotations
 
 from nmfx.passes.decide_eligibility import decide_eligibility
+from nmfx.passes.detect_nm_weights import detect_nm_weights
 from nmfx.passes.find_weight_ops import find_weight_ops
 from nmfx.passes.infra import Pass, PassContext, PassResult, run_passes
 from nmfx.passes.insert_srste_masks import insert_srste_masks
@@ -17,12 +20,19 @@ SPARSIFY_PASSES: tuple[Pass, ...] = (
     insert_srste_masks,  # rewrite: masker(weight) into each sparse op; needs verdicts
 )
 
+DETECT_PASSES: tuple[Pass, ...] = (
+    find_weight_ops,  # analysis: the candidates, as above
+    detect_nm_weights,  # analysis: which candidate weights already are N:M
+)
+
 __all__ = [
+    "DETECT_PASSES",
     "SPARSIFY_PASSES",
     "Pass",
     "PassContext",
     "PassResult",
     "decide_eligibility",
+    "detect_nm_weights",
     "find_weight_ops",
     "insert_srste_masks",
     "run_passes",

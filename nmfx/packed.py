@@ -55,6 +55,10 @@ SUPPORTED_M = (4, 8, 16)
 
 _DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16", torch.float16: "float16"}
 _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
+# Elements of zeroed slack kept after the last value in the values' storage, so SIMD kernels
+# may load a full vector at any row's last kept value (nm_ops.cpp: kValuePad). Not part of
+# the format: never saved, never visible in ``values``.
+VALUE_SLACK = 16
 _BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
 
 
@@ -95,8 +99,7 @@ class PackedNM:
             )
         if self.values.device.type != "cpu" or self.mask.device.type != "cpu":
             raise ValueError("PackedNM: values and mask must be CPU tensors; move them with .cpu()")
-        if not self.values.is_contiguous():
-            object.__setattr__(self, "values", self.values.contiguous())
+        object.__setattr__(self, "values", _with_slack(self.values))
         if not self.mask.is_contiguous():
             object.__setattr__(self, "mask", self.mask.contiguous())
 
@@ -134,6 +137,16 @@ class PackedNM:
             f"PackedNM(shape={self.shape}, pattern='{self.pattern}', dtype={self.dtype}, "
             f"nbytes={self.nbytes})"
         )
+
+
+def _with_slack(v: torch.Tensor) -> torch.Tensor:
+    """``v`` itself if contiguous with VALUE_SLACK spare elements in its storage, else a copy."""
+    spare = v.untyped_storage().nbytes() // v.element_size() - v.storage_offset() - v.numel()
+    if v.is_contiguous() and spare >= VALUE_SLACK:
+        return v
+    buf = torch.zeros(v.numel() + VALUE_SLACK, dtype=v.dtype)
+    buf[: v.numel()].copy_(v.reshape(-1))
+    return buf[: v.numel()].view(v.shape)
 
 
 def _dtype_error(dtype: torch.dtype) -> str:
@@ -226,8 +239,13 @@ def unpack(p: PackedNM) -> torch.Tensor:
 _DENSE_CACHE: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = {}
 
 
+def _version(t: torch.Tensor) -> int:
+    # Inference tensors carry no version counter; they are treated as never edited in place.
+    return -1 if t.is_inference() else t._version
+
+
 def _cache_key(values: torch.Tensor, mask: torch.Tensor) -> tuple[Any, ...]:
-    return (values.data_ptr(), values._version, mask.data_ptr(), mask._version)
+    return (values.data_ptr(), _version(values), mask.data_ptr(), _version(mask))
 
 
 def _dense_cached(p: PackedNM) -> torch.Tensor:

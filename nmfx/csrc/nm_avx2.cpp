@@ -1,12 +1,20 @@
 // AVX2 + FMA N:M kernel (x86-64 without AVX-512).
 //
-// For every 8 dense columns of a weight row, the mask byte selects an entry of a 256-entry
-// permutation table: lane i takes the c-th of the next kept values (c = set bits below i), or is
-// zeroed when bit i is clear (the table entry has its sign bit set, which vblendvps reads). The
-// expanded 8-wide vector is FMA'd against x in registers, so the dense weight never exists in
-// memory. Several weight rows are processed together so each x load serves all of them, and for
-// batch > 1 each expanded vector serves up to four rows of x.
+// For every 8 dense columns of a weight row, the mask byte selects a 32-byte entry of a
+// 256-entry table and one shuffle rebuilds the 8 dense weights in fp32, zeros included:
+//   * bf16: the next 8 kept values are broadcast to both 128-bit lanes and vpshufb moves kept
+//     value c into the high half of lane i (= its fp32 value) and zeros everything else;
+//   * fp32 with at most 4 kept values per 8 columns (2:4, 1:4, 1:8, 4:8, N<=4 of 16): the next
+//     4 kept values are broadcast and vpshufb places them, as for bf16;
+//   * fp32 denser than that: vpermps with an index table, then an AND with a zeroing table;
+//   * fp16: vpshufb expands 8 halves in 128 bits, then vcvtph2ps.
+// The expanded vector is FMA'd against x in registers, so the dense weight never exists in
+// memory. Four weight rows share each x load at batch 1; at batch > 1 each expanded vector
+// serves four rows of x.
 #include <immintrin.h>
+
+#include <cstring>
+#include <utility>
 
 #include "nm_kernels.h"
 
@@ -15,47 +23,84 @@
 namespace nmfx {
 namespace {
 
-struct alignas(32) PermLut {
-  int32_t idx[256][8];
+constexpr int8_t kZ = static_cast<int8_t>(0x80);  // vpshufb: write zero
+
+struct alignas(32) Tables {
+  int8_t f32_shuf[256][32];  // fp32, rank < 4
+  int8_t bf16_shuf[256][32];
+  int8_t f16_shuf[256][16];
+  int32_t f32_perm[256][8];
+  int32_t f32_keep[256][8];  // all-ones where kept
 };
 
-constexpr PermLut make_perm_lut() {
-  PermLut lut{};
+constexpr Tables make_tables() {
+  Tables t{};
   for (int m = 0; m < 256; ++m) {
     int c = 0;
     for (int i = 0; i < 8; ++i) {
-      lut.idx[m][i] = ((m >> i) & 1) ? c++ : static_cast<int32_t>(0x80000000u);
+      const bool kept = (m >> i) & 1;
+      for (int b = 0; b < 4; ++b) {
+        t.f32_shuf[m][4 * i + b] = kept && c < 4 ? static_cast<int8_t>(4 * c + b) : kZ;
+      }
+      t.bf16_shuf[m][4 * i + 0] = kZ;
+      t.bf16_shuf[m][4 * i + 1] = kZ;
+      t.bf16_shuf[m][4 * i + 2] = kept ? static_cast<int8_t>(2 * c) : kZ;
+      t.bf16_shuf[m][4 * i + 3] = kept ? static_cast<int8_t>(2 * c + 1) : kZ;
+      t.f16_shuf[m][2 * i + 0] = kept ? static_cast<int8_t>(2 * c) : kZ;
+      t.f16_shuf[m][2 * i + 1] = kept ? static_cast<int8_t>(2 * c + 1) : kZ;
+      t.f32_perm[m][i] = kept ? c : 0;
+      t.f32_keep[m][i] = kept ? -1 : 0;
+      if (kept) ++c;
     }
   }
-  return lut;
+  return t;
 }
 
-constexpr PermLut kPermLut = make_perm_lut();
+constexpr Tables kTables = make_tables();
 
-struct BF16 {
-  uint16_t bits;
-};
-struct F16 {
-  uint16_t bits;
-};
+enum class Kind { kF32Shuf, kF32Perm, kBF16, kF16 };
 
-template <typename T>
-inline __m256 load8(const T* p);
+template <Kind K>
+constexpr int kElemBytes = K == Kind::kF32Shuf || K == Kind::kF32Perm ? 4 : 2;
 
-template <>
-inline __m256 load8<float>(const float* p) {
-  return _mm256_loadu_ps(p);
+inline __m256i load_si256(const void* p) {
+  return _mm256_load_si256(static_cast<const __m256i*>(p));
 }
 
-template <>
-inline __m256 load8<BF16>(const BF16* p) {
-  const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+// Kept values are fetched 16 bytes at a time: with STEP kept values per block, one fetch serves
+// kGroup consecutive blocks, and block g of the group shifts its shuffle control by g*STEP
+// values (entries 0x80 stay negative, i.e. still "write zero").
+template <Kind K, int STEP>
+constexpr int kGroup =
+    (STEP > 0 && K != Kind::kF32Perm && (16 / kElemBytes<K>) / STEP > 1) ? (16 / kElemBytes<K>) / STEP
+                                                                        : 1;
+
+template <Kind K>
+inline __m256i fetch(const char* vp) {
+  if constexpr (K == Kind::kF32Perm) {
+    return _mm256_loadu_si256(reinterpret_cast<const __m256i*>(vp));
+  } else {
+    return _mm256_broadcastsi128_si256(_mm_loadu_si128(reinterpret_cast<const __m128i*>(vp)));
+  }
 }
 
-template <>
-inline __m256 load8<F16>(const F16* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+// The 8 dense weights of mask byte m from fetched values v, starting `shift` bytes into v.
+template <Kind K>
+inline __m256 expand8(__m256i v, unsigned m, int shift) {
+  if constexpr (K == Kind::kF32Shuf || K == Kind::kBF16) {
+    const int8_t(&tab)[256][32] = K == Kind::kF32Shuf ? kTables.f32_shuf : kTables.bf16_shuf;
+    __m256i ctl = load_si256(tab[m]);
+    if (shift) ctl = _mm256_add_epi8(ctl, _mm256_set1_epi8(static_cast<char>(shift)));
+    return _mm256_castsi256_ps(_mm256_shuffle_epi8(v, ctl));
+  } else if constexpr (K == Kind::kF16) {
+    __m128i ctl = _mm_load_si128(reinterpret_cast<const __m128i*>(kTables.f16_shuf[m]));
+    if (shift) ctl = _mm_add_epi8(ctl, _mm_set1_epi8(static_cast<char>(shift)));
+    return _mm256_cvtph_ps(_mm_shuffle_epi8(_mm256_castsi256_si128(v), ctl));
+  } else {
+    const __m256 e =
+        _mm256_permutevar8x32_ps(_mm256_castsi256_ps(v), load_si256(kTables.f32_perm[m]));
+    return _mm256_and_ps(e, _mm256_castsi256_ps(load_si256(kTables.f32_keep[m])));
+  }
 }
 
 inline float hsum(__m256 v) {
@@ -64,87 +109,152 @@ inline float hsum(__m256 v) {
   return _mm_cvtss_f32(_mm_add_ss(t, _mm_movehdup_ps(t)));
 }
 
-// Expand the next 8 dense columns of one weight row; advances the values pointer.
-template <typename T>
-inline __m256 expand8(const T*& vp, unsigned m) {
-  const __m256i idx = _mm256_load_si256(reinterpret_cast<const __m256i*>(kPermLut.idx[m]));
-  const __m256 v = _mm256_permutevar8x32_ps(load8(vp), idx);
-  vp += _mm_popcnt_u32(m);
-  return _mm256_blendv_ps(v, _mm256_setzero_ps(), _mm256_castsi256_ps(idx));
+// One 8-column block (number U of a run of 8) for WR weight rows times XB rows of x.
+template <Kind K, int STEP, int WR, int XB, int U>
+inline __attribute__((always_inline)) void block(const char*& vp, int64_t vstride, int64_t* off,
+                                                 __m256i* v, const float* xk, int64_t ldx,
+                                                 __m256 (&acc)[WR][XB], const uint64_t* mm) {
+  constexpr int E = kElemBytes<K>;
+  constexpr int G = kGroup<K, STEP>;
+  constexpr int g = U % G;
+  __m256 w[WR];
+#pragma GCC unroll 8
+  for (int i = 0; i < WR; ++i) {
+    const unsigned m = static_cast<unsigned>(mm[i] >> (8 * U)) & 0xffu;
+    if constexpr (STEP > 0) {
+      if constexpr (g == 0) v[i] = fetch<K>(vp + i * vstride);
+      w[i] = expand8<K>(v[i], m, g * STEP * E);
+    } else {
+      w[i] = expand8<K>(fetch<K>(vp + off[i]), m, 0);
+      off[i] += static_cast<int64_t>(_mm_popcnt_u32(m)) * E;
+    }
+  }
+  if constexpr (STEP > 0 && g == G - 1) vp += G * STEP * E;
+#pragma GCC unroll 4
+  for (int j = 0; j < XB; ++j) {
+    const __m256 xv = _mm256_loadu_ps(xk + j * ldx);
+#pragma GCC unroll 8
+    for (int i = 0; i < WR; ++i) acc[i][j] = _mm256_fmadd_ps(w[i], xv, acc[i][j]);
+  }
 }
 
-// WR weight rows starting at r times XB x rows starting at b, over all K.
-template <typename T, int WR, int XB>
+template <Kind K, int STEP, int WR, int XB, int... U>
+inline __attribute__((always_inline)) void blocks(const char*& vp, int64_t vstride, int64_t* off,
+                                                  __m256i* v, const float* xk, int64_t ldx,
+                                                  __m256 (&acc)[WR][XB], const uint64_t* mm,
+                                                  std::integer_sequence<int, U...>) {
+  (block<K, STEP, WR, XB, U>(vp, vstride, off, v, xk + 8 * U, ldx, acc, mm), ...);
+}
+
+// Rows r..r+WR-1 are contiguous (in `values` or in the tail copy; see row_values), so one base
+// pointer and a row stride address them all. STEP > 0: every mask byte keeps STEP values
+// (M in {4, 8}); STEP == 0: the byte's popcount (M = 16).
+template <Kind K, int STEP, int WR, int XB>
 void micro(const NMProblem& p, int64_t r, int64_t b) {
-  const T* vp[WR];
-  const uint8_t* mp[WR];
-  for (int i = 0; i < WR; ++i) {
-    vp[i] = static_cast<const T*>(row_values(p, r + i, sizeof(T)));
-    mp[i] = p.mask + (r + i) * p.KB;
-  }
+  constexpr int E = kElemBytes<K>;
+  const char* vp = static_cast<const char*>(row_values(p, r, E));
+  const int64_t vstride = p.kept * E;
+  const uint8_t* mp = p.mask + r * p.KB;
+  const int64_t mstride = p.KB;
+  int64_t off[WR];  // per-row value offsets, used only when STEP == 0
+  for (int i = 0; i < WR; ++i) off[i] = i * vstride;
   __m256 acc[WR][XB];
   for (int i = 0; i < WR; ++i) {
     for (int j = 0; j < XB; ++j) acc[i][j] = _mm256_setzero_ps();
   }
+  __m256i v[WR];
   const float* xb = p.x + b * p.ldx;
-  for (int64_t kb = 0; kb < p.KB; ++kb) {
-    __m256 w[WR];
-#pragma GCC unroll 8
-    for (int i = 0; i < WR; ++i) w[i] = expand8(vp[i], mp[i][kb]);
-#pragma GCC unroll 4
-    for (int j = 0; j < XB; ++j) {
-      const __m256 xv = _mm256_loadu_ps(xb + j * p.ldx + kb * 8);
-#pragma GCC unroll 8
-      for (int i = 0; i < WR; ++i) acc[i][j] = _mm256_fmadd_ps(w[i], xv, acc[i][j]);
-    }
+  const int64_t ldx = p.ldx;
+  const int64_t KB = p.KB;
+  // Mask bytes are read 8 at a time: one load per weight row per 64 columns.
+  int64_t kb = 0;
+  for (; kb + 8 <= KB; kb += 8) {
+    uint64_t mm[WR];
+    for (int i = 0; i < WR; ++i) std::memcpy(&mm[i], mp + i * mstride + kb, 8);
+    blocks<K, STEP, WR, XB>(vp, vstride, off, v, xb + kb * 8, ldx, acc, mm,
+                            std::make_integer_sequence<int, 8>{});
+  }
+  // Tail: the last KB % 8 mask bytes, zero-extended to a whole run (zero bytes keep nothing,
+  // and x is zero padded to a multiple of 16 columns, but not necessarily of 64).
+  for (; kb < KB; ++kb) {
+    uint64_t mm[WR];
+    for (int i = 0; i < WR; ++i) mm[i] = mp[i * mstride + kb];
+    // STEP = 0 form: addresses are vp + off[i], advanced by popcount (vp stays put).
+    block<K, 0, WR, XB, 0>(vp, vstride, off, v, xb + kb * 8, ldx, acc, mm);
   }
   for (int i = 0; i < WR; ++i) {
     for (int j = 0; j < XB; ++j) p.y[(b + j) * p.R + r + i] += hsum(acc[i][j]);
   }
 }
 
-template <typename T, int WR>
+template <Kind K, int STEP, int WR>
 void all_x_rows(const NMProblem& p, int64_t r) {
   int64_t b = 0;
-  for (; b + 4 <= p.B; b += 4) micro<T, WR, 4>(p, r, b);
-  switch (p.B - b) {
-    case 3:
-      micro<T, WR, 3>(p, r, b);
-      break;
-    case 2:
-      micro<T, WR, 2>(p, r, b);
-      break;
-    case 1:
-      micro<T, WR, 1>(p, r, b);
-      break;
-    default:
-      break;
+  for (; b + 4 <= p.B; b += 4) micro<K, STEP, WR, 4>(p, r, b);
+  if (b + 2 <= p.B) {
+    micro<K, STEP, WR, 2>(p, r, b);
+    b += 2;
   }
+  if (b < p.B) micro<K, STEP, WR, 1>(p, r, b);
 }
 
-template <typename T>
-void run(const NMProblem& p, int64_t r0, int64_t r1) {
+// Rows [r0, r1) must not straddle p.safe_rows (their values must be contiguous).
+// Batch 1: 4 weight rows share each x load. Batch > 1: tiles of 3 weight rows x 4 rows of x
+// (12 accumulators + 3 expanded vectors + x = 16 ymm registers) measured fastest.
+template <Kind K, int STEP>
+void run_contiguous(const NMProblem& p, int64_t r0, int64_t r1) {
   int64_t r = r0;
   if (p.B == 1) {
-    for (; r + 4 <= r1; r += 4) micro<T, 4, 1>(p, r, 0);
+    for (; r + 4 <= r1; r += 4) micro<K, STEP, 4, 1>(p, r, 0);
   } else {
-    for (; r + 2 <= r1; r += 2) all_x_rows<T, 2>(p, r);
+    for (; r + 3 <= r1; r += 3) all_x_rows<K, STEP, 3>(p, r);
   }
-  for (; r < r1; ++r) all_x_rows<T, 1>(p, r);
+  for (; r < r1; ++r) all_x_rows<K, STEP, 1>(p, r);
+}
+
+template <Kind K, int STEP>
+void run(const NMProblem& p, int64_t r0, int64_t r1) {
+  const int64_t split = r0 < p.safe_rows ? (r1 < p.safe_rows ? r1 : p.safe_rows) : r0;
+  if (split > r0) run_contiguous<K, STEP>(p, r0, split);
+  if (r1 > split) run_contiguous<K, STEP>(p, split, r1);
+}
+
+// Specialised for the constant kept-per-byte counts of the common patterns (1:8, 1:4 / 2:8,
+// 2:4 / 4:8); every other pattern takes the popcount path (STEP = 0), which is also correct
+// for them. Fewer instantiations keep the first-use build short.
+template <Kind K>
+void run_step(const NMProblem& p, int64_t r0, int64_t r1, int step) {
+  switch (step) {
+    case 1:
+      return run<K, 1>(p, r0, r1);
+    case 2:
+      return run<K, 2>(p, r0, r1);
+    case 4:
+      return run<K, 4>(p, r0, r1);
+    default:
+      return run<K, 0>(p, r0, r1);
+  }
 }
 
 }  // namespace
 
 void nm_gemm_avx2(const NMProblem& p, int64_t r0, int64_t r1) {
+  // Constant kept-per-byte when M divides 8; otherwise popcount per byte (M = 16).
+  const int step = 8 % p.m == 0 ? 8 / p.m * p.n : 0;
+  const int max_per_byte = step ? step : (p.n < 8 ? p.n : 8);
   switch (p.vtype) {
     case ValueType::kFloat32:
-      run<float>(p, r0, r1);
+      if (max_per_byte <= 4) {
+        run_step<Kind::kF32Shuf>(p, r0, r1, step);
+      } else {
+        run<Kind::kF32Perm, 0>(p, r0, r1);
+      }
       break;
     case ValueType::kBFloat16:
-      run<BF16>(p, r0, r1);
+      run_step<Kind::kBF16>(p, r0, r1, step);
       break;
     case ValueType::kFloat16:
-      run<F16>(p, r0, r1);
+      run_step<Kind::kF16>(p, r0, r1, step);
       break;
   }
 }

@@ -76,19 +76,7 @@ template <typename T, int WR>
 void all_x_rows(const NMProblem& p, int64_t r) {
   int64_t b = 0;
   for (; b + 4 <= p.B; b += 4) micro<T, WR, 4>(p, r, b);
-  switch (p.B - b) {
-    case 3:
-      micro<T, WR, 3>(p, r, b);
-      break;
-    case 2:
-      micro<T, WR, 2>(p, r, b);
-      break;
-    case 1:
-      micro<T, WR, 1>(p, r, b);
-      break;
-    default:
-      break;
-  }
+  for (; b < p.B; ++b) micro<T, WR, 1>(p, r, b);
 }
 
 template <typename T>

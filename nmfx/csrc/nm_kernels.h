@@ -23,9 +23,12 @@ struct NMProblem {
   const uint8_t* mask;     // [R, KB]
   int64_t KB;              // mask bytes per row
   int64_t R;
+  int n;                   // pattern N:M
+  int m;
   ValueType vtype;
   // Rows >= safe_rows read their values from `tail_values` (a copy of the last rows followed by
-  // zero padding) so that 8- or 16-wide loads never run past the end of `values`.
+  // zero padding) so that 8- or 16-wide loads never run past the end of `values`. Rows on one
+  // side of safe_rows are contiguous with stride `kept`; kernels never tile across it.
   int64_t safe_rows;
   const void* tail_values;
   float* y;                // [B, R] fp32, pre-initialised (bias or zero); kernels accumulate

@@ -2,10 +2,13 @@
 // threading. Registered as the internal op library `nmfx_cpu`; the public op `nmfx::nm_linear`
 // (Python, nmfx/kernels/_ops.py) calls into it.
 #include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <cstring>
+#include <type_traits>
 #include <optional>
 
 #include "nm_kernels.h"
@@ -94,29 +97,64 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   const ValueType vtype = value_type(values);
   const int64_t B = x.size(0);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
+  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "nmfx: x is ", x.scalar_type(),
+              " but the packed values are ", values.scalar_type());
 
+  // x -> fp32 [B, ldx], zero padded; plain loops (a TensorIterator copy costs microseconds,
+  // which is a lot next to a small GEMV).
   const int64_t ldx = std::max<int64_t>(16, (cols + 15) / 16 * 16);
   at::Tensor xbuf = at::empty({B, ldx}, f32);
-  xbuf.narrow(1, 0, cols).copy_(x);
-  if (ldx > cols) xbuf.narrow(1, cols, ldx - cols).zero_();
+  float* xb = xbuf.data_ptr<float>();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nmfx_stage_x", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    const int64_t sb = x.stride(0);
+    const int64_t sk = x.stride(1);
+    for (int64_t b = 0; b < B; ++b) {
+      float* dst = xb + b * ldx;
+      const scalar_t* row = src + b * sb;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (sk == 1) {
+          std::memcpy(dst, row, cols * sizeof(float));
+        } else {
+          for (int64_t k = 0; k < cols; ++k) dst[k] = row[k * sk];
+        }
+      } else {
+        for (int64_t k = 0; k < cols; ++k) dst[k] = static_cast<float>(row[k * sk]);
+      }
+      std::fill(dst + cols, dst + ldx, 0.f);
+    }
+  });
 
-  at::Tensor y;
+  // y starts as the bias (or zero) in a fresh fp32 buffer: the kernels accumulate into it.
+  at::Tensor y = at::empty({B, rows}, f32);
+  float* yp = y.data_ptr<float>();
   if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == rows, "nmfx: bias must have ", rows, " elements, got ",
                 bias->numel());
-    y = bias->to(at::kFloat).reshape({1, rows}).expand({B, rows}).contiguous();
-  } else {
-    y = at::zeros({B, rows}, f32);
+    const at::Tensor bc = bias->contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bc.scalar_type(), "nmfx_bias", [&] {
+      const scalar_t* bp = bc.const_data_ptr<scalar_t>();
+      for (int64_t r = 0; r < rows; ++r) yp[r] = static_cast<float>(bp[r]);
+    });
+  } else if (B > 0) {
+    std::fill(yp, yp + rows, 0.f);
   }
-  if (B == 0 || rows == 0) return y.to(x.scalar_type());
+  for (int64_t b = 1; b < B; ++b) std::memcpy(yp + b * rows, yp, rows * sizeof(float));
 
-  // Rows whose SIMD loads could run past the end of `values` read from a padded copy.
-  const int64_t safe_rows =
-      kept > 0 ? std::max<int64_t>(0, rows - (kValuePad + kept - 1) / kept) : rows;
-  at::Tensor tail = at::zeros({(rows - safe_rows) * kept + kValuePad}, values.options());
-  if (rows > safe_rows) {
-    tail.narrow(0, 0, (rows - safe_rows) * kept)
-        .copy_(values.narrow(0, safe_rows, rows - safe_rows).reshape({-1}));
+  // SIMD loads may read up to kValuePad elements past a row's last kept value. Values packed by
+  // nmfx.packed sit in storage with that much slack; otherwise the last rows read from a
+  // padded copy.
+  const int64_t slack = static_cast<int64_t>(values.storage().nbytes()) / values.element_size() -
+                        values.storage_offset() - rows * kept;
+  int64_t safe_rows = rows;
+  at::Tensor tail;
+  if (slack < kValuePad && rows > 0) {
+    safe_rows = kept > 0 ? std::max<int64_t>(0, rows - (kValuePad + kept - 1) / kept) : rows;
+    tail = at::zeros({(rows - safe_rows) * kept + kValuePad}, values.options());
+    if (rows > safe_rows) {
+      tail.narrow(0, 0, (rows - safe_rows) * kept)
+          .copy_(values.narrow(0, safe_rows, rows - safe_rows).reshape({-1}));
+    }
   }
 
   NMProblem p{};
@@ -128,21 +166,34 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   p.mask = mask.data_ptr<uint8_t>();
   p.KB = KB;
   p.R = rows;
+  p.n = static_cast<int>(n);
+  p.m = static_cast<int>(m);
   p.vtype = vtype;
   p.safe_rows = safe_rows;
-  p.tail_values = tail.data_ptr();
+  p.tail_values = tail.defined() ? tail.data_ptr() : nullptr;
   p.y = y.data_ptr<float>();
 
   const KernelFn fn = select_kernel(isa);
-  // Work in units of 8 weight rows so thread boundaries keep the kernels' row groups whole;
-  // small problems stay on one thread (a fork costs more than it saves below ~64k MACs).
+  if (B == 0 || rows == 0) return y.to(x.scalar_type());
+  // Work in units of 8 weight rows; small problems stay on one thread (a fork costs more than
+  // it saves below ~64k multiply-adds).
   const int64_t groups = (rows + 7) / 8;
   const int64_t macs_per_group = 8 * std::max<int64_t>(cols, 1) * B;
   const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / macs_per_group);
-  at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-    fn(p, g0 * 8, std::min(g1 * 8, rows));
+  if (grain >= groups) {
+    fn(p, 0, rows);
+  } else {
+    at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
+      fn(p, g0 * 8, std::min(g1 * 8, rows));
+    });
+  }
+  if (x.scalar_type() == at::kFloat) return y;
+  at::Tensor out = at::empty({B, rows}, x.options().memory_format(at::MemoryFormat::Contiguous));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "nmfx_out", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < B * rows; ++i) op[i] = static_cast<scalar_t>(yp[i]);
   });
-  return x.scalar_type() == at::kFloat ? y : y.to(x.scalar_type());
+  return out;
 }
 
 }  // namespace

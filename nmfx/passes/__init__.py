@@ -13,6 +13,7 @@ from nmfx.passes.detect_nm_weights import detect_nm_weights
 from nmfx.passes.find_weight_ops import find_weight_ops
 from nmfx.passes.infra import Pass, PassContext, PassResult, run_passes
 from nmfx.passes.insert_srste_masks import insert_srste_masks
+from nmfx.passes.lower_nm_linear import lower_nm_linear
 
 SPARSIFY_PASSES: tuple[Pass, ...] = (
     find_weight_ops,  # analysis: every op reducing over a weight becomes a candidate
@@ -25,7 +26,12 @@ DETECT_PASSES: tuple[Pass, ...] = (
     detect_nm_weights,  # analysis: which candidate weights already are N:M
 )
 
+BACKEND_PASSES: tuple[Pass, ...] = (
+    lower_nm_linear,  # rewrite: N:M linear (weights frozen at compile time) -> packed op
+)
+
 __all__ = [
+    "BACKEND_PASSES",
     "DETECT_PASSES",
     "SPARSIFY_PASSES",
     "Pass",
@@ -35,5 +41,6 @@ __all__ = [
     "detect_nm_weights",
     "find_weight_ops",
     "insert_srste_masks",
+    "lower_nm_linear",
     "run_passes",
 ]

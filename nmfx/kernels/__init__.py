@@ -1,0 +1,107 @@
+"""CPU execution of packed N:M weights: ``nm_linear`` and its controls.
+
+``nm_linear(x, p, bias)`` equals ``F.linear(x, unpack(p), bias)`` within dtype tolerance. It runs
+the C++ kernel in ``nmfx/csrc`` (AVX-512, AVX2 or portable, picked at run time; built on first
+use) where that measures faster than dense on this machine, and dense ``F.linear`` on a cached
+dense copy elsewhere (see :func:`dispatch_table`). Importing this module builds nothing.
+
+Controls: ``NMFX_ISA`` / :func:`use_isa` force an ISA path; ``NMFX_DISPATCH`` /
+:func:`force_dispatch` force sparse or dense; ``NMFX_DISABLE_KERNELS=1`` skips the build.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+
+from nmfx.kernels import _build, _ops
+from nmfx.kernels._dispatch import calibrate, dispatch_table, force_dispatch
+from nmfx.packed import PackedNM
+
+__all__ = [
+    "available_isas",
+    "build_error",
+    "calibrate",
+    "current_isa",
+    "dispatch_table",
+    "force_dispatch",
+    "kernels_available",
+    "nm_linear",
+    "set_isa",
+    "use_isa",
+]
+
+
+def nm_linear(x: torch.Tensor, p: PackedNM, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y = x @ W.T + bias`` for a packed N:M weight ``W = unpack(p)``; x is ``[..., cols]``."""
+    if not isinstance(p, PackedNM):
+        raise TypeError(f"nm_linear expects a PackedNM weight, got {type(p).__name__}; use pack(w)")
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"nm_linear expects x to be a torch.Tensor, got {type(x).__name__}")
+    if x.dim() == 0 or x.shape[-1] != p.cols:
+        raise ValueError(
+            f"x has shape {tuple(x.shape)} but the packed weight {p.shape} needs "
+            f"x.shape[-1] == cols={p.cols}; pass x with {p.cols} features in its last dim"
+        )
+    if x.dtype != p.dtype:
+        raise TypeError(
+            f"x is {x.dtype} but the packed weight is {p.dtype}; cast x with x.to({p.dtype})"
+        )
+    if x.device.type != "cpu":
+        raise ValueError(f"nm_linear runs on CPU; x is on {x.device}, move it with x.cpu()")
+    if bias is not None:
+        if tuple(bias.shape) != (p.rows,):
+            raise ValueError(
+                f"bias has shape {tuple(bias.shape)}, expected ({p.rows},) = rows of the weight"
+            )
+        if bias.dtype != p.dtype:
+            raise TypeError(f"bias is {bias.dtype} but the weight is {p.dtype}; cast the bias")
+    n, m = p.pattern.n, p.pattern.m
+    if _ops.eager_fast_path_ok(x, bias):
+        return _ops.compute(x, p.values, p.mask, bias, p.rows, p.cols, n, m)
+    return torch.ops.nmfx.nm_linear(x, p.values, p.mask, bias, p.rows, p.cols, n, m)
+
+
+def kernels_available() -> bool:
+    """Build (first call only) and load the C++ kernels; ``False`` means nmfx runs dense."""
+    return _build.extension_available()
+
+
+def build_error() -> BaseException | None:
+    """The build/load error when :func:`kernels_available` is ``False``."""
+    return _build.build_error()
+
+
+def available_isas() -> list[str]:
+    """ISA paths runnable here, from ``"portable"``, ``"avx2"``, ``"avx512"`` (builds first)."""
+    return _build.supported_isas()
+
+
+def current_isa() -> str:
+    """The forced ISA path, or ``"auto"`` (best supported)."""
+    return _ops.current_isa()
+
+
+def set_isa(name: str | None) -> None:
+    """Force an ISA path for every later call (``None`` or ``"auto"``: back to automatic)."""
+    if name not in (None, "auto", *_build.ISA_CODES):
+        raise ValueError(f"ISA {name!r} is not one of {['auto', *_build.ISA_CODES]}")
+    if name not in (None, "auto") and name not in _build.supported_isas():
+        raise ValueError(
+            f"ISA path {name!r} is not supported on this CPU (supported: "
+            f"{_build.supported_isas()}); use one of those or 'auto'"
+        )
+    _ops._isa_override[0] = None if name == "auto" else name
+
+
+@contextlib.contextmanager
+def use_isa(name: str) -> Iterator[None]:
+    """Force an ISA path within the block."""
+    previous = _ops._isa_override[0]
+    set_isa(name)
+    try:
+        yield
+    finally:
+        _ops._isa_override[0] = previous

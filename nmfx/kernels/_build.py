@@ -1,0 +1,87 @@
+"""Lazy build and load of the C++ kernels in ``nmfx/csrc`` (never at import time).
+
+The first call that needs a kernel compiles the sources with
+``torch.utils.cpp_extension.load`` into the default torch extensions directory (cached across
+processes; rebuilt when a source changes). If that fails -- no compiler, no headers -- nmfx warns
+once and every N:M linear runs dense.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import warnings
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger(__name__)
+
+CSRC = Path(__file__).resolve().parent.parent / "csrc"
+SOURCES = ("nm_ops.cpp", "nm_portable.cpp", "nm_avx2.cpp", "nm_avx512.cpp")
+EXTENSION_NAME = "nmfx_cpu_kernels"
+# Setting this to 1 skips the build (as if no compiler were present); for tests and debugging.
+DISABLE_ENV = "NMFX_DISABLE_KERNELS"
+
+ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3}
+
+_lock = threading.Lock()
+_state: dict[str, object] = {"tried": False, "ok": False, "error": None}
+
+
+def extension_available() -> bool:
+    """Build (first call only) and load the kernels; ``False`` means dense fallback."""
+    if _state["tried"]:
+        return bool(_state["ok"])
+    with _lock:
+        if _state["tried"]:
+            return bool(_state["ok"])
+        try:
+            if os.environ.get(DISABLE_ENV, "") == "1":
+                raise RuntimeError(f"{DISABLE_ENV}=1")
+            _load()
+            _state["ok"] = True
+        except Exception as exc:  # any build/load failure means: run dense
+            _state["error"] = exc
+            logger.warning("nmfx CPU kernels unavailable (%s); N:M linears will run dense", exc)
+            warnings.warn(
+                f"nmfx: could not build the C++ N:M kernels ({exc}); falling back to dense "
+                f"F.linear. Install a C++ compiler (g++) to get the sparse kernels.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        _state["tried"] = True
+    return bool(_state["ok"])
+
+
+def build_error() -> BaseException | None:
+    """Why the kernels are unavailable, if they are."""
+    err = _state["error"]
+    return err if isinstance(err, BaseException) else None
+
+
+def _load() -> None:
+    if hasattr(torch.ops.nmfx_cpu, "nm_gemm"):
+        return  # already loaded in this process
+    from torch.utils.cpp_extension import load
+
+    logger.info("building nmfx CPU kernels (first use; cached afterwards)")
+    load(
+        name=EXTENSION_NAME,
+        sources=[str(CSRC / s) for s in SOURCES],
+        extra_cflags=["-O3", "-std=c++17", "-fno-math-errno"],
+        extra_include_paths=[str(CSRC)],
+        is_python_module=False,
+        verbose=False,
+    )
+
+
+def supported_isas() -> list[str]:
+    """ISA paths this CPU can run, best last (empty when the kernels are unavailable)."""
+    if not extension_available():
+        return []
+    if "isas" not in _state:
+        bits = int(torch.ops.nmfx_cpu.isa_support())
+        _state["isas"] = [name for name, code in ISA_CODES.items() if bits & (1 << code)]
+    return list(_state["isas"])  # type: ignore[call-overload]

@@ -1,0 +1,133 @@
+"""The ``nmfx::nm_linear`` custom op: opaque to torch.compile / torch.export, with a fake kernel.
+
+The packed weight travels as plain tensors and ints (values, mask, rows, cols, n, m) so graphs
+hold nothing nmfx-specific. The choice sparse vs dense is made inside the op at run time, per
+call shape, so compiled and exported graphs keep it too.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+
+from nmfx.kernels import _build, _dispatch
+from nmfx.packed import dense_for
+from nmfx.pattern import NMPattern
+
+_ISA_ENV = "NMFX_ISA"
+_isa_override: list[str | None] = [None]
+
+
+def current_isa() -> str:
+    """The ISA path the next call will use ("auto" picks the best supported)."""
+    return _isa_override[0] or os.environ.get(_ISA_ENV) or "auto"
+
+
+def isa_code() -> int:
+    name = current_isa()
+    if name == "auto":
+        return 0
+    return _named_isa_code(name)
+
+
+def _named_isa_code(name: str) -> int:
+    if name not in _build.ISA_CODES:
+        raise ValueError(
+            f"{_ISA_ENV}={name!r} is not one of {['auto', *_build.ISA_CODES]}; unset it or pick one"
+        )
+    supported = _build.supported_isas()
+    if name not in supported:
+        raise ValueError(
+            f"ISA path {name!r} is not supported on this CPU (supported: {supported}); "
+            f"use one of those or 'auto'"
+        )
+    return _build.ISA_CODES[name]
+
+
+def compute(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    cols: int,
+    n: int,
+    m: int,
+) -> torch.Tensor:
+    """Eager implementation shared by the op and the eager fast path."""
+    x2 = x if x.dim() == 2 else x.reshape(-1, cols)
+    mode = _dispatch.choose(x2.shape[0], values.dtype, n, m, rows, cols)
+    if mode == "sparse" and _build.extension_available():
+        y = torch.ops.nmfx_cpu.nm_gemm.default(
+            x2, values, mask, bias, rows, cols, n, m, isa_code()
+        )
+    else:
+        y = F.linear(x2, dense_for(values, mask, (rows, cols), NMPattern(n, m)), bias)
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], rows)
+
+
+@torch.library.custom_op("nmfx::nm_linear", mutates_args=(), device_types="cpu")
+def nm_linear_op(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    cols: int,
+    n: int,
+    m: int,
+) -> torch.Tensor:
+    """y = x @ W.T + bias for the packed N:M weight W given as (values, mask, rows, cols, n, m)."""
+    return compute(x, values, mask, bias, rows, cols, n, m)
+
+
+@nm_linear_op.register_fake
+def _nm_linear_fake(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    cols: int,
+    n: int,
+    m: int,
+) -> torch.Tensor:
+    torch._check(x.shape[-1] == cols)
+    return x.new_empty((*x.shape[:-1], rows))
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: object) -> None:
+    _x, values, mask, bias, rows, cols, n, m = inputs
+    ctx.save_for_backward(values, mask)
+    ctx.meta = (rows, cols, n, m, bias is not None)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+    # Gradients reach x and bias only: packed weights are frozen inference artifacts.
+    values, mask = ctx.saved_tensors
+    rows, cols, n, m, has_bias = ctx.meta
+    w = dense_for(values, mask, (rows, cols), NMPattern(n, m))
+    grad_x = grad @ w
+    grad_bias = grad.reshape(-1, rows).sum(0) if has_bias else None
+    return grad_x, None, None, grad_bias, None, None, None, None
+
+
+nm_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+def eager_fast_path_ok(x: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """True when calling :func:`compute` directly is indistinguishable from the op.
+
+    The op's dispatcher costs ~20 us per call, a lot for a small GEMV, so plain eager calls
+    skip it; anything tracing, compiling or needing autograd goes through the op.
+    """
+    return (
+        type(x) is torch.Tensor
+        and not x.requires_grad
+        and (bias is None or (type(bias) is torch.Tensor and not bias.requires_grad))
+        and not torch.compiler.is_compiling()
+        and torch._C._len_torch_dispatch_stack() == 0
+        and not torch._C._is_torch_function_mode_enabled()
+    )

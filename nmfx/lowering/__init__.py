@@ -1,0 +1,83 @@
+"""``nmfx.lower``: turn a finalized N:M model into a fast one for one target.
+
+Each target is one late step on the finalized model (DESIGN section 2): ``cpu`` packs
+N:M Linears for nmfx's kernels, ``cuda`` makes semi-structured sparse weights,
+``tensorrt`` compiles with sparse tactics allowed. Per-layer decisions are recorded.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+from typing import Any
+
+from torch import nn
+
+from nmfx.api import is_sparsified
+from nmfx.finalize import nm_weights
+from nmfx.plan import LayerDecision
+
+__all__ = ["TARGETS", "lower", "lowering_decisions"]
+
+TARGETS = ("cpu", "cuda", "tensorrt")
+DECISIONS_ATTR = "_nmfx_lowering"
+
+
+def lower(
+    model: nn.Module,
+    target: str = "cpu",
+    example_inputs: tuple | None = None,
+    *,
+    inplace: bool = False,
+    **options: Any,
+) -> nn.Module:
+    """Lower ``model`` (finalized, or any model whose weights are N:M) to ``target``.
+
+    Returns a lowered copy (``inplace=True`` changes ``model`` itself). ``options`` go to
+    the target: ``cuda``: ``backend``, ``cast_dtype``, ``measure``, ``min_speedup``,
+    ``dry_run``; ``tensorrt``: ``enabled_precisions`` and ``torch_tensorrt.compile``
+    options. ``cpu`` takes none.
+    """
+    if target not in TARGETS:
+        close = difflib.get_close_matches(str(target), TARGETS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"target={target!r} is not one of {TARGETS}{hint}")
+    if is_sparsified(model):
+        raise ValueError(
+            "model still carries SR-STE masks; call nmfx.finalize(model) before nmfx.lower"
+        )
+    record = nm_weights(model)
+    if not record:
+        raise ValueError(
+            "no N:M weights to lower: sparsify and train the model with nmfx.sparsify, then "
+            "nmfx.finalize it (or load an N:M checkpoint)"
+        )
+    out = model if inplace else copy.deepcopy(model)
+    if target == "cpu":
+        if options:
+            raise TypeError(f"target='cpu' takes no options, got {sorted(options)}")
+        from nmfx.lowering.cpu import lower_cpu
+
+        out, decisions = lower_cpu(out, record)
+    elif target == "cuda":
+        from nmfx.lowering.cuda import lower_cuda
+
+        out, decisions = lower_cuda(out, record, example_inputs=example_inputs, **options)
+    else:
+        from nmfx.lowering.tensorrt import lower_tensorrt
+
+        if example_inputs is None:
+            raise ValueError(
+                "target='tensorrt' needs example_inputs=(tensor, ...) to build engines"
+            )
+        out, decisions = lower_tensorrt(out, record, example_inputs, **options)
+    out.__dict__[DECISIONS_ATTR] = decisions
+    return out
+
+
+def lowering_decisions(model: nn.Module) -> list[LayerDecision]:
+    """Per-layer verdicts ``nmfx.lower`` recorded on its result."""
+    decisions = model.__dict__.get(DECISIONS_ATTR)
+    if decisions is None:
+        raise ValueError("model was not produced by nmfx.lower")
+    return list(decisions)

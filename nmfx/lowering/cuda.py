@@ -1,0 +1,525 @@
+"""Lowering to NVIDIA GPUs: 2:4 ``nn.Linear`` weights as PyTorch semi-structured sparse tensors.
+
+This is the documented PyTorch recipe (``linear.weight = nn.Parameter(
+to_sparse_semi_structured(w), requires_grad=False)``) wrapped in the decisions it needs and
+does not make itself: which weights are 2:4 and of a shape and dtype the kernels accept, which
+backend (CUTLASS or cuSPARSELt) converts them, and — measured on the layer's real input shape —
+which layers run faster sparse. A layer that measures slower stays dense: nmfx must never make
+a layer slower than dense (DESIGN §6). Every layer gets a ``LayerDecision`` with its reason.
+
+Facts about torch's API this module relies on (torch 2.13, ``torch/sparse/semi_structured.py``):
+
+- ``to_sparse_semi_structured`` picks its subclass from the class attribute
+  ``SparseSemiStructuredTensor._FORCE_CUTLASS`` — default ``False``, i.e. **cuSPARSELt** — at
+  conversion time; it does not fall back to CUTLASS when cuSPARSELt is missing.
+- Conversion accepts only CUDA, 2-D, contiguous tensors whose dims are >= and a multiple of the
+  subclass's ``_DTYPE_SHAPE_CONSTRAINTS[dtype]`` ``(sparse_min_rows, sparse_min_cols)``.
+- CUTLASS's table also lists float32, but there the encoding is 1:2 (TF32), not 2:4; cuSPARSELt
+  lists float8_e4m3fn, whose plain matmul is refused (``_scaled_mm`` only). nmfx lowers
+  fp16/bf16 (and int8) only.
+- ``SparseSemiStructuredTensorCUTLASS.from_dense`` compresses with the pure-PyTorch
+  ``sparse_semi_structured_from_dense_cutlass``, which also runs on CPU tensors: the layout
+  is checked here with :func:`cutlass_layout_roundtrip`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import difflib
+import logging
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from nmfx.masks import is_nm
+from nmfx.pattern import NMPattern
+from nmfx.plan import DENSE, SPARSE, LayerDecision, NMWeight
+
+__all__ = [
+    "BACKENDS",
+    "FALLBACK_SHAPE_CONSTRAINTS",
+    "cutlass_layout_roundtrip",
+    "implies_2_4",
+    "lower_cuda",
+    "semi_structured_constraint",
+    "shape_constraints",
+]
+
+log = logging.getLogger("nmfx.lowering")
+
+TARGET = "cuda"
+BACKENDS = ("cutlass", "cusparselt")
+_SUBCLASS = {
+    "cutlass": "SparseSemiStructuredTensorCUTLASS",
+    "cusparselt": "SparseSemiStructuredTensorCUSPARSELT",
+}
+_LABEL = {"cutlass": "CUTLASS", "cusparselt": "cuSPARSELt"}
+# (min_rows, min_cols): both weight dims must be >= and a multiple of these (DESIGN §6).
+# Used where torch's own table lacks an entry; tests check the two agree.
+FALLBACK_SHAPE_CONSTRAINTS: dict[str, dict[torch.dtype, tuple[int, int]]] = {
+    "cutlass": {torch.float16: (32, 64), torch.bfloat16: (32, 64), torch.int8: (16, 128)},
+    "cusparselt": {torch.float16: (16, 16), torch.bfloat16: (16, 16), torch.int8: (32, 32)},
+}
+_CASTS = (torch.float16, torch.bfloat16)
+_FP32_REASON = (
+    "2:4 on GPU needs fp16/bf16 (torch's fp32 semi-structured path is 1:2 on TF32, not 2:4): "
+    "pass cast_dtype=torch.float16 or keep dense"
+)
+# Relative error (||sparse - dense|| / ||dense||) above which a converted layer is rejected.
+_MAX_REL_ERR = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.int8: 0.0}
+_WARMUP, _ITERS, _REPEATS = 10, 50, 3
+
+
+def shape_constraints(backend: str) -> dict[torch.dtype, tuple[int, int]]:
+    """``dtype -> (min_rows, min_cols)`` for the 2:4 dtypes of ``backend``, read from torch's
+    ``_DTYPE_SHAPE_CONSTRAINTS`` where it has the entry, else from DESIGN §6."""
+    _check_backend(backend)
+    table = getattr(getattr(torch.sparse, _SUBCLASS[backend], None), "_DTYPE_SHAPE_CONSTRAINTS", {})
+    out = {}
+    for dtype, fallback in FALLBACK_SHAPE_CONSTRAINTS[backend].items():
+        entry = table.get(dtype)
+        out[dtype] = (entry.sparse_min_rows, entry.sparse_min_cols) if entry else fallback
+    return out
+
+
+def semi_structured_constraint(
+    shape: tuple[int, ...], dtype: torch.dtype, backend: str
+) -> str | None:
+    """``None`` if a 2-D ``[out, in]`` weight of this shape and dtype converts with
+    ``to_sparse_semi_structured`` on ``backend`` ("cutlass" or "cusparselt"), else why not:
+    the value, the constraint and the fix."""
+    table = shape_constraints(backend)
+    label = _LABEL[backend]
+    if len(shape) != 2:
+        return (
+            f"weight has shape {tuple(shape)}: semi-structured sparse tensors are 2-D [out, in]; "
+            "only nn.Linear weights lower to them"
+        )
+    if dtype == torch.float32:
+        return f"dtype float32: {_FP32_REASON}"
+    if dtype not in table:
+        names = ", ".join(str(d).removeprefix("torch.") for d in table)
+        return (
+            f"dtype {str(dtype).removeprefix('torch.')} has no 2:4 {label} kernel (supported: "
+            f"{names}): pass cast_dtype=torch.float16 or keep dense"
+        )
+    rows, cols = table[dtype]
+    out, inp = shape
+    bad = [
+        f"{name}={size}"
+        for name, size, need in (("out_features", out, rows), ("in_features", inp, cols))
+        if size < need or size % need
+    ]
+    if not bad:
+        return None
+    reason = (
+        f"shape [out={out}, in={inp}]: {label} {str(dtype).removeprefix('torch.')} needs both "
+        f"dims >= and a multiple of ({rows}, {cols}); {' and '.join(bad)} "
+        f"{'fails' if len(bad) == 1 else 'fail'}: pad the layer or keep it dense"
+    )
+    other = BACKENDS[1 - BACKENDS.index(backend)]
+    if _fits(shape, shape_constraints(other).get(dtype)):
+        reason += f" (backend={other!r} accepts this shape)"
+    return reason
+
+
+def _fits(shape: tuple[int, ...], minimum: tuple[int, int] | None) -> bool:
+    return minimum is not None and all(
+        size >= need and size % need == 0 for size, need in zip(shape, minimum, strict=True)
+    )
+
+
+def implies_2_4(pattern: NMPattern) -> bool:
+    """True when every N:M weight is also 2:4: no aligned group of 4 can hold 3 non-zeros.
+
+    M a multiple of 4 (2:4, 1:4, 2:8, 1:8, ...): a group of 4 lies inside one group of M, so
+    it holds at most N. M dividing 4 (1:2): a group of 4 holds 4/M groups, at most N*4/M."""
+    if pattern.m % 4 == 0:
+        return pattern.n <= 2
+    return 4 % pattern.m == 0 and pattern.n * 4 // pattern.m <= 2
+
+
+def cutlass_layout_roundtrip(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Compress a 2:4 ``[out, in]`` weight to PyTorch's CUTLASS layout and rebuild it exactly.
+
+    Returns ``(values [out, in/2], metadata)``; metadata is int16 ``[out, in/16]`` for
+    fp16/bf16 and int32 ``[out, in/32]`` for int8, reordered as CUTLASS's sparse GEMM reads it.
+    These are the functions ``SparseSemiStructuredTensorCUTLASS.from_dense`` calls; they are
+    plain PyTorch and run on CPU tensors too. Raises if the rebuilt weight differs anywhere.
+    """
+    from torch.sparse._semi_structured_conversions import (
+        sparse_semi_structured_from_dense_cutlass,
+        sparse_semi_structured_to_dense_cutlass,
+    )
+
+    if w.dim() != 2 or w.dtype not in FALLBACK_SHAPE_CONSTRAINTS["cutlass"]:
+        raise ValueError(
+            f"need a 2-D fp16/bf16/int8 weight, got shape {tuple(w.shape)} dtype {w.dtype}; "
+            "fp32 uses CUTLASS's 1:2 (TF32) encoding, not 2:4: cast to fp16 first"
+        )
+    reason = semi_structured_constraint(tuple(w.shape), w.dtype, "cutlass")
+    if reason is not None:
+        raise ValueError(reason)
+    if not is_nm(w, "2:4", 1):
+        raise ValueError("weight is not 2:4 along in_features (dim 1): mask it with nm_mask first")
+    dense = w.detach().contiguous()
+    values, meta = sparse_semi_structured_from_dense_cutlass(dense)
+    rebuilt = sparse_semi_structured_to_dense_cutlass(values, meta)
+    same = rebuilt == dense
+    if dense.is_floating_point():
+        same |= rebuilt.isnan() & dense.isnan()
+    if rebuilt.shape != dense.shape or not bool(same.all()):
+        raise RuntimeError(
+            f"CUTLASS layout round trip is not exact: {int((~same).sum())} of {dense.numel()} "
+            "elements differ"
+        )
+    return values, meta
+
+
+def lower_cuda(
+    model: nn.Module,
+    nm_weights: dict[str, NMWeight],
+    *,
+    backend: str = "cutlass",
+    cast_dtype: torch.dtype | None = None,
+    example_inputs: tuple | None = None,
+    measure: bool = True,
+    min_speedup: float = 1.0,
+    dry_run: bool = False,
+) -> tuple[nn.Module, list[LayerDecision]]:
+    """Replace eligible 2:4 ``nn.Linear`` weights with semi-structured sparse tensors, in place.
+
+    ``cast_dtype`` (fp16/bf16) casts the whole model first: activations must match the sparse
+    weight's dtype, so feed inputs in that dtype. With ``measure`` and ``example_inputs`` each
+    layer is timed dense vs sparse on its real input (captured by a forward hook) and stays
+    dense unless ``dense_ms / sparse_ms >= min_speedup``. ``dry_run`` makes every decision
+    (pattern, shape, dtype, values) without converting, on any device. Returns the model and
+    one decision per entry of ``nm_weights``.
+    """
+    _check_args(backend, cast_dtype, min_speedup)
+    decisions, todo = _decide(model, nm_weights, backend, cast_dtype)
+    if dry_run:
+        for decision, _ in todo:
+            decision.reason += " (dry run: not converted, not measured)"
+            decision.facts["dry_run"] = True
+        log.info(
+            "nmfx.lower_cuda (dry run): %d of %d N:M weights eligible", len(todo), len(decisions)
+        )
+        return model, decisions
+    if todo:
+        _check_device([m.weight for _, m in todo], backend)
+    if cast_dtype is not None:
+        model.to(cast_dtype)
+    inputs = (
+        _capture_inputs(model, [m for _, m in todo], example_inputs, cast_dtype)
+        if (measure and example_inputs is not None and todo)
+        else {}
+    )
+    with _force_cutlass(backend == "cutlass"):
+        for decision, module in todo:
+            timed = measure and example_inputs is not None
+            _convert(decision, module, inputs.get(id(module)), timed, min_speedup)
+    n_sparse = sum(d.verdict == SPARSE for d in decisions)
+    log.info(
+        "nmfx.lower_cuda: %d of %d N:M weights sparse (%s)",
+        n_sparse,
+        len(decisions),
+        _LABEL[backend],
+    )
+    return model, decisions
+
+
+# ---- decisions ----------------------------------------------------------------------------
+
+
+def _decide(
+    model: nn.Module,
+    nm_weights: dict[str, NMWeight],
+    backend: str,
+    cast_dtype: torch.dtype | None,
+) -> tuple[list[LayerDecision], list[tuple[LayerDecision, nn.Linear]]]:
+    """One decision per N:M weight, and the (decision, layer) pairs eligible to convert."""
+    owners = _linear_owners(model)
+    in_mha = _mha_children(model)
+    shared = _shared_params(model)
+    decisions: list[LayerDecision] = []
+    todo: list[tuple[LayerDecision, nn.Linear]] = []
+    for fqn, nmw in nm_weights.items():
+        param = _get_param(model, fqn)
+        module = owners.get(fqn)
+        decision = LayerDecision(nmw.name, fqn, nmw.op, TARGET, DENSE, "")
+        if module is not None and id(module) in in_mha:
+            decision.reason = (
+                "out_proj of nn.MultiheadAttention: MHA reads the weight inside its own kernels, "
+                "which do not take semi-structured tensors"
+            )
+        else:
+            decision.reason = _ineligible(nmw, param, module, shared.get(fqn), backend, cast_dtype)
+        if cast_dtype is not None and param.dtype != cast_dtype:
+            decision.facts["cast"] = f"{_name(param.dtype)} -> {_name(cast_dtype)}"
+        if decision.reason is None:
+            decision.verdict = SPARSE
+            decision.reason = f"eligible: 2:4 along in_features, {_LABEL[backend]}"
+            todo.append((decision, module))
+        decisions.append(decision)
+    return decisions, todo
+
+
+def _check_backend(backend: str) -> None:
+    if backend not in BACKENDS:
+        close = difflib.get_close_matches(str(backend), BACKENDS, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(f"backend={backend!r} is not one of {BACKENDS}{hint}")
+
+
+def _check_args(backend: str, cast_dtype: torch.dtype | None, min_speedup: float) -> None:
+    _check_backend(backend)
+    if cast_dtype is not None and cast_dtype not in _CASTS:
+        raise ValueError(
+            f"cast_dtype={cast_dtype} is not supported: use torch.float16, torch.bfloat16 or None"
+        )
+    if (
+        isinstance(min_speedup, bool)
+        or not isinstance(min_speedup, int | float)
+        or min_speedup <= 0
+    ):
+        raise ValueError(f"min_speedup={min_speedup!r} must be a positive number, e.g. 1.0")
+
+
+def _name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _get_param(model: nn.Module, fqn: str) -> torch.Tensor:
+    try:
+        return model.get_parameter(fqn)
+    except AttributeError:
+        names = [n for n, _ in model.named_parameters()]
+        close = difflib.get_close_matches(fqn, names, n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise ValueError(
+            f"nm_weights names {fqn!r}, which is not a parameter of the model{hint}"
+        ) from None
+
+
+def _linear_owners(model: nn.Module) -> dict[str, nn.Linear]:
+    """Weight FQN -> the nn.Linear that registers it."""
+    return {
+        f"{name}.weight" if name else "weight": mod
+        for name, mod in model.named_modules()
+        if isinstance(mod, nn.Linear)
+    }
+
+
+def _mha_children(model: nn.Module) -> set[int]:
+    """ids of modules owned by an nn.MultiheadAttention (its out_proj): MHA's forward and its
+    fused inference kernel read the weight directly and do not take tensor subclasses."""
+    return {
+        id(child)
+        for mod in model.modules()
+        if isinstance(mod, nn.MultiheadAttention)
+        for child in mod.children()
+    }
+
+
+def _shared_params(model: nn.Module) -> dict[str, list[str]]:
+    """Parameter FQN -> the other modules that register the same Parameter (ties)."""
+    users: dict[int, list[str]] = {}
+    first: dict[int, str] = {}
+    for name, mod in model.named_modules():
+        for pname, p in mod.named_parameters(recurse=False):
+            fqn = f"{name}.{pname}" if name else pname
+            first.setdefault(id(p), fqn)
+            users.setdefault(id(p), []).append(name or "<root>")
+    return {first[k]: v[1:] for k, v in users.items() if len(v) > 1}
+
+
+def _ineligible(
+    nmw: NMWeight,
+    param: torch.Tensor,
+    module: nn.Linear | None,
+    tied_with: list[str] | None,
+    backend: str,
+    cast_dtype: torch.dtype | None,
+) -> str | None:
+    """Why this weight stays dense on ``backend``, or None when it can lower."""
+    if module is None:
+        return (
+            f"op {nmw.op!r}: only nn.Linear lowers to semi-structured sparse "
+            "(conv and functional ops stay dense on target 'cuda'; try target 'tensorrt')"
+        )
+    if tied_with:
+        return f"weight is shared with {', '.join(tied_with)}; converting it would break the tie"
+    if not implies_2_4(nmw.pattern):
+        return (
+            f"pattern {nmw.pattern} does not imply 2:4 (4 consecutive weights can hold more than "
+            "2 non-zeros): sparse tensor cores need 2:4; retrain with '2:4' (or 1:4, 2:8, ...)"
+        )
+    if nmw.reduce_dim not in (1, -1):
+        return (
+            f"groups run along dim {nmw.reduce_dim}; sparse tensor cores need them along "
+            "in_features (dim 1)"
+        )
+    dtype = cast_dtype or param.dtype
+    reason = semi_structured_constraint(tuple(param.shape), dtype, backend)
+    if reason is not None:
+        return reason
+    if not param.is_contiguous():
+        return "weight is not contiguous: call .contiguous() on it first"
+    if not is_nm(param, "2:4", 1):
+        return (
+            f"declared {nmw.pattern} but the values are not 2:4 along in_features: some group of "
+            "4 holds 3+ non-zeros; run nmfx.finalize first"
+        )
+    return None
+
+
+def _check_device(weights: Sequence[torch.Tensor], backend: str) -> None:
+    devices = {w.device for w in weights}
+    cpu = [d for d in devices if d.type != "cuda"]
+    if cpu:
+        raise RuntimeError(
+            f"2:4 weights are on {cpu[0]}: semi-structured sparse tensors are CUDA-only; move the "
+            "model to an sm80+ NVIDIA GPU (model.cuda()), or pass dry_run=True to only decide"
+        )
+    for dev in devices:
+        major, minor = torch.cuda.get_device_capability(dev)
+        if major < 8:
+            raise RuntimeError(
+                f"{dev} is sm{major}{minor}: 2:4 sparse tensor cores need sm80+ (Ampere or newer); "
+                "keep the model dense"
+            )
+        if backend == "cutlass" and major >= 9:
+            log.warning(
+                "%s is sm%d%d: PyTorch's CUTLASS 2:4 path is validated on sm8x; "
+                "prefer backend='cusparselt' there",
+                dev,
+                major,
+                minor,
+            )
+    if backend == "cusparselt" and not torch.backends.cusparselt.is_available():
+        raise RuntimeError(
+            "backend='cusparselt' but this torch build has no cuSPARSELt "
+            "(torch.backends.cusparselt.is_available() is False): use backend='cutlass'"
+        )
+
+
+# ---- conversion and measurement -----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _force_cutlass(value: bool) -> Iterator[None]:
+    """Set ``SparseSemiStructuredTensor._FORCE_CUTLASS`` (read at conversion time) and restore
+    it, so no process-wide setting leaks out of ``lower_cuda``."""
+    cls = torch.sparse.SparseSemiStructuredTensor
+    old = cls._FORCE_CUTLASS
+    cls._FORCE_CUTLASS = value
+    try:
+        yield
+    finally:
+        cls._FORCE_CUTLASS = old
+
+
+def _to_device(x: Any, device: torch.device, dtype: torch.dtype | None) -> Any:
+    if isinstance(x, torch.Tensor):
+        x = x.to(device)
+        return x.to(dtype) if dtype is not None and x.is_floating_point() else x
+    if isinstance(x, tuple | list):
+        return type(x)(_to_device(v, device, dtype) for v in x)
+    return x
+
+
+@torch.no_grad()
+def _capture_inputs(
+    model: nn.Module, layers: list[nn.Linear], example_inputs: tuple, cast_dtype: torch.dtype | None
+) -> dict[int, torch.Tensor]:
+    """Run ``model`` once and keep each layer's first real input (by module id)."""
+    seen: dict[int, torch.Tensor] = {}
+
+    def hook(mod: nn.Module, args: tuple) -> None:
+        if args and isinstance(args[0], torch.Tensor):
+            seen.setdefault(id(mod), args[0].detach())
+
+    handles = [layer.register_forward_pre_hook(hook) for layer in layers]
+    try:
+        model(*_to_device(tuple(example_inputs), layers[0].weight.device, cast_dtype))
+    finally:
+        for handle in handles:
+            handle.remove()
+    return seen
+
+
+def _time_ms(fn: Any) -> float:
+    """Median over repeats of the mean time of ``fn()`` in ms, by CUDA events after warm-up."""
+    for _ in range(_WARMUP):
+        fn()
+    times = []
+    for _ in range(_REPEATS):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(_ITERS):
+            fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / _ITERS)
+    return sorted(times)[len(times) // 2]
+
+
+@torch.no_grad()
+def _convert(
+    decision: LayerDecision,
+    linear: nn.Linear,
+    x: torch.Tensor | None,
+    measure: bool,
+    min_speedup: float,
+) -> None:
+    """Convert one eligible layer; keep it dense (verdict, reason) if it fails, is wrong, or
+    measures slower than ``min_speedup``."""
+    from torch.sparse import to_sparse_semi_structured
+
+    w, b = linear.weight.detach(), linear.bias
+    if measure and x is None:
+        decision.verdict = DENSE
+        decision.reason = (
+            "not measured: example_inputs never ran this layer; pass inputs that reach it, "
+            "or measure=False to convert unmeasured"
+        )
+        return
+    probe = x if x is not None else torch.randn(64, w.shape[1], device=w.device, dtype=w.dtype)
+    try:
+        sparse_w = to_sparse_semi_structured(w)
+        dense_out = F.linear(probe, w, b)
+        sparse_out = F.linear(probe, sparse_w, b)
+    except (RuntimeError, NotImplementedError, ValueError) as err:
+        decision.verdict, decision.reason = DENSE, f"conversion failed, kept dense: {err}"
+        return
+    rel = float(
+        (sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm().clamp_min(1e-12)
+    )
+    decision.facts["rel_err"] = rel
+    decision.facts["backend"] = type(sparse_w).__name__
+    if rel > _MAX_REL_ERR.get(w.dtype, 1e-2):
+        decision.verdict = DENSE
+        decision.reason = f"sparse output differs from dense (relative error {rel:.2e}): kept dense"
+        return
+    if measure:
+        dense_ms = _time_ms(lambda: F.linear(x, w, b))
+        sparse_ms = _time_ms(lambda: F.linear(x, sparse_w, b))
+        speedup = dense_ms / sparse_ms
+        decision.facts.update(
+            input_shape=tuple(x.shape), dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=speedup
+        )
+        if speedup < min_speedup:
+            decision.verdict = DENSE
+            decision.reason = (
+                f"measured slower sparse: {speedup:.2f}x dense at input {tuple(x.shape)} "
+                f"({sparse_ms:.4f} vs {dense_ms:.4f} ms) < min_speedup={min_speedup}"
+            )
+            return
+        decision.reason += f"; measured {speedup:.2f}x dense at input {tuple(x.shape)}"
+    else:
+        decision.reason += "; not measured (small or skinny inputs can run slower than dense)"
+    linear.weight = nn.Parameter(sparse_w, requires_grad=False)

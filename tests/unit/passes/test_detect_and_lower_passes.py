@@ -1,0 +1,114 @@
+"""detect_nm_weights and lower_nm_linear on hand-built graphs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import fx, nn
+
+import nmfx
+from nmfx import SparsityConfig, nm_mask
+from nmfx.capture import _OwnForwardTracer
+from nmfx.opgraph import build_op_graph
+from nmfx.passes import PassContext, detect_nm_weights, find_weight_ops, run_passes
+from nmfx.passes.detect_nm_weights import detect_pattern
+from nmfx.passes.lower_nm_linear import BackendContext, lower_nm_linear
+from nmfx.pattern import NMPattern
+
+
+def nm(shape, pattern="2:4", dim=-1):
+    w = torch.randn(shape)
+    return torch.where(nm_mask(w, pattern, dim), w, 0)
+
+
+@pytest.mark.parametrize(
+    "pattern,expected",
+    [("2:4", (2, 4)), ("1:4", (1, 4)), ("4:8", (4, 8)), ("1:8", (1, 8)), ("2:16", (2, 16))],
+)
+def test_detect_pattern_finds_the_sparsest(pattern, expected):
+    found = detect_pattern(nm((8, 32), pattern), 1)
+    assert (found.n, found.m) == expected
+
+
+def test_detect_pattern_none_for_dense_or_wrong_dim():
+    assert detect_pattern(torch.randn(8, 32), 1) is None
+    w = nm((16, 8), "2:4", dim=0)  # N:M along dim 0 only
+    assert detect_pattern(w, 0) == NMPattern(2, 4)
+    assert detect_pattern(w, 1) is None
+
+
+def test_detect_nm_weights_annotates_candidates():
+    class Two(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Parameter(nm((8, 16)))
+            self.b = nn.Parameter(torch.randn(8, 16))
+
+        def forward(self, x):
+            return torch.nn.functional.linear(x, self.a) + torch.nn.functional.linear(x, self.b)
+
+    module = Two()
+    gm = fx.GraphModule(module, _OwnForwardTracer().trace(module))
+    facts = build_op_graph(module, fx.symbolic_trace(module).graph)
+    ctx = PassContext(SparsityConfig(), "", module, facts, True)
+    result = run_passes(gm, [find_weight_ops, detect_nm_weights], ctx)
+    assert not result.modified
+    assert {c.param: c.facts["nm"] for c in ctx.candidates} == {"a": NMPattern(2, 4), "b": None}
+
+
+def dynamo_like_graph(weight: torch.Tensor):
+    """A graph as Dynamo hands it over: the parameter is a placeholder input."""
+    g = fx.Graph()
+    w = g.placeholder("w")
+    x = g.placeholder("x")
+    y = g.call_function(torch._C._nn.linear, (x, w, None))
+    g.output(y)
+    return fx.GraphModule(nn.Module(), g), [
+        nn.Parameter(weight, requires_grad=False),
+        torch.randn(3, weight.shape[1]),
+    ]
+
+
+def test_lower_nm_linear_rewrites_nm_weight_and_matches_dense():
+    w = nm((16, 32))
+    gm, inputs = dynamo_like_graph(w)
+    ctx = BackendContext(inputs)
+    result = lower_nm_linear(gm, ctx)
+    targets = [n.target for n in result.graph_module.graph.nodes if n.op == "call_function"]
+    assert targets == [torch.ops.nmfx.nm_linear.default]
+    assert [d.verdict for d in ctx.decisions] == ["sparse"]
+    torch.testing.assert_close(result.graph_module(*inputs), inputs[1] @ w.t())
+
+
+def test_lower_nm_linear_keeps_dense_weight_and_activation_weights():
+    gm, inputs = dynamo_like_graph(torch.randn(16, 32))
+    ctx = BackendContext(inputs)
+    assert not lower_nm_linear(gm, ctx).modified
+    assert ctx.decisions[0].reason == "weight is not N:M along in_features"
+    inputs[0] = torch.randn(16, 32)  # not a Parameter: an activation
+    ctx = BackendContext(inputs)
+    assert not lower_nm_linear(gm, ctx).modified
+    assert "activations" in ctx.decisions[0].reason
+
+
+def test_lower_nm_linear_does_not_freeze_trainable_weights_with_grad_on():
+    gm, inputs = dynamo_like_graph(nm((16, 32)))
+    inputs[0].requires_grad_(True)
+    ctx = BackendContext(inputs)
+    assert not lower_nm_linear(gm, ctx).modified
+    assert "grad mode is on" in ctx.decisions[0].reason
+    with torch.no_grad():
+        ctx = BackendContext(inputs)
+        assert lower_nm_linear(gm, ctx).modified
+
+
+def test_sparsified_model_masker_is_folded():
+    model = nmfx.sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)))
+    model.eval()
+    torch._dynamo.reset()
+    from nmfx.backend import last_decisions
+
+    with torch.no_grad():
+        out = torch.compile(model, backend="nmfx", options={"inner": "eager"})(torch.randn(2, 16))
+    assert out.shape == (2, 4)
+    assert [d.verdict for d in last_decisions()] == ["sparse", "dense"]

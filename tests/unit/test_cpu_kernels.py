@@ -1,0 +1,318 @@
+"""CPU N:M kernels: every ISA path against F.linear, dispatch, errors, compile and export."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nmfx.kernels as K
+from nmfx.kernels import _build, _dispatch
+from nmfx.packed import pack, unpack
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _cpu_flags() -> set[str]:
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return set()
+    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+_FLAGS = _cpu_flags()
+_HAS_AVX2 = {"avx2", "fma"} <= _FLAGS
+_HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2"} <= _FLAGS
+
+ISAS = [
+    pytest.param("portable", id="portable"),
+    pytest.param(
+        "avx2", id="avx2", marks=pytest.mark.skipif(not _HAS_AVX2, reason="CPU lacks AVX2/FMA")
+    ),
+    pytest.param(
+        "avx512",
+        id="avx512",
+        marks=pytest.mark.skipif(
+            not _HAS_AVX512,
+            reason="CPU lacks AVX-512 F/BW/VL/DQ/VBMI2: the AVX-512 path is built but not run",
+        ),
+    ),
+]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Tolerances vs an fp32 reference, by dtype (outputs are rounded to the dtype).
+TOL = {
+    torch.float32: {"rtol": 1e-5, "atol": 1e-4},
+    torch.bfloat16: {"rtol": 1.6e-2, "atol": 2e-2},
+    torch.float16: {"rtol": 2e-3, "atol": 2e-3},
+}
+# (pattern, rows, cols): odd rows; cols multiples of M that are not all multiples of 8/16/64.
+CASES = [
+    ("2:4", 37, 52),
+    ("1:4", 9, 76),
+    ("3:4", 6, 12),
+    ("4:8", 11, 72),
+    ("1:8", 13, 136),
+    ("3:8", 5, 24),
+    ("2:16", 7, 80),
+    ("8:16", 3, 48),
+    ("5:16", 2, 16),
+]
+BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 33]
+
+
+def random_nm(rows: int, cols: int, pattern: str, dtype: torch.dtype, seed: int = 0):
+    n, m = (int(v) for v in pattern.split(":"))
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols // m, m, generator=g)
+    idx = w.abs().topk(n, dim=-1).indices
+    return torch.zeros_like(w).scatter_(-1, idx, w.gather(-1, idx)).reshape(rows, cols).to(dtype)
+
+
+def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return F.linear(x.float(), w.float(), None if bias is None else bias.float())
+
+
+@pytest.fixture(autouse=True)
+def _no_calibration(monkeypatch, tmp_path):
+    """Tests never calibrate: the dispatch table is the built-in default in a private cache."""
+    monkeypatch.setenv("NMFX_CALIBRATE", "0")
+    monkeypatch.setenv("NMFX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("NMFX_DISPATCH", raising=False)
+    monkeypatch.delenv("NMFX_ISA", raising=False)
+    monkeypatch.setattr(_dispatch, "_table", None)
+
+
+def test_import_does_not_build() -> None:
+    code = (
+        "import torch, nmfx, nmfx.kernels, nmfx.packed\n"
+        "assert not hasattr(torch.ops.nmfx_cpu, 'nm_gemm')\n"
+        "assert not nmfx.kernels._build._state['tried']\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
+
+
+def test_kernels_build_and_report_isas() -> None:
+    assert K.kernels_available(), f"kernel build failed: {K.build_error()}"
+    isas = K.available_isas()
+    assert isas[0] == "portable"
+    assert ("avx2" in isas) == _HAS_AVX2
+    assert ("avx512" in isas) == _HAS_AVX512
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(("pattern", "rows", "cols"), CASES, ids=[c[0] for c in CASES])
+def test_kernel_matches_linear(isa: str, dtype: torch.dtype, pattern: str, rows: int, cols: int):
+    w = random_nm(rows, cols, pattern, dtype)
+    p = pack(w, pattern)
+    bias = torch.randn(rows, dtype=dtype)
+    with K.use_isa(isa), K.force_dispatch("sparse"):
+        for batch in BATCHES:
+            x = torch.randn(batch, cols, dtype=dtype)
+            for b in (None, bias):
+                y = K.nm_linear(x, p, b)
+                assert y.dtype == dtype and y.shape == (batch, rows)
+                torch.testing.assert_close(y.float(), reference(x, w, b), **TOL[dtype])
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_noncontiguous_and_3d_inputs(isa: str) -> None:
+    w = random_nm(19, 40, "2:4", torch.float32)
+    p = pack(w, "2:4")
+    x3 = torch.randn(3, 5, 40)
+    xt = torch.randn(40, 6).t()  # non-contiguous [6, 40]
+    xs = torch.randn(4, 80)[:, ::2]  # strided last dim
+    with K.use_isa(isa), K.force_dispatch("sparse"):
+        for x in (x3, xt, xs, x3.transpose(0, 1)):
+            y = K.nm_linear(x, p)
+            assert y.shape == (*x.shape[:-1], 19)
+            torch.testing.assert_close(y, F.linear(x, w), **TOL[torch.float32])
+
+
+def test_bias_is_not_modified() -> None:
+    p = pack(random_nm(8, 16, "2:4", torch.float32), "2:4")
+    bias = torch.randn(8)
+    before = bias.clone()
+    with K.force_dispatch("sparse"):
+        K.nm_linear(torch.randn(1, 16), p, bias)
+    assert torch.equal(bias, before)
+
+
+def test_empty_batch() -> None:
+    p = pack(random_nm(8, 16, "2:4", torch.float32), "2:4")
+    with K.force_dispatch("sparse"):
+        assert K.nm_linear(torch.randn(0, 16), p).shape == (0, 8)
+
+
+@pytest.mark.parametrize("mode", ["sparse", "dense"])
+def test_forced_modes_agree(mode: str) -> None:
+    w = random_nm(24, 64, "1:4", torch.bfloat16)
+    p = pack(w, "1:4")
+    x = torch.randn(2, 7, 64, dtype=torch.bfloat16)
+    with K.force_dispatch(mode):
+        y = K.nm_linear(x, p)
+    torch.testing.assert_close(y.float(), reference(x, w, None), **TOL[torch.bfloat16])
+
+
+def test_auto_dispatch_uses_table(monkeypatch) -> None:
+    table = K.dispatch_table()
+    assert table["source"] == "default"
+    limit = _dispatch.DEFAULT_MAX_SPARSE_BATCH
+    shape = (64, 64)
+    assert _dispatch.choose(1, torch.float32, 2, 4, *shape) == "sparse"
+    assert _dispatch.choose(limit + 1, torch.float32, 2, 4, *shape) == "dense"
+    assert _dispatch.choose(1, torch.float32, 3, 4, *shape) == "dense"  # denser than 1/2
+    monkeypatch.setenv("NMFX_DISPATCH", "dense")
+    assert _dispatch.choose(1, torch.float32, 2, 4, *shape) == "dense"
+    with K.force_dispatch("sparse"):
+        assert _dispatch.choose(10_000, torch.float32, 2, 4, *shape) == "sparse"
+
+
+def test_dispatch_lookup_by_class_and_density() -> None:
+    table = {
+        "entries": {
+            "small/float32/2:4": {"max_sparse_batch": 2},
+            "small/float32/1:4": {"max_sparse_batch": 8},
+            "large/float32/2:4": {"max_sparse_batch": 16},
+            "large/bfloat16/2:4": {"max_sparse_batch": 64},
+        }
+    }
+    assert _dispatch._lookup(table, "small", "float32", 2, 4) == 2
+    assert _dispatch._lookup(table, "small", "float32", 2, 8) == 8  # 1:4's density
+    assert _dispatch._lookup(table, "small", "float32", 3, 8) == 2  # next denser: 2:4
+    assert _dispatch._lookup(table, "small", "float32", 3, 4) == 0  # nothing as dense
+    assert _dispatch._lookup(table, "large", "bfloat16", 4, 8) == 64
+    assert _dispatch.size_class(1024, 1024, torch.float32) == "small"
+    assert _dispatch.size_class(4096, 4096, torch.bfloat16) == "large"
+
+
+def test_dense_copy_is_cached_and_dropped_with_values() -> None:
+    from nmfx import packed
+
+    p = pack(random_nm(8, 16, "2:4", torch.float32), "2:4")
+    d1, d2 = p.dense(), p.dense()
+    assert d1 is d2 and torch.equal(d1, unpack(p))
+    slot = id(p.values)
+    assert slot in packed._DENSE_CACHE
+    del p, d1, d2
+    assert slot not in packed._DENSE_CACHE
+
+
+@pytest.mark.parametrize(
+    ("args", "exc", "match"),
+    [
+        (lambda p: (torch.randn(2, 15), p), ValueError, r"x.shape\[-1\] == cols=16"),
+        (lambda p: (torch.randn(2, 16, dtype=torch.float64), p), TypeError, r"cast x"),
+        (lambda p: (torch.randn(2, 16), p, torch.randn(7)), ValueError, r"bias has shape"),
+        (lambda p: (torch.randn(2, 16), torch.randn(8, 16)), TypeError, r"PackedNM"),
+    ],
+    ids=["features", "dtype", "bias", "not-packed"],
+)
+def test_nm_linear_errors(args, exc: type, match: str) -> None:
+    p = pack(random_nm(8, 16, "2:4", torch.float32), "2:4")
+    with pytest.raises(exc, match=match):
+        K.nm_linear(*args(p))
+
+
+def test_isa_errors(monkeypatch) -> None:
+    with pytest.raises(ValueError, match=r"not one of"):
+        K.set_isa("sse9")
+    if not _HAS_AVX512:
+        with pytest.raises(ValueError, match=r"not supported on this CPU"):
+            K.set_isa("avx512")
+    assert K.current_isa() == "auto"
+    monkeypatch.setenv("NMFX_ISA", "portable")
+    assert K.current_isa() == "portable"
+
+
+def test_fallback_without_kernels(monkeypatch) -> None:
+    monkeypatch.setattr(_build, "_state", {"tried": False, "ok": False, "error": None})
+    monkeypatch.setenv(_build.DISABLE_ENV, "1")
+    with pytest.warns(RuntimeWarning, match=r"falling back to dense"):
+        assert not K.kernels_available()
+    w = random_nm(8, 16, "2:4", torch.float32)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # warned once only
+        with K.force_dispatch("sparse"):
+            y = K.nm_linear(torch.ones(3, 16), pack(w, "2:4"))
+    torch.testing.assert_close(y, F.linear(torch.ones(3, 16), w))
+
+
+class _PackedLinear(torch.nn.Module):
+    """What a lowering pass emits: packed tensors as buffers, the op in forward."""
+
+    def __init__(self, w: torch.Tensor, bias: torch.Tensor, pattern: str) -> None:
+        super().__init__()
+        p = pack(w, pattern)
+        self.register_buffer("values", p.values)
+        self.register_buffer("mask", p.mask)
+        self.register_buffer("bias", bias)
+        self.meta = (p.rows, p.cols, p.pattern.n, p.pattern.m)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = torch.ops.nmfx.nm_linear(x, self.values, self.mask, self.bias, *self.meta)
+        return torch.relu(y)
+
+
+def _model_and_input():
+    w = random_nm(32, 64, "2:4", torch.float32)
+    bias = torch.randn(32)
+    return _PackedLinear(w, bias, "2:4"), torch.randn(2, 3, 64), lambda x: F.linear(x, w, bias)
+
+
+def test_torch_compile_has_no_graph_breaks() -> None:
+    model, x, ref = _model_and_input()
+    explanation = torch._dynamo.explain(model)(x)
+    assert explanation.graph_break_count == 0
+    assert explanation.graph_count == 1
+
+    packed = pack(random_nm(32, 64, "2:4", torch.float32), "2:4")
+
+    def uses_op(x: torch.Tensor) -> torch.Tensor:
+        return K.nm_linear(x, packed)
+
+    assert torch._dynamo.explain(uses_op)(x).graph_break_count == 0
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="inductor", fullgraph=True)
+    with K.force_dispatch("sparse"):
+        torch.testing.assert_close(compiled(x), torch.relu(ref(x)), **TOL[torch.float32])
+
+
+def test_torch_export_round_trip() -> None:
+    model, x, ref = _model_and_input()
+    ep = torch.export.export(model, (x,))
+    targets = {str(node.target) for node in ep.graph.nodes if node.op == "call_function"}
+    assert "nmfx.nm_linear.default" in targets
+    with K.force_dispatch("sparse"):
+        y = ep.module()(x)
+    torch.testing.assert_close(y, torch.relu(ref(x)), **TOL[torch.float32])
+
+
+def test_autograd_reaches_input() -> None:
+    w = random_nm(8, 16, "2:4", torch.float32)
+    p = pack(w, "2:4")
+    x = torch.randn(3, 16, requires_grad=True)
+    with K.force_dispatch("sparse"):
+        K.nm_linear(x, p).sum().backward()
+    torch.testing.assert_close(x.grad, w.sum(0).expand(3, 16))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_values_without_slack_use_padded_copy(isa: str) -> None:
+    """Raw op callers may pass values with no spare storage; the kernel copies the last rows."""
+    w = random_nm(9, 32, "1:8", torch.bfloat16)
+    p = pack(w, "1:8")
+    tight = p.values.clone()  # storage holds exactly rows * kept elements
+    assert tight.untyped_storage().nbytes() == tight.numel() * tight.element_size()
+    code = _build.ISA_CODES[isa]
+    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    y = torch.ops.nmfx_cpu.nm_gemm(x, tight, p.mask, None, 9, 32, 1, 8, code)
+    torch.testing.assert_close(y.float(), reference(x, w, None), **TOL[torch.bfloat16])

@@ -3,4 +3,4 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh demo
-python -m nmfx.demo "$@"
+nmfx demo "$@"

@@ -1,0 +1,304 @@
+"""The ``nmfx`` command line: ``demo``, ``report``, ``inspect``, ``bench``.
+
+Models are given by zoo name (``mlp``, ``resnet50``, ``llama``, ...) or as
+``package.module:callable`` returning an ``nn.Module``. Exit codes: 0 success, 1 a
+failure while running, 2 bad arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import difflib
+import importlib
+import json
+import logging
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = ["main"]
+
+
+class UsageError(Exception):
+    """Bad arguments: exit code 2."""
+
+
+def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise UsageError(f"--set {item!r} must be KEY=VALUE, e.g. --set n_layers=4")
+        try:
+            out[key] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key] = value
+    return out
+
+
+def load_model(spec: str, overrides: dict[str, Any]) -> tuple[nn.Module, str | None]:
+    """A zoo name or ``module:callable``; returns the model and its zoo name (if any)."""
+    import model_zoo
+
+    if ":" in spec:
+        mod_name, _, attr = spec.partition(":")
+        try:
+            factory = getattr(importlib.import_module(mod_name), attr)
+        except (ImportError, AttributeError) as exc:
+            raise UsageError(f"cannot load {spec!r}: {exc}") from exc
+        model = factory(**overrides)
+        if not isinstance(model, nn.Module):
+            raise UsageError(f"{spec} returned {type(model).__name__}, not an nn.Module")
+        return model, None
+    if spec not in model_zoo.MODELS:
+        close = difflib.get_close_matches(spec, list(model_zoo.MODELS), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else ""
+        raise UsageError(
+            f"unknown model {spec!r}{hint}; zoo models: {', '.join(model_zoo.MODELS)} or module:callable"
+        )
+    try:
+        return model_zoo.build(spec, **overrides), spec
+    except (TypeError, ValueError) as exc:
+        raise UsageError(str(exc)) from exc
+
+
+def example_inputs(
+    model: nn.Module, zoo_name: str | None, batch: int, seq: int | None, input_shape: str | None
+) -> tuple:
+    import model_zoo
+
+    if input_shape:
+        try:
+            shape = [int(s) for s in input_shape.split("x")]
+        except ValueError as exc:
+            raise UsageError(f"--input-shape {input_shape!r} must look like 1x3x32x32") from exc
+        return (torch.randn(shape),)
+    if zoo_name is None:
+        raise UsageError("a module:callable model needs --input-shape, e.g. --input-shape 1x1024")
+    x = model_zoo.example_input(zoo_name, batch=batch, model=model)
+    if seq is not None and x.dtype == torch.long:
+        x = x[:, :1].repeat(1, seq) if seq > x.shape[1] else x[:, :seq]
+    return (x,)
+
+
+def _progress(enabled: bool) -> Callable[[str], None]:
+    from tqdm import tqdm
+
+    bar = tqdm(
+        total=None,
+        disable=not enabled,
+        file=sys.stderr,
+        bar_format="{desc} [{elapsed}]",
+        leave=False,
+    )
+
+    def say(msg: str) -> None:
+        bar.set_description_str(msg)
+        bar.update()
+
+    return say
+
+
+def _write_outputs(rep: Any, args: argparse.Namespace) -> None:
+    for path, render in (
+        (args.json, rep.to_json),
+        (args.markdown, rep.to_markdown),
+        (args.csv, rep.to_csv),
+    ):
+        if path:
+            Path(path).write_text(render())
+            print(f"wrote {path}")
+    if args.plot:
+        rep.plot(args.plot)
+        print(f"wrote {args.plot}")
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    from nmfx.report import report
+
+    overrides = _parse_overrides(args.set)
+    model, zoo = load_model(args.model, overrides)
+    inputs = example_inputs(model, zoo, args.batch, args.seq, args.input_shape)
+    rep = report(model, inputs, args.target, pattern=args.pattern, warmup=args.warmup,
+                 repeats=args.repeats, compile_dense=args.compile_dense,
+                 progress=_progress(not args.no_progress))  # fmt: skip
+    print(rep)
+    _write_outputs(rep, args)
+    return 0
+
+
+def cmd_inspect(args: argparse.Namespace) -> int:
+    import nmfx
+
+    model, _ = load_model(args.model, _parse_overrides(args.set))
+    options: dict[str, Any] = {
+        "pattern": args.pattern,
+        "keep_output_dense": not args.sparsify_output,
+    }
+    if args.exclude:
+        options["exclude"] = args.exclude
+    try:
+        sparse = nmfx.sparsify(copy.deepcopy(model), **options)
+    except ValueError as exc:
+        print(str(exc))
+        return 1
+    print(nmfx.summary(sparse))
+    return 0
+
+
+def cmd_bench(args: argparse.Namespace) -> int:
+    from nmfx.kernels import dispatch_table, nm_linear
+    from nmfx.masks import nm_mask
+    from nmfx.packed import pack
+    from nmfx.timing import time_interleaved
+
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if args.dtype not in dtypes:
+        raise UsageError(f"--dtype {args.dtype!r} is not one of {list(dtypes)}")
+    try:
+        rows, cols = (int(s) for s in args.shape.split("x"))
+    except ValueError as exc:
+        raise UsageError(f"--shape {args.shape!r} must look like 4096x4096 (out x in)") from exc
+    dtype = dtypes[args.dtype]
+    w = torch.randn(rows, cols).to(dtype)
+    w = torch.where(nm_mask(w, args.pattern), w, 0)
+    p = pack(w, args.pattern)
+    print(
+        f"dispatch table: {json.dumps(dispatch_table().get('entries', dispatch_table()), default=str)[:400]}"
+    )
+    for batch in args.batch:
+        x = torch.randn(batch, cols).to(dtype)
+        fns = {
+            "dense": lambda x=x: torch.nn.functional.linear(x, w),
+            "nmfx": lambda x=x: nm_linear(x, p),
+        }
+        t = time_interleaved(fns, warmup=5, repeats=args.repeats, min_seconds=0.2)
+        d, s = t["dense"].median * 1e3, t["nmfx"].median * 1e3
+        gbs = p.nbytes / (s / 1e3) / 1e9
+        print(f"{rows}x{cols} {args.pattern} {args.dtype} batch {batch}: dense F.linear {d:.3f} ms, "
+              f"nmfx {s:.3f} ms, {d / s:.2f}x, packed weight read at {gbs:.1f} GB/s")  # fmt: skip
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from nmfx.demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="nmfx", description="N:M structured sparsity for PyTorch."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log what nmfx does (INFO)")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def model_args(p: argparse.ArgumentParser) -> None:
+        p.add_argument(
+            "model",
+            help="zoo name (mlp, resnet18, resnet50, vit_tiny, gpt2, llama, ...) or module:callable",
+        )
+        p.add_argument(
+            "--pattern", default="2:4", help="N:M pattern, keep N of every M (default 2:4)"
+        )
+        p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a zoo config field (or a factory kwarg), e.g. --set n_layers=4")  # fmt: skip
+
+    demo = sub.add_parser(
+        "demo", help="the README's main job: train SR-STE on digits, lower, report"
+    )
+    demo.add_argument("--epochs", type=int, default=6, help="training epochs per model (default 6)")
+    demo.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="stop each training after this many steps (quick runs)",
+    )
+    demo.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
+    demo.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
+    demo.add_argument(
+        "--repeats", type=int, default=30, help="timing repeats for the report (default 30)"
+    )
+    demo.add_argument(
+        "--out", default="nmfx-demo", help="directory for report.json and speedup.png"
+    )
+    demo.set_defaults(func=cmd_demo)
+
+    rep = sub.add_parser("report", help="measure dense vs sparse per layer and end to end")
+    model_args(rep)
+    rep.add_argument(
+        "--target", default="cpu", choices=["cpu", "cuda"], help="where to run (default cpu)"
+    )
+    rep.add_argument(
+        "--batch", type=int, default=1, help="batch size of the example input (default 1)"
+    )
+    rep.add_argument("--seq", type=int, default=None, help="sequence length for decoder models")
+    rep.add_argument(
+        "--input-shape",
+        default=None,
+        help="explicit input shape, e.g. 1x1024 (needed for module:callable)",
+    )
+    rep.add_argument(
+        "--repeats", type=int, default=20, help="timed repeats per contender (default 20)"
+    )
+    rep.add_argument("--warmup", type=int, default=5, help="warm-up runs per contender (default 5)")
+    rep.add_argument(
+        "--compile-dense",
+        action="store_true",
+        help="dense baseline = best of eager and torch.compile",
+    )
+    rep.add_argument("--json", help="write the report as JSON to this path")
+    rep.add_argument("--markdown", help="write the report as Markdown to this path")
+    rep.add_argument("--csv", help="write the per-layer rows as CSV to this path")
+    rep.add_argument("--plot", help="write a per-layer speedup PNG to this path (needs matplotlib)")
+    rep.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
+    rep.set_defaults(func=cmd_report)
+
+    ins = sub.add_parser("inspect", help="the plan: what would be N:M, what stays dense and why")
+    model_args(ins)
+    ins.add_argument(
+        "--exclude", action="append", default=[], help="glob of layers to keep dense (repeatable)"
+    )
+    ins.add_argument(
+        "--sparsify-output", action="store_true", help="also sparsify the output layer"
+    )
+    ins.set_defaults(func=cmd_inspect)
+
+    bench = sub.add_parser(
+        "bench", help="time the packed CPU kernel against F.linear for one shape"
+    )
+    bench.add_argument(
+        "--shape", default="4096x4096", help="weight shape OUTxIN (default 4096x4096)"
+    )
+    bench.add_argument(
+        "--batch", type=int, nargs="+", default=[1, 8, 64], help="rows of x (default 1 8 64)"
+    )
+    bench.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
+    bench.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
+    bench.add_argument("--repeats", type=int, default=20, help="timed repeats (default 20)")
+    bench.set_defaults(func=cmd_bench)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
+    )
+    try:
+        return args.func(args)
+    except UsageError as exc:
+        parser.exit(2, f"nmfx: error: {exc}\n")
+    except (ValueError, TypeError, RuntimeError, ImportError) as exc:
+        parser.exit(1, f"nmfx: error: {exc}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,340 @@
+"""``nmfx.report``: measured, per-layer dense vs sparse time, memory and why.
+
+Every number in a report is measured in this process: each N:M layer's dense module and
+its lowered form run on the layer's real input (captured from ``example_inputs``),
+interleaved, medians over repeats after warm-up; the whole model likewise, end to end
+(not summed). Layers that stay dense are listed with their reason. Rendering lives in
+``nmfx.report_render``.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from nmfx.api import PLAN_ATTR, is_sparsified, sparsify
+from nmfx.finalize import finalize, nm_weights
+from nmfx.lowering import lower, lowering_decisions
+from nmfx.plan import DENSE, SPARSE, Candidate, LayerDecision
+from nmfx.timing import Timing, machine_info, time_interleaved
+
+__all__ = ["SCHEMA_VERSION", "Report", "ReportRow", "ReportTotals", "report"]
+
+log = logging.getLogger("nmfx.report")
+SCHEMA_VERSION = 1
+
+
+@dataclass
+class ReportRow:
+    """One weight-consuming layer. Times in milliseconds; None where not measured."""
+
+    name: str
+    param: str  # the weight's FQN
+    op: str
+    weight_shape: list[int]
+    dtype: str
+    pattern: str | None
+    verdict: str
+    reason: str
+    input_shape: list[int] | None = None
+    flops: int | None = None
+    dense_bytes: int | None = None
+    sparse_bytes: int | None = None
+    dense_ms: float | None = None
+    dense_iqr_ms: float | None = None
+    sparse_ms: float | None = None
+    sparse_iqr_ms: float | None = None
+    speedup: float | None = None
+    max_abs_diff: float | None = None
+
+
+@dataclass
+class ReportTotals:
+    """Whole-model figures, measured end to end."""
+
+    dense_ms: float
+    dense_iqr_ms: float
+    sparse_ms: float
+    sparse_iqr_ms: float
+    speedup: float
+    dense_baseline: str  # "eager" or "compiled": the faster dense variant measured
+    sparse_layer_share: float  # Amdahl: share of dense time spent in the layers made sparse
+    dense_weight_bytes: int
+    sparse_weight_bytes: int
+
+    @property
+    def memory_saved_bytes(self) -> int:
+        return self.dense_weight_bytes - self.sparse_weight_bytes
+
+
+@dataclass
+class Report:
+    rows: list[ReportRow]
+    totals: ReportTotals
+    target: str
+    machine: dict[str, Any]
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+    schema_version: int = SCHEMA_VERSION
+
+    def __str__(self) -> str:
+        from nmfx.report_render import render_text
+
+        return render_text(self)
+
+    def to_markdown(self) -> str:
+        from nmfx.report_render import render_markdown
+
+        return render_markdown(self)
+
+    def to_json(self, indent: int | None = 2) -> str:
+        from nmfx.report_render import render_json
+
+        return render_json(self, indent)
+
+    @classmethod
+    def from_json(cls, text: str) -> Report:
+        from nmfx.report_render import parse_json
+
+        return parse_json(text)
+
+    def to_csv(self) -> str:
+        from nmfx.report_render import render_csv
+
+        return render_csv(self)
+
+    def plot(self, path: str) -> str:
+        from nmfx.report_render import render_plot
+
+        return render_plot(self, path)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["totals"]["memory_saved_bytes"] = self.totals.memory_saved_bytes
+        return out
+
+
+def _prepare(
+    model: nn.Module, pattern: str, notes: list[str]
+) -> tuple[nn.Module, list[Candidate] | None]:
+    """A finalized copy of ``model`` (the dense masked reference) and its sparsify plan."""
+    model = copy.deepcopy(model)
+    if any(type(m).__name__ == "NMLinear" for m in model.modules()):
+        raise ValueError(
+            "report() needs the model before lowering (dense, sparsified or finalized): it "
+            "lowers a copy itself so that dense and sparse run side by side"
+        )
+    plan = model.__dict__.get(PLAN_ATTR)
+    if is_sparsified(model):
+        finalize(model)
+    elif not nm_weights(model):
+        sparsify(model, pattern=pattern)
+        plan = model.__dict__.get(PLAN_ATTR)
+        finalize(model)
+        notes.append(
+            f"the model had no N:M weights: a copy was pruned one-shot to {pattern} by magnitude "
+            f"for timing (outputs are not those of a trained sparse model)"
+        )
+    return model, (plan.candidates if plan is not None else None)
+
+
+def _capture_inputs(
+    model: nn.Module, names: Sequence[str], inputs: tuple
+) -> dict[str, torch.Tensor]:
+    """The input each named module receives when the model runs on ``inputs``."""
+    seen: dict[str, torch.Tensor] = {}
+    hooks = []
+    for name in names:
+        module = model.get_submodule(name)
+
+        def hook(mod: nn.Module, args: tuple, name: str = name) -> None:
+            if name not in seen and args and isinstance(args[0], torch.Tensor):
+                seen[name] = args[0].detach()
+
+        hooks.append(module.register_forward_pre_hook(hook))
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
+def _owner(param: str) -> str:
+    return param.rpartition(".")[0]
+
+
+def report(
+    model: nn.Module,
+    example_inputs: Any,
+    target: str = "cpu",
+    *,
+    pattern: str = "2:4",
+    warmup: int = 5,
+    repeats: int = 20,
+    compile_dense: bool = False,
+    progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Measure dense vs sparse per layer and end to end on ``target``.
+
+    ``model`` may be dense (a copy is pruned to ``pattern`` for timing), sparsified or
+    finalized; ``example_inputs`` is a tensor or a tuple of them (batch as you will run).
+    With ``compile_dense``, the dense baseline is the faster of eager and
+    ``torch.compile`` (inductor).
+    """
+    if target not in ("cpu", "cuda"):
+        raise ValueError(f"report(target={target!r}): per-layer reports support 'cpu' and 'cuda'")
+    if target == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("report(target='cuda') needs an NVIDIA GPU; none is available here")
+    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    say = progress or (lambda msg: log.info(msg))
+    notes: list[str] = []
+    dense, plan = _prepare(model, pattern, notes)
+    dense.eval()
+    say("lowering a copy")
+    sparse = lower(dense, target).eval()
+    decisions = {d.param: d for d in lowering_decisions(sparse)}
+    record = nm_weights(dense)
+    rows = _plan_rows(dense, plan, record, decisions)
+    dev = "cuda" if target == "cuda" else "cpu"
+
+    module_rows = [r for r in rows if r.verdict == SPARSE or _is_module_layer(dense, r)]
+    owners = {r.name: _owner(r.param) for r in module_rows}
+    captured = _capture_inputs(dense, list(set(owners.values())), inputs)
+    for i, row in enumerate(module_rows, 1):
+        owner = owners[row.name]
+        x = captured.get(owner)
+        if x is None:
+            row.reason += " (not reached by the example inputs; not measured)"
+            continue
+        say(f"[{i}/{len(module_rows)}] {row.name}")
+        _measure_row(
+            row, dense.get_submodule(owner), sparse.get_submodule(owner), x, warmup, repeats, dev
+        )
+
+    say("end to end")
+    totals = _measure_model(dense, sparse, inputs, rows, warmup, repeats, dev, compile_dense, notes)
+    settings = {"pattern": pattern, "warmup": warmup, "repeats": repeats, "compile_dense": compile_dense,
+                "input_shapes": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]}  # fmt: skip
+    machine = machine_info(dev)
+    if target == "cpu":
+        from nmfx.kernels import current_isa, kernels_available
+
+        machine["nmfx_isa"] = (
+            current_isa() if kernels_available() else "unavailable (dense fallback)"
+        )
+    return Report(rows, totals, target, machine, settings, notes)
+
+
+def _is_module_layer(model: nn.Module, row: ReportRow) -> bool:
+    try:
+        module = model.get_submodule(_owner(row.param))
+    except AttributeError:
+        return False
+    return isinstance(module, nn.Linear | nn.Conv1d | nn.Conv2d | nn.Conv3d)
+
+
+def _plan_rows(
+    dense: nn.Module,
+    plan: list[Candidate] | None,
+    record: dict[str, Any],
+    decisions: dict[str, LayerDecision],
+) -> list[ReportRow]:
+    """One row per weight-consuming layer: its verdict and the first reason that applies."""
+    if plan is None:  # finalized or checkpoint model: the N:M record is all that is known
+        plan = [
+            Candidate(
+                r.name,
+                r.param,
+                _owner(r.param),
+                r.param.rpartition(".")[2],
+                r.op,
+                tuple(dense.get_parameter(r.param).shape),
+                dense.get_parameter(r.param).dtype,
+                r.reduce_dim,
+                SPARSE,
+                "N:M weight",
+            )
+            for r in record.values()
+        ]
+    rows = []
+    for cand in plan:
+        nm = record.get(cand.param)
+        decision = decisions.get(cand.param)
+        if decision is not None:
+            verdict, reason = decision.verdict, decision.reason
+        else:
+            verdict, reason = DENSE, cand.reason if not cand.sparse else "not N:M after finalize"
+        row = ReportRow(
+            cand.name, cand.param, cand.op, list(cand.shape), str(cand.dtype).replace("torch.", ""),
+            str(nm.pattern) if nm is not None else None, verdict, reason,
+        )  # fmt: skip
+        if decision is not None and "packed_bytes" in decision.facts:
+            row.dense_bytes = decision.facts["dense_bytes"]
+            row.sparse_bytes = decision.facts["packed_bytes"]
+        else:
+            w = dense.get_parameter(cand.param)
+            row.dense_bytes = row.sparse_bytes = w.numel() * w.element_size()
+        rows.append(row)
+    return rows
+
+
+def _measure_row(
+    row: ReportRow,
+    dense_mod: nn.Module,
+    sparse_mod: nn.Module,
+    x: torch.Tensor,
+    warmup: int,
+    repeats: int,
+    dev: str,
+) -> None:
+    row.input_shape = list(x.shape)
+    if isinstance(dense_mod, nn.Linear):
+        row.flops = 2 * x.numel() // x.shape[-1] * dense_mod.in_features * dense_mod.out_features
+    fns = {"dense": lambda: dense_mod(x)}
+    if row.verdict == SPARSE:
+        fns["sparse"] = lambda: sparse_mod(x)
+    t = time_interleaved(fns, warmup=warmup, repeats=repeats, min_seconds=0.05, device=dev)
+    row.dense_ms, row.dense_iqr_ms = _ms(t["dense"])
+    if row.verdict == SPARSE:
+        row.sparse_ms, row.sparse_iqr_ms = _ms(t["sparse"])
+        row.speedup = row.dense_ms / row.sparse_ms
+        with torch.no_grad():
+            row.max_abs_diff = float((sparse_mod(x).float() - dense_mod(x).float()).abs().max())
+
+
+def _ms(t: Timing) -> tuple[float, float]:
+    return t.median * 1e3, t.iqr * 1e3
+
+
+def _measure_model(
+    dense: nn.Module, sparse: nn.Module, inputs: tuple, rows: list[ReportRow],
+    warmup: int, repeats: int, dev: str, compile_dense: bool, notes: list[str],
+) -> ReportTotals:  # fmt: skip
+    fns = {"dense": lambda: dense(*inputs), "sparse": lambda: sparse(*inputs)}
+    if compile_dense:
+        compiled = torch.compile(dense)
+        fns["dense_compiled"] = lambda: compiled(*inputs)
+    t = time_interleaved(fns, warmup=warmup, repeats=repeats, min_seconds=0.2, device=dev)
+    # Amdahl: the share of the eager dense time spent in the layers that went sparse
+    in_sparse = sum(r.dense_ms or 0.0 for r in rows if r.verdict == SPARSE)
+    share = min(in_sparse / (t["dense"].median * 1e3), 1.0)
+    baseline = "eager"
+    if compile_dense and t["dense_compiled"].median < t["dense"].median:
+        baseline = "compiled"
+        t["dense"] = t["dense_compiled"]
+    dense_ms, dense_iqr = _ms(t["dense"])
+    sparse_ms, sparse_iqr = _ms(t["sparse"])
+    if baseline == "compiled":
+        notes.append("dense baseline: torch.compile'd dense model (faster than eager here)")
+    return ReportTotals(
+        dense_ms, dense_iqr, sparse_ms, sparse_iqr, dense_ms / sparse_ms, baseline, share,
+        sum(r.dense_bytes or 0 for r in rows), sum(r.sparse_bytes or 0 for r in rows),
+    )  # fmt: skip

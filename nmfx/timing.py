@@ -1,0 +1,131 @@
+"""Honest timing: warm-up, interleaved contenders, medians and spread, machine facts.
+
+Contenders run interleaved (A B A B ...) in one process so that load from other jobs on
+a shared machine hits both sides of a ratio alike; the median is reported with the
+inter-quartile range. On CUDA, times come from CUDA events after synchronisation.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+__all__ = ["Timing", "cpu_flags", "cpu_model", "machine_info", "time_interleaved"]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """Seconds of each repeat, with the summary figures used in reports."""
+
+    seconds: tuple[float, ...]
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.seconds)
+
+    @property
+    def iqr(self) -> float:
+        if len(self.seconds) < 4:
+            return max(self.seconds) - min(self.seconds)
+        q = statistics.quantiles(self.seconds, n=4)
+        return q[2] - q[0]
+
+
+def _timer(device: str) -> Callable[[Callable[[], object]], float]:
+    if device == "cuda":
+
+        def cuda_time(fn: Callable[[], object]) -> float:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            torch.cuda.synchronize()
+            start.record()
+            fn()
+            end.record()
+            torch.cuda.synchronize()
+            return start.elapsed_time(end) / 1e3
+
+        return cuda_time
+
+    def cpu_time(fn: Callable[[], object]) -> float:
+        t0 = time.perf_counter()
+        fn()
+        return time.perf_counter() - t0
+
+    return cpu_time
+
+
+@torch.no_grad()
+def time_interleaved(
+    fns: Mapping[str, Callable[[], object]],
+    *,
+    warmup: int = 3,
+    repeats: int = 10,
+    min_seconds: float = 0.0,
+    device: str = "cpu",
+) -> dict[str, Timing]:
+    """Time each callable ``repeats`` times, interleaved, after ``warmup`` calls of each.
+
+    With ``min_seconds``, repeats continue (up to 10x) until the total time of the first
+    contender reaches it, so very fast layers get enough samples.
+    """
+    timer = _timer(device)
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    i = 0
+    while i < repeats or (sum(samples[names[0]]) < min_seconds and i < 10 * repeats):
+        order = names if i % 2 == 0 else names[::-1]
+        for name in order:
+            samples[name].append(timer(fns[name]))
+        i += 1
+    return {name: Timing(tuple(s)) for name, s in samples.items()}
+
+
+def cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or "unknown"
+
+
+def cpu_flags() -> list[str]:
+    """SIMD flags of interest (fma, avx2, avx512*, amx*) from /proc/cpuinfo."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = line.split(":", 1)[1].split()
+                    return sorted(
+                        f for f in flags if f.startswith(("avx2", "avx512", "amx", "fma"))
+                    )
+    except OSError:
+        pass
+    return []
+
+
+def machine_info(device: str = "cpu") -> dict[str, object]:
+    """What a measurement ran on: CPU, threads, SIMD, torch, load, GPU name where used."""
+    info: dict[str, object] = {
+        "cpu": cpu_model(),
+        "cpu_count": os.cpu_count(),
+        "threads": torch.get_num_threads(),
+        "simd": cpu_flags(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+    }
+    if hasattr(os, "getloadavg"):
+        info["loadavg"] = [round(x, 2) for x in os.getloadavg()]
+    if device == "cuda" and torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info

@@ -48,6 +48,18 @@ def _keep_from_magnitudes(mag: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([r < n for r in ranks], dim=-1)
 
 
+def _use_kernel(w: torch.Tensor, m: int) -> bool:
+    """Eager CPU masks go to the fused C++ kernel (one pass); under torch.compile and FX
+    tracing, and where the kernels cannot be built, the comparisons below run instead."""
+    if w.device.type != "cpu" or m > 16 or torch.compiler.is_compiling():
+        return False
+    if torch.fx._symbolic_trace.is_fx_symbolic_tracing() or w.numel() < 4096:
+        return False
+    from nmfx.kernels import _build
+
+    return _build.extension_available()
+
+
 def nm_mask(
     weight: torch.Tensor, pattern: str | tuple[int, int] | NMPattern, dim: int = -1
 ) -> torch.Tensor:
@@ -62,6 +74,13 @@ def nm_mask(
     if not (w.is_floating_point()):
         raise TypeError(f"N:M masks need a floating-point weight, got dtype {w.dtype}")
     dim = dim % w.dim()
+    if w.shape[dim] % p.m == 0 and _use_kernel(w, p.m):
+        return torch.ops.nmfx_cpu.nm_mask(w.movedim(dim, -1), p.n, p.m).movedim(-1, dim)
+    return reference_nm_mask(w, p, dim)
+
+
+def reference_nm_mask(w: torch.Tensor, p: NMPattern, dim: int) -> torch.Tensor:
+    """The same mask from tensor ops only (traceable by torch.compile; any device)."""
     groups = _group_view(w, p.m, dim)
     mag = groups.abs()
     if mag.dtype in (torch.float16, torch.bfloat16):

@@ -110,3 +110,24 @@ def test_is_nm():
     assert not is_nm(w, "2:4")
     assert is_nm(torch.where(nm_mask(w, "2:4"), w, 0), "2:4")
     assert not is_nm(torch.randn(4, 6), "2:4")
+
+
+@given(
+    nm=st.sampled_from(PATTERNS),
+    rows=st.integers(1, 40),
+    groups=st.integers(1, 40),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    special=st.booleans(),
+)
+def test_cpu_kernel_mask_equals_tensor_op_mask(nm, rows, groups, dtype, special):
+    from nmfx.kernels import _build
+    from nmfx.masks import reference_nm_mask
+
+    if not _build.extension_available():
+        pytest.skip(f"C++ kernels unavailable: {_build.build_error()}")
+    w = torch.randint(-3, 4, (rows, groups * nm[1])).to(dtype)  # many ties
+    if special:
+        w.view(-1)[:: max(1, w.numel() // 3)] = float("nan")
+        w.view(-1)[1] = float("inf")
+    fast = torch.ops.nmfx_cpu.nm_mask(w, *nm)
+    assert torch.equal(fast, reference_nm_mask(w, NMPattern(*nm), 1))

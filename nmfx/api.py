@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import inspect
 import logging
 from dataclasses import dataclass
@@ -72,9 +73,12 @@ def _trace_modes(own: OwnGraph) -> list[tuple[bool, fx.Graph]]:
     """The module's own graph in train and eval mode; one entry when both are the same code.
 
     FX evaluates ``if self.training`` at trace time, so a forward that branches on it
-    gives two graphs and the rewritten forward picks one at run time.
+    gives two graphs and the rewritten forward picks one at run time. Forwards whose
+    source never reads ``training`` are traced once.
     """
     module = own.module
+    if not _reads_training(type(module)):
+        return [(module.training, own.graph)]
     was = module.training
     graphs = []
     try:
@@ -85,6 +89,15 @@ def _trace_modes(own: OwnGraph) -> list[tuple[bool, fx.Graph]]:
         module.training = was
     codes = {g.python_code("self").src for _, g in graphs}
     return graphs if len(codes) > 1 else [(was, own.graph)]
+
+
+@functools.cache
+def _reads_training(cls: type) -> bool:
+    """False only when the source of ``cls.forward`` is known and never mentions training."""
+    try:
+        return "training" in inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return True
 
 
 def _retrace(module: nn.Module) -> fx.Graph:
@@ -107,6 +120,20 @@ def _stand_ins(graph: fx.Graph) -> dict[str, Any]:
         elif node.op == "call_module":
             out[node.target] = nn.Identity()
     return out
+
+
+_CODE_CACHE: dict[str, fx.GraphModule] = {}
+
+
+def _code_module(graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule whose only job is its generated forward; shared by every module whose
+    rewritten forward is the same code (e.g. all nn.Linear layers)."""
+    stand_ins = _stand_ins(graph)
+    src = graph.python_code("self").src
+    code = _CODE_CACHE.get(src)
+    if code is None:
+        code = _CODE_CACHE[src] = fx.GraphModule(stand_ins, graph)
+    return code
 
 
 class _ModeDispatch(RewrittenForward):

@@ -18,7 +18,7 @@ import torch
 
 from nmfx.pattern import NMPattern, parse_pattern
 
-__all__ = ["is_nm", "nm_mask"]
+__all__ = ["is_nm", "masked_with_mask", "nm_mask"]
 
 
 def _group_view(weight: torch.Tensor, m: int, dim: int) -> torch.Tensor:
@@ -77,6 +77,20 @@ def nm_mask(
     if w.shape[dim] % p.m == 0 and _use_kernel(w, p.m):
         return torch.ops.nmfx_cpu.nm_mask(w.movedim(dim, -1), p.n, p.m).movedim(-1, dim)
     return reference_nm_mask(w, p, dim)
+
+
+def masked_with_mask(
+    weight: torch.Tensor, pattern: str | tuple[int, int] | NMPattern, dim: int = -1
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(mask, where(mask, weight, 0))``; one fused pass over the weight on eager CPU."""
+    p = parse_pattern(pattern)
+    w = weight.detach()
+    dim = dim % w.dim()
+    if w.is_floating_point() and w.shape[dim] % p.m == 0 and _use_kernel(w, p.m):
+        mask, masked = torch.ops.nmfx_cpu.nm_mask_apply(w.movedim(dim, -1), p.n, p.m)
+        return mask.movedim(-1, dim), masked.movedim(-1, dim)
+    mask = nm_mask(w, p, dim)
+    return mask, torch.where(mask, w, 0)
 
 
 def reference_nm_mask(w: torch.Tensor, p: NMPattern, dim: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from nmfx.masks import nm_mask
+from nmfx.masks import _use_kernel, masked_with_mask, nm_mask
 
 __all__ = ["MHAForward", "NMMasker", "RewrittenForward", "live_maskers"]
 
@@ -51,6 +51,25 @@ class _StraightThroughMask(torch.autograd.Function):
             (mask,) = ctx.saved_tensors
             return torch.where(mask, grad, 0), None, None
         return grad, None, None
+
+
+class _FusedStraightThroughMask(torch.autograd.Function):
+    """Eager-CPU twin of ``_StraightThroughMask`` (dynamic masks): the mask and the masked
+    weight come from one fused kernel pass; the mask is handed back through ``out``."""
+
+    @staticmethod
+    def forward(weight: torch.Tensor, n: int, m: int, dim: int, out: list) -> torch.Tensor:
+        mask, masked = masked_with_mask(weight, (n, m), dim)
+        out.append(mask)
+        return masked
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        return grad, None, None, None, None
 
 
 class NMMasker(nn.Module):
@@ -125,9 +144,14 @@ class NMMasker(nn.Module):
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.stores_mask:
-            mask = self.compute_mask(weight)
             if not torch.compiler.is_compiling():
-                self._last = (weight._version, mask)
+                out: list[torch.Tensor] = []
+                masked = _FusedStraightThroughMask.apply(
+                    weight, self.n, self.m, self.reduce_dim, out
+                )
+                self._last = (weight._version, out[0])
+                return masked
+            mask = self.compute_mask(weight)
         else:
             if self.training and self.mask_mode != "fixed":
                 if self.forward_count % self.mask_interval == 0:
@@ -142,8 +166,14 @@ class NMMasker(nn.Module):
         weight = self.weight
         if weight.grad is None or self.srste_lambda == 0:
             return
-        pruned = torch.where(self.current_mask(), 0, weight.detach())
-        weight.grad.add_(pruned, alpha=self.srste_lambda)
+        mask, grad, w = self.current_mask(), weight.grad, weight.detach()
+        if (
+            grad.is_contiguous() and w.is_contiguous() and mask.is_contiguous()
+            and grad.dtype == w.dtype and _use_kernel(w, self.m)
+        ):  # fmt: skip
+            torch.ops.nmfx_cpu.srste_decay_(grad, w, mask, self.srste_lambda)
+        else:
+            grad.add_(torch.where(mask, 0, w), alpha=self.srste_lambda)
 
     def extra_repr(self) -> str:
         return (

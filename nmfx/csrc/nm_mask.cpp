@@ -8,13 +8,15 @@
 #include <cmath>
 #include <cstdint>
 #include <limits>
+#include <tuple>
 
 namespace {
 
 constexpr int64_t kMaxM = 16;
 
+// Writes the mask, and the masked weight where ``masked`` is not null.
 template <typename T>
-void mask_groups(const T* w, bool* out, int64_t groups, int64_t n, int64_t m) {
+void mask_groups(const T* w, bool* out, T* masked, int64_t groups, int64_t n, int64_t m) {
   at::parallel_for(0, groups, 2048, [&](int64_t begin, int64_t end) {
     float mag[kMaxM];
     for (int64_t g = begin; g < end; ++g) {
@@ -30,27 +32,79 @@ void mask_groups(const T* w, bool* out, int64_t groups, int64_t n, int64_t m) {
         for (int64_t j = i + 1; j < m; ++j) rank += mag[j] > mag[i];
         dst[i] = rank < n;
       }
+      if (masked != nullptr) {
+        T* mw = masked + g * m;
+        for (int64_t i = 0; i < m; ++i) mw[i] = dst[i] ? src[i] : static_cast<T>(0);
+      }
     }
   });
 }
 
-at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m) {
+void check_args(const at::Tensor& w, int64_t n, int64_t m) {
   TORCH_CHECK(w.device().is_cpu(), "nm_mask: weight must be on CPU, got ", w.device());
   TORCH_CHECK(m >= 2 && m <= kMaxM, "nm_mask: M=", m, " must be in [2, ", kMaxM, "]");
   TORCH_CHECK(n > 0 && n < m, "nm_mask: need 0 < N < M, got ", n, ":", m);
   TORCH_CHECK(w.dim() >= 1 && w.size(-1) % m == 0, "nm_mask: last dim ", w.size(-1),
               " is not a multiple of M=", m);
+}
+
+at::Tensor nm_mask(const at::Tensor& w, int64_t n, int64_t m) {
+  check_args(w, n, m);
   const at::Tensor wc = w.contiguous();
   at::Tensor out = at::empty(wc.sizes(), wc.options().dtype(at::kBool));
   const int64_t groups = wc.numel() / m;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wc.scalar_type(), "nm_mask", [&] {
-    mask_groups<scalar_t>(wc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<bool>(), groups, n, m);
+    mask_groups<scalar_t>(wc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<bool>(), nullptr,
+                          groups, n, m);
   });
   return out;
 }
 
+// (mask, where(mask, w, 0)) in one pass.
+std::tuple<at::Tensor, at::Tensor> nm_mask_apply(const at::Tensor& w, int64_t n, int64_t m) {
+  check_args(w, n, m);
+  const at::Tensor wc = w.contiguous();
+  at::Tensor out = at::empty(wc.sizes(), wc.options().dtype(at::kBool));
+  at::Tensor masked = at::empty_like(wc);
+  const int64_t groups = wc.numel() / m;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, wc.scalar_type(), "nm_mask_apply", [&] {
+    mask_groups<scalar_t>(wc.const_data_ptr<scalar_t>(), out.mutable_data_ptr<bool>(),
+                          masked.mutable_data_ptr<scalar_t>(), groups, n, m);
+  });
+  return {out, masked};
+}
+
+// grad += lam * (1 - mask) * w, in place, one pass (the SR-STE term).
+void srste_decay_(at::Tensor grad, const at::Tensor& w, const at::Tensor& mask, double lam) {
+  TORCH_CHECK(grad.is_contiguous() && w.is_contiguous() && mask.is_contiguous(),
+              "srste_decay_: grad, weight and mask must be contiguous");
+  TORCH_CHECK(grad.sizes() == w.sizes() && mask.sizes() == w.sizes(), "srste_decay_: shape mismatch");
+  TORCH_CHECK(grad.scalar_type() == w.scalar_type() && mask.scalar_type() == at::kBool,
+              "srste_decay_: dtypes");
+  const int64_t numel = w.numel();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "srste_decay_", [&] {
+    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+    const scalar_t* x = w.const_data_ptr<scalar_t>();
+    const bool* keep = mask.const_data_ptr<bool>();
+    const float l = static_cast<float>(lam);
+    at::parallel_for(0, numel, 16384, [&](int64_t begin, int64_t end) {
+      for (int64_t i = begin; i < end; ++i) {
+        if (!keep[i]) g[i] = static_cast<scalar_t>(static_cast<float>(g[i]) + l * static_cast<float>(x[i]));
+      }
+    });
+  });
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(nmfx_cpu, lib) { lib.def("nm_mask(Tensor w, int n, int m) -> Tensor"); }
+TORCH_LIBRARY_FRAGMENT(nmfx_cpu, lib) {
+  lib.def("nm_mask(Tensor w, int n, int m) -> Tensor");
+  lib.def("nm_mask_apply(Tensor w, int n, int m) -> (Tensor, Tensor)");
+  lib.def("srste_decay_(Tensor(a!) grad, Tensor w, Tensor mask, float lam) -> ()");
+}
 
-TORCH_LIBRARY_IMPL(nmfx_cpu, CPU, lib) { lib.impl("nm_mask", &nm_mask); }
+TORCH_LIBRARY_IMPL(nmfx_cpu, CPU, lib) {
+  lib.impl("nm_mask", &nm_mask);
+  lib.impl("nm_mask_apply", &nm_mask_apply);
+  lib.impl("srste_decay_", &srste_decay_);
+}

@@ -12,8 +12,8 @@ import nmfx
 from nmfx import nm_mask
 
 
-def mlp() -> nn.Module:
-    return nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 8))
+def mlp(width: int = 16) -> nn.Module:
+    return nn.Sequential(nn.Linear(width, 32 * width // 16), nn.ReLU(), nn.Linear(32 * width // 16, 8))
 
 
 def test_forward_uses_masked_weight_in_train_and_eval():
@@ -27,13 +27,14 @@ def test_forward_uses_masked_weight_in_train_and_eval():
         torch.testing.assert_close(model[0](x), expected)
 
 
-def test_one_sgd_step_is_exactly_the_srste_update():
+@pytest.mark.parametrize("width", [16, 256], ids=["tensor-ops", "fused-kernel"])
+def test_one_sgd_step_is_exactly_the_srste_update(width):
     lam, lr = 2e-4 * 1000, 0.1  # a large lambda makes the term visible in the check
     torch.manual_seed(1)
-    model = mlp()
+    model = mlp(width)
     ref = copy.deepcopy(model)
     nmfx.sparsify(model, srste_lambda=lam)
-    x, y = torch.randn(7, 16), torch.randn(7, 8)
+    x, y = torch.randn(7, width), torch.randn(7, 8)
 
     # Reference from the equations: W~ = E*W; W <- W - lr*(dL/dW~ + lam*(1-E)*W).
     w0 = ref[0].weight.detach().clone()

@@ -15,7 +15,6 @@ calls. With grad mode on, weights that require grad are left alone (a recorded r
 
 from __future__ import annotations
 
-import difflib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 import torch
 from torch import fx
 
+from nmfx.config import close_match_hint
 from nmfx.passes.infra import run_passes
 from nmfx.pattern import parse_pattern
 from nmfx.plan import LayerDecision
@@ -39,15 +39,13 @@ _last: list[LayerDecision] = []
 def _check(options: dict[str, Any]) -> dict[str, Any]:
     for key in options:
         if key not in BACKEND_OPTIONS:
-            close = difflib.get_close_matches(key, BACKEND_OPTIONS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else ""
+            hint = close_match_hint(key, BACKEND_OPTIONS)
             raise ValueError(
                 f"backend='nmfx' has no option {key!r}{hint}; options: {BACKEND_OPTIONS}"
             )
     inner = options.get("inner", "inductor")
     if inner not in INNER:
-        close = difflib.get_close_matches(str(inner), INNER, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = close_match_hint(inner, INNER)
         raise ValueError(f"inner={inner!r} is not one of {INNER}{hint}")
     target = options.get("target")
     if target not in (None, "cpu"):

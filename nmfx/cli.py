@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import difflib
 import importlib
 import json
 import logging
@@ -56,8 +55,9 @@ def load_model(spec: str, overrides: dict[str, Any]) -> tuple[nn.Module, str | N
             raise UsageError(f"{spec} returned {type(model).__name__}, not an nn.Module")
         return model, None
     if spec not in model_zoo.MODELS:
-        close = difflib.get_close_matches(spec, list(model_zoo.MODELS), n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        from nmfx.config import close_match_hint
+
+        hint = close_match_hint(spec, list(model_zoo.MODELS))
         raise UsageError(
             f"unknown model {spec!r}{hint}; zoo models: {', '.join(model_zoo.MODELS)} or module:callable"
         )

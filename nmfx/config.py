@@ -105,9 +105,13 @@ def _normalise_exclude(exclude: Any) -> tuple[ExcludeRule, ...]:
     return tuple(exclude)
 
 
-def _hint(value: object, allowed: Sequence[str]) -> str:
+def close_match_hint(value: object, allowed: Sequence[str]) -> str:
+    """``"; did you mean 'x'?"`` for the closest allowed value, or ``""``."""
     close = difflib.get_close_matches(str(value), list(allowed), n=1)
     return f"; did you mean {close[0]!r}?" if close else ""
+
+
+_hint = close_match_hint
 
 
 def config_from_options(config: SparsityConfig | None, options: dict[str, Any]) -> SparsityConfig:

@@ -60,6 +60,7 @@ _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
 # the format: never saved, never visible in ``values``.
 VALUE_SLACK = 16
 _BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+_POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
 
 
 @dataclass(frozen=True, eq=False)
@@ -76,6 +77,10 @@ class PackedNM:
     pattern: NMPattern
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "pattern", parse_pattern(self.pattern))
+        if len(self.shape) != 2:
+            raise ValueError(f"PackedNM: shape must be (rows, cols), got {self.shape!r}")
+        object.__setattr__(self, "shape", (int(self.shape[0]), int(self.shape[1])))
         rows, cols = self.shape
         n, m = self.pattern.n, self.pattern.m
         if self.values.dtype not in SUPPORTED_DTYPES:
@@ -99,6 +104,10 @@ class PackedNM:
             )
         if self.values.device.type != "cpu" or self.mask.device.type != "cpu":
             raise ValueError("PackedNM: values and mask must be CPU tensors; move them with .cpu()")
+        # The kernels trust the mask to address the values: check it (cheap, bytewise).
+        problem = _mask_problem(self.mask, cols, n, m)
+        if problem:
+            raise ValueError(f"PackedNM: corrupt mask: {problem}")
         object.__setattr__(self, "values", _with_slack(self.values))
         if not self.mask.is_contiguous():
             object.__setattr__(self, "mask", self.mask.contiguous())
@@ -168,6 +177,23 @@ def _check_pattern(pattern: NMPattern, cols: int) -> None:
             f"cols={cols} is not a multiple of M={pattern.m} (pattern {pattern}); "
             f"pad the weight's columns to a multiple of {pattern.m} or keep the layer dense"
         )
+
+
+def _mask_problem(mask: torch.Tensor, cols: int, n: int, m: int) -> str:
+    """Why ``mask`` is not a valid N:M bitmask for ``cols`` columns ('' when it is)."""
+    rows = mask.shape[0]
+    if cols % 8 and bool((mask[:, -1] >> (cols % 8)).any()):
+        return f"bits set past cols={cols}"
+    counts = _POPCOUNT[mask.long()] if m != 4 else None
+    if m == 4:
+        idx = mask.long()
+        nibbles = torch.stack([_POPCOUNT[idx & 0xF], _POPCOUNT[idx >> 4]], dim=-1)
+        counts = nibbles.reshape(rows, -1)[:, : cols // 4]
+    elif m == 16:
+        counts = counts.reshape(rows, -1, 2).sum(-1)
+    if bool((counts != n).any()):
+        return f"it does not keep exactly {n} of every {m}"
+    return ""
 
 
 def _mask_bits_to_bytes(keep: torch.Tensor) -> torch.Tensor:
@@ -358,20 +384,6 @@ def load_packed(path: str | os.PathLike[str]) -> dict[str, PackedNM]:
             raise ValueError(f"{path}: entry {name!r} is corrupt: {exc}") from exc
         if p.dtype != dtype:
             raise ValueError(f"{path}: entry {name!r} has dtype {p.dtype}, header says {dtype}")
-        _check_mask(p, path, name)
         out[name] = p
     logger.info("loaded %d packed weights from %s (format v%d)", len(out), path, version)
     return out
-
-
-def _check_mask(p: PackedNM, path: str, name: str) -> None:
-    """Every group of M must keep exactly N positions, and no bits past cols."""
-    keep = _mask_bytes_to_bits(p.mask, p.mask.shape[1] * 8)
-    if p.mask.shape[1] * 8 > p.cols and bool(keep[:, p.cols :].any()):
-        raise ValueError(f"{path}: entry {name!r} is corrupt: mask bits set past cols={p.cols}")
-    counts = keep[:, : p.cols].reshape(p.rows, -1, p.pattern.m).sum(-1)
-    if bool((counts != p.pattern.n).any()):
-        raise ValueError(
-            f"{path}: entry {name!r} is corrupt: its mask does not keep exactly "
-            f"{p.pattern.n} of every {p.pattern.m}"
-        )

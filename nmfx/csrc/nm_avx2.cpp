@@ -8,9 +8,11 @@
 //     4 kept values are broadcast and vpshufb places them, as for bf16;
 //   * fp32 denser than that: vpermps with an index table, then an AND with a zeroing table;
 //   * fp16: vpshufb expands 8 halves in 128 bits, then vcvtph2ps.
-// The expanded vector is FMA'd against x in registers, so the dense weight never exists in
-// memory. Four weight rows share each x load at batch 1; at batch > 1 each expanded vector
-// serves four rows of x.
+// One 16-byte fetch of kept values serves every block it covers (e.g. two blocks of bf16 2:4),
+// and mask bytes are read 8 at a time. The expanded vector is FMA'd against x in registers, so
+// the dense weight never exists in memory. At batch 1 four weight rows share each x load; at
+// batch > 1 tiles of 3 weight rows x 4 rows of x reuse each expanded vector four times.
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
 #include <cstring>
@@ -260,3 +262,13 @@ void nm_gemm_avx2(const NMProblem& p, int64_t r0, int64_t r1) {
 }
 
 }  // namespace nmfx
+
+#else  // not x86: never selected (cpu_has_* report false); keeps the build portable.
+
+#include "nm_kernels.h"
+
+namespace nmfx {
+void nm_gemm_avx2(const NMProblem& p, int64_t r0, int64_t r1) { nm_gemm_portable(p, r0, r1); }
+}  // namespace nmfx
+
+#endif

@@ -1,6 +1,7 @@
 // AVX-512 N:M kernel: one expand-load (vexpandps / vpexpandw) rebuilds 16 dense weights from the
 // kept values and a 16-bit slice of the mask. Compiled with target pragmas so it builds on any
 // x86-64 compiler; it only runs where the CPU reports avx512f/bw/vl/vbmi2 (checked in nm_ops.cpp).
+#if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
 #include "nm_kernels.h"
@@ -107,3 +108,13 @@ void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) {
 }
 
 }  // namespace nmfx
+
+#else  // not x86: never selected (cpu_has_* report false); keeps the build portable.
+
+#include "nm_kernels.h"
+
+namespace nmfx {
+void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) { nm_gemm_portable(p, r0, r1); }
+}  // namespace nmfx
+
+#endif

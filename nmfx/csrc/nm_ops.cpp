@@ -7,25 +7,32 @@
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstring>
-#include <type_traits>
 #include <optional>
+#include <type_traits>
 
 #include "nm_kernels.h"
 
 namespace nmfx {
 
+#if defined(__x86_64__) || defined(__i386__)
 bool cpu_has_avx2() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
 }
 
 bool cpu_has_avx512() {
   __builtin_cpu_init();
-  return __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-         __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512vbmi2") &&
-         __builtin_cpu_supports("avx512dq");
+  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
+         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+         __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512dq");
 }
+#else
+bool cpu_has_avx2() { return false; }
+bool cpu_has_avx512() { return false; }
+#endif
 
 namespace {
 
@@ -37,9 +44,12 @@ constexpr int64_t kIsaAvx512 = 3;
 constexpr int64_t kValuePad = 16;
 
 int64_t isa_support() {
-  int64_t bits = 1 << kIsaPortable;
-  if (cpu_has_avx2()) bits |= 1 << kIsaAvx2;
-  if (cpu_has_avx512()) bits |= 1 << kIsaAvx512;
+  static const int64_t bits = [] {
+    int64_t b = 1 << kIsaPortable;
+    if (cpu_has_avx2()) b |= 1 << kIsaAvx2;
+    if (cpu_has_avx512()) b |= 1 << kIsaAvx512;
+    return b;
+  }();
   return bits;
 }
 
@@ -175,16 +185,24 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
 
   const KernelFn fn = select_kernel(isa);
   if (B == 0 || rows == 0) return y.to(x.scalar_type());
-  // Work in units of 8 weight rows; small problems stay on one thread (a fork costs more than
-  // it saves below ~64k multiply-adds).
-  const int64_t groups = (rows + 7) / 8;
-  const int64_t macs_per_group = 8 * std::max<int64_t>(cols, 1) * B;
-  const int64_t grain = std::max<int64_t>(1, (int64_t{1} << 16) / macs_per_group);
-  if (grain >= groups) {
+  // Small problems stay on one thread (a fork costs more than it saves below ~64k
+  // multiply-adds). Otherwise threads take chunks of 8k rows from a shared counter, so a thread
+  // that starts late or is preempted does not hold the others up (static halves would).
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t macs = rows * std::max<int64_t>(cols, 1) * B;
+  if (nthreads <= 1 || macs < (int64_t{1} << 16)) {
     fn(p, 0, rows);
   } else {
-    at::parallel_for(0, groups, grain, [&](int64_t g0, int64_t g1) {
-      fn(p, g0 * 8, std::min(g1 * 8, rows));
+    const int64_t per = (rows + nthreads * 8 - 1) / (nthreads * 8);
+    const int64_t chunk = std::max<int64_t>(8, (per + 7) / 8 * 8);
+    const int64_t nchunks = (rows + chunk - 1) / chunk;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(nthreads, nchunks), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) {
+          fn(p, c * chunk, std::min(rows, (c + 1) * chunk));
+        }
+      }
     });
   }
   if (x.scalar_type() == at::kFloat) return y;

@@ -143,10 +143,13 @@ def _calibrate_one(
     measured: list[dict[str, Any]] = []
     max_sparse = 0
     t_start = time.perf_counter()
-    for batch in CALIB_BATCHES:
-        x = torch.randn(batch, cols, dtype=dtype)
+
+    def race(x: torch.Tensor) -> dict[str, float]:
+        # Interleaved, min over repeats (robust to other load); the first round is warm-up.
         best = {"dense": float("inf"), "sparse": float("inf")}
-        for rep in range(4):  # interleaved; the first round is warm-up; min of the rest
+        t_batch = time.perf_counter()
+        rep = 0
+        while rep < 4 or (rep < 25 and time.perf_counter() - t_batch < 0.04):
             for kind in ("dense", "sparse"):
                 t0 = time.perf_counter()
                 if kind == "dense":
@@ -155,12 +158,29 @@ def _calibrate_one(
                     op(x, p.values, p.mask, None, rows, cols, n, m, isa)
                 if rep:
                     best[kind] = min(best[kind], time.perf_counter() - t0)
+            rep += 1
+        return best
+
+    i = 0
+    while i < len(CALIB_BATCHES):
+        batch = CALIB_BATCHES[i]
+        x = torch.randn(batch, cols, dtype=dtype)
+        best = race(x)
+        for _ in range(2):  # confirm a loss before stopping: one noisy round must not decide
+            if best["sparse"] < WIN_MARGIN * best["dense"]:
+                break
+            again = race(x)
+            best = {k: min(best[k], again[k]) for k in best}
         measured.append({"batch": batch, "sparse_s": best["sparse"], "dense_s": best["dense"]})
         if best["sparse"] >= WIN_MARGIN * best["dense"]:
             break
         max_sparse = batch
-        if time.perf_counter() - t_start > budget_s:
+        elapsed = time.perf_counter() - t_start
+        if elapsed > budget_s:
             break
+        # Past a third of the budget, step 4x: a win at 4b implies one at 2b (larger batches
+        # only favour dense), so skipping 2b loses nothing but the exact crossover.
+        i += 1 if elapsed < budget_s / 3 else 2
     return {"max_sparse_batch": max_sparse, "measured": measured}
 
 
@@ -207,10 +227,32 @@ def _measure(machine: dict[str, Any]) -> dict[str, Any]:
                 for n, m in CALIB_PATTERNS:
                     entry = _calibrate_one(shape, dtype, n, m, CALIB_BUDGET_S)
                     table["entries"][f"{klass}/{_DTYPE_KEYS[dtype]}/{n}:{m}"] = entry
+    _smooth(table["entries"])
     table["source"] = "measured"
     table["seconds"] = round(time.perf_counter() - t0, 2)
     logger.info("nmfx dispatch calibrated in %.1f s", table["seconds"])
     return table
+
+
+def _smooth(entries: dict[str, Any]) -> None:
+    """Make thresholds non-increasing in density within a (class, dtype).
+
+    The kernel's time per call does not grow as a pattern gets sparser (same blocks, fewer
+    bytes), so if 2:4 beats dense up to batch b, so do 1:4 and 1:8; a lower measured value
+    for them is noise from other load and is raised.
+    """
+    groups: dict[tuple[str, str], list[tuple[float, str]]] = {}
+    for name in entries:
+        klass, dkey, pat = name.split("/")
+        pn, pm = (int(v) for v in pat.split(":"))
+        groups.setdefault((klass, dkey), []).append((pn / pm, name))
+    for members in groups.values():
+        running = 0
+        for _, name in sorted(members, reverse=True):  # densest first
+            entry = entries[name]
+            entry["measured_max_sparse_batch"] = entry["max_sparse_batch"]
+            running = max(running, entry["max_sparse_batch"])
+            entry["max_sparse_batch"] = running
 
 
 def dispatch_table() -> dict[str, Any]:

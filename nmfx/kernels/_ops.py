@@ -60,9 +60,7 @@ def compute(
     x2 = x if x.dim() == 2 else x.reshape(-1, cols)
     mode = _dispatch.choose(x2.shape[0], values.dtype, n, m, rows, cols)
     if mode == "sparse" and _build.extension_available():
-        y = torch.ops.nmfx_cpu.nm_gemm.default(
-            x2, values, mask, bias, rows, cols, n, m, isa_code()
-        )
+        y = torch.ops.nmfx_cpu.nm_gemm.default(x2, values, mask, bias, rows, cols, n, m, isa_code())
     else:
         y = F.linear(x2, dense_for(values, mask, (rows, cols), NMPattern(n, m)), bias)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], rows)

@@ -8,12 +8,12 @@ N:M Linears for nmfx's kernels, ``cuda`` makes semi-structured sparse weights,
 from __future__ import annotations
 
 import copy
-import difflib
 from typing import Any
 
 from torch import nn
 
 from nmfx.api import is_sparsified
+from nmfx.config import close_match_hint
 from nmfx.finalize import nm_weights
 from nmfx.plan import LayerDecision
 
@@ -39,9 +39,9 @@ def lower(
     options. ``cpu`` takes none.
     """
     if target not in TARGETS:
-        close = difflib.get_close_matches(str(target), TARGETS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(f"target={target!r} is not one of {TARGETS}{hint}")
+        raise ValueError(
+            f"target={target!r} is not one of {TARGETS}{close_match_hint(target, TARGETS)}"
+        )
     if is_sparsified(model):
         raise ValueError(
             "model still carries SR-STE masks; call nmfx.finalize(model) before nmfx.lower"

@@ -25,7 +25,6 @@ Facts about torch's API this module relies on (torch 2.13, ``torch/sparse/semi_s
 from __future__ import annotations
 
 import contextlib
-import difflib
 import logging
 from collections.abc import Iterator, Sequence
 from typing import Any
@@ -34,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from nmfx.config import close_match_hint
 from nmfx.masks import is_nm
 from nmfx.pattern import NMPattern
 from nmfx.plan import DENSE, SPARSE, LayerDecision, NMWeight
@@ -270,8 +270,7 @@ def _decide(
 
 def _check_backend(backend: str) -> None:
     if backend not in BACKENDS:
-        close = difflib.get_close_matches(str(backend), BACKENDS, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = close_match_hint(str(backend), BACKENDS)
         raise ValueError(f"backend={backend!r} is not one of {BACKENDS}{hint}")
 
 
@@ -298,8 +297,7 @@ def _get_param(model: nn.Module, fqn: str) -> torch.Tensor:
         return model.get_parameter(fqn)
     except AttributeError:
         names = [n for n, _ in model.named_parameters()]
-        close = difflib.get_close_matches(fqn, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = close_match_hint(fqn, names)
         raise ValueError(
             f"nm_weights names {fqn!r}, which is not a parameter of the model{hint}"
         ) from None

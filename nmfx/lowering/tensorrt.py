@@ -23,7 +23,6 @@ example inputs are cast to fp16 here; ``enabled_precisions`` is still passed for
 
 from __future__ import annotations
 
-import difflib
 import inspect
 import logging
 from typing import Any
@@ -31,7 +30,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from nmfx.lowering.cuda import implies_2_4
+from nmfx.config import close_match_hint
+from nmfx.lowering.cuda import _get_param, implies_2_4
 from nmfx.masks import is_nm
 from nmfx.plan import DENSE, SPARSE, LayerDecision, NMWeight
 
@@ -147,18 +147,6 @@ def lower_tensorrt(
 # ---- layout rules -------------------------------------------------------------------------
 
 
-def _get_param(model: nn.Module, fqn: str) -> torch.Tensor:
-    try:
-        return model.get_parameter(fqn)
-    except AttributeError:
-        names = [n for n, _ in model.named_parameters()]
-        close = difflib.get_close_matches(fqn, names, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
-        raise ValueError(
-            f"nm_weights names {fqn!r}, which is not a parameter of the model{hint}"
-        ) from None
-
-
 def _owners(model: nn.Module) -> dict[str, nn.Module]:
     """Parameter FQN -> the module that registers it (first registration wins)."""
     out: dict[str, nn.Module] = {}
@@ -256,8 +244,7 @@ def _check_options(torch_tensorrt: Any, trt_options: dict[str, Any]) -> bool:
     } | _KWARGS_OPTIONS
     unknown = sorted(set(trt_options) - known)
     if unknown:
-        close = difflib.get_close_matches(unknown[0], known, n=1)
-        hint = f"; did you mean {close[0]!r}?" if close else ""
+        hint = close_match_hint(unknown[0], known)
         version = getattr(torch_tensorrt, "__version__", "unknown")
         raise TypeError(
             f"unknown TensorRT option(s) {unknown}: torch_tensorrt {version} would ignore "

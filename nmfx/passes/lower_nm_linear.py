@@ -10,6 +10,7 @@ grad mode is off at compile time (Dynamo guards on it) or the weights do not req
 from __future__ import annotations
 
 import operator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,24 +53,31 @@ class BackendContext:
     decisions: list[LayerDecision] = field(default_factory=list)
 
 
-def _parameter_only(node: fx.Node, values: dict[fx.Node, Any], gm: fx.GraphModule) -> bool:
-    """True when every leaf that ``node`` depends on is a parameter (foldable)."""
+def _leaves(node: fx.Node) -> Iterator[fx.Node]:
+    """The nodes ``node`` is computed from that have no inputs (placeholders, get_attr), or
+    any node that is not a function/method call (where folding must stop)."""
     stack, seen = [node], set()
     while stack:
         n = stack.pop()
         if n in seen:
             continue
         seen.add(n)
-        if n.op == "placeholder":
-            if not isinstance(values.get(n), nn.Parameter):
-                return False
-        elif n.op == "get_attr":
-            continue
-        elif n.op in ("call_function", "call_method"):
+        if n.op in ("call_function", "call_method"):
             stack += n.all_input_nodes
         else:
-            return False
-    return True
+            yield n
+
+
+def _parameter_only(node: fx.Node, values: dict[fx.Node, Any]) -> bool:
+    """True when every leaf that ``node`` depends on is a parameter (foldable)."""
+    return all(
+        n.op == "get_attr" or (n.op == "placeholder" and isinstance(values.get(n), nn.Parameter))
+        for n in _leaves(node)
+    )
+
+
+def _needs_grad(node: fx.Node, values: dict[fx.Node, Any]) -> bool:
+    return any(getattr(values.get(n), "requires_grad", False) for n in _leaves(node))
 
 
 @torch.no_grad()
@@ -120,7 +128,7 @@ def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
         if found is None:
             continue
         x, w_node, bias, transposed, op = found
-        if not isinstance(w_node, fx.Node) or not _parameter_only(w_node, values, gm):
+        if not isinstance(w_node, fx.Node) or not _parameter_only(w_node, values):
             if op == "linear":  # matmul/addmm of two activations are not layers: no row
                 ctx.decisions.append(LayerDecision(
                     node.name, node.name, op, ctx.target, DENSE,
@@ -173,20 +181,6 @@ def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
         gm.recompile()
     log.debug("lower_nm_linear: %d linears lowered", count)
     return PassResult(gm, bool(count))
-
-
-def _needs_grad(node: fx.Node, values: dict[fx.Node, Any]) -> bool:
-    stack, seen = [node], set()
-    while stack:
-        n = stack.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        v = values.get(n)
-        if n.op == "placeholder" and isinstance(v, torch.Tensor) and v.requires_grad:
-            return True
-        stack += n.all_input_nodes
-    return False
 
 
 def _add_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> None:

@@ -316,3 +316,14 @@ def test_values_without_slack_use_padded_copy(isa: str) -> None:
     x = torch.randn(3, 32, dtype=torch.bfloat16)
     y = torch.ops.nmfx_cpu.nm_gemm(x, tight, p.mask, None, 9, 32, 1, 8, code)
     torch.testing.assert_close(y.float(), reference(x, w, None), **TOL[torch.bfloat16])
+
+
+def test_calibrated_thresholds_are_monotone_in_density() -> None:
+    entries = {
+        "large/float32/2:4": {"max_sparse_batch": 8},
+        "large/float32/1:4": {"max_sparse_batch": 2},  # noisy: below 2:4
+        "large/float32/1:8": {"max_sparse_batch": 16},
+    }
+    _dispatch._smooth(entries)
+    assert [entries[k]["max_sparse_batch"] for k in entries] == [8, 8, 16]
+    assert entries["large/float32/1:4"]["measured_max_sparse_batch"] == 2

@@ -160,12 +160,39 @@ def test_truncated_file_is_rejected(tmp_path) -> None:
 
 
 def test_corrupt_mask_is_rejected(tmp_path) -> None:
-    path = tmp_path / "w.safetensors"
+    from safetensors.torch import save_file
+
     p = pack(random_nm(2, 8, 2, 4, torch.float32), "2:4")
-    bad = PackedNM(p.values, torch.full_like(p.mask, 0xFF), p.shape, p.pattern)
-    save_packed(path, {"a": bad})
     with pytest.raises(ValueError, match=r"does not keep exactly 2 of every 4"):
+        PackedNM(p.values, torch.full_like(p.mask, 0xFF), p.shape, p.pattern)
+    path = tmp_path / "w.safetensors"
+    save_packed(path, {"a": p})
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = f.metadata()
+    save_file(
+        {"a.values": p.values.clone(), "a.mask": torch.full_like(p.mask, 0xFF)},
+        str(path),
+        metadata=meta,
+    )
+    with pytest.raises(ValueError, match=r"entry 'a' is corrupt: .*exactly 2 of every 4"):
         load_packed(path)
+
+
+@pytest.mark.parametrize(("pattern", "cols"), [("2:4", 12), ("1:8", 16), ("3:16", 32)])
+def test_mask_validation_catches_bad_groups_and_padding(pattern: str, cols: int) -> None:
+    n, m = (int(v) for v in pattern.split(":"))
+    p = pack(random_nm(3, cols, n, m, torch.float32), pattern)
+    bad = p.mask.clone()
+    bad[1, : max(1, m // 8)] |= (1 << min(m, 8)) - 1  # first group of row 1: all M kept
+    with pytest.raises(ValueError, match=r"corrupt mask"):
+        PackedNM(p.values, bad, p.shape, p.pattern)
+    if cols % 8:
+        pad = p.mask.clone()
+        pad[0, -1] |= 0x80
+        with pytest.raises(ValueError, match=r"past cols"):
+            PackedNM(p.values, pad, p.shape, p.pattern)
 
 
 def test_foreign_safetensors_file_is_rejected(tmp_path) -> None:

@@ -1,0 +1,262 @@
+"""Benchmark nmfx's CPU N:M kernels against dense ``F.linear``, side by side in one run.
+
+For every weight shape, dtype, pattern and number of rows of x it times, interleaved (dense,
+sparse kernel, dispatched ``nm_linear``; repeated; medians after warm-up):
+
+* dense ``F.linear(x, w)`` on the unpacked weight (the baseline),
+* the sparse kernel (dispatch forced to sparse, best ISA),
+* ``nmfx.kernels.nm_linear`` as shipped (the dispatcher picks sparse or dense),
+
+and prints a table, the sparse GEMV's effective weight bandwidth next to this machine's
+measured read bandwidth, and writes everything to ``benchmarks/results/cpu_kernels.json``.
+
+    python benchmarks/cpu_kernels.py            # full sweep (< 15 min on 2 cores)
+    python benchmarks/cpu_kernels.py --quick    # < 1 min
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tabulate import tabulate
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import nmfx.kernels as K
+from nmfx.packed import PackedNM, pack
+
+logger = logging.getLogger("benchmarks.cpu_kernels")
+
+FULL = {
+    "shapes": [(1024, 1024), (4096, 4096), (11008, 4096), (4096, 11008)],
+    "batches": [1, 2, 4, 8, 16, 64, 256],
+    "patterns": ["2:4", "1:4", "4:8", "1:8"],
+    "dtypes": ["float32", "bfloat16"],
+}
+QUICK = {
+    "shapes": [(1024, 1024), (4096, 4096)],
+    "batches": [1, 8, 64],
+    "patterns": ["2:4", "1:4"],
+    "dtypes": ["float32", "bfloat16"],
+}
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+def random_nm(rows: int, cols: int, pattern: str, dtype: torch.dtype) -> torch.Tensor:
+    """A random weight that is exactly N:M along its last dim (N largest |w| of each group)."""
+    n, m = (int(v) for v in pattern.split(":"))
+    w = torch.randn(rows, cols // m, m)
+    idx = w.abs().topk(n, dim=-1).indices
+    return torch.zeros_like(w).scatter_(-1, idx, w.gather(-1, idx)).reshape(rows, cols).to(dtype)
+
+
+def read_bandwidth(gib: float = 1.0, reps: int = 7) -> dict[str, float]:
+    """Machine read bandwidth (GB/s) from a large tensor sum, and copy bandwidth (read+write)."""
+    a = torch.ones(int(gib * 2**30) // 4)
+    b = torch.empty_like(a)
+    out = {}
+    for name, fn, nbytes in (
+        ("sum_read_GBps", lambda: a.sum(), a.numel() * 4),
+        ("copy_GBps", lambda: b.copy_(a), 2 * a.numel() * 4),
+    ):
+        fn()
+        times = []
+        for _ in range(reps):
+            t0 = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - t0)
+        out[name] = nbytes / statistics.median(times) / 1e9
+    return out
+
+
+def interleaved(fns: dict[str, Callable[[], Any]], budget_s: float, max_reps: int) -> dict:
+    """Median seconds per fn; calls alternate between fns so drift hits them all alike."""
+    for fn in fns.values():  # warm-up (also builds caches: dense copy, kernel build)
+        fn()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    t0 = time.perf_counter()
+    rep = 0
+    while rep < 3 or (rep < max_reps and time.perf_counter() - t0 < budget_s):
+        for name, fn in fns.items():
+            s = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - s)
+        rep += 1
+    return {k: statistics.median(v) for k, v in times.items()} | {"reps": rep}
+
+
+def run(config: dict[str, Any], budget_s: float, max_reps: int) -> list[dict[str, Any]]:
+    rows_out = []
+    for rows, cols in config["shapes"]:
+        for dtype_name in config["dtypes"]:
+            dtype = DTYPES[dtype_name]
+            for pattern in config["patterns"]:
+                w = random_nm(rows, cols, pattern, dtype)
+                p = pack(w, pattern)
+                for batch in config["batches"]:
+                    x = torch.randn(batch, cols, dtype=dtype)
+
+                    def sparse(x: torch.Tensor = x, p: PackedNM = p) -> torch.Tensor:
+                        with K.force_dispatch("sparse"):
+                            return K.nm_linear(x, p)
+
+                    def dispatched(x: torch.Tensor = x, p: PackedNM = p) -> torch.Tensor:
+                        return K.nm_linear(x, p)
+
+                    def dense(x: torch.Tensor = x, w: torch.Tensor = w) -> torch.Tensor:
+                        return F.linear(x, w)
+
+                    t = interleaved(
+                        {"dense": dense, "sparse": sparse, "dispatched": dispatched},
+                        budget_s,
+                        max_reps,
+                    )
+                    choice = K._dispatch.choose(batch, dtype, p.pattern.n, p.pattern.m, rows, cols)
+                    row = {
+                        "shape": f"{rows}x{cols}",
+                        "dtype": dtype_name,
+                        "pattern": pattern,
+                        "batch": batch,
+                        "dense_ms": t["dense"] * 1e3,
+                        "sparse_ms": t["sparse"] * 1e3,
+                        "dispatched_ms": t["dispatched"] * 1e3,
+                        "sparse_speedup": t["dense"] / t["sparse"],
+                        "dispatched_speedup": t["dense"] / t["dispatched"],
+                        "choice": choice,
+                        "sparse_weight_GBps": p.nbytes / t["sparse"] / 1e9,
+                        "dense_weight_GBps": p.dense_nbytes / t["dense"] / 1e9,
+                        "packed_bytes": p.nbytes,
+                        "dense_bytes": p.dense_nbytes,
+                        "reps": t["reps"],
+                    }
+                    rows_out.append(row)
+                    logger.info(
+                        "%s %s %s b=%d dense %.3f ms sparse %.3f ms (%.2fx) dispatched %.2fx",
+                        row["shape"],
+                        dtype_name,
+                        pattern,
+                        batch,
+                        row["dense_ms"],
+                        row["sparse_ms"],
+                        row["sparse_speedup"],
+                        row["dispatched_speedup"],
+                    )
+    return rows_out
+
+
+def render(rows: list[dict[str, Any]], bandwidth: dict[str, float]) -> str:
+    table = [
+        [
+            r["shape"],
+            r["dtype"],
+            r["pattern"],
+            r["batch"],
+            f"{r['dense_ms']:.3f}",
+            f"{r['sparse_ms']:.3f}",
+            f"{r['sparse_speedup']:.2f}x",
+            f"{r['dispatched_ms']:.3f}",
+            f"{r['dispatched_speedup']:.2f}x",
+            r["choice"],
+            f"{r['sparse_weight_GBps']:.1f}",
+        ]
+        for r in rows
+    ]
+    headers = [
+        "weight",
+        "dtype",
+        "N:M",
+        "rows of x",
+        "dense ms",
+        "sparse ms",
+        "sparse/dense",
+        "nm_linear ms",
+        "nm_linear/dense",
+        "dispatch",
+        "sparse GB/s",
+    ]
+    read = bandwidth["sum_read_GBps"]
+    lines = [tabulate(table, headers=headers, tablefmt="github")]
+    lines.append(
+        f"\nmachine read bandwidth (1 GiB tensor sum): {read:.1f} GB/s; "
+        f"copy (read+write): {bandwidth['copy_GBps']:.1f} GB/s"
+    )
+    gemv = [r for r in rows if r["batch"] == 1]
+    if gemv:
+        lines.append("sparse GEMV (1 row of x) effective weight bandwidth, % of read bandwidth:")
+        for r in gemv:
+            lines.append(
+                f"  {r['shape']:>11} {r['dtype']:>8} {r['pattern']}: "
+                f"{r['sparse_weight_GBps']:.1f} GB/s ({100 * r['sparse_weight_GBps'] / read:.0f}%)"
+            )
+    worst = min(rows, key=lambda r: r["dispatched_speedup"])
+    lines.append(
+        f"worst dispatched nm_linear / dense: {worst['dispatched_speedup']:.2f}x at "
+        f"{worst['shape']} {worst['dtype']} {worst['pattern']} batch {worst['batch']}"
+    )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="small sweep, < 1 minute")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).resolve().parent / "results" / "cpu_kernels.json",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = QUICK if args.quick else FULL
+    budget_s, max_reps = (0.15, 15) if args.quick else (0.6, 30)
+
+    t0 = time.perf_counter()
+    if not K.kernels_available():
+        raise SystemExit(f"nmfx kernels unavailable: {K.build_error()}")
+    table = K.calibrate()
+    bandwidth = read_bandwidth(0.5 if args.quick else 1.0)
+    with torch.inference_mode():
+        rows = run(config, budget_s, max_reps)
+    elapsed = time.perf_counter() - t0
+    text = render(rows, bandwidth)
+    print(text)
+    print(
+        f"\nisa: {K.available_isas()[-1]}, threads: {torch.get_num_threads()}, "
+        f"elapsed {elapsed:.0f} s, dispatch table: {K.dispatch_table()['path']}"
+    )
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    result = {
+        "quick": args.quick,
+        "machine": {
+            "cpu": table["machine"]["cpu"],
+            "platform": platform.platform(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "isa": K.available_isas()[-1],
+        },
+        "bandwidth": bandwidth,
+        "dispatch_table": {k: v["max_sparse_batch"] for k, v in table["entries"].items()},
+        "calibration_s": table.get("seconds"),
+        "elapsed_s": elapsed,
+        "results": rows,
+    }
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

@@ -14,30 +14,47 @@ namespace {
 
 constexpr int64_t kMaxM = 16;
 
+// One group: ranks by pairwise comparison (j beats i when larger, or equal with a lower
+// index), then the mask and, where ``mw`` is not null, the masked weight. M is a compile-time
+// constant for the common sizes so the loops unroll; 0 means "runtime m".
+template <typename T, int M>
+inline void mask_one_group(const T* src, bool* dst, T* mw, int64_t n, int64_t m_rt) {
+  const int64_t m = M > 0 ? M : m_rt;
+  float mag[kMaxM];
+  for (int64_t i = 0; i < m; ++i) {
+    const float v = std::fabs(static_cast<float>(src[i]));
+    mag[i] = v != v ? std::numeric_limits<float>::infinity() : v;  // NaN ranks as +inf
+  }
+  for (int64_t i = 0; i < m; ++i) {
+    int64_t rank = 0;
+    for (int64_t j = 0; j < m; ++j) {
+      rank += (j < i) ? (mag[j] >= mag[i]) : (j > i && mag[j] > mag[i]);
+    }
+    dst[i] = rank < n;
+  }
+  if (mw != nullptr) {
+    for (int64_t i = 0; i < m; ++i) mw[i] = dst[i] ? src[i] : static_cast<T>(0);
+  }
+}
+
+template <typename T, int M>
+void mask_groups_m(const T* w, bool* out, T* masked, int64_t groups, int64_t n, int64_t m) {
+  at::parallel_for(0, groups, 4096, [&](int64_t begin, int64_t end) {
+    for (int64_t g = begin; g < end; ++g) {
+      mask_one_group<T, M>(w + g * m, out + g * m, masked ? masked + g * m : nullptr, n, m);
+    }
+  });
+}
+
 // Writes the mask, and the masked weight where ``masked`` is not null.
 template <typename T>
 void mask_groups(const T* w, bool* out, T* masked, int64_t groups, int64_t n, int64_t m) {
-  at::parallel_for(0, groups, 2048, [&](int64_t begin, int64_t end) {
-    float mag[kMaxM];
-    for (int64_t g = begin; g < end; ++g) {
-      const T* src = w + g * m;
-      bool* dst = out + g * m;
-      for (int64_t i = 0; i < m; ++i) {
-        const float v = std::fabs(static_cast<float>(src[i]));
-        mag[i] = std::isnan(v) ? std::numeric_limits<float>::infinity() : v;
-      }
-      for (int64_t i = 0; i < m; ++i) {
-        int64_t rank = 0;  // how many group members beat element i
-        for (int64_t j = 0; j < i; ++j) rank += mag[j] >= mag[i];
-        for (int64_t j = i + 1; j < m; ++j) rank += mag[j] > mag[i];
-        dst[i] = rank < n;
-      }
-      if (masked != nullptr) {
-        T* mw = masked + g * m;
-        for (int64_t i = 0; i < m; ++i) mw[i] = dst[i] ? src[i] : static_cast<T>(0);
-      }
-    }
-  });
+  switch (m) {
+    case 4: return mask_groups_m<T, 4>(w, out, masked, groups, n, m);
+    case 8: return mask_groups_m<T, 8>(w, out, masked, groups, n, m);
+    case 16: return mask_groups_m<T, 16>(w, out, masked, groups, n, m);
+    default: return mask_groups_m<T, 0>(w, out, masked, groups, n, m);
+  }
 }
 
 void check_args(const at::Tensor& w, int64_t n, int64_t m) {
@@ -88,8 +105,9 @@ void srste_decay_(at::Tensor grad, const at::Tensor& w, const at::Tensor& mask, 
     const bool* keep = mask.const_data_ptr<bool>();
     const float l = static_cast<float>(lam);
     at::parallel_for(0, numel, 16384, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        if (!keep[i]) g[i] = static_cast<scalar_t>(static_cast<float>(g[i]) + l * static_cast<float>(x[i]));
+      for (int64_t i = begin; i < end; ++i) {  // a select, not a branch: vectorises
+        const float add = keep[i] ? 0.0f : l * static_cast<float>(x[i]);
+        g[i] = keep[i] ? g[i] : static_cast<scalar_t>(static_cast<float>(g[i]) + add);
       }
     });
   });

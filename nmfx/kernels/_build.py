@@ -70,7 +70,8 @@ def _load() -> None:
     load(
         name=EXTENSION_NAME,
         sources=[str(CSRC / s) for s in SOURCES],
-        extra_cflags=["-O3", "-std=c++17", "-fno-math-errno"],
+        extra_cflags=["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],  # at::parallel_for is inline OpenMP: without it, one thread
         extra_include_paths=[str(CSRC)],
         is_python_module=False,
         verbose=False,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import inspect
 import logging
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +43,15 @@ def is_sparsified(model: nn.Module) -> bool:
     return any(isinstance(m, NMMasker) for m in model.modules())
 
 
+def _is_compiled(model: Any) -> bool:
+    # A torch.compile'd module implies torch._dynamo is imported; importing it just to
+    # check would cost ~2 s on the first sparsify call.
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
+
+
 def _check_model(model: Any) -> None:
-    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+    if _is_compiled(model):
         raise TypeError(
             "model is a torch.compile'd module; call nmfx.sparsify on the original module "
             "first, then torch.compile the result"

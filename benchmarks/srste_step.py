@@ -1,0 +1,298 @@
+"""What SR-STE training costs per step: ``nmfx.sparsify``'d model vs the same dense model.
+
+One step is zero_grad + forward + cross-entropy + backward + ``SGD(lr=0.01).step()`` (the
+SR-STE decay runs in the optimizer step pre-hook). Dense and sparse copies of one model run
+interleaved in the same process, so load from other jobs hits both; the target is
+sparse / dense <= 1.10. The baseline is dense eager *and* dense compiled: a compiled sparse
+model is compared with a compiled dense one. For the MLP the overhead is broken down into
+the mask alone (``nm_mask`` of every sparse weight), the masker forward (mask + masked
+weight) and the SR-STE term of the optimizer hook, also with the mask recomputed as it is
+after a compiled forward; the rest is autograd and dispatch.
+
+    PYTHONPATH=. python benchmarks/srste_step.py [--quick] [--compile none|mlp|all]
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from _timing import (
+    LoadMonitor,
+    Rounds,
+    base_parser,
+    describe,
+    interleaved,
+    machine_info,
+    median,
+    ms,
+    paired_ratios,
+    setup_threads,
+    spread,
+    time_once,
+    write_json,
+)
+from tabulate import tabulate
+from torch import nn
+
+import model_zoo
+import nmfx
+from nmfx.modules import NMMasker
+
+TARGET = 1.10
+LAMBDA = 2e-4
+
+
+@dataclass(frozen=True)
+class Case:
+    """One model to benchmark: zoo name, config overrides, batch, rounds, compile or not."""
+
+    name: str
+    overrides: dict[str, Any]
+    batch: int
+    repeats: int
+    warmup: int
+    compile: bool
+    compiled_repeats: int
+    budget_s: float  # per timed section: rounds stop after this, once 3 are done
+    plain_ste: bool = True  # also time the lambda_W=0 copy (eager)
+
+
+def make_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> Callable[[], None]:
+    """One SGD training step of ``model`` (possibly a compiled wrapper) on (x, y)."""
+    params = model._orig_mod.parameters() if hasattr(model, "_orig_mod") else model.parameters()
+    opt = torch.optim.SGD(params, lr=0.01)
+
+    def step() -> None:
+        opt.zero_grad(set_to_none=True)
+        F.cross_entropy(model(x), y).backward()
+        opt.step()
+
+    return step
+
+
+def build_variants(
+    case: Case, plain_ste: bool
+) -> tuple[dict[str, nn.Module], torch.Tensor, torch.Tensor]:
+    """Dense model, its SR-STE copy and (``plain_ste``) its lambda_W=0 copy, same weights."""
+    torch.manual_seed(0)
+    dense = model_zoo.build(case.name, **case.overrides)
+    x = model_zoo.example_input(case.name, case.batch, model=dense)
+    y = torch.randint(0, 10, (case.batch,))
+    models = {
+        "dense": dense,
+        "sparse": nmfx.sparsify(copy.deepcopy(dense), pattern="2:4", srste_lambda=LAMBDA),
+    }
+    if plain_ste:
+        models["sparse lambda=0"] = nmfx.sparsify(
+            copy.deepcopy(dense), pattern="2:4", srste_lambda=0.0
+        )
+    return models, x, y
+
+
+def ratio_row(case: Case, mode: str, rounds: Rounds, variant: str, baseline: str) -> list[Any]:
+    """A table row: medians of both sides and three estimates of their ratio.
+
+    Only the clean rounds (other processes idle) are used when there are at least 3.
+    Ratio of medians (the headline, on which the target is judged), median of per-round
+    ratios (both sides of a round saw the same load) and ratio of minima (the least
+    disturbed run of each: contention only ever adds time).
+    """
+    times, used = rounds.pick()
+    num, den = times[variant], times[baseline]
+    ratio = median(num) / median(den)
+    paired = median(paired_ratios(num, den))
+    best = min(num) / min(den)
+    return [
+        case.name, case.batch, mode, variant, used, ms(median(den)), ms(median(num)),
+        round(ratio, 3), round(paired, 3), round(best, 3), "yes" if ratio <= TARGET else "no",
+        round(spread(den), 2), round(spread(num), 2),
+    ]  # fmt: skip
+
+
+def bench_eager(case: Case) -> tuple[list[list[Any]], Rounds, dict[str, nn.Module]]:
+    models, x, y = build_variants(case, case.plain_ste)
+    steps = {k: make_step(m, x, y) for k, m in models.items()}
+    rounds = interleaved(steps, repeats=case.repeats, warmup=case.warmup, budget_s=case.budget_s)
+    rows = [ratio_row(case, "eager", rounds, v, "dense") for v in models if v != "dense"]
+    return rows, rounds, models
+
+
+def bench_compiled(case: Case) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Compiled dense vs compiled sparse; compile time is measured apart (first step)."""
+    torch._dynamo.reset()
+    # lambda_W=0 compiled is a diagnosis (the hook's eager mask), made on the MLP only.
+    models, x, y = build_variants(case, plain_ste=case.name == "mlp")
+    steps = {k: make_step(torch.compile(m), x, y) for k, m in models.items()}
+    compile_s = {k: time_once(step) for k, step in steps.items()}
+    rounds = interleaved(steps, repeats=case.compiled_repeats, warmup=1, budget_s=case.budget_s)
+    variants = [v for v in ("sparse", "sparse lambda=0") if v in rounds.seconds]
+    rows = [ratio_row(case, "compiled", rounds, v, "dense") for v in variants]
+    return rows, {**rounds.as_json(), "compile_s": compile_s}
+
+
+def mlp_breakdown(
+    sparse: nn.Module, repeats: int, budget_s: float
+) -> tuple[list[list[Any]], dict[str, Any]]:
+    """Time the SR-STE pieces of one sparse MLP step apart, summed over its sparse weights.
+
+    The weights are not changed here, so the mask each masker caches stays valid, as it
+    is between the forward and the optimizer step of a real eager step.
+    """
+    maskers = [m for m in sparse.modules() if isinstance(m, NMMasker)]
+    weights = [m.weight for m in maskers]
+    for w in weights:
+        if w.grad is None:
+            w.grad = torch.zeros_like(w)
+
+    def masks() -> None:
+        for mk, w in zip(maskers, weights, strict=True):
+            nmfx.nm_mask(w, (mk.n, mk.m), dim=mk.reduce_dim)
+
+    def masked_weights() -> None:  # what each masker does in the forward: mask, masked weight
+        with torch.no_grad():
+            for mk, w in zip(maskers, weights, strict=True):
+                mk(w)
+
+    masked_weights()  # each masker caches (weight version, mask), as after a forward
+    cached = [mk._last for mk in maskers]
+
+    def srste_terms() -> None:  # the hook's work, with the forward's mask cached as in a step
+        for mk, last in zip(maskers, cached, strict=True):
+            mk._last = last
+            mk.add_srste_term()
+
+    def srste_terms_uncached() -> None:  # what the hook does after a compiled forward
+        for mk in maskers:
+            mk._last = None  # a compiled forward does not cache its mask on the masker
+            mk.add_srste_term()
+
+    parts = {
+        "nm_mask": masks,
+        "masker forward (mask + masked weight)": masked_weights,
+        "srste term (hook)": srste_terms,
+        "srste term, mask recomputed (compiled)": srste_terms_uncached,
+    }
+    rounds = interleaved(parts, repeats=repeats, warmup=1, budget_s=budget_s)
+    times, used = rounds.pick()
+    rows = [
+        [k, len(maskers), used, ms(median(v)), ms(min(v)), round(spread(v), 2)]
+        for k, v in times.items()
+    ]
+    return rows, {**rounds.as_json(), "n_weights": len(maskers), "rounds": rounds}
+
+
+def rest_row(steps: Rounds, parts: Rounds, n_weights: int) -> list[Any]:
+    """Overhead not explained by the masker forwards and the SR-STE terms timed apart."""
+    times, _ = steps.pick()
+    overhead = median(times["sparse"]) - median(times["dense"])
+    seconds, _ = parts.pick()
+    explained = median(seconds["masker forward (mask + masked weight)"]) + median(
+        seconds["srste term (hook)"]
+    )
+    return ["rest (autograd, dispatch, hook walk)", n_weights, "-",
+            ms(overhead - explained), None, None]  # fmt: skip
+
+
+def parse_cases() -> tuple[Any, list[Case]]:
+    parser = base_parser(__doc__.splitlines()[0])
+    parser.add_argument(
+        "--compile",
+        choices=("none", "mlp", "all"),
+        default=None,
+        help="which models to also run under torch.compile (default: all; none with --quick)",
+    )
+    args = parser.parse_args()
+    which = args.compile or ("none" if args.quick else "all")
+    quick = args.quick
+    cases = [
+        Case("mlp", {"in_features": 1024}, 256, repeats=5 if quick else 21,
+             warmup=1 if quick else 2, compile=which in ("mlp", "all"),
+             compiled_repeats=9, budget_s=10 if quick else 25),
+        Case("resnet18", {}, 4 if quick else 32, repeats=3 if quick else 5, warmup=1,
+             compile=which == "all", compiled_repeats=3, budget_s=15 if quick else 50,
+             plain_ste=not quick),
+    ]  # fmt: skip
+    return args, cases
+
+
+def step_rows(steps: Rounds, n_weights: int) -> list[list[Any]]:
+    """The first rows of the breakdown table: whole steps and their difference."""
+    times, used = steps.pick()
+    dense, sparse = times["dense"], times["sparse"]
+    return [
+        ["dense step", 0, used, ms(median(dense)), ms(min(dense)), None],
+        ["sparse step", n_weights, used, ms(median(sparse)), ms(min(sparse)), None],
+        ["overhead (sparse - dense)", n_weights, used, ms(median(sparse) - median(dense)),
+         ms(min(sparse) - min(dense)), None],
+    ]  # fmt: skip
+
+
+def run(cases: list[Case]) -> tuple[list[list[Any]], list[list[Any]], dict[str, Any]]:
+    """All measurements: ratio rows, the MLP breakdown rows and the raw timings."""
+    rows: list[list[Any]] = []
+    breakdown_rows: list[list[Any]] = []
+    raw: dict[str, Any] = {}
+    for case in cases:
+        eager_rows, eager, models = bench_eager(case)
+        rows += eager_rows
+        raw[f"{case.name} eager"] = eager.as_json()
+        if case.name == "mlp":
+            # The parts are cheap, so more rounds, on half the section's time budget.
+            parts_rows, parts_raw = mlp_breakdown(
+                models["sparse"], max(10, 3 * case.repeats), case.budget_s / 2
+            )
+            n_weights, parts = parts_raw["n_weights"], parts_raw.pop("rounds")
+            raw["mlp breakdown"] = parts_raw
+            breakdown_rows = [
+                *step_rows(eager, n_weights), *parts_rows, rest_row(eager, parts, n_weights),
+            ]  # fmt: skip
+        del models
+        gc.collect()
+        if case.compile:
+            comp_rows, raw[f"{case.name} compiled"] = bench_compiled(case)
+            rows += comp_rows
+            gc.collect()
+    return rows, breakdown_rows, raw
+
+
+def main() -> None:
+    args, cases = parse_cases()
+    setup_threads(args.threads)
+    info = machine_info()
+    with LoadMonitor() as load:
+        rows, breakdown_rows, raw = run(cases)
+
+    headers = [
+        "model", "batch", "mode", "variant", "rounds", "dense ms", "sparse ms", "sparse/dense",
+        "paired ratio", "ratio of minima", f"<= {TARGET}", "dense IQR/med", "sparse IQR/med",
+    ]  # fmt: skip
+    print("Training step (fwd + bwd + SGD), 2:4 SR-STE vs dense, medians of interleaved runs")
+    print(tabulate(rows, headers=headers, tablefmt="github"))
+    compile_s = {k: v["compile_s"] for k, v in raw.items() if "compile_s" in v}
+    if compile_s:
+        print("compile time of the first step (s):", {
+            k: {v: round(t, 1) for v, t in c.items()} for k, c in compile_s.items()
+        })  # fmt: skip
+    print("\nMLP SR-STE overhead, eager, summed over the sparse weights")
+    b_headers = ["part", "weights", "rounds", "median ms", "min ms", "IQR/med"]
+    print(tabulate(breakdown_rows, headers=b_headers, tablefmt="github"))
+    print("\n" + describe(info, load.result))
+    path = write_json(
+        "srste_step",
+        {"machine": info, "load": load.result, "quick": args.quick, "target": TARGET,
+         "srste_lambda": LAMBDA, "cases": [c.__dict__ for c in cases], "headers": headers,
+         "rows": rows, "breakdown_headers": b_headers, "breakdown_rows": breakdown_rows,
+         "raw": raw},
+        args.out,
+    )  # fmt: skip
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

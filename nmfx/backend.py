@@ -3,7 +3,9 @@
 Registered through the ``torch_dynamo_backends`` entry point, so it works without
 ``import nmfx``. Options (``torch.compile(..., options={...})``):
 
-- ``target``: ``"cpu"`` (default: the device of the example inputs);
+- ``target``: ``"cpu"`` or ``"cuda"`` (default: the device of the example inputs);
+  cuda lowers 2:4 linears to ``torch.sparse.to_sparse_semi_structured`` weights
+  (``cuda_backend="cutlass"`` or ``"cusparselt"``);
 - ``inner``: the backend the rewritten graph goes to: ``"inductor"`` (default),
   ``"eager"``, ``"aot_eager"`` or ``"tensorrt"``;
 - ``pattern``: check one N:M pattern instead of detecting.
@@ -31,7 +33,7 @@ __all__ = ["BACKEND_OPTIONS", "last_decisions", "nmfx_backend"]
 
 log = logging.getLogger("nmfx.backend")
 
-BACKEND_OPTIONS = ("target", "inner", "pattern")
+BACKEND_OPTIONS = ("target", "inner", "pattern", "cuda_backend")
 INNER = ("inductor", "eager", "aot_eager", "tensorrt")
 _last: list[LayerDecision] = []
 
@@ -48,10 +50,14 @@ def _check(options: dict[str, Any]) -> dict[str, Any]:
         hint = close_match_hint(inner, INNER)
         raise ValueError(f"inner={inner!r} is not one of {INNER}{hint}")
     target = options.get("target")
-    if target not in (None, "cpu"):
+    if target not in (None, "cpu", "cuda"):
         raise ValueError(
-            f"target={target!r}: backend='nmfx' lowers to 'cpu' here; for 'cuda' or "
-            f"'tensorrt' use nmfx.lower(model, target=...) on the finalized model"
+            f"target={target!r} is not 'cpu' or 'cuda'{close_match_hint(target, ('cpu', 'cuda'))}; "
+            f"for TensorRT use inner='tensorrt' or nmfx.lower(model, target='tensorrt')"
+        )
+    if options.get("cuda_backend", "cutlass") not in ("cutlass", "cusparselt"):
+        raise ValueError(
+            f"cuda_backend={options['cuda_backend']!r} is not 'cutlass' or 'cusparselt'"
         )
     return options
 
@@ -69,15 +75,14 @@ def nmfx_backend(
     options = _check(dict(options or {}))
     devices = {t.device.type for t in example_inputs if isinstance(t, torch.Tensor)}
     target = options.get("target") or ("cpu" if devices <= {"cpu"} else "cuda")
-    ctx = BackendContext(list(example_inputs), target)
+    ctx = BackendContext(
+        list(example_inputs), target, cuda_backend=options.get("cuda_backend", "cutlass")
+    )
     if "pattern" in options:
         ctx.pattern = parse_pattern(options["pattern"])
-    if target == "cpu":
-        gm = run_passes(gm, BACKEND_PASSES, ctx).graph_module
-    else:
-        log.warning(
-            "backend='nmfx': inputs on %s; nothing lowered (use nmfx.lower(target='cuda'))", devices
-        )
+    gm = run_passes(gm, BACKEND_PASSES, ctx).graph_module
+    log.info("backend='nmfx' (%s): %d of %d linears sparse", target,
+             sum(d.verdict == "sparse" for d in ctx.decisions), len(ctx.decisions))  # fmt: skip
     _last[:] = ctx.decisions
     inner = options.get("inner", "inductor")
     if inner == "tensorrt":

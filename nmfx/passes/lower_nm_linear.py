@@ -49,6 +49,7 @@ class BackendContext:
     example_inputs: list[Any]
     target: str = "cpu"
     pattern: Any = None  # restrict detection to one NMPattern
+    cuda_backend: str = "cutlass"  # semi-structured kernels for target "cuda"
     fqn: str = "<dynamo graph>"
     decisions: list[LayerDecision] = field(default_factory=list)
 
@@ -116,10 +117,9 @@ def _fold(node: fx.Node, values: dict[fx.Node, Any], gm: fx.GraphModule) -> torc
 
 
 def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
-    """Replace every N:M ``linear`` with the packed CPU op; record a decision per linear."""
-    import nmfx.kernels._ops  # noqa: F401  (registers nmfx::nm_linear; builds nothing)
-    from nmfx.packed import SUPPORTED_DTYPES, SUPPORTED_M, pack
-
+    """Replace every N:M linear with its sparse form for ``ctx.target``; record a decision
+    per linear. cpu: the packed ``nmfx::nm_linear`` op; cuda: ``F.linear`` on a
+    semi-structured sparse weight (``torch.sparse.to_sparse_semi_structured``)."""
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     values = dict(zip(placeholders, ctx.example_inputs, strict=False))
     count = 0
@@ -135,52 +135,85 @@ def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
                     "weight is computed from activations, not from parameters",
                 ))  # fmt: skip
             continue
-        name, pattern = w_node.name, None
-        reason = None
+        name = w_node.name
         if torch.is_grad_enabled() and _needs_grad(w_node, values):
             reason = "grad mode is on and the weight requires grad: not frozen (compile under torch.no_grad())"
-        else:
-            weight = _fold(w_node, values, gm)
-            if weight.dim() != 2:
-                continue
-            if transposed:  # x @ W with W [in, out] is linear(x, W.T)
-                weight = weight.t().contiguous()
-            if weight.dtype not in SUPPORTED_DTYPES:
-                reason = f"dtype {weight.dtype} has no packed kernel"
-            elif weight.device.type != "cpu":
-                reason = f"weight on {weight.device}; the packed kernel is CPU-only"
-            else:
-                pattern = detect_pattern(weight, 1) if ctx.pattern is None else ctx.pattern
-                if pattern is None or pattern.m not in SUPPORTED_M:
-                    reason = "weight is not N:M along in_features"
-        if reason is not None:
             ctx.decisions.append(LayerDecision(name, name, op, ctx.target, DENSE, reason))
             continue
-        packed = pack(weight, pattern)
-        prefix = f"_nmfx_packed_{count}"
-        for suffix, tensor in (("values", packed.values), ("mask", packed.mask)):
-            _add_constant(gm, f"{prefix}_{suffix}", tensor)
+        weight = _fold(w_node, values, gm)
+        if weight.dim() != 2:
+            continue
+        if transposed:  # x @ W with W [in, out] is linear(x, W.T)
+            weight = weight.t().contiguous()
+        build = _sparse_cpu if ctx.target == "cpu" else _sparse_cuda
+        target, constants, extra, reason = build(weight, ctx)
+        if target is None:
+            ctx.decisions.append(LayerDecision(name, name, op, ctx.target, DENSE, reason))
+            continue
         with gm.graph.inserting_before(node):
-            v = gm.graph.get_attr(f"{prefix}_values")
-            mk = gm.graph.get_attr(f"{prefix}_mask")
-            rows, cols = packed.shape
-            new = gm.graph.call_function(
-                torch.ops.nmfx.nm_linear.default,
-                (x, v, mk, bias, rows, cols, pattern.n, pattern.m),
-            )
+            attrs = []
+            for i, tensor in enumerate(constants):
+                _add_constant(gm, f"_nmfx_sparse_{count}_{i}", tensor)
+                attrs.append(gm.graph.get_attr(f"_nmfx_sparse_{count}_{i}"))
+            # cpu: nm_linear(x, values, mask, b, rows, cols, n, m); cuda: linear(x, W_sparse, b)
+            new = gm.graph.call_function(target, (x, *attrs, bias, *extra))
         new.meta = dict(node.meta)
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         count += 1
-        ctx.decisions.append(LayerDecision(
-            name, name, op, ctx.target, SPARSE,
-            f"packed {pattern} ({packed.nbytes / packed.dense_nbytes:.0%} of dense bytes)",
-        ))  # fmt: skip
+        ctx.decisions.append(LayerDecision(name, name, op, ctx.target, SPARSE, reason))
     if count:
         gm.graph.eliminate_dead_code()
         gm.recompile()
-    log.debug("lower_nm_linear: %d linears lowered", count)
+    log.debug("lower_nm_linear: %d linears lowered for %s", count, ctx.target)
     return PassResult(gm, bool(count))
+
+
+def _pattern(weight: torch.Tensor, ctx: BackendContext) -> Any:
+    return detect_pattern(weight, 1) if ctx.pattern is None else ctx.pattern
+
+
+def _sparse_cpu(weight: torch.Tensor, ctx: BackendContext) -> tuple[Any, list, tuple, str]:
+    """(op, constants, extra args, reason) for the packed CPU kernel, or (None, ..., why not)."""
+    import nmfx.kernels._ops  # noqa: F401  (registers nmfx::nm_linear; builds nothing)
+    from nmfx.packed import SUPPORTED_DTYPES, SUPPORTED_M, pack
+
+    if weight.dtype not in SUPPORTED_DTYPES:
+        return None, [], (), f"dtype {weight.dtype} has no packed kernel"
+    if weight.device.type != "cpu":
+        return None, [], (), f"weight on {weight.device}; the packed kernel is CPU-only"
+    pattern = _pattern(weight, ctx)
+    if pattern is None or pattern.m not in SUPPORTED_M:
+        return None, [], (), "weight is not N:M along in_features"
+    packed = pack(weight, pattern)
+    share = packed.nbytes / packed.dense_nbytes
+    extra = (*packed.shape, pattern.n, pattern.m)
+    why = f"packed {pattern} ({share:.0%} of dense bytes)"
+    return torch.ops.nmfx.nm_linear.default, [packed.values, packed.mask], extra, why
+
+
+def _sparse_cuda(weight: torch.Tensor, ctx: BackendContext) -> tuple[Any, list, tuple, str]:
+    """(linear, [semi-structured weight], (), reason), or (None, ..., why not)."""
+    from nmfx.lowering.cuda import implies_2_4, semi_structured_constraint
+
+    pattern = _pattern(weight, ctx)
+    if pattern is None or not implies_2_4(pattern):
+        why = f"weight is not 2:4 along in_features (found {pattern}); semi-structured needs 2:4"
+        return None, [], (), why
+    reason = semi_structured_constraint(tuple(weight.shape), weight.dtype, ctx.cuda_backend)
+    if reason is not None:
+        return None, [], (), reason
+    if weight.device.type != "cuda":
+        return None, [], (), f"weight on {weight.device}; semi-structured sparse tensors need CUDA"
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    old = SparseSemiStructuredTensor._FORCE_CUTLASS
+    SparseSemiStructuredTensor._FORCE_CUTLASS = ctx.cuda_backend == "cutlass"
+    try:
+        sparse = to_sparse_semi_structured(weight)
+    finally:
+        SparseSemiStructuredTensor._FORCE_CUTLASS = old
+    return _LINEAR, [sparse], (), f"semi-structured 2:4 ({ctx.cuda_backend})"
 
 
 def _add_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> None:

@@ -13,7 +13,9 @@ from nmfx import nm_mask
 
 
 def mlp(width: int = 16) -> nn.Module:
-    return nn.Sequential(nn.Linear(width, 32 * width // 16), nn.ReLU(), nn.Linear(32 * width // 16, 8))
+    return nn.Sequential(
+        nn.Linear(width, 32 * width // 16), nn.ReLU(), nn.Linear(32 * width // 16, 8)
+    )
 
 
 def test_forward_uses_masked_weight_in_train_and_eval():

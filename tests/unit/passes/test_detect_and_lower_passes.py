@@ -112,3 +112,43 @@ def test_sparsified_model_masker_is_folded():
         out = torch.compile(model, backend="nmfx", options={"inner": "eager"})(torch.randn(2, 16))
     assert out.shape == (2, 4)
     assert [d.verdict for d in last_decisions()] == ["sparse", "dense"]
+
+
+@pytest.mark.parametrize(
+    "shape,dtype,pattern,expect",
+    [
+        ((64, 64), torch.float16, "2:4", "need CUDA"),  # eligible; only the device is missing here
+        ((64, 64), torch.float16, "1:4", "need CUDA"),  # 1:4 is also 2:4
+        ((64, 64), torch.float16, "4:8", "needs 2:4"),
+        ((64, 64), torch.float32, "2:4", "fp16"),  # fp32 2:4 is not a GPU sparse format
+        ((48, 48), torch.float16, "2:4", "48"),  # CUTLASS needs multiples of (32, 64)
+    ],
+    ids=["fp16-2:4", "fp16-1:4", "fp16-4:8", "fp32", "odd-shape"],
+)
+def test_lower_nm_linear_cuda_decisions_on_cpu(shape, dtype, pattern, expect):
+    gm, inputs = dynamo_like_graph(nm(shape, pattern).to(dtype))
+    ctx = BackendContext(inputs, target="cuda")
+    assert not lower_nm_linear(gm, ctx).modified
+    assert ctx.decisions[0].verdict == "dense"
+    assert expect in ctx.decisions[0].reason, ctx.decisions[0].reason
+
+
+def test_lower_nm_linear_cuda_rewrites_to_linear_on_semi_structured_weight(monkeypatch):
+    """The rewrite itself, with the CUDA-only conversion stood in for by a marker tensor."""
+    import importlib
+
+    pass_module = importlib.import_module("nmfx.passes.lower_nm_linear")  # the module, not the pass
+
+    marker = torch.zeros(1)
+
+    def fake_cuda(weight, ctx):
+        return torch._C._nn.linear, [marker], (), "semi-structured 2:4 (cutlass)"
+
+    monkeypatch.setattr(pass_module, "_sparse_cuda", fake_cuda)
+    gm, inputs = dynamo_like_graph(nm((64, 64)).half())
+    ctx = BackendContext(inputs, target="cuda")
+    result = lower_nm_linear(gm, ctx)
+    linear = next(n for n in result.graph_module.graph.nodes if n.op == "call_function")
+    assert linear.target is torch._C._nn.linear and linear.args[1].op == "get_attr"
+    assert getattr(result.graph_module, linear.args[1].target) is marker
+    assert ctx.decisions[0].verdict == "sparse"

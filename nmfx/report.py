@@ -225,11 +225,13 @@ def report(
                 "input_shapes": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]}  # fmt: skip
     machine = machine_info(dev)
     if target == "cpu":
-        from nmfx.kernels import current_isa, kernels_available
+        from nmfx.kernels import available_isas, current_isa, kernels_available
 
-        machine["nmfx_isa"] = (
-            current_isa() if kernels_available() else "unavailable (dense fallback)"
-        )
+        isa = "unavailable (dense fallback)"
+        if kernels_available():
+            isa = current_isa()
+            isa = available_isas()[-1] if isa == "auto" else isa  # auto: the best supported
+        machine["nmfx_isa"] = isa
     return Report(rows, totals, target, machine, settings, notes)
 
 

@@ -110,8 +110,8 @@ def lower_cpu(
         swaps.append((owner_fqn, NMLinear(packed, module.bias)))
         decisions.append(LayerDecision(
             nm.name, nm.param, nm.op, "cpu", SPARSE,
-            f"packed {nm.pattern} ({packed.nbytes / packed.dense_nbytes:.0%} of dense bytes); "
-            f"per call the op runs the sparse kernel where calibrated faster, else dense",
+            f"packed {nm.pattern}, {packed.nbytes / packed.dense_nbytes:.0%} of dense bytes "
+            f"(sparse kernel or dense per call shape, as calibrated)",
             {"packed_bytes": packed.nbytes, "dense_bytes": packed.dense_nbytes},
         ))  # fmt: skip
     for fqn, new in swaps:

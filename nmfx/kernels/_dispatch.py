@@ -32,7 +32,7 @@ from nmfx.pattern import NMPattern
 
 logger = logging.getLogger(__name__)
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: per-pattern thresholds as measured (no smoothing)
 MODES = ("auto", "sparse", "dense")
 _MODE_SET = frozenset(MODES)
 DISPATCH_ENV = "NMFX_DISPATCH"
@@ -227,32 +227,10 @@ def _measure(machine: dict[str, Any]) -> dict[str, Any]:
                 for n, m in CALIB_PATTERNS:
                     entry = _calibrate_one(shape, dtype, n, m, CALIB_BUDGET_S)
                     table["entries"][f"{klass}/{_DTYPE_KEYS[dtype]}/{n}:{m}"] = entry
-    _smooth(table["entries"])
     table["source"] = "measured"
     table["seconds"] = round(time.perf_counter() - t0, 2)
     logger.info("nmfx dispatch calibrated in %.1f s", table["seconds"])
     return table
-
-
-def _smooth(entries: dict[str, Any]) -> None:
-    """Make thresholds non-increasing in density within a (class, dtype).
-
-    The kernel's time per call does not grow as a pattern gets sparser (same blocks, fewer
-    bytes), so if 2:4 beats dense up to batch b, so do 1:4 and 1:8; a lower measured value
-    for them is noise from other load and is raised.
-    """
-    groups: dict[tuple[str, str], list[tuple[float, str]]] = {}
-    for name in entries:
-        klass, dkey, pat = name.split("/")
-        pn, pm = (int(v) for v in pat.split(":"))
-        groups.setdefault((klass, dkey), []).append((pn / pm, name))
-    for members in groups.values():
-        running = 0
-        for _, name in sorted(members, reverse=True):  # densest first
-            entry = entries[name]
-            entry["measured_max_sparse_batch"] = entry["max_sparse_batch"]
-            running = max(running, entry["max_sparse_batch"])
-            entry["max_sparse_batch"] = running
 
 
 def dispatch_table() -> dict[str, Any]:

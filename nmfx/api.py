@@ -13,7 +13,13 @@ import torch
 from tabulate import tabulate
 from torch import fx, nn
 
-from nmfx.capture import NATIVE, OwnGraph, capture_own_graphs, trace_whole_model
+from nmfx.capture import (
+    NATIVE,
+    OwnGraph,
+    capture_own_graphs,
+    trace_own_forward,
+    trace_whole_model,
+)
 from nmfx.config import SparsityConfig, config_from_options
 from nmfx.modules import MHAForward, NMMasker, RewrittenForward
 from nmfx.opgraph import ModelFacts, build_op_graph
@@ -92,7 +98,7 @@ def _trace_modes(own: OwnGraph) -> list[tuple[bool, fx.Graph]]:
     try:
         for mode in (True, False):
             module.training = mode  # this module only: children are leaves here
-            graphs.append((mode, own.graph if mode == was else _retrace(module)))
+            graphs.append((mode, own.graph if mode == was else trace_own_forward(module)))
     finally:
         module.training = was
     codes = {g.python_code("self").src for _, g in graphs}
@@ -106,12 +112,6 @@ def _reads_training(cls: type) -> bool:
         return "training" in inspect.getsource(cls.forward)
     except (OSError, TypeError):
         return True
-
-
-def _retrace(module: nn.Module) -> fx.Graph:
-    from nmfx.capture import _OwnForwardTracer
-
-    return _OwnForwardTracer().trace(module)
 
 
 def _stand_ins(graph: fx.Graph) -> dict[str, Any]:

@@ -13,12 +13,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import fx, nn
 
 from nmfx.modules import NMMasker
 
-__all__ = ["OwnGraph", "capture_own_graphs", "trace_whole_model"]
+__all__ = ["OwnGraph", "capture_own_graphs", "trace_own_forward", "trace_whole_model"]
 
 # Modules whose forward FX can trace and whose weight op nmfx rewrites.
 TRACED_LEAVES: tuple[type[nn.Module], ...] = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -44,6 +43,11 @@ class OwnGraph:
     module: nn.Module
     graph: fx.Graph | None
     error: str = ""
+
+
+def trace_own_forward(module: nn.Module) -> fx.Graph:
+    """The graph of ``module.forward`` alone, every child module a leaf."""
+    return _OwnForwardTracer().trace(module)
 
 
 def _first_line(exc: BaseException) -> str:
@@ -82,31 +86,8 @@ def capture_own_graphs(model: nn.Module) -> list[OwnGraph]:
         if not _owns_weight_ops(module) or any(fqn.startswith(p) for p in native):
             continue  # children of natively handled modules are handled with them
         try:
-            graph = _OwnForwardTracer().trace(module)
+            graph = trace_own_forward(module)
             out.append(OwnGraph(fqn, module, graph))
         except Exception as exc:  # recorded per module; the summary reports it
             out.append(OwnGraph(fqn, module, None, _first_line(exc)))
     return out
-
-
-def param_aliases(model: nn.Module) -> dict[int, list[str]]:
-    """id(parameter) -> every FQN under which that parameter is registered (tied weights)."""
-    names: dict[int, list[str]] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        names.setdefault(id(p), []).append(name)
-    return names
-
-
-def is_weight(value: object) -> bool:
-    return isinstance(value, nn.Parameter) and value.dim() >= 2
-
-
-def get_attr_value(module: nn.Module, target: str) -> object:
-    obj: object = module
-    for part in target.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
-def is_float_weight(t: torch.Tensor) -> bool:
-    return t.is_floating_point()

@@ -6,6 +6,9 @@
 #include <torch/library.h>
 
 #include <cmath>
+#if defined(__x86_64__) || defined(_M_X64)
+#include <immintrin.h>
+#endif
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -58,8 +61,61 @@ void mask_block(const T* __restrict__ w, bool* __restrict__ out, T* __restrict__
   }
 }
 
+#if defined(__x86_64__) || defined(_M_X64)
+// fp32 groups of 4 with AVX2: one group per 128-bit lane, ranks from three in-lane rotations
+// (element (i+k)%4 sits at position i of rotation k; it has the lower index iff i >= 4-k).
+// Same rules as mask_block: larger wins, ties go to the lower index, NaN ranks as +inf.
+__attribute__((target("avx2"))) void mask4_avx2(const float* __restrict__ w, bool* __restrict__ out,
+                                               float* __restrict__ mw, int64_t begin, int64_t end,
+                                               int64_t n) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
+  // lower-index masks per rotation k (1, 2, 3), for positions 0..3 of each lane
+  const __m256 low1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, -1, 0, 0, 0, -1));
+  const __m256 low2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
+  const __m256 low3 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, -1, -1, 0, -1, -1, -1));
+  const __m256i nvec = _mm256_set1_epi32(static_cast<int>(n));
+  int64_t g = begin;
+  for (; g + 2 <= end; g += 2) {  // two groups of 4 per iteration
+    const __m256 v = _mm256_loadu_ps(w + g * 4);
+    __m256 a = _mm256_andnot_ps(sign, v);
+    a = _mm256_blendv_ps(a, inf, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
+    __m256i rank = _mm256_setzero_si256();
+    const __m256 r1 = _mm256_permute_ps(a, _MM_SHUFFLE(0, 3, 2, 1));
+    const __m256 r2 = _mm256_permute_ps(a, _MM_SHUFFLE(1, 0, 3, 2));
+    const __m256 r3 = _mm256_permute_ps(a, _MM_SHUFFLE(2, 1, 0, 3));
+    const __m256 b1 = _mm256_or_ps(_mm256_cmp_ps(r1, a, _CMP_GT_OQ), _mm256_and_ps(low1, _mm256_cmp_ps(r1, a, _CMP_EQ_OQ)));
+    const __m256 b2 = _mm256_or_ps(_mm256_cmp_ps(r2, a, _CMP_GT_OQ), _mm256_and_ps(low2, _mm256_cmp_ps(r2, a, _CMP_EQ_OQ)));
+    const __m256 b3 = _mm256_or_ps(_mm256_cmp_ps(r3, a, _CMP_GT_OQ), _mm256_and_ps(low3, _mm256_cmp_ps(r3, a, _CMP_EQ_OQ)));
+    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(b1));  // all-ones == -1
+    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(b2));
+    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(b3));
+    const __m256i keep = _mm256_cmpgt_epi32(nvec, rank);  // rank < n
+    if (mw != nullptr) _mm256_storeu_ps(mw + g * 4, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
+    const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(keep));
+    for (int i = 0; i < 8; ++i) out[g * 4 + i] = (bits >> i) & 1;
+  }
+  if (g < end) mask_block<float, 4>(w, out, mw, g, end, n, 4);
+}
+
+bool has_avx2() {
+  static const bool yes = __builtin_cpu_supports("avx2");
+  return yes;
+}
+#endif
+
 template <typename T, int M>
 void mask_groups_m(const T* w, bool* out, T* masked, int64_t groups, int64_t n, int64_t m) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if constexpr (std::is_same_v<T, float> && M == 4) {
+    if (has_avx2()) {
+      at::parallel_for(0, groups, 4096, [=](int64_t begin, int64_t end) {
+        mask4_avx2(w, out, masked, begin, end, n);
+      });
+      return;
+    }
+  }
+#endif
   at::parallel_for(0, groups, 4096, [=](int64_t begin, int64_t end) {
     mask_block<T, M>(w, out, masked, begin, end, n, m);
   });

@@ -163,3 +163,21 @@ def test_mask_stats_and_sad():
     assert stats.flips == 4
     assert stats.layers[0].flip_fraction == pytest.approx(4 / w.numel())
     assert stats.layers[0].weight_density <= 0.5
+
+
+def test_grad_scaler_does_not_rescale_the_srste_term():
+    """GradScaler.step unscales before optimizer.step, where nmfx adds lambda_W * (1-E) * W."""
+    models = [mlp(64) for _ in range(2)]
+    models[1].load_state_dict(models[0].state_dict())
+    for m in models:
+        nmfx.sparsify(m, srste_lambda=0.5)
+    x = torch.randn(8, 64)
+    opt0 = torch.optim.SGD(models[0].parameters(), lr=0.1)
+    models[0](x).pow(2).mean().backward()
+    opt0.step()
+    opt1 = torch.optim.SGD(models[1].parameters(), lr=0.1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(models[1](x).pow(2).mean()).backward()
+    scaler.step(opt1)
+    scaler.update()
+    torch.testing.assert_close(models[1][0].weight, models[0][0].weight)

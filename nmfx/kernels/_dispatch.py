@@ -44,6 +44,10 @@ WIN_MARGIN = 0.9
 SMALL_MAX_BYTES = 16 * 2**20
 CALIB_SHAPES = {"small": (1024, 1024), "large": (4096, 4096)}
 CALIB_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Below this many weights the kernel's fixed cost per call (~15 us: thread wake-up, staging)
+# outweighs the bytes it saves: measured at one row of x on the 2-core AVX2 machine, 2:4
+# fp32 64K weights (1024x64, 256x256) ran 0.63x dense, 256K weights (512x512) 1.23x.
+MIN_SPARSE_NUMEL = 1 << 17
 CALIB_PATTERNS = ((2, 4), (1, 4), (1, 8))
 CALIB_DTYPES = (torch.float32, torch.bfloat16)
 # Seconds per (class, dtype, pattern) before calibration stops going to larger batches.
@@ -286,4 +290,6 @@ def choose(batch: int, dtype: torch.dtype, n: int, m: int, rows: int, cols: int)
     mode = _forced_mode()
     if mode != "auto":
         return mode
+    if rows * cols < MIN_SPARSE_NUMEL:
+        return "dense"
     return "sparse" if batch <= max_sparse_batch(dtype, n, m, rows, cols) else "dense"

@@ -165,7 +165,7 @@ def test_auto_dispatch_uses_table(monkeypatch) -> None:
     table = K.dispatch_table()
     assert table["source"] == "default"
     limit = _dispatch.DEFAULT_MAX_SPARSE_BATCH
-    shape = (64, 64)
+    shape = (512, 512)  # above MIN_SPARSE_NUMEL, so the table decides
     assert _dispatch.choose(1, torch.float32, 2, 4, *shape) == "sparse"
     assert _dispatch.choose(limit + 1, torch.float32, 2, 4, *shape) == "dense"
     assert _dispatch.choose(1, torch.float32, 3, 4, *shape) == "dense"  # denser than 1/2
@@ -329,3 +329,10 @@ def test_thresholds_are_the_measured_ones_per_pattern() -> None:
     assert _dispatch._lookup(table, "large", "float32", 1, 4) == 16
     assert _dispatch._lookup(table, "large", "float32", 2, 8) == 16  # nearest density at/above
     assert _dispatch._lookup(table, "large", "float32", 3, 4) == 0  # denser than any: dense
+
+
+def test_small_weights_run_dense_unless_forced() -> None:
+    assert _dispatch.choose(1, torch.float32, 2, 4, 1024, 64) == "dense"  # 64K weights
+    assert _dispatch.choose(1, torch.float32, 2, 4, 256, 256) == "dense"
+    with K.force_dispatch("sparse"):
+        assert _dispatch.choose(1, torch.float32, 2, 4, 1024, 64) == "sparse"

@@ -82,6 +82,13 @@ def cpu_eligibility(module: nn.Module, nm: NMWeight) -> str | None:
         return f"dtype {weight.dtype} is not one of {sorted(map(str, SUPPORTED_DTYPES))}"
     if weight.device.type != "cpu":
         return f"weight is on {weight.device}; move the model to CPU for target='cpu'"
+    from nmfx.kernels._dispatch import MIN_SPARSE_NUMEL
+
+    if weight.numel() < MIN_SPARSE_NUMEL:
+        return (
+            f"{weight.numel():,} weights < {MIN_SPARSE_NUMEL:,}: the kernel's fixed per-call cost "
+            f"exceeds the bytes saved; kept as nn.Linear"
+        )
     return None
 
 

@@ -15,8 +15,8 @@ import nmfx
 from nmfx.lowering.cpu import NMLinear
 
 
-def trained(name: str, steps: int = 2) -> tuple[nn.Module, torch.Tensor]:
-    model = nmfx.sparsify(model_zoo.build(name))
+def trained(name: str, steps: int = 2, **overrides) -> tuple[nn.Module, torch.Tensor]:
+    model = nmfx.sparsify(model_zoo.build(name, **overrides))
     x = model_zoo.example_input(name, model=model)
     opt = torch.optim.SGD(model.parameters(), lr=1e-2)
     for _ in range(steps):
@@ -76,7 +76,8 @@ def test_finalize_errors_and_lower_guards():
 
 
 def test_lowered_model_exports_saves_loads_and_runs(tmp_path):
-    model, x = trained("llama")
+    # 512-wide layers: above the size below which CPU lowering keeps nn.Linear
+    model, x = trained("llama", dim=512, n_heads=8, hidden_dim=1376)
     nmfx.finalize(model)
     fast = nmfx.lower(model, "cpu")
     with torch.no_grad():

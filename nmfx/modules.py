@@ -112,6 +112,14 @@ class NMMasker(nn.Module):
         super().__setstate__(state)
         _LIVE.add(self)
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # Runs after the owner's own parameters were loaded (parents load before children):
+        # a stored mask must describe the loaded weights, not the ones sparsify saw.
+        super()._load_from_state_dict(*args, **kwargs)
+        if self.stores_mask:
+            with torch.no_grad():
+                self.mask.copy_(self.compute_mask(self.weight))
+
     @property
     def stores_mask(self) -> bool:
         return self.mask_mode == "fixed" or self.mask_interval > 1

@@ -181,3 +181,15 @@ def test_grad_scaler_does_not_rescale_the_srste_term():
     scaler.step(opt1)
     scaler.update()
     torch.testing.assert_close(models[1][0].weight, models[0][0].weight)
+
+
+def test_fixed_mask_follows_a_loaded_checkpoint():
+    trained = mlp()
+    nmfx.sparsify(trained, mask_mode="fixed")
+    fresh = mlp()  # another init: its own fixed mask would differ
+    nmfx.sparsify(fresh, mask_mode="fixed")
+    assert not torch.equal(fresh[0]._nmfx_weight.mask, trained[0]._nmfx_weight.mask)
+    fresh.load_state_dict(trained.state_dict())
+    assert torch.equal(fresh[0]._nmfx_weight.mask, trained[0]._nmfx_weight.mask)
+    x = torch.randn(3, 16)
+    torch.testing.assert_close(fresh(x), trained(x))

@@ -115,14 +115,9 @@ def _reads_training(cls: type) -> bool:
 
 
 def _stand_ins(graph: fx.Graph) -> dict[str, Any]:
-    """Placeholders for the attributes a graph names: the code runs on the real module.
-
-    Also drops type annotations from the graph: string annotations (``from __future__
-    import annotations``) would make the generated code unpicklable.
-    """
+    """Placeholders for the attributes a graph names: the code runs on the real module."""
     out: dict[str, Any] = {}
     for node in graph.nodes:
-        node.type = None
         if node.op == "get_attr":
             out[node.target] = torch.empty(0)
         elif node.op == "call_module":
@@ -136,11 +131,12 @@ _CODE_CACHE: dict[str, fx.GraphModule] = {}
 def _code_module(graph: fx.Graph) -> fx.GraphModule:
     """A GraphModule whose only job is its generated forward; shared by every module whose
     rewritten forward is the same code (e.g. all nn.Linear layers)."""
-    stand_ins = _stand_ins(graph)
+    for node in graph.nodes:  # string annotations (postponed) would make the code unpicklable
+        node.type = None
     src = graph.python_code("self").src
     code = _CODE_CACHE.get(src)
     if code is None:
-        code = _CODE_CACHE[src] = fx.GraphModule(stand_ins, graph)
+        code = _CODE_CACHE[src] = fx.GraphModule(_stand_ins(graph), graph)
     return code
 
 
@@ -176,9 +172,7 @@ def _plan_own_graph(
             raise RuntimeError(f"{own.fqn}: train and eval forwards consume different weights")
         candidates = candidates or ctx.candidates
         if result.modified:
-            results[mode] = fx.GraphModule(
-                _stand_ins(result.graph_module.graph), result.graph_module.graph
-            )
+            results[mode] = _code_module(result.graph_module.graph)
     if not maskers:
         return candidates, None
     if len(results) == 1:

@@ -44,9 +44,14 @@ def finalize(model: nn.Module, *, pattern: str | tuple[int, int] | None = None) 
                 "weight is N:M (M in 4, 8, 16, N/M <= 1/2) along its reduction dim; train it "
                 "with nmfx.sparsify first, or pass pattern='2:4' to check a specific pattern"
             )
-    model.__dict__[NM_ATTR] = record
+    record_nm(model, record)
     log.info("nmfx.finalize: %d N:M weights", len(record))
     return model
+
+
+def record_nm(model: nn.Module, record: dict[str, NMWeight]) -> None:
+    """Keep ``record`` (verified N:M weights) on ``model`` for lowering and reports."""
+    model.__dict__[NM_ATTR] = record
 
 
 def nm_weights(model: nn.Module) -> dict[str, NMWeight]:

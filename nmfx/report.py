@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from nmfx.api import PLAN_ATTR, is_sparsified, sparsify
-from nmfx.finalize import finalize, nm_weights
+from nmfx.finalize import NM_ATTR, detect_nm, finalize, nm_weights, record_nm
 from nmfx.lowering import lower, lowering_decisions
 from nmfx.plan import DENSE, SPARSE, Candidate, LayerDecision
 from nmfx.timing import Timing, machine_info, time_interleaved
@@ -133,7 +133,11 @@ def _prepare(
     plan = model.__dict__.get(PLAN_ATTR)
     if is_sparsified(model):
         finalize(model)
-    elif not nm_weights(model):
+    elif NM_ATTR in model.__dict__:  # finalized: its record is kept
+        return model, (plan.candidates if plan is not None else None)
+    elif record := detect_nm(model):
+        record_nm(model, record)  # detected once, here; lower() and the rows reuse it
+    else:
         sparsify(model, pattern=pattern)
         plan = model.__dict__.get(PLAN_ATTR)
         finalize(model)

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import torch
 from torch import fx
 
 from nmfx.passes.infra import PassContext, PassResult, log
 from nmfx.plan import DENSE, SPARSE, Candidate
 
-_SUPPORTED_DTYPES = ("torch.float32", "torch.float16", "torch.bfloat16", "torch.float64")
+_SUPPORTED_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _dim_label(cand: Candidate) -> str:
@@ -24,7 +25,7 @@ def dense_reason(cand: Candidate, ctx: PassContext) -> str | None:
     rule = cfg.is_excluded(cand.name, cand.param)
     if rule is not None:
         return f"excluded by the user (rule {getattr(rule, 'pattern', rule)!r})"
-    if str(cand.dtype) not in _SUPPORTED_DTYPES:
+    if cand.dtype not in _SUPPORTED_DTYPES:
         return f"dtype {cand.dtype} is not a floating-point weight; N:M needs fp32/fp16/bf16"
     if 0 in cand.shape:
         return f"empty weight (shape {cand.shape})"

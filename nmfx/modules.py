@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import sys
 import weakref
 from typing import Any
 
@@ -174,7 +175,12 @@ class NMMasker(nn.Module):
         weight = self.weight
         if weight.grad is None or self.srste_lambda == 0:
             return
-        mask, grad, w = self.current_mask(), weight.grad, weight.detach()
+        grad, w = weight.grad, weight.detach()
+        if _is_dtensor(w):  # FSDP2 / DTensor: work on this rank's shard, no communication
+            mask = self._shard_mask(w, grad)
+            grad, w = grad.to_local(), w.to_local()
+        else:
+            mask = self.current_mask()
         if (
             grad.is_contiguous() and w.is_contiguous() and mask.is_contiguous()
             and grad.dtype == w.dtype and _use_kernel(w, self.m)
@@ -182,6 +188,41 @@ class NMMasker(nn.Module):
             torch.ops.nmfx_cpu.srste_decay_(grad, w, mask, self.srste_lambda)
         else:
             grad.add_(torch.where(mask, 0, w), alpha=self.srste_lambda)
+
+    def _shard_mask(self, w: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+        """The mask of the full logical weight, restricted to this rank's shard of DTensor ``w``.
+
+        Groups of M run along ``reduce_dim``. A shard that cuts no group (FSDP2 shards dim 0:
+        the rows of a Linear ``[out, in]``, whose groups run along ``in``) has the slice of
+        the full mask as its own mask, so it is computed from the local shard alone. A
+        stored (fixed/interval) mask is full size on every rank and is sliced.
+        """
+        from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+        if not _is_dtensor(grad) or tuple(grad.placements) != tuple(w.placements):
+            raise RuntimeError(
+                f"{self.param_name}: the weight is a DTensor with placements {w.placements} but "
+                f"its .grad has {getattr(grad, 'placements', type(grad).__name__)}; nmfx adds "
+                f"the SR-STE term shard by shard and needs both laid out alike"
+            )
+        local = w.to_local()
+        _, offset = compute_local_shape_and_global_offset(w.shape, w.device_mesh, w.placements)
+        if self.mask is not None:
+            return self.mask[
+                tuple(slice(o, o + s) for o, s in zip(offset, local.shape, strict=True))
+            ]
+        dim = self.reduce_dim % w.dim()
+        size, start = local.shape[dim], offset[dim]
+        if size != w.shape[dim] and (size % self.m or start % self.m):
+            raise RuntimeError(
+                f"{self.param_name}: weight {tuple(w.shape)} is sharded along its reduction dim "
+                f"{dim} (this rank holds {start}..{start + size - 1}, placements {w.placements}), "
+                f"which cuts groups of M={self.m}: the mask of a shard would not be the mask of "
+                f"the full weight. Shard it along another dim (fully_shard(..., "
+                f"shard_placement_fn=lambda p: Shard({1 - dim if w.dim() == 2 else 0}))) or use "
+                f"a world size for which ceil({w.shape[dim]} / world) is a multiple of {self.m}"
+            )
+        return nm_mask(local, (self.n, self.m), dim)
 
     def extra_repr(self) -> str:
         return (
@@ -254,6 +295,12 @@ class MHAForward:
         if mha.batch_first and batched:
             out = out.transpose(1, 0)
         return out, weights
+
+
+def _is_dtensor(t: object) -> bool:
+    # No DTensor can exist unless torch.distributed.tensor was imported: do not import it here.
+    mod = sys.modules.get("torch.distributed.tensor")
+    return mod is not None and isinstance(t, mod.DTensor)
 
 
 def _has_param(module: nn.Module, path: str) -> bool:

@@ -318,9 +318,10 @@ def sparsify(
             install.module.add_module(name, masker)
             if masker.mask_mode == "fixed":
                 with torch.no_grad():
-                    masker.weight.mul_(masker.mask)
+                    masker.weight.masked_fill_(~masker.mask, 0)  # NaN or Inf * 0 is NaN
         install.module.forward = install.forward
     model.__dict__[PLAN_ATTR] = plan
+    ddp_ignore_stored_masks(model)
     ensure_optimizer_hook()
     log.info(
         "nmfx.sparsify: %d of %d weight ops N:M (%s)",
@@ -329,6 +330,28 @@ def sparsify(
         cfg.pattern,
     )
     return model
+
+
+def ddp_ignore_stored_masks(model: nn.Module) -> list[str]:
+    """Tell DDP not to broadcast the maskers' stored masks (fixed/interval modes).
+
+    A mask is a function of the weights, which DDP keeps equal on every rank, so syncing it
+    is communication for nothing. Uses DDP's ``_ddp_params_and_buffers_to_ignore`` on
+    ``model`` (names relative to it, so DDP must wrap ``model`` itself), keeping entries the
+    user set. Returns the names added.
+    """
+    names = [
+        f"{fqn}.mask"
+        for fqn, m in model.named_modules()
+        if isinstance(m, NMMasker) and m.stores_mask and m.mask is not None
+    ]
+    if not names:
+        return []
+    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
+    added = [n for n in names if n not in ignored]
+    ddp = nn.parallel.DistributedDataParallel
+    ddp._set_params_and_buffers_to_ignore_for_model(model, ignored + added)
+    return added
 
 
 def _last_weight(model: nn.Module, owns: list[OwnGraph]) -> str | None:

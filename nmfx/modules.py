@@ -101,6 +101,10 @@ class NMMasker(nn.Module):
         if self.stores_mask:
             stored = nm_mask(owner.get_parameter(param_name), (n, m), reduce_dim)
         self.register_buffer("mask", stored, persistent=False)
+        # A stored mask is recomputed from the weights at the first forward: DDP does not sync
+        # it (api.ddp_ignore_stored_masks) but replaces the weights with rank 0's when it wraps
+        # the model. For fixed masks that is the same mask (pruned weights are zero by then).
+        self._refresh_pending = stored is not None
         self._last: tuple[int, torch.Tensor] | None = None  # (weight version, mask), eager only
         _LIVE.add(self)
 
@@ -110,6 +114,7 @@ class NMMasker(nn.Module):
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state.setdefault("_refresh_pending", False)  # pickled before the attribute existed
         super().__setstate__(state)
         _LIVE.add(self)
 
@@ -162,10 +167,13 @@ class NMMasker(nn.Module):
                 return masked
             mask = self.compute_mask(weight)
         else:
+            refresh = self._refresh_pending
             if self.training and self.mask_mode != "fixed":
-                if self.forward_count % self.mask_interval == 0:
-                    self.mask.copy_(self.compute_mask(weight))
+                refresh = refresh or self.forward_count % self.mask_interval == 0
                 self.forward_count += 1
+            if refresh:
+                self.mask.copy_(self.compute_mask(weight))
+                self._refresh_pending = False
             mask = self.mask
         return _StraightThroughMask.apply(weight, mask, self.mask_mode == "fixed")
 

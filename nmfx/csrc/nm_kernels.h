@@ -32,7 +32,25 @@ struct NMProblem {
   int64_t safe_rows;
   const void* tail_values;
   float* y;                // [B, R] fp32, pre-initialised (bias or zero); kernels accumulate
+  // Optional (may be null): for B == 1 and N == 1, M in {4, 8}, x regrouped for the selecting
+  // GEMV: per chunk of 8*M columns, xsel[c*8M + j*8 + i] = x[c*8M + i*M + j] (see stage_xsel).
+  const float* xsel;
 };
+
+// Columns per chunk of the selecting GEMV (eight groups of M), 0 when it does not apply.
+inline int64_t xsel_chunk(int64_t B, int n, int m) {
+  return B == 1 && n == 1 && (m == 4 || m == 8) ? 8 * m : 0;
+}
+
+// out[c*8M + j*8 + i] = x[c*8M + i*M + j] for every whole chunk of 8*M columns of x[0, K).
+inline void stage_xsel(const float* x, int64_t K, int m, float* out) {
+  const int64_t chunk = 8 * m;
+  for (int64_t c0 = 0; c0 + chunk <= K; c0 += chunk) {
+    for (int j = 0; j < m; ++j) {
+      for (int i = 0; i < 8; ++i) out[c0 + j * 8 + i] = x[c0 + i * m + j];
+    }
+  }
+}
 
 inline const void* row_values(const NMProblem& p, int64_t r, int elem_size) {
   const char* base = r < p.safe_rows ? static_cast<const char*>(p.values)

@@ -167,8 +167,16 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
     }
   }
 
+  // The batch-1 GEMV for 1:4 and 1:8 reads x regrouped by position within a group.
+  at::Tensor xsel;
+  if (xsel_chunk(B, static_cast<int>(n), static_cast<int>(m)) > 0) {
+    xsel = at::empty({ldx}, f32);
+    stage_xsel(xb, cols, static_cast<int>(m), xsel.data_ptr<float>());
+  }
+
   NMProblem p{};
   p.x = xbuf.data_ptr<float>();
+  p.xsel = xsel.defined() ? xsel.data_ptr<float>() : nullptr;
   p.B = B;
   p.ldx = ldx;
   p.values = values.data_ptr();

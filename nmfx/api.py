@@ -21,7 +21,7 @@ from nmfx.capture import (
     trace_whole_model,
 )
 from nmfx.config import SparsityConfig, config_from_options
-from nmfx.modules import MHAForward, NMMasker, RewrittenForward
+from nmfx.modules import MHAForward, NMMasker, RewrittenForward, track
 from nmfx.opgraph import ModelFacts, build_op_graph
 from nmfx.passes import SPARSIFY_PASSES, Pass, PassContext, run_passes
 from nmfx.passes.decide_eligibility import dense_reason
@@ -166,10 +166,15 @@ def _plan_own_graph(
         )
         gm = fx.GraphModule(own.module, graph)
         result = run_passes(gm, passes, ctx)
-        if candidates and [c.param for c in candidates if c.sparse] != [
-            c.param for c in ctx.candidates if c.sparse
-        ]:
-            raise RuntimeError(f"{own.fqn}: train and eval forwards consume different weights")
+        sparse = [c.param for c in ctx.candidates if c.sparse]
+        if candidates and [c.param for c in candidates if c.sparse] != sparse:
+            before = [c.param for c in candidates if c.sparse]
+            raise ValueError(
+                f"{own.fqn or '<root>'} ({type(own.module).__name__}): its forward makes N:M "
+                f"weights {before} in training mode but {sparse} in eval mode; nmfx needs the "
+                f"same ones in both. Exclude them (exclude=[...]) or keep the mode switch out of "
+                f"this module; nothing was changed"
+            )
         candidates = candidates or ctx.candidates
         if result.modified:
             results[mode] = _code_module(result.graph_module.graph)
@@ -316,6 +321,7 @@ def sparsify(
     for install in found.installs:  # from here on nothing can fail: all-or-nothing
         for name, masker in install.maskers.items():
             install.module.add_module(name, masker)
+            track(masker)
             if masker.mask_mode == "fixed":
                 with torch.no_grad():
                     masker.weight.masked_fill_(~masker.mask, 0)  # NaN or Inf * 0 is NaN

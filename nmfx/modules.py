@@ -21,14 +21,21 @@ from torch import nn
 
 from nmfx.masks import _use_kernel, masked_with_mask, nm_mask
 
-__all__ = ["MHAForward", "NMMasker", "RewrittenForward", "live_maskers"]
+__all__ = ["MHAForward", "NMMasker", "RewrittenForward", "live_maskers", "track"]
 
 _LIVE: weakref.WeakSet[NMMasker] = weakref.WeakSet()
 
 
 def live_maskers() -> list[NMMasker]:
-    """Every NMMasker alive in this process (the SR-STE optimizer hook walks these)."""
+    """Every installed NMMasker alive in this process (the SR-STE optimizer hook walks these)."""
     return list(_LIVE)
+
+
+def track(masker: NMMasker) -> None:
+    """Let the SR-STE hook see ``masker``: called when sparsify installs it, not before, so
+    the maskers of a sparsify call that failed (kept alive by a traceback) never touch the
+    user's weights."""
+    _LIVE.add(masker)
 
 
 class _StraightThroughMask(torch.autograd.Function):
@@ -106,7 +113,6 @@ class NMMasker(nn.Module):
         # the model. For fixed masks that is the same mask (pruned weights are zero by then).
         self._refresh_pending = stored is not None
         self._last: tuple[int, torch.Tensor] | None = None  # (weight version, mask), eager only
-        _LIVE.add(self)
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
@@ -116,7 +122,7 @@ class NMMasker(nn.Module):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_refresh_pending", False)  # pickled before the attribute existed
         super().__setstate__(state)
-        _LIVE.add(self)
+        _LIVE.add(self)  # a copy of an installed masker (deepcopy, pickle, torch.load)
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # Runs after the owner's own parameters were loaded (parents load before children):

@@ -18,7 +18,9 @@ class NMPattern:
     def __post_init__(self) -> None:
         for name, value in (("N", self.n), ("M", self.m)):
             if isinstance(value, bool) or not isinstance(value, int):
-                raise TypeError(f"pattern {name} must be an int, got {value!r}")
+                raise TypeError(
+                    f"pattern {name} must be an int, got {value!r}; write e.g. '2:4' or (2, 4)"
+                )
         if not 0 < self.n < self.m:
             raise ValueError(
                 f"pattern {self.n}:{self.m} is invalid: need 0 < N < M (keep N of every M), "

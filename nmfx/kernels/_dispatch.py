@@ -32,7 +32,7 @@ from nmfx.pattern import NMPattern
 
 logger = logging.getLogger(__name__)
 
-TABLE_VERSION = 2  # 2: per-pattern thresholds as measured (no smoothing)
+TABLE_VERSION = 3  # 2: per-pattern thresholds as measured; 3: unbounded wins, probed at 256
 MODES = ("auto", "sparse", "dense")
 _MODE_SET = frozenset(MODES)
 DISPATCH_ENV = "NMFX_DISPATCH"
@@ -52,6 +52,8 @@ CALIB_PATTERNS = ((2, 4), (1, 4), (1, 8))
 CALIB_DTYPES = (torch.float32, torch.bfloat16)
 # Seconds per (class, dtype, pattern) before calibration stops going to larger batches.
 CALIB_BUDGET_S = 0.35
+# max_sparse_batch of a pattern that still won at the largest calibrated batch.
+UNBOUNDED_BATCH = 2**62
 # Used when calibration is impossible (no kernels) or skipped with NMFX_CALIBRATE=0.
 DEFAULT_MAX_SPARSE_BATCH = 4
 
@@ -148,12 +150,12 @@ def _calibrate_one(
     max_sparse = 0
     t_start = time.perf_counter()
 
-    def race(x: torch.Tensor) -> dict[str, float]:
+    def race(x: torch.Tensor, min_reps: int = 4) -> dict[str, float]:
         # Interleaved, min over repeats (robust to other load); the first round is warm-up.
         best = {"dense": float("inf"), "sparse": float("inf")}
         t_batch = time.perf_counter()
         rep = 0
-        while rep < 4 or (rep < 25 and time.perf_counter() - t_batch < 0.04):
+        while rep < min_reps or (rep < 25 and time.perf_counter() - t_batch < 0.04):
             for kind in ("dense", "sparse"):
                 t0 = time.perf_counter()
                 if kind == "dense":
@@ -185,7 +187,23 @@ def _calibrate_one(
         # Past a third of the budget, step 4x: a win at 4b implies one at 2b (larger batches
         # only favour dense), so skipping 2b loses nothing but the exact crossover.
         i += 1 if elapsed < budget_s / 3 else 2
-    return {"max_sparse_batch": max_sparse, "measured": measured}
+    unbounded = False
+    largest = CALIB_BATCHES[-1]
+    if max_sparse and max_sparse < largest and measured[-1]["batch"] == max_sparse:
+        # The budget ran out while sparse still won (slow dense kernels, e.g. bf16 without
+        # native bf16 math, where sparse stays ~3x faster at 256 rows): probe the largest batch
+        # once rather than send every larger batch to dense.
+        x = torch.randn(largest, cols, dtype=dtype)
+        best = race(x, min_reps=2)
+        measured.append({"batch": largest, "sparse_s": best["sparse"], "dense_s": best["dense"]})
+        if best["sparse"] < WIN_MARGIN * best["dense"]:
+            max_sparse = largest
+    if max_sparse == largest:
+        # Past the largest batch both kernels are compute-bound and scale alike: a win there
+        # holds for every larger batch.
+        unbounded = True
+        max_sparse = UNBOUNDED_BATCH
+    return {"max_sparse_batch": max_sparse, "unbounded": unbounded, "measured": measured}
 
 
 def calibrate(force: bool = False) -> dict[str, Any]:
@@ -249,7 +267,7 @@ def dispatch_table() -> dict[str, Any]:
 
 def size_class(rows: int, cols: int, dtype: torch.dtype) -> str:
     """``"small"`` (likely cache-resident) or ``"large"`` (memory-bound) weight."""
-    nbytes = rows * cols * torch.empty((), dtype=dtype).element_size()
+    nbytes = rows * cols * dtype.itemsize
     return "small" if nbytes <= SMALL_MAX_BYTES else "large"
 
 

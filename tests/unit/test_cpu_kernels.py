@@ -193,6 +193,44 @@ def test_dispatch_lookup_by_class_and_density() -> None:
     assert _dispatch.size_class(4096, 4096, torch.bfloat16) == "large"
 
 
+class _StubF:
+    """Stands in for torch.nn.functional inside the calibrator: a dense linear of fixed cost."""
+
+    def __init__(self, seconds: float) -> None:
+        self.seconds = seconds
+
+    def linear(self, x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        import time
+
+        end = time.perf_counter() + self.seconds
+        while time.perf_counter() < end:
+            pass
+        return x.new_empty(x.shape[0], w.shape[0])
+
+
+def test_calibration_probes_largest_batch_when_sparse_still_wins(monkeypatch) -> None:
+    # Dense costs 3 ms per call whatever the batch; the sparse kernel on an 8x16 weight is far
+    # cheaper even at 256 rows (and single-threaded at that size, so other load cannot stall it). The tiny budget stops the sweep early, while sparse is winning:
+    # the largest batch is probed and the win is taken as holding for every batch.
+    assert K.kernels_available()
+    monkeypatch.setattr(_dispatch, "F", _StubF(3e-3))
+    entry = _dispatch._calibrate_one((8, 16), torch.float32, 2, 4, budget_s=0.005)
+    batches = [m["batch"] for m in entry["measured"]]
+    assert batches[-1] == _dispatch.CALIB_BATCHES[-1] and len(batches) < len(
+        _dispatch.CALIB_BATCHES
+    )
+    assert entry["unbounded"] is True
+    assert entry["max_sparse_batch"] == _dispatch.UNBOUNDED_BATCH
+
+
+def test_calibration_stops_at_the_first_loss(monkeypatch) -> None:
+    assert K.kernels_available()
+    monkeypatch.setattr(_dispatch, "F", _StubF(0.0))  # dense is free: sparse never wins
+    entry = _dispatch._calibrate_one((8, 16), torch.float32, 2, 4, budget_s=1.0)
+    assert entry["max_sparse_batch"] == 0 and entry["unbounded"] is False
+    assert [m["batch"] for m in entry["measured"]] == [1]
+
+
 def test_dense_copy_is_cached_and_dropped_with_values() -> None:
     from nmfx import packed
 

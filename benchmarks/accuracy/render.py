@@ -34,7 +34,7 @@ COLORS = {"dense": "black", "srste": "tab:blue", "ste": "tab:orange", "fixed": "
           "dense_half": "tab:gray"}  # fmt: skip
 TASK_TITLES = {"digits": "digits (small_cnn)", "charlm": "byte-level LM on stdlib sources (llama)"}
 
-__all__ = ["markdown", "plot_curves", "plot_sad", "render"]
+__all__ = ["markdown", "plot_curves", "plot_sad", "render", "sad_table"]
 
 
 def _num(x: Any) -> float:
@@ -54,7 +54,7 @@ def _rows_key(key: str) -> tuple[int, str]:
 
 
 def results_table(task: dict[str, Any], name: str) -> str:
-    """One row per method and pattern: headline metric, second metric, SAD, one-shot prune."""
+    """One row per method and pattern: headline metric, second metric, one-shot prune."""
     summary = task["summary"]
     acc = task["metric"] == "accuracy"
     headers = (
@@ -62,7 +62,7 @@ def results_table(task: dict[str, Any], name: str) -> str:
         if acc
         else ["method", "N:M", "val loss (nats/byte)", "val bits/byte"]
     )
-    headers += ["SAD summed over epochs", "SAD start->end", "after one-shot prune (no fine-tune)"]
+    headers.append("right after one-shot prune (before fine-tune)")
     rows = []
     for key in sorted((k for k in summary if "/" in k), key=_rows_key):
         method, _, pattern = key.partition("/")
@@ -74,11 +74,30 @@ def results_table(task: dict[str, Any], name: str) -> str:
         one_shot = e.get("one_shot_" + task["metric"])
         rows.append([
             LABELS[method], pattern, *cells,
-            _pm(e.get("sad_total"), 1, 4) if "sad_total" in e else "-",
-            _pm(e.get("sad_vs_start_end"), 1, 4) if "sad_vs_start_end" in e else "-",
             _pm(one_shot, 100 if acc else 1, 2 if acc else 3) if one_shot else "-",
         ])  # fmt: skip
     return f"### {TASK_TITLES.get(name, name)}\n\n" + tabulate(rows, headers, tablefmt="github")
+
+
+def sad_table(data: dict[str, Any]) -> str:
+    """Per task, pattern and sparse method: SAD and the pruned/kept weight magnitudes."""
+    rows = []
+    for name, task in data["tasks"].items():
+        summary = task["summary"]
+        keys = [k for k in summary if "/" in k and "sad_total" in summary[k]]
+        for key in sorted(keys, key=lambda k: (k.partition("/")[2], _rows_key(k))):
+            method, _, pattern = key.partition("/")
+            e = summary[key]
+            rows.append([
+                name, pattern, LABELS[method], _pm(e["sad_total"], 1, 4),
+                _pm(e["sad_vs_start_end"], 1, 4), _pm(e["sad_last_epoch"], 1, 5),
+                _pm(e.get("pruned_to_kept_abs_ratio"), 1, 3),
+            ])  # fmt: skip
+    headers = [
+        "task", "N:M", "method", "SAD summed over epochs", "SAD start->end",
+        "SAD in the last epoch", "mean abs pruned / mean abs kept (end)",
+    ]  # fmt: skip
+    return tabulate(rows, headers, tablefmt="github")
 
 
 def paired_table(data: dict[str, Any]) -> str:
@@ -87,8 +106,9 @@ def paired_table(data: dict[str, Any]) -> str:
         acc = task["metric"] == "accuracy"
         for pattern, d in task["summary"]["paired_srste_minus_ste"].items():
             scale, unit = (100, "accuracy points") if acc else (1, "val loss (nats/byte)")
-            vals = ", ".join(f"{_num(v) * scale:+.3f}" for v in d["values"])
-            rows.append([name, pattern, unit, _pm(d, scale, 3), vals])
+            nd = 2 if acc else 4
+            vals = ", ".join(f"{_num(v) * scale:+.{nd}f}" for v in d["values"])
+            rows.append([name, pattern, unit, _pm(d, scale, nd), vals])
     headers = ["task", "N:M", "difference in", "SR-STE - STE, mean ± std", "per seed"]
     return tabulate(rows, headers, tablefmt="github")
 
@@ -155,6 +175,8 @@ def markdown(data: dict[str, Any]) -> str:
     parts += [
         "### SR-STE minus STE, paired by seed (same init, same batches)\n",
         paired_table(data) + "\n",
+        "### SAD: fraction of mask entries flipped (per epoch: vs the mask one epoch earlier)\n",
+        sad_table(data) + "\n",
         "### What was made N:M\n",
         sparsity_table(data) + "\n",
         "### Checks\n",

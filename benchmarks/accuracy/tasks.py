@@ -78,7 +78,7 @@ SPECS: dict[str, TaskSpec] = {
             "max_seq_len": 128,
         },
         optimizer="adamw",
-        lr=1e-3,
+        lr=2e-3,
         weight_decay=0.01,
         batch_size=16,
         epochs=6,

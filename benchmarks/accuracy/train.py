@@ -127,6 +127,26 @@ def _sad_between(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> floa
     return flips / max(sum(m.numel() for m in b.values()), 1)
 
 
+def _pruned_vs_kept(model: nn.Module, masks: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Mean |w| of the pruned and of the kept weights before baking: what the SR-STE term
+    acts on (it decays only pruned weights; with lambda_W = 0 nothing does)."""
+    params = dict(model.named_parameters())
+    kept = pruned = 0.0
+    n_kept = n_pruned = 0
+    for name, mask in masks.items():
+        w = params[name].detach().abs()
+        kept += float(w[mask].sum())
+        pruned += float(w[~mask].sum())
+        n_kept += int(mask.sum())
+        n_pruned += int((~mask).sum())
+    mean_kept, mean_pruned = kept / max(n_kept, 1), pruned / max(n_pruned, 1)
+    return {
+        "mean_abs_kept": mean_kept,
+        "mean_abs_pruned": mean_pruned,
+        "pruned_to_kept_abs_ratio": mean_pruned / mean_kept if mean_kept else float("nan"),
+    }
+
+
 @torch.no_grad()
 def final_checks(task: Task, model: nn.Module, pattern: str | None) -> dict[str, Any]:
     """Density and N:M checks at the end of a run; finalizes a sparse ``model`` in place.
@@ -143,6 +163,7 @@ def final_checks(task: Task, model: nn.Module, pattern: str | None) -> dict[str,
     stats = nmfx.mask_stats(model)
     before = task.evaluate(model, final=True)
     planned = sorted(c.param for c in nmfx.summary(model).plan.sparse)
+    magnitudes = _pruned_vs_kept(model, masks)
     nmfx.finalize(model)
     record = nmfx.nm_weights(model)
     params = dict(model.named_parameters())
@@ -163,6 +184,7 @@ def final_checks(task: Task, model: nn.Module, pattern: str | None) -> dict[str,
         "all_nm_after_finalize": baked_ok and sorted(record) == planned,
         "detect_nm_matches": detected == sorted(record),
         "weight_density_after_finalize": nonzero / max(numel, 1),
+        **magnitudes,
         "sparse_numel": numel,
         "metric_before_finalize": before,
         "metric_after_finalize": after,

@@ -68,11 +68,13 @@ def test_sad_per_epoch_and_zero_for_the_fixed_mask(study: dict) -> None:
             sad = r["sad"]
             assert len(sad["vs_previous_epoch"]) == r["epochs"] == len(sad["vs_start"])
             assert len(sad["vs_final"]) == r["epochs"]
-            assert sad["vs_final"][-1] == 0.0 or r["epochs"] > 1
+            assert sad["vs_final"][0] == sad["vs_start"][-1]  # start vs end, both ways
             if r["method"] == "fixed":
                 assert sad["vs_previous_epoch"] == [0.0] * r["epochs"]
                 assert sad["vs_start"] == [0.0] * r["epochs"]
+                assert r["checks"]["mean_abs_pruned"] == 0.0  # zeroed, no gradient
             else:
+                assert r["checks"]["mean_abs_pruned"] > 0.0  # STE keeps them training
                 assert all(0.0 <= s <= 1.0 for s in sad["vs_previous_epoch"])
         # The dynamic masks of a from-scratch run move at least once somewhere.
         moving = [sum(r["sad"]["vs_previous_epoch"]) for r in task["runs"]

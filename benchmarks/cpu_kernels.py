@@ -1,14 +1,18 @@
 """Benchmark nmfx's CPU N:M kernels against dense ``F.linear``, side by side in one run.
 
-For every weight shape, dtype, pattern and number of rows of x it times, interleaved (dense,
-sparse kernel, dispatched ``nm_linear``; repeated; medians after warm-up):
+For every weight shape, dtype, pattern and number of rows of x it times, interleaved (order
+alternating each round; medians of the rounds other processes left clean when there are
+enough, else of all rounds):
 
-* dense ``F.linear(x, w)`` on the unpacked weight (the baseline),
+* dense ``F.linear(x, w)`` on the unpacked weight,
+* the same linear under ``torch.compile`` (inductor, weights frozen), compiled once per
+  weight and batch; the baseline of every ratio is the faster of the two dense forms,
 * the sparse kernel (dispatch forced to sparse, best ISA),
 * ``nmfx.kernels.nm_linear`` as shipped (the dispatcher picks sparse or dense),
 
 and prints a table, the sparse GEMV's effective weight bandwidth next to this machine's
-measured read bandwidth, and writes everything to ``benchmarks/results/cpu_kernels.json``.
+measured read bandwidth, and writes everything (with the machine's load during the run) to
+``benchmarks/results/cpu_kernels.json``.
 
     python benchmarks/cpu_kernels.py            # full sweep (< 15 min on 2 cores)
     python benchmarks/cpu_kernels.py --quick    # < 1 min
@@ -32,6 +36,9 @@ import torch.nn.functional as F
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch._inductor.config as inductor_config
+from _timing import LoadMonitor, describe, interleaved, machine_info
 
 import nmfx.kernels as K
 from nmfx.packed import PackedNM, pack
@@ -80,20 +87,25 @@ def read_bandwidth(gib: float = 1.0, reps: int = 7) -> dict[str, float]:
     return out
 
 
-def interleaved(fns: dict[str, Callable[[], Any]], budget_s: float, max_reps: int) -> dict:
-    """Median seconds per fn; calls alternate between fns so drift hits them all alike."""
-    for fn in fns.values():  # warm-up (also builds caches: dense copy, kernel build)
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in fns}
-    t0 = time.perf_counter()
-    rep = 0
-    while rep < 3 or (rep < max_reps and time.perf_counter() - t0 < budget_s):
-        for name, fn in fns.items():
-            s = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - s)
-        rep += 1
-    return {k: statistics.median(v) for k, v in times.items()} | {"reps": rep}
+def compiled_dense(w: torch.Tensor, x: torch.Tensor) -> Callable[[], torch.Tensor]:
+    """``F.linear(x, w)`` compiled by inductor with the weight frozen (a module parameter)."""
+    lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
+    lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    lin.eval()
+    torch._dynamo.reset()  # one compiled module per case; never hit the recompile limit
+    with inductor_config.patch(freezing=True):
+        fn = torch.compile(lin, dynamic=False)
+        fn(x)  # compile now, not in the timed rounds
+    return lambda: fn(x)
+
+
+def measure(
+    fns: dict[str, Callable[[], Any]], budget_s: float, max_reps: int
+) -> tuple[dict[str, float], int, str]:
+    """Median seconds per contender over interleaved rounds (clean rounds when possible)."""
+    rounds = interleaved(fns, repeats=max_reps, warmup=1, budget_s=budget_s, min_repeats=5)
+    times, used = rounds.pick()
+    return {k: statistics.median(v) for k, v in times.items()}, len(rounds.others_share), used
 
 
 def run(config: dict[str, Any], budget_s: float, max_reps: int) -> list[dict[str, Any]]:
@@ -117,11 +129,14 @@ def run(config: dict[str, Any], budget_s: float, max_reps: int) -> list[dict[str
                     def dense(x: torch.Tensor = x, w: torch.Tensor = w) -> torch.Tensor:
                         return F.linear(x, w)
 
-                    t = interleaved(
-                        {"dense": dense, "sparse": sparse, "dispatched": dispatched},
-                        budget_s,
-                        max_reps,
+                    fns = {"dense": dense, "sparse": sparse, "dispatched": dispatched}
+                    if config.get("compiled", True):
+                        fns["dense_compiled"] = compiled_dense(w, x)
+                    t, reps, used = measure(fns, budget_s, max_reps)
+                    best = (
+                        "dense_compiled" if t.get("dense_compiled", 1e9) < t["dense"] else "dense"
                     )
+                    base = t[best]
                     choice = K._dispatch.choose(batch, dtype, p.pattern.n, p.pattern.m, rows, cols)
                     row = {
                         "shape": f"{rows}x{cols}",
@@ -129,16 +144,22 @@ def run(config: dict[str, Any], budget_s: float, max_reps: int) -> list[dict[str
                         "pattern": pattern,
                         "batch": batch,
                         "dense_ms": t["dense"] * 1e3,
+                        "dense_compiled_ms": t["dense_compiled"] * 1e3
+                        if "dense_compiled" in t
+                        else None,
+                        "baseline": best,
+                        "baseline_ms": base * 1e3,
                         "sparse_ms": t["sparse"] * 1e3,
                         "dispatched_ms": t["dispatched"] * 1e3,
-                        "sparse_speedup": t["dense"] / t["sparse"],
-                        "dispatched_speedup": t["dense"] / t["dispatched"],
+                        "sparse_speedup": base / t["sparse"],
+                        "dispatched_speedup": base / t["dispatched"],
                         "choice": choice,
                         "sparse_weight_GBps": p.nbytes / t["sparse"] / 1e9,
                         "dense_weight_GBps": p.dense_nbytes / t["dense"] / 1e9,
                         "packed_bytes": p.nbytes,
                         "dense_bytes": p.dense_nbytes,
-                        "reps": t["reps"],
+                        "reps": reps,
+                        "rounds_used": used,
                     }
                     rows_out.append(row)
                     logger.info(
@@ -147,7 +168,7 @@ def run(config: dict[str, Any], budget_s: float, max_reps: int) -> list[dict[str
                         dtype_name,
                         pattern,
                         batch,
-                        row["dense_ms"],
+                        row["baseline_ms"],
                         row["sparse_ms"],
                         row["sparse_speedup"],
                         row["dispatched_speedup"],
@@ -163,6 +184,7 @@ def render(rows: list[dict[str, Any]], bandwidth: dict[str, float]) -> str:
             r["pattern"],
             r["batch"],
             f"{r['dense_ms']:.3f}",
+            "-" if r.get("dense_compiled_ms") is None else f"{r['dense_compiled_ms']:.3f}",
             f"{r['sparse_ms']:.3f}",
             f"{r['sparse_speedup']:.2f}x",
             f"{r['dispatched_ms']:.3f}",
@@ -178,10 +200,11 @@ def render(rows: list[dict[str, Any]], bandwidth: dict[str, float]) -> str:
         "N:M",
         "rows of x",
         "dense ms",
+        "compiled dense ms",
         "sparse ms",
-        "sparse/dense",
+        "sparse/best dense",
         "nm_linear ms",
-        "nm_linear/dense",
+        "nm_linear/best dense",
         "dispatch",
         "sparse GB/s",
     ]
@@ -228,12 +251,15 @@ def main(argv: list[str] | None = None) -> None:
     if not K.kernels_available():
         raise SystemExit(f"nmfx kernels unavailable: {K.build_error()}")
     table = K.calibrate()
-    bandwidth = read_bandwidth(0.5 if args.quick else 1.0)
-    with torch.inference_mode():
-        rows = run(config, budget_s, max_reps)
+    info = machine_info()
+    with LoadMonitor() as load:
+        bandwidth = read_bandwidth(0.5 if args.quick else 1.0)
+        with torch.inference_mode():
+            rows = run(config, budget_s, max_reps)
     elapsed = time.perf_counter() - t0
     text = render(rows, bandwidth)
     print(text)
+    print(describe(info, load.result))
     print(
         f"\nisa: {K.available_isas()[-1]}, threads: {torch.get_num_threads()}, "
         f"elapsed {elapsed:.0f} s, dispatch table: {K.dispatch_table()['path']}"
@@ -248,8 +274,13 @@ def main(argv: list[str] | None = None) -> None:
             "torch": torch.__version__,
             "isa": K.available_isas()[-1],
         },
+        "machine_info": info,
+        "load": load.result,
         "bandwidth": bandwidth,
-        "dispatch_table": {k: v["max_sparse_batch"] for k, v in table["entries"].items()},
+        "dispatch_table": {
+            k: "unbounded" if v.get("unbounded") else v["max_sparse_batch"]
+            for k, v in table["entries"].items()
+        },
         "calibration_s": table.get("seconds"),
         "elapsed_s": elapsed,
         "results": rows,

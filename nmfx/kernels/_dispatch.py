@@ -54,6 +54,8 @@ CALIB_DTYPES = (torch.float32, torch.bfloat16)
 CALIB_BUDGET_S = 0.35
 # max_sparse_batch of a pattern that still won at the largest calibrated batch.
 UNBOUNDED_BATCH = 2**62
+# A small parallel op slower than this (us) means other processes hold the cores.
+CONTENDED_PROBE_US = 500.0
 # Used when calibration is impossible (no kernels) or skipped with NMFX_CALIBRATE=0.
 DEFAULT_MAX_SPARSE_BATCH = 4
 
@@ -237,19 +239,43 @@ def calibrate(force: bool = False) -> dict[str, Any]:
         return table
 
 
+def _parallel_probe_us(numel: int = 1 << 18, calls: int = 30) -> float:
+    """Median microseconds of a small multi-threaded add: tens idle, thousands when contended."""
+    a, b = torch.randn(numel), torch.randn(numel)
+    out = torch.empty(numel)
+    samples = []
+    for _ in range(calls):
+        t0 = time.perf_counter()
+        torch.add(a, b, out=out)
+        samples.append(time.perf_counter() - t0)
+    samples.sort()
+    return samples[len(samples) // 2] * 1e6
+
+
 def _measure(machine: dict[str, Any]) -> dict[str, Any]:
     table: dict[str, Any] = {"version": TABLE_VERSION, "machine": machine, "entries": {}}
     if not _build.extension_available() or os.environ.get("NMFX_CALIBRATE", "1") == "0":
         table["source"] = "default"
         return table
     t0 = time.perf_counter()
+    probe_us = [_parallel_probe_us()]
     with torch.inference_mode():
         for klass, shape in CALIB_SHAPES.items():
             for dtype in CALIB_DTYPES:
                 for n, m in CALIB_PATTERNS:
                     entry = _calibrate_one(shape, dtype, n, m, CALIB_BUDGET_S)
                     table["entries"][f"{klass}/{_DTYPE_KEYS[dtype]}/{n}:{m}"] = entry
-    table["source"] = "measured"
+    probe_us.append(_parallel_probe_us())
+    table["parallel_probe_us"] = probe_us
+    # Another process holding a core stalls every parallel region (ms instead of us), which
+    # skews the race; such a table serves this process but is not cached for the next.
+    table["source"] = "measured" if max(probe_us) <= CONTENDED_PROBE_US else "measured-contended"
+    if table["source"] != "measured":
+        logger.warning(
+            "nmfx dispatch calibrated on a busy machine (a small parallel op took %.0f us); "
+            "the table is used by this process only and recalibrated next time",
+            max(probe_us),
+        )
     table["seconds"] = round(time.perf_counter() - t0, 2)
     logger.info("nmfx dispatch calibrated in %.1f s", table["seconds"])
     return table

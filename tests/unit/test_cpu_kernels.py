@@ -231,6 +231,26 @@ def test_calibration_stops_at_the_first_loss(monkeypatch) -> None:
     assert [m["batch"] for m in entry["measured"]] == [1]
 
 
+@pytest.mark.parametrize(
+    ("probe_us", "cached"), [(40.0, True), (8000.0, False)], ids=["idle", "busy"]
+)
+def test_calibration_on_a_busy_machine_is_not_cached(monkeypatch, probe_us, cached) -> None:
+    assert K.kernels_available()
+    monkeypatch.setenv("NMFX_CALIBRATE", "1")
+    monkeypatch.setattr(_dispatch, "_parallel_probe_us", lambda: probe_us)
+    monkeypatch.setattr(
+        _dispatch,
+        "_calibrate_one",
+        lambda *a, **k: {"max_sparse_batch": 8, "unbounded": False, "measured": []},
+    )
+    table = _dispatch.calibrate(force=True)
+    path = _dispatch._table_path(table["machine"])
+    assert table["source"] == ("measured" if cached else "measured-contended")
+    assert table["parallel_probe_us"] == [probe_us, probe_us]
+    assert path.exists() == cached
+    assert _dispatch.choose(8, torch.float32, 2, 4, 4096, 4096) == "sparse"  # used either way
+
+
 def test_dense_copy_is_cached_and_dropped_with_values() -> None:
     from nmfx import packed
 

@@ -101,11 +101,18 @@ def compiled_dense(w: torch.Tensor, x: torch.Tensor) -> Callable[[], torch.Tenso
 
 def measure(
     fns: dict[str, Callable[[], Any]], budget_s: float, max_reps: int
-) -> tuple[dict[str, float], int, str]:
-    """Median seconds per contender over interleaved rounds (clean rounds when possible)."""
+) -> tuple[dict[str, float], dict[str, list[float]], int, str]:
+    """Median seconds per contender over interleaved rounds (clean rounds when possible),
+    the per-round seconds used, the number of rounds and which were used."""
     rounds = interleaved(fns, repeats=max_reps, warmup=1, budget_s=budget_s, min_repeats=5)
     times, used = rounds.pick()
-    return {k: statistics.median(v) for k, v in times.items()}, len(rounds.others_share), used
+    medians = {k: statistics.median(v) for k, v in times.items()}
+    return medians, times, len(rounds.others_share), used
+
+
+def paired_speedup(base: list[float], other: list[float]) -> float:
+    """Median over rounds of base/other: both ran in the same round, under the same load."""
+    return statistics.median(b / o for b, o in zip(base, other, strict=True))
 
 
 def run(config: dict[str, Any], budget_s: float, max_reps: int) -> list[dict[str, Any]]:
@@ -132,7 +139,7 @@ def run(config: dict[str, Any], budget_s: float, max_reps: int) -> list[dict[str
                     fns = {"dense": dense, "sparse": sparse, "dispatched": dispatched}
                     if config.get("compiled", True):
                         fns["dense_compiled"] = compiled_dense(w, x)
-                    t, reps, used = measure(fns, budget_s, max_reps)
+                    t, per_round, reps, used = measure(fns, budget_s, max_reps)
                     best = (
                         "dense_compiled" if t.get("dense_compiled", 1e9) < t["dense"] else "dense"
                     )
@@ -153,6 +160,12 @@ def run(config: dict[str, Any], budget_s: float, max_reps: int) -> list[dict[str
                         "dispatched_ms": t["dispatched"] * 1e3,
                         "sparse_speedup": base / t["sparse"],
                         "dispatched_speedup": base / t["dispatched"],
+                        "sparse_speedup_paired": paired_speedup(
+                            per_round[best], per_round["sparse"]
+                        ),
+                        "dispatched_speedup_paired": paired_speedup(
+                            per_round[best], per_round["dispatched"]
+                        ),
                         "choice": choice,
                         "sparse_weight_GBps": p.nbytes / t["sparse"] / 1e9,
                         "dense_weight_GBps": p.dense_nbytes / t["dense"] / 1e9,
@@ -222,6 +235,19 @@ def render(rows: list[dict[str, Any]], bandwidth: dict[str, float]) -> str:
                 f"  {r['shape']:>11} {r['dtype']:>8} {r['pattern']}: "
                 f"{r['sparse_weight_GBps']:.1f} GB/s ({100 * r['sparse_weight_GBps'] / read:.0f}%)"
             )
+    for key, label in (
+        ("dispatched_speedup", "ratio of medians"),
+        ("dispatched_speedup_paired", "median of per-round ratios"),
+    ):
+        below = [r for r in rows if r[key] < 0.95]
+        lines.append(
+            f"nm_linear below 0.95x the best dense ({label}): {len(below)} of {len(rows)} cases"
+            + "".join(
+                f"\n  {r['shape']} {r['dtype']} {r['pattern']} batch {r['batch']}: "
+                f"{r[key]:.2f}x, dispatch {r['choice']}"
+                for r in below
+            )
+        )
     worst = min(rows, key=lambda r: r["dispatched_speedup"])
     lines.append(
         f"worst dispatched nm_linear / dense: {worst['dispatched_speedup']:.2f}x at "

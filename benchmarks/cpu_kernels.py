@@ -256,6 +256,81 @@ def render(rows: list[dict[str, Any]], bandwidth: dict[str, float]) -> str:
     return "\n".join(lines)
 
 
+TARGETS = (  # issue 3, at 4096x4096 and one row of x
+    ("float32", "2:4", 2.5),
+    ("bfloat16", "2:4", 2.0),
+    ("float32", "1:4", 4.0),
+)
+
+
+def readme_summary(result: dict[str, Any]) -> str:
+    """The README's table (4096x4096 at 1, 8 and 64 rows of x) and the targets, from a result."""
+    rows = [r for r in result["results"] if r["shape"] == "4096x4096" and r["batch"] in (1, 8, 64)]
+    table = [
+        [
+            "fp32" if r["dtype"] == "float32" else "bf16",
+            r["pattern"],
+            r["batch"],
+            f"{r['dense_ms']:.2f}",
+            "-" if r.get("dense_compiled_ms") is None else f"{r['dense_compiled_ms']:.2f}",
+            f"{r['sparse_ms']:.2f}",
+            f"{r['sparse_speedup']:.2f}x",
+            f"{r['dispatched_speedup']:.2f}x",
+            r["choice"],
+            f"{r['sparse_weight_GBps']:.1f}",
+        ]
+        for r in rows
+    ]
+    headers = [
+        "dtype",
+        "N:M",
+        "rows of x",
+        "dense F.linear ms",
+        "compiled dense ms",
+        "sparse kernel ms",
+        "kernel vs best dense",
+        "nm_linear vs best dense",
+        "dispatch",
+        "packed GB/s",
+    ]
+    read = result["bandwidth"]["sum_read_GBps"]
+    lines = [tabulate(table, headers=headers, tablefmt="github"), ""]
+    by_key = {(r["dtype"], r["pattern"]): r for r in rows if r["batch"] == 1}
+    for dtype, pattern, target in TARGETS:
+        r = by_key.get((dtype, pattern))
+        if r is None:
+            continue
+        verdict = "met" if r["sparse_speedup"] >= target else "not met"
+        lines.append(
+            f"- {pattern} {dtype} >= {target}x: **{verdict}** ({r['sparse_speedup']:.2f}x kernel, "
+            f"{r['dispatched_speedup']:.2f}x dispatched)"
+        )
+    r = by_key.get(("float32", "2:4"))
+    if r is not None:
+        share = r["sparse_weight_GBps"] / read
+        lines.append(
+            f"- sparse GEMV >= 80% of read bandwidth ({read:.1f} GB/s): "
+            f"**{'met' if share >= 0.8 else 'not met'}** (2:4 fp32 {r['sparse_weight_GBps']:.1f} "
+            f"GB/s, {share:.0%})"
+        )
+    all_rows = result["results"]
+    for key, label in (
+        ("dispatched_speedup", "ratio of medians"),
+        ("dispatched_speedup_paired", "median of per-round ratios"),
+    ):
+        if not all(key in r for r in all_rows):
+            continue  # results from before the paired estimate was recorded
+        below = [r for r in all_rows if r[key] < 0.95]
+        worst = min(all_rows, key=lambda r: r[key])
+        lines.append(
+            f"- nm_linear >= 0.95x the best dense at every point ({label}): "
+            f"**{'met' if not below else 'not met'}**: {len(below)} of {len(all_rows)} below, "
+            f"worst {worst[key]:.2f}x ({worst['shape']} {worst['dtype']} "
+            f"{worst['pattern']} batch {worst['batch']}, dispatch {worst['choice']})"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sweep, < 1 minute")
@@ -266,7 +341,16 @@ def main(argv: list[str] | None = None) -> None:
         default=Path(__file__).resolve().parent / "results" / "cpu_kernels.json",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
+    parser.add_argument(
+        "--render",
+        type=Path,
+        default=None,
+        help="print the README table and target verdicts of a saved result; measure nothing",
+    )
     args = parser.parse_args(argv)
+    if args.render is not None:
+        print(readme_summary(json.loads(args.render.read_text())))
+        return
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -312,7 +396,7 @@ def main(argv: list[str] | None = None) -> None:
         "results": rows,
     }
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}")
+    print(f"wrote {args.out}\n\n{readme_summary(result)}")
 
 
 if __name__ == "__main__":

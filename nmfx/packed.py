@@ -60,6 +60,7 @@ _DTYPES_BY_NAME = {v: k for k, v in _DTYPE_NAMES.items()}
 # the format: never saved, never visible in ``values``.
 VALUE_SLACK = 16
 _BIT_WEIGHTS = torch.tensor([1 << j for j in range(8)], dtype=torch.uint8)
+_BITS = {2: torch.int16, 4: torch.int32}  # same-size integer views of the supported dtypes
 _POPCOUNT = torch.tensor([bin(i).count("1") for i in range(256)], dtype=torch.uint8)
 
 
@@ -249,15 +250,18 @@ def pack(w: torch.Tensor, pattern: str | tuple[int, int] | NMPattern = "2:4") ->
     score = nonzero.to(torch.int16) * m + (m - 1 - position)
     keep_idx = score.topk(n, dim=-1, sorted=False).indices.sort(dim=-1).values
     keep = torch.zeros_like(nonzero).scatter_(-1, keep_idx, True).view(rows, cols)
-    values = groups.gather(-1, keep_idx).reshape(rows, cols // m * n)
+    # Gathered as integers: torch's bfloat16 gather rewrites NaN bits (0x7FC0 -> 0xFFFF).
+    bits = _BITS[w.element_size()]
+    values = groups.view(bits).gather(-1, keep_idx).view(w.dtype).reshape(rows, cols // m * n)
     return PackedNM(values=values, mask=_mask_bits_to_bytes(keep), shape=(rows, cols), pattern=pat)
 
 
 def unpack(p: PackedNM) -> torch.Tensor:
     """The dense weight ``[rows, cols]`` of ``p`` (exact inverse of :func:`pack`)."""
     keep = _mask_bytes_to_bits(p.mask, p.cols)
-    dense = torch.zeros(p.shape, dtype=p.dtype)
-    return dense.masked_scatter_(keep, p.values)
+    bits = _BITS[p.values.element_size()]  # as integers: bit for bit, NaN payloads included
+    dense = torch.zeros(p.shape, dtype=bits)
+    return dense.masked_scatter_(keep, p.values.view(bits)).view(p.dtype)
 
 
 # Dense copies for layers the dispatcher runs dense, keyed by the values tensor's identity and

@@ -48,10 +48,15 @@ def _keep_from_magnitudes(mag: torch.Tensor, n: int) -> torch.Tensor:
     return torch.stack([r < n for r in ranks], dim=-1)
 
 
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
 def _use_kernel(w: torch.Tensor, m: int) -> bool:
     """Eager CPU masks go to the fused C++ kernel (one pass); under torch.compile and FX
     tracing, and where the kernels cannot be built, the comparisons below run instead."""
     if w.device.type != "cpu" or m > 16 or torch.compiler.is_compiling():
+        return False
+    if w.dtype not in _KERNEL_DTYPES:  # the kernel ranks in fp32: fp64 ties would be lost
         return False
     if torch.fx._symbolic_trace.is_fx_symbolic_tracing() or w.numel() < 4096:
         return False

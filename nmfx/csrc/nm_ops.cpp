@@ -138,7 +138,9 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   // y starts as the bias (or zero) in a fresh fp32 buffer: the kernels accumulate into it.
   at::Tensor y = at::empty({B, rows}, f32);
   float* yp = y.data_ptr<float>();
-  if (bias.has_value() && bias->defined()) {
+  if (B == 0) {
+    // Nothing to compute; y has no row to hold the bias.
+  } else if (bias.has_value() && bias->defined()) {
     TORCH_CHECK(bias->numel() == rows, "nmfx: bias must have ", rows, " elements, got ",
                 bias->numel());
     const at::Tensor bc = bias->contiguous();

@@ -184,8 +184,10 @@ def test_pack_unpack_round_trip_is_exact(
 # ---- 3. nm_linear vs F.linear -------------------------------------------------------------
 
 # Unit roundoff of the output dtype. The kernels and F.linear multiply exactly and accumulate
-# in fp32 (fp64 reference), so for K products |y - ref| <= (K + 2) u32 S + u_out |ref| with
-# S = |x| @ |W|^T + |b|, whatever the summation order; checked with a factor 2 to spare.
+# in fp32 (fp64 reference), so for K products, whatever the summation order,
+#   |y - ref| <= (K + 2) u32 S + u_out |ref| + eta_out
+# with S = |x| @ |W|^T + |b| and eta_out = u_out * smallest normal (half the subnormal step:
+# an fp16 output near zero is off by up to 2^-25 absolute); checked with a factor 2 to spare.
 U32 = 2.0**-24
 TOL_OUT = {torch.float32: 2.0**-24, torch.bfloat16: 2.0**-8, torch.float16: 2.0**-11}
 
@@ -232,6 +234,7 @@ def test_nm_linear_equals_f_linear(
 
     if tall == 0:
         rows += 8192
+        batch = [min(batch[0], 8)]  # keeps the fp64 reference small
     cols = groups * pattern.m
     g = torch.Generator().manual_seed(seed)
     w = torch.randn(rows, cols, generator=g).to(dtype)
@@ -255,7 +258,8 @@ def test_nm_linear_equals_f_linear(
     xd, wd = x.double(), w.double()
     ref = F.linear(xd, wd, None if bias is None else bias.double())
     scale = F.linear(xd.abs(), wd.abs(), None if bias is None else bias.double().abs())
-    bound = 2 * ((cols + 2) * U32 * scale + TOL_OUT[dtype] * ref.abs())
+    eta = TOL_OUT[dtype] * torch.finfo(dtype).smallest_normal
+    bound = 2 * ((cols + 2) * U32 * scale + TOL_OUT[dtype] * ref.abs() + eta)
     err = (y.double() - ref).abs()
     worst = (err - bound).max().item() if err.numel() else 0.0
     assert worst <= 0, f"{isa}/{mode}: error exceeds the bound by {worst:.3g}"

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 import nmfx
-from nmfx.masks import _use_kernel, masked_with_mask, reference_nm_mask
+from nmfx.masks import masked_with_mask, reference_nm_mask
 from nmfx.packed import PackedNM, pack, unpack
 from nmfx.pattern import NMPattern
 
@@ -116,25 +116,16 @@ def test_mask_equals_the_definition(pattern, lead, groups, dim_pick, dtype, styl
     assert torch.equal(reference_nm_mask(w, pattern, dim), want)  # the tensor-op path
     assert (want.movedim(dim, -1).reshape(-1, m).sum(-1) == n).all()
     fused_mask, masked = masked_with_mask(w, pattern, dim)
-    if dtype == torch.float64 and _use_kernel(w, m):
-        # Known (see test_float64_mask_kernel_ranks_in_float64): the kernel ranks fp64
-        # magnitudes in fp32. Its only allowed deviation is that one.
-        want = definition_mask(w.float(), n, m, dim)
     assert torch.equal(mask, want)
     assert torch.equal(fused_mask, want)
     assert torch.equal(bits(masked), bits(torch.where(want, w, 0)))
     assert nmfx.is_nm(masked, pattern, dim)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by this fuzzer: nmfx/csrc/nm_mask.cpp mask_block ranks |w| as float for "
-    "every dtype, so fp64 weights that differ below fp32 precision (or are fp64 subnormals, "
-    "or beyond the fp32 range) tie and the lower index wins; nmfx/masks.py sends fp64 to it. "
-    "Once fixed, drop this marker and the fp64 exception in the property above.",
-)
-def test_float64_mask_kernel_ranks_in_float64():
-    w = torch.ones(1024, 8, dtype=torch.float64)  # 8192 weights: the C++ kernel path
+def test_float64_masks_rank_in_float64():
+    """Found by this fuzzer: the C++ mask kernel ranked fp64 magnitudes in fp32 (fixed in
+    eec2178: fp64 masks take the tensor-op path)."""
+    w = torch.ones(1024, 8, dtype=torch.float64)  # 8192 weights: above the kernel size floor
     w[:, 1::2] += 1e-12  # larger in fp64, equal once rounded to fp32
     assert torch.equal(nmfx.nm_mask(w, "1:2"), definition_mask(w, 1, 2, 1))
 
@@ -242,8 +233,6 @@ def test_nm_linear_equals_f_linear(
     x = torch.randn(*batch, cols, generator=g).to(dtype)
     if transposed and x.dim() == 2:  # a non-contiguous input
         x = x.t().contiguous().t()
-    if 0 in batch:  # nm_gemm writes the bias into an empty output: see the test below
-        with_bias = False
     bias = torch.randn(rows, generator=g).to(dtype) if with_bias else None
     isas = _isas()
     isa = isas[isa_pick % len(isas)]
@@ -277,13 +266,9 @@ assert y.shape == (0, 8)
 """
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="found by this fuzzer: nmfx/csrc/nm_ops.cpp nm_gemm copies the bias into row 0 of "
-    "y = empty({0, rows}) when x has no rows (the no-bias branch checks B > 0): a segfault. "
-    "Once fixed, drop this marker and the with_bias exclusion above.",
-)
 def test_empty_batch_with_bias_does_not_crash(tmp_path):
+    """Found by this fuzzer: nm_gemm wrote the bias into an empty output (a segfault; fixed in
+    eec2178). In a subprocess, so a regression fails this test, not the whole run."""
     import subprocess
     import sys
 

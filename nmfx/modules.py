@@ -215,7 +215,8 @@ class NMMasker(nn.Module):
 
         if not _is_dtensor(grad) or tuple(grad.placements) != tuple(w.placements):
             raise RuntimeError(
-                f"{self.param_name}: the weight is a DTensor with placements {w.placements} but "
+                f"{type(self.owner).__name__}.{self.param_name} is a DTensor with placements "
+                f"{w.placements} but "
                 f"its .grad has {getattr(grad, 'placements', type(grad).__name__)}; nmfx adds "
                 f"the SR-STE term shard by shard and needs both laid out alike"
             )
@@ -229,8 +230,9 @@ class NMMasker(nn.Module):
         size, start = local.shape[dim], offset[dim]
         if size != w.shape[dim] and (size % self.m or start % self.m):
             raise RuntimeError(
-                f"{self.param_name}: weight {tuple(w.shape)} is sharded along its reduction dim "
-                f"{dim} (this rank holds {start}..{start + size - 1}, placements {w.placements}), "
+                f"{type(self.owner).__name__}.{self.param_name} {tuple(w.shape)} is sharded along "
+                f"its reduction dim {dim} (this rank holds {start}..{start + size - 1}, "
+                f"placements {w.placements}), "
                 f"which cuts groups of M={self.m}: the mask of a shard would not be the mask of "
                 f"the full weight. Shard it along another dim (fully_shard(..., "
                 f"shard_placement_fn=lambda p: Shard({1 - dim if w.dim() == 2 else 0}))) or use "

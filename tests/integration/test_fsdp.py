@@ -252,7 +252,7 @@ def test_fsdp2_shard_cutting_a_group_is_a_clear_error(ranks, name):
         assert "state" not in r[name]
         assert "error" in r[name], r[name]
     msg = ranks[0][name]["error"]
-    dim = 0 if name == "conv1d-cut" else 1
-    assert f"sharded along its reduction dim {dim}" in msg
+    dim, shape = (0, "(36, 16)") if name == "conv1d-cut" else (1, "(16, 36)")
+    assert f".weight {shape} is sharded along its reduction dim {dim}" in msg
     assert "this rank holds 0..17" in msg and "cuts groups of M=4" in msg
     assert "shard_placement_fn" in msg and "ceil(36 / world) is a multiple of 4" in msg

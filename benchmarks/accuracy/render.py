@@ -90,12 +90,14 @@ def sad_table(data: dict[str, Any]) -> str:
             e = summary[key]
             rows.append([
                 name, pattern, LABELS[method], _pm(e["sad_total"], 1, 4),
-                _pm(e["sad_vs_start_end"], 1, 4), _pm(e["sad_last_epoch"], 1, 5),
+                _pm(e["sad_vs_start_end"], 1, 4), _pm(e.get("sad_second_half"), 1, 5),
+                _pm(e["sad_last_epoch"], 1, 5),
                 _pm(e.get("pruned_to_kept_abs_ratio"), 1, 3),
             ])  # fmt: skip
     headers = [
         "task", "N:M", "method", "SAD summed over epochs", "SAD start->end",
-        "SAD in the last epoch", "mean abs pruned / mean abs kept (end)",
+        "SAD summed over the second half", "SAD in the last epoch",
+        "mean abs pruned / mean abs kept (end)",
     ]  # fmt: skip
     return tabulate(rows, headers, tablefmt="github")
 
@@ -247,10 +249,10 @@ def _zoom(ax: Any, field: str, task: dict[str, Any]) -> None:
         return
     if field == "accuracy":
         lo = min(finals) * 100
-        ax.set_ylim(max(lo - 4 * (100 - lo) - 1, 0), 100)
+        ax.set_ylim(max(lo - 2 * (100 - lo) - 0.5, 0), 100)
     else:
         lo, hi = min(finals), max(finals)
-        ax.set_ylim(lo * 0.9, hi + 2 * (hi - lo) + 0.2 * lo)
+        ax.set_ylim(lo - 0.5 * (hi - lo), hi + max(3 * (hi - lo), 0.1 * hi))
 
 
 def plot_sad(data: dict[str, Any], path: Path) -> Path:
@@ -276,32 +278,121 @@ def plot_sad(data: dict[str, Any], path: Path) -> Path:
                 for field, style in (("vs_previous_epoch", "-"), ("vs_start", "--")):
                     xs, mean, _ = _mean_curve(runs, "sad", field)
                     what = "since previous epoch" if style == "-" else "since start"
-                    ax.plot(xs, [max(v, 1e-7) for v in mean], style, color=COLORS[method],
+                    ys = [v if v > 0 else math.nan for v in mean]  # log axis: 0 leaves a gap
+                    ax.plot(xs, ys, style, color=COLORS[method], marker=".", ms=3,
                             label=f"{LABELS[method]}, {what}", lw=1.4)  # fmt: skip
             fixed = _by(task, "fixed", pattern)
+            title = f"{name} {pattern}"
             if fixed:
                 peak = max(_num(v) for r in fixed for v in r["sad"]["vs_previous_epoch"])
-                ax.text(0.02, 0.03, f"fixed mask: max SAD {peak:g}", transform=ax.transAxes,
-                        fontsize=7, color=COLORS["fixed"])  # fmt: skip
+                title += f" (fixed mask: max SAD {peak:g})"
             ax.set_yscale("log")
-            ax.set_title(f"{name} {pattern}")
+            ax.set_title(title, fontsize=10)
             ax.set_xlabel("epoch")
             ax.set_ylabel("flipped mask entries / weights")
             ax.grid(alpha=0.3, which="both")
     axes[0][0].legend(fontsize=7)
-    fig.suptitle("SAD (sparse architecture divergence), mean over seeds")
+    fig.suptitle("SAD (sparse architecture divergence), mean over seeds; "
+                 "epochs with no flip at all leave gaps on the log axis")  # fmt: skip
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
 
 
-def render(json_path: Path, out_dir: Path, plots: bool = True) -> list[Path]:
-    """Write ``results.md`` and (with ``plots``) the PNGs for the study in ``json_path``."""
+def ablation_table(main: dict[str, Any], ablations: list[dict[str, Any]]) -> str:
+    """SR-STE at other lambda_W values (``run.py --methods srste --lambda-w X``), paired by
+    seed with the main study's STE runs: same spec, init and batches, only lambda_W differs."""
+    rows = []
+    studies = [main, *ablations]
+    for name, task in main["tasks"].items():
+        ste = {(r["pattern"], r["seed"]): r for r in task["runs"] if r["method"] == "ste"}
+        acc = task["metric"] == "accuracy"
+        scale, nd = (100, 2) if acc else (1, 4)
+        for study in studies:
+            other = study["tasks"].get(name)
+            if other is None:
+                continue
+            if other["spec"] != task["spec"]:
+                raise ValueError(f"{name}: ablation run with another task setting; rerun it")
+            by_pattern: dict[str, list[dict[str, Any]]] = {}
+            for r in other["runs"]:
+                if r["method"] == "srste" and (r["pattern"], r["seed"]) in ste:
+                    by_pattern.setdefault(r["pattern"], []).append(r)
+            for pattern, runs in by_pattern.items():
+                metric = task["metric"]
+                diffs = [
+                    (r["final"][metric] - ste[(pattern, r["seed"])]["final"][metric]) * scale
+                    for r in runs
+                ]
+                sad = [sum(r["sad"]["vs_previous_epoch"]) for r in runs]
+                ratio = [r["checks"]["pruned_to_kept_abs_ratio"] for r in runs]
+                final = [r["final"][metric] * scale for r in runs]
+                rows.append([
+                    name, pattern, f"{runs[0]['srste_lambda']:g}", len(runs),
+                    "test accuracy %" if acc else "val loss", _fmt(final, nd),
+                    _fmt(diffs, nd, sign=True), _fmt(sad, 4), _fmt(ratio, 3),
+                ])  # fmt: skip
+    headers = [
+        "task", "N:M", "lambda_W", "seeds", "metric", "SR-STE", "SR-STE - STE (paired)",
+        "SAD summed over epochs", "mean abs pruned / kept",
+    ]  # fmt: skip
+    return tabulate(rows, headers, tablefmt="github")
+
+
+def supplement_table(study: dict[str, Any]) -> str:
+    """Every run of a supplementary study (e.g. a longer budget), one row each."""
+    rows = []
+    for name, task in study["tasks"].items():
+        metric = task["metric"]
+        scale, nd = (100, 2) if metric == "accuracy" else (1, 4)
+        for r in task["runs"]:
+            sad = sum(r["sad"]["vs_previous_epoch"]) if r["sad"] else None
+            rows.append([
+                name, LABELS[r["method"]], r["pattern"] or "-", r["seed"], r["steps"],
+                "test accuracy %" if metric == "accuracy" else "val loss",
+                f"{_num(r['final'][metric]) * scale:.{nd}f}",
+                "-" if sad is None else f"{sad:.4f}",
+            ])  # fmt: skip
+    headers = ["task", "method", "N:M", "seed", "steps", "metric", "final", "SAD summed"]
+    return tabulate(rows, headers, tablefmt="github")
+
+
+def _fmt(xs: list[float], nd: int, sign: bool = False) -> str:
+    mean = statistics.fmean(xs)
+    std = statistics.stdev(xs) if len(xs) > 1 else 0.0
+    return f"{mean:{'+' if sign else ''}.{nd}f} ± {std:.{nd}f}"
+
+
+def render(
+    json_path: Path,
+    out_dir: Path,
+    plots: bool = True,
+    ablations: tuple[Path, ...] = (),
+    supplements: tuple[Path, ...] = (),
+) -> list[Path]:
+    """Write ``results.md`` and (with ``plots``) the PNGs for the study in ``json_path``;
+    ``ablations`` are JSON files of SR-STE-only runs at other lambda_W values,
+    ``supplements`` studies with other budgets (listed run by run)."""
     data = json.loads(json_path.read_text())
     out_dir.mkdir(parents=True, exist_ok=True)
+    text = markdown(data)
+    if ablations:
+        extra = [json.loads(p.read_text()) for p in ablations]
+        text += (
+            "\n### Sensitivity: SR-STE at larger lambda_W (not part of the comparison above)\n\n"
+            + ablation_table(data, extra)
+            + "\n"
+        )
+    for path in supplements:
+        extra_study = json.loads(path.read_text())
+        scale = extra_study["settings"].get("budget_scale", 1)
+        text += (
+            f"\n### Supplement: {path.name} ({scale}x the training steps, "
+            f"argv {' '.join(extra_study['argv'])})\n\n" + supplement_table(extra_study) + "\n"
+        )
     md = out_dir / "results.md"
-    md.write_text(markdown(data))
+    md.write_text(text)
     written = [md]
     if plots:
         for name, task in data["tasks"].items():
@@ -314,9 +405,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description="render the accuracy study's tables and plots")
     p.add_argument("--json", type=Path, default=DEFAULT_JSON)
     p.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    p.add_argument("--ablation", type=Path, nargs="*", default=[], help="SR-STE-only JSONs")
+    p.add_argument("--supplement", type=Path, nargs="*", default=[], help="other-budget JSONs")
     p.add_argument("--no-plots", action="store_true")
     args = p.parse_args(argv)
-    for path in render(args.json, args.out, plots=not args.no_plots):
+    extra = (tuple(args.ablation), tuple(args.supplement))
+    for path in render(args.json, args.out, not args.no_plots, *extra):
         print(f"wrote {path}")
     return 0
 

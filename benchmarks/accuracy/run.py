@@ -192,6 +192,9 @@ def summarize(runs: list[RunRecord], metric: str) -> dict[str, Any]:
             entry["sad_total"] = _mean_std([sum(r.sad["vs_previous_epoch"]) for r in rs])
             entry["sad_vs_start_end"] = _mean_std([r.sad["vs_start"][-1] for r in rs])
             entry["sad_last_epoch"] = _mean_std([r.sad["vs_previous_epoch"][-1] for r in rs])
+            entry["sad_second_half"] = _mean_std(
+                [sum(r.sad["vs_previous_epoch"][r.epochs // 2 :]) for r in rs]
+            )
             entry["pruned_to_kept_abs_ratio"] = _mean_std(
                 [r.checks["pruned_to_kept_abs_ratio"] for r in rs]
             )
@@ -209,6 +212,15 @@ def summarize(runs: list[RunRecord], metric: str) -> dict[str, Any]:
             paired.setdefault(pattern, []).append(r.final[metric] - other.final[metric])
     out["paired_srste_minus_ste"] = {p: _mean_std(d) for p, d in paired.items()}
     return out
+
+
+def resummarize(path: Path) -> None:
+    """Recompute every task's ``summary`` from the runs recorded in ``path`` (no training)."""
+    data = json.loads(path.read_text())
+    for task in data["tasks"].values():
+        runs = [RunRecord(**r) for r in task["runs"]]
+        task["summary"] = summarize(runs, task["metric"])
+    path.write_text(json.dumps(_strict(data), indent=1, allow_nan=False) + "\n")
 
 
 def tune(specs: list[TaskSpec], seed: int) -> dict[str, Any]:
@@ -234,6 +246,17 @@ def tune(specs: list[TaskSpec], seed: int) -> dict[str, Any]:
     return result
 
 
+def _scaled(spec: TaskSpec, k: int) -> TaskSpec:
+    """``spec`` with k times the optimizer steps (same epochs and schedule shape)."""
+    if k == 1:
+        return spec
+    if spec.steps_per_epoch is not None:
+        return replace(
+            spec, steps_per_epoch=spec.steps_per_epoch * k, warmup_steps=spec.warmup_steps * k
+        )
+    return replace(spec, epochs=spec.epochs * k)
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=list(SPECS), choices=list(SPECS))
@@ -242,19 +265,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
     p.add_argument("--lambda-w", type=float, default=LAMBDA_W, help="SR-STE lambda_W")
     p.add_argument("--threads", type=int, default=1, help="torch.set_num_threads (default 1)")
+    p.add_argument(
+        "--budget-scale", type=int, default=1, help="k x the training steps (supplement runs)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny models and budgets (CI, seconds)")
     p.add_argument("--tune", action="store_true", help="dense LR sweep instead of the study")
     p.add_argument("--out", type=Path, default=None, help="JSON output path")
+    p.add_argument(
+        "--resummarize", type=Path, default=None, help="recompute a JSON's summaries, no training"
+    )
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.resummarize is not None:
+        resummarize(args.resummarize)
+        print(f"rewrote the summaries of {args.resummarize}")
+        return 0
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     torch.set_num_threads(args.threads)
     for p in args.patterns:
         nmfx.parse_pattern(p)  # fail before training anything
-    specs = [(SMOKE if args.smoke else SPECS)[name] for name in args.tasks]
+    specs = [
+        _scaled((SMOKE if args.smoke else SPECS)[name], args.budget_scale) for name in args.tasks
+    ]
+    machine = machine_info()  # before training: others may edit nmfx/ while this runs
     t0, cpu0 = time.perf_counter(), time.process_time()
     with LoadMonitor() as load:
         if args.tune:
@@ -276,9 +312,10 @@ def main(argv: list[str] | None = None) -> int:
             "patterns": args.patterns,
             "srste_lambda": args.lambda_w,
             "threads": args.threads,
+            "budget_scale": args.budget_scale,
             "methods": args.methods,
         },
-        "machine": machine_info(),
+        "machine": machine,
         "load": load.result,
         "wall_s": time.perf_counter() - t0,
         "cpu_s": time.process_time() - cpu0,

@@ -43,6 +43,10 @@ def test_json_has_every_run_and_the_run_facts(study: dict) -> None:
         assert got == want, name
         assert {k.split("/")[0] for k in task["summary"] if "/" in k} == METHODS
         assert set(task["summary"]["paired_srste_minus_ste"]) == set(PATTERNS)
+        for key in ("srste/2:4", "ste/2:4", "fixed/2:4"):
+            entry = task["summary"][key]
+            assert {"sad_total", "sad_second_half", "pruned_to_kept_abs_ratio"} <= set(entry)
+            assert entry[task["metric"]]["n"] == 1
     corpus = study["tasks"]["charlm"]["data"]
     assert len(corpus["sha256"]) == 64 and corpus["python"]
     assert corpus["bytes"] == SMOKE["charlm"].corpus_bytes
@@ -112,8 +116,9 @@ def test_budgets_are_equal_and_srste_ste_share_their_start(study: dict) -> None:
 def test_render_reads_the_json(study: dict, tmp_path: Path) -> None:
     src = tmp_path / "accuracy.json"
     src.write_text(json.dumps(study))
-    written = render.render(src, tmp_path / "out", plots=False)
+    written = render.render(src, tmp_path / "out", plots=False, ablations=(src,))
     text = written[0].read_text()
+    assert "Sensitivity: SR-STE at larger lambda_W" in text
     assert "SR-STE" in text and "STE" in text and "fixed mask" in text
     rows = [line for line in text.splitlines() if line.startswith("| SR-STE ")]
     assert len(rows) == 2 * len(PATTERNS)  # one row per task and pattern

@@ -48,9 +48,10 @@ def _pm(entry: dict[str, Any] | None, scale: float = 1.0, digits: int = 3) -> st
     return f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
-def _rows_key(key: str) -> tuple[int, str]:
+def _rows_key(key: str, patterns: list[str]) -> tuple[int, int]:
+    """Methods in METHOD_ORDER, patterns in the order the study ran them."""
     method, _, pattern = key.partition("/")
-    return METHOD_ORDER.index(method), pattern
+    return METHOD_ORDER.index(method), patterns.index(pattern) if pattern in patterns else -1
 
 
 def results_table(task: dict[str, Any], name: str) -> str:
@@ -64,7 +65,8 @@ def results_table(task: dict[str, Any], name: str) -> str:
     )
     headers.append("right after one-shot prune (before fine-tune)")
     rows = []
-    for key in sorted((k for k in summary if "/" in k), key=_rows_key):
+    patterns = list(task["sparsity"])
+    for key in sorted((k for k in summary if "/" in k), key=lambda k: _rows_key(k, patterns)):
         method, _, pattern = key.partition("/")
         e = summary[key]
         if acc:
@@ -85,7 +87,8 @@ def sad_table(data: dict[str, Any]) -> str:
     for name, task in data["tasks"].items():
         summary = task["summary"]
         keys = [k for k in summary if "/" in k and "sad_total" in summary[k]]
-        for key in sorted(keys, key=lambda k: (k.partition("/")[2], _rows_key(k))):
+        patterns = list(task["sparsity"])
+        for key in sorted(keys, key=lambda k: _rows_key(k, patterns)[::-1]):
             method, _, pattern = key.partition("/")
             e = summary[key]
             rows.append([

@@ -90,7 +90,9 @@ def read_bandwidth(gib: float = 1.0, reps: int = 7) -> dict[str, float]:
 def compiled_dense(w: torch.Tensor, x: torch.Tensor) -> Callable[[], torch.Tensor]:
     """``F.linear(x, w)`` compiled by inductor with the weight frozen (a module parameter)."""
     lin = torch.nn.Linear(w.shape[1], w.shape[0], bias=False, dtype=w.dtype)
-    lin.weight = torch.nn.Parameter(w, requires_grad=False)
+    # Its own copy: sharing w with the eager baseline would keep it warm in cache for
+    # whichever of the two runs second, an edge the other contenders do not get.
+    lin.weight = torch.nn.Parameter(w.clone(), requires_grad=False)
     lin.eval()
     torch._dynamo.reset()  # one compiled module per case; never hit the recompile limit
     with inductor_config.patch(freezing=True):
@@ -347,6 +349,14 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="print the README table and target verdicts of a saved result; measure nothing",
     )
+    parser.add_argument(
+        "--only",
+        action="append",
+        default=[],
+        metavar="KEY=V1,V2",
+        help="restrict the sweep, e.g. --only shapes=1024x1024 --only batches=1,64 "
+        "--only patterns=2:4 --only dtypes=float32 (results go to --out)",
+    )
     args = parser.parse_args(argv)
     if args.render is not None:
         print(readme_summary(json.loads(args.render.read_text())))
@@ -354,7 +364,20 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.threads:
         torch.set_num_threads(args.threads)
-    config = QUICK if args.quick else FULL
+    config = dict(QUICK if args.quick else FULL)
+    for item in args.only:
+        key, _, values = item.partition("=")
+        if key not in config:
+            raise SystemExit(f"--only {item!r}: key must be one of {sorted(config)}")
+        parsed = [
+            tuple(int(d) for d in v.split("x"))
+            if key == "shapes"
+            else int(v)
+            if key == "batches"
+            else v
+            for v in values.split(",")
+        ]
+        config[key] = parsed
     budget_s, max_reps = (0.15, 15) if args.quick else (0.6, 30)
 
     t0 = time.perf_counter()

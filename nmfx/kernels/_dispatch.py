@@ -2,8 +2,8 @@
 
 Decompress-in-register pays while a linear is memory-bound (few rows of x); at large batch dense
 GEMM is compute-bound and wins. The crossover is measured once per machine by :func:`calibrate`
-(a few seconds: for a cache-resident 1024x1024 and a memory-bound 4096x4096 weight, fp32 and
-bf16, patterns 2:4, 1:4 and 1:8, batches 1, 2, 4, ... until sparse stops winning) and cached as
+(about ten seconds: for a cache-resident 1024x1024 and a memory-bound 4096x4096 weight, fp32
+and bf16, patterns 2:4, 1:4, 1:8 and 4:8, batches 1, 2, 4, ... until sparse stops winning) and cached as
 JSON in ``~/.cache/nmfx`` (or ``$NMFX_CACHE_DIR``). Other patterns use the calibrated pattern of
 the nearest density at or above theirs (denser than 1/2: dense unless forced); fp16 uses bf16's. ``NMFX_DISPATCH`` or
 :func:`force_dispatch` overrides the choice ("sparse", "dense" or "auto").
@@ -32,7 +32,7 @@ from nmfx.pattern import NMPattern
 
 logger = logging.getLogger(__name__)
 
-TABLE_VERSION = 3  # 2: per-pattern thresholds as measured; 3: unbounded wins, probed at 256
+TABLE_VERSION = 4  # 2: per pattern as measured; 3: unbounded wins probed at 256; 4: 4:8 too
 MODES = ("auto", "sparse", "dense")
 _MODE_SET = frozenset(MODES)
 DISPATCH_ENV = "NMFX_DISPATCH"
@@ -48,7 +48,7 @@ CALIB_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 # outweighs the bytes it saves: measured at one row of x on the 2-core AVX2 machine, 2:4
 # fp32 64K weights (1024x64, 256x256) ran 0.63x dense, 256K weights (512x512) 1.23x.
 MIN_SPARSE_NUMEL = 1 << 17
-CALIB_PATTERNS = ((2, 4), (1, 4), (1, 8))
+CALIB_PATTERNS = ((2, 4), (1, 4), (1, 8), (4, 8))
 CALIB_DTYPES = (torch.float32, torch.bfloat16)
 # Seconds per (class, dtype, pattern) before calibration stops going to larger batches.
 CALIB_BUDGET_S = 0.35

@@ -103,11 +103,11 @@ def compiled_dense(w: torch.Tensor, x: torch.Tensor) -> Callable[[], torch.Tenso
 
 
 def measure(
-    fns: dict[str, Callable[[], Any]], budget_s: float, max_reps: int
+    fns: dict[str, Callable[[], Any]], budget_s: float, max_reps: int, min_reps: int = 5
 ) -> tuple[dict[str, float], dict[str, list[float]], int, str]:
     """Median seconds per contender over interleaved rounds (clean rounds when possible),
     the per-round seconds used, the number of rounds and which were used."""
-    rounds = interleaved(fns, repeats=max_reps, warmup=1, budget_s=budget_s, min_repeats=5)
+    rounds = interleaved(fns, repeats=max_reps, warmup=1, budget_s=budget_s, min_repeats=min_reps)
     times, used = rounds.pick()
     medians = {k: statistics.median(v) for k, v in times.items()}
     return medians, times, len(rounds.others_share), used
@@ -118,7 +118,9 @@ def paired_speedup(base: list[float], other: list[float]) -> float:
     return statistics.median(b / o for b, o in zip(base, other, strict=True))
 
 
-def run(config: dict[str, Any], budget_s: float, max_reps: int) -> list[dict[str, Any]]:
+def run(
+    config: dict[str, Any], budget_s: float, max_reps: int, min_reps: int = 5
+) -> list[dict[str, Any]]:
     rows_out = []
     for rows, cols in config["shapes"]:
         for dtype_name in config["dtypes"]:
@@ -142,7 +144,7 @@ def run(config: dict[str, Any], budget_s: float, max_reps: int) -> list[dict[str
                     fns = {"dense": dense, "sparse": sparse, "dispatched": dispatched}
                     if config.get("compiled", True):
                         fns["dense_compiled"] = compiled_dense(w, x)
-                    t, per_round, reps, used = measure(fns, budget_s, max_reps)
+                    t, per_round, reps, used = measure(fns, budget_s, max_reps, min_reps)
                     best = (
                         "dense_compiled" if t.get("dense_compiled", 1e9) < t["dense"] else "dense"
                     )
@@ -351,6 +353,9 @@ def main(argv: list[str] | None = None) -> None:
         help="print the README table and target verdicts of a saved result; measure nothing",
     )
     parser.add_argument(
+        "--min-rounds", type=int, default=5, help="interleaved rounds per case, at least"
+    )
+    parser.add_argument(
         "--only",
         action="append",
         default=[],
@@ -389,7 +394,7 @@ def main(argv: list[str] | None = None) -> None:
     with LoadMonitor() as load:
         bandwidth = read_bandwidth(0.5 if args.quick else 1.0)
         with torch.inference_mode():
-            rows = run(config, budget_s, max_reps)
+            rows = run(config, budget_s, max(max_reps, args.min_rounds), args.min_rounds)
     elapsed = time.perf_counter() - t0
     text = render(rows, bandwidth)
     print(text)
@@ -401,6 +406,7 @@ def main(argv: list[str] | None = None) -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     result = {
         "quick": args.quick,
+        "argv": sys.argv[1:] if argv is None else argv,
         "machine": {
             "cpu": table["machine"]["cpu"],
             "platform": platform.platform(),

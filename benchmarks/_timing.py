@@ -27,7 +27,11 @@ from typing import Any
 
 import torch
 
-from nmfx.timing import cpu_flags, cpu_model  # one implementation of the machine facts
+from nmfx.timing import (  # one implementation of the machine facts and the load probe
+    cpu_flags,
+    cpu_model,
+    parallel_op_latency_us,
+)
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 CONTENDED_OP_US = 500.0  # parallel_op_latency_us above this: other jobs hold the cores
@@ -97,24 +101,6 @@ def _jiffies() -> tuple[int, int, int]:
     # child processes a benchmark starts count as its own work, not as other load.
     own = sum(int(x) for x in stat[11:15])
     return total - idle, total, own
-
-
-def parallel_op_latency_us(numel: int = 1 << 18, calls: int = 50) -> float:
-    """Median microseconds of one small multi-threaded op (an add of 256K floats).
-
-    A few tens of microseconds on an idle machine; when another process holds a core, every
-    parallel region waits for a descheduled thread and this jumps to milliseconds. Code
-    made of many small ops (eager masking) then slows far more than code made of few
-    large ones (a dense GEMM), which skews sparse/dense ratios.
-    """
-    a, b = torch.randn(numel), torch.randn(numel)
-    out = torch.empty(numel)
-    samples = []
-    for _ in range(calls):
-        start = time.perf_counter()
-        torch.add(a, b, out=out)
-        samples.append(time.perf_counter() - start)
-    return round(statistics.median(samples) * 1e6, 1)
 
 
 class LoadMonitor:

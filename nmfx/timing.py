@@ -88,6 +88,22 @@ def time_interleaved(
     return {name: Timing(tuple(s)) for name, s in samples.items()}
 
 
+def parallel_op_latency_us(numel: int = 1 << 18, calls: int = 50) -> float:
+    """Median microseconds of one small multi-threaded op (an add of 256K floats).
+
+    A few tens of microseconds on an idle machine; when another process holds a core, every
+    parallel region waits for a descheduled thread and this jumps to milliseconds.
+    """
+    a, b = torch.randn(numel), torch.randn(numel)
+    out = torch.empty(numel)
+    samples = []
+    for _ in range(calls):
+        start = time.perf_counter()
+        torch.add(a, b, out=out)
+        samples.append(time.perf_counter() - start)
+    return round(statistics.median(samples) * 1e6, 1)
+
+
 def cpu_model() -> str:
     try:
         with open("/proc/cpuinfo") as f:

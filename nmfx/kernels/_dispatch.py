@@ -239,17 +239,11 @@ def calibrate(force: bool = False) -> dict[str, Any]:
         return table
 
 
-def _parallel_probe_us(numel: int = 1 << 18, calls: int = 30) -> float:
-    """Median microseconds of a small multi-threaded add: tens idle, thousands when contended."""
-    a, b = torch.randn(numel), torch.randn(numel)
-    out = torch.empty(numel)
-    samples = []
-    for _ in range(calls):
-        t0 = time.perf_counter()
-        torch.add(a, b, out=out)
-        samples.append(time.perf_counter() - t0)
-    samples.sort()
-    return samples[len(samples) // 2] * 1e6
+def _parallel_probe_us() -> float:
+    """A small parallel op's latency: tens of us idle, thousands when contended."""
+    from nmfx.timing import parallel_op_latency_us
+
+    return parallel_op_latency_us(calls=30)
 
 
 def _measure(machine: dict[str, Any]) -> dict[str, Any]:

@@ -234,11 +234,18 @@ void run_contiguous(const NMProblem& p, int64_t r0, int64_t r1) {
   for (; r < r1; ++r) all_x_rows<K, STEP, 1>(p, r);
 }
 
+// Calls fn(r0', r1') on the parts of [r0, r1) on either side of p.safe_rows, whose rows' values
+// are contiguous (kernels that address rows by one base pointer and a stride need that).
+template <typename Fn>
+inline void split_at_safe_rows(const NMProblem& p, int64_t r0, int64_t r1, Fn&& fn) {
+  const int64_t split = r0 < p.safe_rows ? (r1 < p.safe_rows ? r1 : p.safe_rows) : r0;
+  if (split > r0) fn(r0, split);
+  if (r1 > split) fn(split, r1);
+}
+
 template <Kind K, int STEP>
 void run(const NMProblem& p, int64_t r0, int64_t r1) {
-  const int64_t split = r0 < p.safe_rows ? (r1 < p.safe_rows ? r1 : p.safe_rows) : r0;
-  if (split > r0) run_contiguous<K, STEP>(p, r0, split);
-  if (r1 > split) run_contiguous<K, STEP>(p, split, r1);
+  split_at_safe_rows(p, r0, r1, [&](int64_t a, int64_t b) { run_contiguous<K, STEP>(p, a, b); });
 }
 
 // Batch-1 GEMV for one kept value per group (1:4, 1:8): select x instead of expanding W.
@@ -383,17 +390,12 @@ void select_gemv(const NMProblem& p, int64_t r) {
 }
 
 template <Kind K, int M>
-void run_select_contiguous(const NMProblem& p, int64_t r0, int64_t r1) {
-  int64_t r = r0;
-  for (; r + 4 <= r1; r += 4) select_gemv<K, M, 4>(p, r);
-  for (; r < r1; ++r) select_gemv<K, M, 1>(p, r);
-}
-
-template <Kind K, int M>
 void run_select(const NMProblem& p, int64_t r0, int64_t r1) {
-  const int64_t split = r0 < p.safe_rows ? (r1 < p.safe_rows ? r1 : p.safe_rows) : r0;
-  if (split > r0) run_select_contiguous<K, M>(p, r0, split);
-  if (r1 > split) run_select_contiguous<K, M>(p, split, r1);
+  split_at_safe_rows(p, r0, r1, [&](int64_t a, int64_t b) {
+    int64_t r = a;
+    for (; r + 4 <= b; r += 4) select_gemv<K, M, 4>(p, r);
+    for (; r < b; ++r) select_gemv<K, M, 1>(p, r);
+  });
 }
 
 template <Kind K>

@@ -12,11 +12,15 @@
 // and mask bytes are read 8 at a time. The expanded vector is FMA'd against x in registers, so
 // the dense weight never exists in memory. At batch 1 four weight rows share each x load; at
 // batch > 1 tiles of 3 weight rows x 4 rows of x reuse each expanded vector four times.
+// From 32 rows of x the batched path (run_panels, below) takes over: it does only the kept
+// multiply-adds, against x staged transposed.
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
 
+#include <algorithm>
 #include <cstring>
 #include <utility>
+#include <vector>
 
 #include "nm_kernels.h"
 
@@ -426,9 +430,183 @@ void run_step(const NMProblem& p, int64_t r0, int64_t r1, int step) {
   }
 }
 
+// ---- Batched path: only the kept multiply-adds ----
+// Expanding W does M/N times the useful multiply-adds, which is free while the weight stream
+// bounds the time (a few rows of x) but not once many rows of x make the problem compute-bound.
+// Here x is staged transposed in panels of 32 rows (panel[k][0..31] = x[0..31, k]) and every kept
+// value w at column k does y^T[r, 0..31] += w * panel[k]: one broadcast, four 8-wide loads and
+// four FMAs, so only the kept multiply-adds run (2:4 at 256 rows of x: 1.9x fewer cycles than
+// the expanding path, one thread, 4096 x 4096).
+//
+// Per pass over kPanelKC columns, the kept columns of the rows' mask bytes are decoded once into
+// panel offsets (and bf16/fp16 values into fp32) and reused by every panel; then panel by panel
+// (its 16 KB slice of kPanelKC columns stays in L1) tiles of kPanelRW rows accumulate into y^T
+// [rows, 256 x rows] (L2). Up to 256 rows of x per pass keep y^T and the slices in L2.
+constexpr int64_t kPanelKC = 128;   // multiple of 16, so every pass holds whole groups of M
+constexpr int64_t kPanelSuper = 256;
+constexpr int kPanelRW = 3;         // 12 accumulators; 2 and 4 rows measured slower
+
+struct alignas(32) PanelOffsets {
+  int32_t off[256][8];  // kept positions of mask byte m, times kPanelBatch (a panel row)
+};
+
+constexpr PanelOffsets make_panel_offsets() {
+  PanelOffsets t{};
+  for (int m = 0; m < 256; ++m) {
+    int c = 0;
+    for (int i = 0; i < 8; ++i) {
+      if ((m >> i) & 1) t.off[m][c++] = i * static_cast<int32_t>(kPanelBatch);
+    }
+  }
+  return t;
+}
+
+constexpr PanelOffsets kPanelOffsets = make_panel_offsets();
+
+// Panel offsets of the kept columns of mask bytes [kb0, kb1) relative to column 8*kb0; writes up
+// to 8 entries past the last kept column.
+inline void decode_offsets(const uint8_t* mrow, int64_t kb0, int64_t kb1, int32_t* out) {
+  __m256i base = _mm256_setzero_si256();
+  const __m256i step = _mm256_set1_epi32(8 * static_cast<int32_t>(kPanelBatch));
+  for (int64_t kb = kb0; kb < kb1; ++kb) {
+    const unsigned m = mrow[kb];
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+                        _mm256_add_epi32(load_si256(kPanelOffsets.off[m]), base));
+    base = _mm256_add_epi32(base, step);
+    out += _mm_popcnt_u32(m);
+  }
+}
+
+// y^T rows i (stride ldy), 8*NV columns: += sum_j vals[i][j] * panel[offs[i][j] .. + 8*NV].
+template <int RW, int NV>
+inline void panel_tile(const float* panel, const float* const* vals, const int32_t* const* offs,
+                       int64_t nnz, float* yt, int64_t ldy) {
+  __m256 acc[RW][NV];
+#pragma GCC unroll 8
+  for (int i = 0; i < RW; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) acc[i][v] = _mm256_loadu_ps(yt + i * ldy + 8 * v);
+  }
+  for (int64_t j = 0; j < nnz; ++j) {
+#pragma GCC unroll 8
+    for (int i = 0; i < RW; ++i) {
+      const float* px = panel + offs[i][j];
+      const __m256 w = _mm256_broadcast_ss(vals[i] + j);
+#pragma GCC unroll 4
+      for (int v = 0; v < NV; ++v) {
+        acc[i][v] = _mm256_fmadd_ps(w, _mm256_load_ps(px + 8 * v), acc[i][v]);
+      }
+    }
+  }
+#pragma GCC unroll 8
+  for (int i = 0; i < RW; ++i) {
+#pragma GCC unroll 4
+    for (int v = 0; v < NV; ++v) _mm256_storeu_ps(yt + i * ldy + 8 * v, acc[i][v]);
+  }
+}
+
+// Tiles of RW rows (then single rows) of the pass over one panel, 8*NV of its 32 columns.
+template <int RW, int NV, typename ValsOf>
+inline void panel_rows(const float* panel, ValsOf&& vals_of, const int32_t* offs,
+                       int64_t ostride, int64_t nr, int64_t nnz, float* ycol, int64_t ldy) {
+  int64_t i = 0;
+  for (; i + RW <= nr; i += RW) {
+    const float* v[RW];
+    const int32_t* o[RW];
+    for (int t = 0; t < RW; ++t) {
+      v[t] = vals_of(i + t);
+      o[t] = offs + (i + t) * ostride;
+    }
+    panel_tile<RW, NV>(panel, v, o, nnz, ycol + i * ldy, ldy);
+  }
+  for (; i < nr; ++i) {
+    const float* v[1] = {vals_of(i)};
+    const int32_t* o[1] = {offs + i * ostride};
+    panel_tile<1, NV>(panel, v, o, nnz, ycol + i * ldy, ldy);
+  }
+}
+
+// Kept values [v0, v0 + nnz) of a row as fp32 (fp32 rows are read in place).
+template <Kind K>
+inline void widen_values(const char* row, int64_t v0, int64_t nnz, float* out) {
+  constexpr int E = kElemBytes<K>;
+  const char* vp = row + v0 * E;
+  int64_t j = 0;
+  for (; j + 8 <= nnz; j += 8) _mm256_storeu_ps(out + j, load8<K>(vp + j * E));
+  for (; j < nnz; ++j) out[j] = load1<K>(vp + j * E);
+}
+
+template <Kind K>
+void run_panels(const NMProblem& p, int64_t r0, int64_t r1) {
+  constexpr int E = kElemBytes<K>;
+  constexpr bool kInPlace = K == Kind::kF32Shuf;
+  const int64_t nr = r1 - r0;
+  const int64_t cols = p.kept / p.n * p.m;
+  const int64_t kc_kept = kPanelKC / p.m * p.n;  // kept values per row per pass
+  const int64_t ostride = kc_kept + 8;
+  const int64_t sup = std::min(p.nbp, kPanelSuper);
+  std::vector<float> yt(nr * sup);
+  std::vector<int32_t> offs(nr * ostride);
+  std::vector<float> wide(kInPlace ? 0 : nr * kc_kept);
+  std::vector<const char*> rows(nr);
+  for (int64_t r = r0; r < r1; ++r) rows[r - r0] = static_cast<const char*>(row_values(p, r, E));
+  const int64_t panel_stride = p.ldx * kPanelBatch;
+  for (int64_t b0 = 0; b0 < p.nbp; b0 += sup) {
+    const int64_t bs = std::min(sup, p.nbp - b0);
+    std::fill(yt.begin(), yt.end(), 0.f);
+    for (int64_t k0 = 0; k0 < cols; k0 += kPanelKC) {
+      const int64_t k1 = std::min(cols, k0 + kPanelKC);
+      const int64_t nnz = (k1 - k0) / p.m * p.n;  // every group of M keeps exactly N
+      const int64_t v0 = k0 / p.m * p.n;
+      for (int64_t i = 0; i < nr; ++i) {
+        decode_offsets(p.mask + (r0 + i) * p.KB, k0 / 8, (k1 + 7) / 8, offs.data() + i * ostride);
+        if constexpr (!kInPlace) widen_values<K>(rows[i], v0, nnz, wide.data() + i * kc_kept);
+      }
+      auto vals_of = [&](int64_t i) -> const float* {
+        if constexpr (kInPlace) {
+          return reinterpret_cast<const float*>(rows[i]) + v0;
+        } else {
+          return wide.data() + i * kc_kept;
+        }
+      };
+      for (int64_t b = b0; b < b0 + bs; b += kPanelBatch) {
+        const float* panel = p.xpanel + b / kPanelBatch * panel_stride + k0 * kPanelBatch;
+        // A last panel holding at most 16 rows of x computes only those 16 columns.
+        if (p.B - b <= 16) {
+          panel_rows<6, 2>(panel, vals_of, offs.data(), ostride, nr, nnz, yt.data() + (b - b0), sup);
+        } else {
+          panel_rows<kPanelRW, 4>(panel, vals_of, offs.data(), ostride, nr, nnz,
+                                  yt.data() + (b - b0), sup);
+        }
+      }
+    }
+    // y[b, r] += y^T[r, b], 16 rows at a time (16 floats of a y row are one cache line).
+    const int64_t bend = std::min(p.B, b0 + bs);
+    for (int64_t i0 = 0; i0 < nr; i0 += 16) {
+      const int64_t i1 = std::min(nr, i0 + 16);
+      for (int64_t b = b0; b < bend; ++b) {
+        float* yrow = p.y + b * p.R + r0;
+        for (int64_t i = i0; i < i1; ++i) yrow[i] += yt[i * sup + (b - b0)];
+      }
+    }
+  }
+}
+
 }  // namespace
 
+void nm_gemm_avx2_panels(const NMProblem& p, int64_t r0, int64_t r1) {
+  switch (p.vtype) {
+    case ValueType::kFloat32:
+      return run_panels<Kind::kF32Shuf>(p, r0, r1);
+    case ValueType::kBFloat16:
+      return run_panels<Kind::kBF16>(p, r0, r1);
+    case ValueType::kFloat16:
+      return run_panels<Kind::kF16>(p, r0, r1);
+  }
+}
+
 void nm_gemm_avx2(const NMProblem& p, int64_t r0, int64_t r1) {
+  if (p.xpanel != nullptr) return nm_gemm_avx2_panels(p, r0, r1);
   // Constant kept-per-byte when M divides 8; otherwise popcount per byte (M = 16).
   const int step = 8 % p.m == 0 ? 8 / p.m * p.n : 0;
   const int max_per_byte = step ? step : (p.n < 8 ? p.n : 8);
@@ -460,6 +638,7 @@ void nm_gemm_avx2(const NMProblem& p, int64_t r0, int64_t r1) {
 
 namespace nmfx {
 void nm_gemm_avx2(const NMProblem& p, int64_t r0, int64_t r1) { nm_gemm_portable(p, r0, r1); }
+void nm_gemm_avx2_panels(const NMProblem& p, int64_t r0, int64_t r1) { nm_gemm_portable(p, r0, r1); }
 }  // namespace nmfx
 
 #endif

@@ -94,6 +94,8 @@ void run(const NMProblem& p, int64_t r0, int64_t r1) {
 }  // namespace
 
 void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) {
+  // Many rows of x: the batched AVX2 path (only the kept multiply-adds; see nm_avx2.cpp).
+  if (p.xpanel != nullptr) return nm_gemm_avx2_panels(p, r0, r1);
   switch (p.vtype) {
     case ValueType::kFloat32:
       run<float>(p, r0, r1);

@@ -35,7 +35,32 @@ struct NMProblem {
   // Optional (may be null): for B == 1 and N == 1, M in {4, 8}, x regrouped for the selecting
   // GEMV: per chunk of 8*M columns, xsel[c*8M + j*8 + i] = x[c*8M + i*M + j] (see stage_xsel).
   const float* xsel;
+  // Optional (may be null): x transposed in panels of kPanelBatch rows for the batched path
+  // (nm_avx2.cpp, run_panels), xpanel[(b / 32) * ldx * 32 + k * 32 + b % 32], zero for b >= B;
+  // nbp is B rounded up to a multiple of kPanelBatch (see stage_panels).
+  const float* xpanel;
+  int64_t nbp;
 };
+
+// Rows of x per panel of the batched path.
+constexpr int64_t kPanelBatch = 32;
+
+// Panels [b0 / 32, b1 / 32) of x [B, ldx] (b0, b1 multiples of 32), transposed, zero past B.
+inline void stage_panels(const float* x, int64_t B, int64_t ldx, int64_t b0, int64_t b1,
+                         float* out) {
+  constexpr int64_t kK = 16;  // columns per block: 16 rows of x x 64 bytes, then 16 panel lines
+  for (int64_t blk = b0; blk < b1; blk += kPanelBatch) {
+    float* panel = out + blk / kPanelBatch * ldx * kPanelBatch;
+    for (int64_t k0 = 0; k0 < ldx; k0 += kK) {
+      for (int64_t i = 0; i < kPanelBatch; ++i) {
+        const int64_t b = blk + i;
+        for (int64_t k = k0; k < k0 + kK && k < ldx; ++k) {
+          panel[k * kPanelBatch + i] = b < B ? x[b * ldx + k] : 0.f;
+        }
+      }
+    }
+  }
+}
 
 // Columns per chunk of the selecting GEMV (eight groups of M), 0 when it does not apply.
 inline int64_t xsel_chunk(int64_t B, int n, int m) {
@@ -63,6 +88,8 @@ inline const void* row_values(const NMProblem& p, int64_t r, int elem_size) {
 void nm_gemm_portable(const NMProblem& p, int64_t r0, int64_t r1);
 void nm_gemm_avx2(const NMProblem& p, int64_t r0, int64_t r1);
 void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1);
+// The batched path on x panels (p.xpanel set), AVX2 + FMA; the AVX-512 kernel uses it too.
+void nm_gemm_avx2_panels(const NMProblem& p, int64_t r0, int64_t r1);
 
 bool cpu_has_avx2();
 bool cpu_has_avx512();

@@ -40,6 +40,13 @@ constexpr int64_t kIsaAuto = 0;
 constexpr int64_t kIsaPortable = 1;
 constexpr int64_t kIsaAvx2 = 2;
 constexpr int64_t kIsaAvx512 = 3;
+// Path bits above the ISA code (tests use them to cover both paths at any batch): the batched
+// path on x panels (nm_avx2.cpp, run_panels) or the expanding one. Without either, the batched
+// path runs from kPanelMinBatch rows of x.
+constexpr int64_t kIsaMask = 0xff;
+constexpr int64_t kPathExpand = 1 << 8;
+constexpr int64_t kPathPanels = 1 << 9;
+constexpr int64_t kPanelMinBatch = 32;
 // Widest SIMD load (elements) a kernel may issue at a row's last kept value.
 constexpr int64_t kValuePad = 16;
 
@@ -92,6 +99,10 @@ ValueType value_type(const at::Tensor& t) {
 at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                    const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n,
                    int64_t m, int64_t isa) {
+  const int64_t path = isa & ~kIsaMask;
+  isa &= kIsaMask;
+  TORCH_CHECK(path != (kPathExpand | kPathPanels) && (path & ~(kPathExpand | kPathPanels)) == 0,
+              "nmfx: bad path bits ", path);
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "nmfx: x must be [B, ", cols, "], got ",
               x.sizes());
   TORCH_CHECK(m > 0 && n > 0 && n < m && cols % m == 0, "nmfx: bad pattern ", n, ":", m,
@@ -176,6 +187,20 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
     stage_xsel(xb, cols, static_cast<int>(m), xsel.data_ptr<float>());
   }
 
+  // Many rows of x: stage x as transposed panels for the batched path (x86 SIMD kernels only).
+  const KernelFn fn = select_kernel(isa);
+  at::Tensor xpanel;
+  const bool panels = fn != nm_gemm_portable && B > 0 && rows > 0 &&
+                      (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
+  const int64_t nbp = (B + kPanelBatch - 1) / kPanelBatch * kPanelBatch;
+  if (panels) {
+    xpanel = at::empty({nbp / kPanelBatch, ldx, kPanelBatch}, f32);
+    float* xp = xpanel.data_ptr<float>();
+    at::parallel_for(0, nbp / kPanelBatch, 1, [&](int64_t blk0, int64_t blk1) {
+      stage_panels(xb, B, ldx, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
+    });
+  }
+
   NMProblem p{};
   p.x = xbuf.data_ptr<float>();
   p.xsel = xsel.defined() ? xsel.data_ptr<float>() : nullptr;
@@ -192,8 +217,9 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   p.safe_rows = safe_rows;
   p.tail_values = tail.defined() ? tail.data_ptr() : nullptr;
   p.y = y.data_ptr<float>();
+  p.xpanel = panels ? xpanel.data_ptr<float>() : nullptr;
+  p.nbp = nbp;
 
-  const KernelFn fn = select_kernel(isa);
   if (B == 0 || rows == 0) return y.to(x.scalar_type());
   // Small problems stay on one thread (a fork costs more than it saves below ~64k
   // multiply-adds). Otherwise threads take chunks of 8k rows from a shared counter, so a thread

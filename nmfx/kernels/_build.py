@@ -25,6 +25,10 @@ EXTENSION_NAME = "nmfx_cpu_kernels"
 DISABLE_ENV = "NMFX_DISABLE_KERNELS"
 
 ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3}
+# Bits above the ISA code of ``nm_gemm``'s ``isa`` argument that force the x86 kernels' path at
+# any batch (by default the batched path runs from 32 rows of x): expanding W, or x panels.
+PATH_EXPAND = 1 << 8
+PATH_PANELS = 1 << 9
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None}

@@ -1,7 +1,9 @@
 """Per-call choice between the sparse kernel and dense ``F.linear``, from measured thresholds.
 
-Decompress-in-register pays while a linear is memory-bound (few rows of x); at large batch dense
-GEMM is compute-bound and wins. The crossover is measured once per machine by :func:`calibrate`
+Decompress-in-register pays while a linear is memory-bound (few rows of x); from 32 rows of x the
+kernels switch to a batched path that does only the kept multiply-adds, which usually keeps
+sparse ahead of dense GEMM at any batch, but not on every machine, dtype and shape, so the
+crossover (if any) is measured once per machine by :func:`calibrate`
 (about ten seconds: for a cache-resident 1024x1024 and a memory-bound 4096x4096 weight, fp32
 and bf16, patterns 2:4, 1:4, 1:8 and 4:8, batches 1, 2, 4, ... until sparse stops winning) and cached as
 JSON in ``~/.cache/nmfx`` (or ``$NMFX_CACHE_DIR``). Other patterns use the calibrated pattern of

@@ -64,7 +64,7 @@ CASES = [
     ("8:16", 3, 48),
     ("5:16", 2, 16),
 ]
-BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 33]
+BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 16, 33, 64]
 
 
 def random_nm(rows: int, cols: int, pattern: str, dtype: torch.dtype, seed: int = 0):
@@ -364,16 +364,71 @@ def test_autograd_reaches_input() -> None:
 
 
 @pytest.mark.parametrize("isa", ISAS)
-def test_values_without_slack_use_padded_copy(isa: str) -> None:
+@pytest.mark.parametrize("batch", [3, 40])
+def test_values_without_slack_use_padded_copy(isa: str, batch: int) -> None:
     """Raw op callers may pass values with no spare storage; the kernel copies the last rows."""
     w = random_nm(9, 32, "1:8", torch.bfloat16)
     p = pack(w, "1:8")
     tight = p.values.clone()  # storage holds exactly rows * kept elements
     assert tight.untyped_storage().nbytes() == tight.numel() * tight.element_size()
     code = _build.ISA_CODES[isa]
-    x = torch.randn(3, 32, dtype=torch.bfloat16)
+    x = torch.randn(batch, 32, dtype=torch.bfloat16)
     y = torch.ops.nmfx_cpu.nm_gemm(x, tight, p.mask, None, 9, 32, 1, 8, code)
     torch.testing.assert_close(y.float(), reference(x, w, None), **TOL[torch.bfloat16])
+
+
+X86_ISAS = [param for param in ISAS if param.id != "portable"]
+# Batches around the 32-row panels: one short panel, whole panels, a short last panel of at most
+# 16 rows (computed 16 wide) and of more; 300 needs two passes of 256 rows.
+PANEL_BATCHES = [1, 5, 16, 31, 32, 33, 48, 49, 64, 97, 300]
+PANEL_CASES = [*CASES, ("2:4", 70, 264), ("1:8", 9, 1032), ("2:16", 5, 400)]
+
+
+@pytest.mark.parametrize("isa", X86_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize(
+    ("pattern", "rows", "cols"), PANEL_CASES, ids=[f"{c[0]}-{c[2]}" for c in PANEL_CASES]
+)
+def test_both_x86_paths_match_linear_at_any_batch(isa, dtype, pattern, rows, cols) -> None:
+    """The expanding and the batched (x panel) paths, each forced at every batch, incl. passes of
+    128 columns (cols 264, 400, 1032) that end mid-way and a bias."""
+    n, m = (int(v) for v in pattern.split(":"))
+    w = random_nm(rows, cols, pattern, dtype, seed=1)
+    p = pack(w, pattern)
+    bias = torch.randn(rows, dtype=dtype)
+    for path in (_build.PATH_EXPAND, _build.PATH_PANELS):
+        code = _build.ISA_CODES[isa] | path
+        for batch in PANEL_BATCHES:
+            x = torch.randn(batch, cols, dtype=dtype)
+            y = torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, bias, rows, cols, n, m, code)
+            torch.testing.assert_close(y.float(), reference(x, w, bias), **TOL[dtype])
+
+
+@pytest.mark.parametrize("isa", X86_ISAS)
+def test_path_bits_switch_the_path(isa: str) -> None:
+    """The forced paths really differ: they sum in another order, so fp32 results differ in the
+    last bits (fixed seed), while both match F.linear (above)."""
+    assert K.kernels_available()
+    w = random_nm(64, 1032, "2:4", torch.float32, seed=2)
+    p = pack(w, "2:4")
+    x = torch.randn(64, 1032, generator=torch.Generator().manual_seed(3))
+    ys = [
+        torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, None, 64, 1032, 2, 4, code)
+        for code in (
+            _build.ISA_CODES[isa] | _build.PATH_EXPAND,
+            _build.ISA_CODES[isa] | _build.PATH_PANELS,
+        )
+    ]
+    assert not torch.equal(ys[0], ys[1])
+    torch.testing.assert_close(ys[0], ys[1], **TOL[torch.float32])
+
+
+def test_path_bits_are_checked() -> None:
+    assert K.kernels_available()
+    p = pack(random_nm(4, 8, "2:4", torch.float32), "2:4")
+    both = _build.ISA_CODES["portable"] | _build.PATH_EXPAND | _build.PATH_PANELS
+    with pytest.raises(RuntimeError, match="bad path bits"):
+        torch.ops.nmfx_cpu.nm_gemm(torch.randn(2, 8), p.values, p.mask, None, 4, 8, 2, 4, both)
 
 
 def test_thresholds_are_the_measured_ones_per_pattern() -> None:

@@ -42,14 +42,23 @@ inline unsigned mask16(const uint8_t* mrow, int64_t kb2, int64_t KB) {
   return mrow[lo] | (lo + 1 < KB ? static_cast<unsigned>(mrow[lo + 1]) << 8 : 0u);
 }
 
+// Software prefetch of the next tile of rows into L2, as in the AVX2 kernel (where it took a
+// batch-1 4096x4096 2:4 fp32 GEMV on one thread from 2.83 to 1.8 ms): a tile's rows are WR short
+// interleaved streams the hardware prefetcher barely ramps up on. Not measured on AVX-512
+// hardware (none available to the project); prefetches never fault, so results cannot change.
 template <typename T, int WR, int XB>
 void micro(const NMProblem& p, int64_t r, int64_t b) {
   const T* vp[WR];
   const uint8_t* mp[WR];
+  const char* next[WR];  // the same columns WR rows down (null past the last row)
   for (int i = 0; i < WR; ++i) {
     vp[i] = static_cast<const T*>(row_values(p, r + i, sizeof(T)));
     mp[i] = p.mask + (r + i) * p.KB;
+    next[i] = r + WR + i < p.R ? static_cast<const char*>(row_values(p, r + WR + i, sizeof(T)))
+                               : nullptr;
   }
+  const T* row0[WR];
+  for (int i = 0; i < WR; ++i) row0[i] = vp[i];
   __m512 acc[WR][XB];
   for (int i = 0; i < WR; ++i) {
     for (int j = 0; j < XB; ++j) acc[i][j] = _mm512_setzero_ps();
@@ -57,6 +66,18 @@ void micro(const NMProblem& p, int64_t r, int64_t b) {
   const float* xb = p.x + b * p.ldx;
   const int64_t blocks = (p.KB + 1) / 2;  // ldx is a multiple of 16, so x reads stay in bounds
   for (int64_t kb2 = 0; kb2 < blocks; ++kb2) {
+    if (XB == 1 && (kb2 & 3) == 0) {  // every 64 columns
+      for (int i = 0; i < WR; ++i) {
+        if (next[i] == nullptr) continue;
+        const char* at = next[i] + (vp[i] - row0[i]) * static_cast<int64_t>(sizeof(T));
+        _mm_prefetch(at, _MM_HINT_T1);
+        _mm_prefetch(at + 64, _MM_HINT_T1);
+        if ((kb2 & 31) == 0) {
+          _mm_prefetch(reinterpret_cast<const char*>(p.mask + (r + WR + i) * p.KB + 2 * kb2),
+                       _MM_HINT_T1);
+        }
+      }
+    }
     __m512 w[WR];
     for (int i = 0; i < WR; ++i) {
       const unsigned m = mask16(mp[i], kb2, p.KB);
@@ -96,6 +117,9 @@ void run(const NMProblem& p, int64_t r0, int64_t r1) {
 void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) {
   // Many rows of x: the batched AVX2 path (only the kept multiply-adds; see nm_avx2.cpp).
   if (p.xpanel != nullptr) return nm_gemm_avx2_panels(p, r0, r1);
+  // Batch-1 1:4 / 1:8: the AVX2 selecting GEMV (one FMA per 8 kept values), which expanding 16
+  // dense weights per instruction cannot beat: it does 2 (1:8) to 4 (1:4) times more FMAs.
+  if (p.xsel != nullptr && xsel_chunk(p.B, p.n, p.m) > 0) return nm_gemm_avx2(p, r0, r1);
   switch (p.vtype) {
     case ValueType::kFloat32:
       run<float>(p, r0, r1);

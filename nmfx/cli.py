@@ -81,6 +81,14 @@ def example_inputs(
     if zoo_name is None:
         raise UsageError("a module:callable model needs --input-shape, e.g. --input-shape 1x1024")
     x = model_zoo.example_input(zoo_name, batch=batch, model=model)
+    config = getattr(model, "config", None)
+    for key in ("max_seq_len", "n_positions"):
+        limit = getattr(config, key, None)
+        if seq is not None and isinstance(limit, int) and seq > limit:
+            raise UsageError(
+                f"--seq {seq} is longer than {zoo_name}'s {key}={limit}; pass --seq {limit} or "
+                f"less, or --set {key}={seq}"
+            )
     if seq is not None and x.dtype == torch.long:
         x = x[:, :1].repeat(1, seq) if seq > x.shape[1] else x[:, :seq]
     return (x,)

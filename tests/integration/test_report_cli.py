@@ -148,8 +148,23 @@ def test_cli_demo_short(tmp_path):
         (["inspect", "mlp", "--set", "hidden"], 2, "KEY=VALUE"),
         (["report", "mlp", "--target", "tpu"], 2, "invalid choice"),
         (["frobnicate"], 2, "invalid choice"),
+        (
+            ["report", "llama", "--seq", "256"],
+            2,
+            "--seq 256 is longer than llama's max_seq_len=128; pass --seq 128 or less, "
+            "or --set max_seq_len=256",
+        ),
+        (["report", "gpt2", "--seq", "200"], 2, "gpt2's n_positions=128"),
     ],
-    ids=["unknown-model", "bad-pattern", "bad-set", "bad-target", "bad-command"],
+    ids=[
+        "unknown-model",
+        "bad-pattern",
+        "bad-set",
+        "bad-target",
+        "bad-command",
+        "seq-llama",
+        "seq-gpt2",
+    ],
 )
 def test_cli_bad_arguments_exit_nonzero_with_message(args, code, message):
     result = nmfx_cli(*args)

@@ -442,7 +442,6 @@ void run_step(const NMProblem& p, int64_t r0, int64_t r1, int step) {
 // panel offsets (and bf16/fp16 values into fp32) and reused by every panel; then panel by panel
 // (its 16 KB slice of kPanelKC columns stays in L1) tiles of kPanelRW rows accumulate into y^T
 // [rows, 256 x rows] (L2). Up to 256 rows of x per pass keep y^T and the slices in L2.
-constexpr int64_t kPanelKC = 128;   // multiple of 16, so every pass holds whole groups of M
 constexpr int64_t kPanelSuper = 256;
 constexpr int kPanelRW = 3;         // 12 accumulators; 2 and 4 rows measured slower
 
@@ -550,7 +549,6 @@ void run_panels(const NMProblem& p, int64_t r0, int64_t r1) {
   std::vector<float> wide(kInPlace ? 0 : nr * kc_kept);
   std::vector<const char*> rows(nr);
   for (int64_t r = r0; r < r1; ++r) rows[r - r0] = static_cast<const char*>(row_values(p, r, E));
-  const int64_t panel_stride = p.ldx * kPanelBatch;
   for (int64_t b0 = 0; b0 < p.nbp; b0 += sup) {
     const int64_t bs = std::min(sup, p.nbp - b0);
     std::fill(yt.begin(), yt.end(), 0.f);
@@ -570,7 +568,7 @@ void run_panels(const NMProblem& p, int64_t r0, int64_t r1) {
         }
       };
       for (int64_t b = b0; b < b0 + bs; b += kPanelBatch) {
-        const float* panel = p.xpanel + b / kPanelBatch * panel_stride + k0 * kPanelBatch;
+        const float* panel = p.xpanel + panel_index(b, k0, p.nbp);
         // A last panel holding at most 16 rows of x computes only those 16 columns.
         if (p.B - b <= 16) {
           panel_rows<6, 2>(panel, vals_of, offs.data(), ostride, nr, nnz, yt.data() + (b - b0), sup);

@@ -194,10 +194,10 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
                       (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
   const int64_t nbp = (B + kPanelBatch - 1) / kPanelBatch * kPanelBatch;
   if (panels) {
-    xpanel = at::empty({nbp / kPanelBatch, ldx, kPanelBatch}, f32);
+    xpanel = at::empty({panel_numel(nbp, ldx)}, f32);
     float* xp = xpanel.data_ptr<float>();
     at::parallel_for(0, nbp / kPanelBatch, 1, [&](int64_t blk0, int64_t blk1) {
-      stage_panels(xb, B, ldx, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
+      stage_panels(xb, B, ldx, nbp, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
     });
   }
 

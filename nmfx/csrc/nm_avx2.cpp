@@ -319,6 +319,53 @@ inline float load1(const char* vp) {
   }
 }
 
+// 2:4 at batch 1: a mask byte holds two groups of 4; entry [m] gives the kept positions in
+// group (0..3) of its 4 kept values: two of the low nibble, then two of the high one.
+struct alignas(16) Positions24 {
+  int32_t pos[256][4];
+};
+
+constexpr Positions24 make_positions24() {
+  Positions24 t{};
+  for (int m = 0; m < 256; ++m) {
+    int c = 0;
+    for (int i = 0; i < 8 && c < 4; ++i) {
+      // At most 2 per nibble: a byte of a valid 2:4 mask has exactly 2 bits in each.
+      if (((m >> i) & 1) && (c < 2) == (i < 4)) t.pos[m][c++] = i & 3;
+    }
+  }
+  return t;
+}
+
+constexpr Positions24 kPositions24 = make_positions24();
+
+// 8 kept values of 2:4 = 16 columns = groups 0..3. With xs = (x0..3, x8..11 | x4..7, x12..15)
+// (two registers), every 128-bit half of a register holds one group's 4 x values, so an in-lane
+// permute (vpermilps) picks kept value i's x from its own group: lanes 0-1 (group 0) and 4-5
+// (group 2) from the first register, lanes 2-3 (group 1) and 6-7 (group 3) from the second,
+// then one immediate blend. About half the instructions of expanding W for these 16 columns.
+template <Kind K, int WR, bool kPrefetch>
+inline __attribute__((always_inline)) void select24_chunk(const char* vp, int64_t vstride,
+                                                          const uint8_t* mp, int64_t mstride,
+                                                          const float* xs, __m256 (&acc)[WR]) {
+  const __m256 r1 = _mm256_loadu_ps(xs);
+  const __m256 r2 = _mm256_loadu_ps(xs + 8);
+#pragma GCC unroll 8
+  for (int i = 0; i < WR; ++i) {
+    if constexpr (kPrefetch) {
+      _mm_prefetch(vp + (WR + i) * vstride, _MM_HINT_T1);
+      _mm_prefetch(reinterpret_cast<const char*>(mp + (WR + i) * mstride), _MM_HINT_T1);
+    }
+    const uint8_t* m = mp + i * mstride;
+    const __m256i idx = _mm256_loadu2_m128i(
+        reinterpret_cast<const __m128i*>(kPositions24.pos[m[1]]),
+        reinterpret_cast<const __m128i*>(kPositions24.pos[m[0]]));
+    const __m256 x = _mm256_blend_ps(_mm256_permutevar_ps(r1, idx), _mm256_permutevar_ps(r2, idx),
+                                     0xCC);
+    acc[i] = _mm256_fmadd_ps(load8<K>(vp + i * vstride), x, acc[i]);
+  }
+}
+
 template <Kind K, int M, int WR, bool kPrefetch>
 inline __attribute__((always_inline)) void select_chunk(const char* vp, int64_t vstride,
                                                         const uint8_t* mp, int64_t mstride,
@@ -346,35 +393,47 @@ inline __attribute__((always_inline)) void select_chunk(const char* vp, int64_t 
   }
 }
 
-template <Kind K, int M, int WR>
+template <Kind K, int N, int M, int WR, bool kPrefetch>
+inline __attribute__((always_inline)) void select_any(const char* vp, int64_t vstride,
+                                                      const uint8_t* mp, int64_t mstride,
+                                                      const float* xs, __m256 (&acc)[WR]) {
+  if constexpr (N == 2) {
+    select24_chunk<K, WR, kPrefetch>(vp, vstride, mp, mstride, xs, acc);
+  } else {
+    select_chunk<K, M, WR, kPrefetch>(vp, vstride, mp, mstride, xs, acc);
+  }
+}
+
+template <Kind K, int N, int M, int WR>
 void select_gemv(const NMProblem& p, int64_t r) {
   constexpr int E = kElemBytes<K>;
-  constexpr int CH = 8 * M;  // columns per chunk; M mask bytes and 8 kept values per row
+  constexpr int CH = 8 * M / N;  // columns per chunk: CH / 8 mask bytes, 8 kept values per row
+  constexpr int MB = CH / 8;
   // Chunks per 64-byte line of values: prefetch once per line.
   constexpr int U = 64 / (8 * E) > 1 ? 64 / (8 * E) : 1;
   const char* vp = static_cast<const char*>(row_values(p, r, E));
   const int64_t vstride = p.kept * E;
   const uint8_t* mp = p.mask + r * p.KB;
   const int64_t mstride = p.KB;
-  const int64_t cols = p.kept * M;
+  const int64_t cols = p.kept / N * M;
   const int64_t nch = cols / CH;
   __m256 acc[WR];
   for (int i = 0; i < WR; ++i) acc[i] = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + U <= nch; c += U) {
-    select_chunk<K, M, WR, true>(vp, vstride, mp, mstride, p.xsel + c * CH, acc);
+    select_any<K, N, M, WR, true>(vp, vstride, mp, mstride, p.xsel + c * CH, acc);
 #pragma GCC unroll 4
     for (int u = 1; u < U; ++u) {
-      select_chunk<K, M, WR, false>(vp + u * 8 * E, vstride, mp + u * M, mstride,
-                                    p.xsel + (c + u) * CH, acc);
+      select_any<K, N, M, WR, false>(vp + u * 8 * E, vstride, mp + u * MB, mstride,
+                                     p.xsel + (c + u) * CH, acc);
     }
     vp += U * 8 * E;
-    mp += U * M;
+    mp += U * MB;
   }
   for (; c < nch; ++c) {
-    select_chunk<K, M, WR, false>(vp, vstride, mp, mstride, p.xsel + c * CH, acc);
+    select_any<K, N, M, WR, false>(vp, vstride, mp, mstride, p.xsel + c * CH, acc);
     vp += 8 * E;
-    mp += M;
+    mp += MB;
   }
   // Fewer than 8 groups left: scalar, from the plain x.
   for (int i = 0; i < WR; ++i) {
@@ -393,22 +452,24 @@ void select_gemv(const NMProblem& p, int64_t r) {
   }
 }
 
-template <Kind K, int M>
+template <Kind K, int N, int M>
 void run_select(const NMProblem& p, int64_t r0, int64_t r1) {
   split_at_safe_rows(p, r0, r1, [&](int64_t a, int64_t b) {
     int64_t r = a;
-    for (; r + 4 <= b; r += 4) select_gemv<K, M, 4>(p, r);
-    for (; r < b; ++r) select_gemv<K, M, 1>(p, r);
+    for (; r + 4 <= b; r += 4) select_gemv<K, N, M, 4>(p, r);
+    for (; r < b; ++r) select_gemv<K, N, M, 1>(p, r);
   });
 }
 
 template <Kind K>
 bool try_select(const NMProblem& p, int64_t r0, int64_t r1) {
   if (p.xsel == nullptr || xsel_chunk(p.B, p.n, p.m) == 0) return false;
-  if (p.m == 4) {
-    run_select<K, 4>(p, r0, r1);
+  if (p.n == 2) {
+    run_select<K, 2, 4>(p, r0, r1);
+  } else if (p.m == 4) {
+    run_select<K, 1, 4>(p, r0, r1);
   } else {
-    run_select<K, 8>(p, r0, r1);
+    run_select<K, 1, 8>(p, r0, r1);
   }
   return true;
 }

@@ -12,6 +12,8 @@
 // and mask bytes are read 8 at a time. The expanded vector is FMA'd against x in registers, so
 // the dense weight never exists in memory. At batch 1 four weight rows share each x load; at
 // batch > 1 tiles of 3 weight rows x 4 rows of x reuse each expanded vector four times.
+// At batch 1, patterns with one kept value per group (1:4, 1:8) or four per 8 columns (2:4, 4:8)
+// select x instead of expanding W (select_gemv, below): one FMA per 8 kept values.
 // From 32 rows of x the batched path (run_panels, below) takes over: it does only the kept
 // multiply-adds, against x staged transposed.
 #if defined(__x86_64__) || defined(__i386__)
@@ -319,37 +321,35 @@ inline float load1(const char* vp) {
   }
 }
 
-// 2:4 at batch 1: a mask byte holds two groups of 4; entry [m] gives the kept positions in
-// group (0..3) of its 4 kept values: two of the low nibble, then two of the high one.
-struct alignas(16) Positions24 {
+// Patterns keeping 4 of every 8 columns (2:4, 4:8) at batch 1: entry [m] lists the positions
+// (0..7) of the first 4 set bits of mask byte m, i.e. of its 4 kept columns.
+struct alignas(16) Kept4 {
   int32_t pos[256][4];
 };
 
-constexpr Positions24 make_positions24() {
-  Positions24 t{};
+constexpr Kept4 make_kept4() {
+  Kept4 t{};
   for (int m = 0; m < 256; ++m) {
     int c = 0;
     for (int i = 0; i < 8 && c < 4; ++i) {
-      // At most 2 per nibble: a byte of a valid 2:4 mask has exactly 2 bits in each.
-      if (((m >> i) & 1) && (c < 2) == (i < 4)) t.pos[m][c++] = i & 3;
+      if ((m >> i) & 1) t.pos[m][c++] = i;
     }
   }
   return t;
 }
 
-constexpr Positions24 kPositions24 = make_positions24();
+constexpr Kept4 kKept4 = make_kept4();
 
-// 8 kept values of 2:4 = 16 columns = groups 0..3. With xs = (x0..3, x8..11 | x4..7, x12..15)
-// (two registers), every 128-bit half of a register holds one group's 4 x values, so an in-lane
-// permute (vpermilps) picks kept value i's x from its own group: lanes 0-1 (group 0) and 4-5
-// (group 2) from the first register, lanes 2-3 (group 1) and 6-7 (group 3) from the second,
-// then one immediate blend. About half the instructions of expanding W for these 16 columns.
+// 8 kept values = 16 columns: kept values 0-3 sit in columns 0-7 and pick their x from x[0..7]
+// with a cross-lane permute (vpermps), kept values 4-7 from x[8..15]; one blend joins the two and
+// one FMA does 8 useful multiply-adds, where expanding does 2 shuffles and 2 FMAs half of whose
+// lanes multiply zeros.
 template <Kind K, int WR, bool kPrefetch>
-inline __attribute__((always_inline)) void select24_chunk(const char* vp, int64_t vstride,
-                                                          const uint8_t* mp, int64_t mstride,
-                                                          const float* xs, __m256 (&acc)[WR]) {
-  const __m256 r1 = _mm256_loadu_ps(xs);
-  const __m256 r2 = _mm256_loadu_ps(xs + 8);
+inline __attribute__((always_inline)) void select4_chunk(const char* vp, int64_t vstride,
+                                                         const uint8_t* mp, int64_t mstride,
+                                                         const float* xs, __m256 (&acc)[WR]) {
+  const __m256 lo = _mm256_loadu_ps(xs);
+  const __m256 hi = _mm256_loadu_ps(xs + 8);
 #pragma GCC unroll 8
   for (int i = 0; i < WR; ++i) {
     if constexpr (kPrefetch) {
@@ -357,11 +357,10 @@ inline __attribute__((always_inline)) void select24_chunk(const char* vp, int64_
       _mm_prefetch(reinterpret_cast<const char*>(mp + (WR + i) * mstride), _MM_HINT_T1);
     }
     const uint8_t* m = mp + i * mstride;
-    const __m256i idx = _mm256_loadu2_m128i(
-        reinterpret_cast<const __m128i*>(kPositions24.pos[m[1]]),
-        reinterpret_cast<const __m128i*>(kPositions24.pos[m[0]]));
-    const __m256 x = _mm256_blend_ps(_mm256_permutevar_ps(r1, idx), _mm256_permutevar_ps(r2, idx),
-                                     0xCC);
+    const __m256i idx = _mm256_loadu2_m128i(reinterpret_cast<const __m128i*>(kKept4.pos[m[1]]),
+                                            reinterpret_cast<const __m128i*>(kKept4.pos[m[0]]));
+    const __m256 x = _mm256_blend_ps(_mm256_permutevar8x32_ps(lo, idx),
+                                     _mm256_permutevar8x32_ps(hi, idx), 0xF0);
     acc[i] = _mm256_fmadd_ps(load8<K>(vp + i * vstride), x, acc[i]);
   }
 }
@@ -397,8 +396,8 @@ template <Kind K, int N, int M, int WR, bool kPrefetch>
 inline __attribute__((always_inline)) void select_any(const char* vp, int64_t vstride,
                                                       const uint8_t* mp, int64_t mstride,
                                                       const float* xs, __m256 (&acc)[WR]) {
-  if constexpr (N == 2) {
-    select24_chunk<K, WR, kPrefetch>(vp, vstride, mp, mstride, xs, acc);
+  if constexpr (8 / M * N == 4) {
+    select4_chunk<K, WR, kPrefetch>(vp, vstride, mp, mstride, xs, acc);
   } else {
     select_chunk<K, M, WR, kPrefetch>(vp, vstride, mp, mstride, xs, acc);
   }
@@ -409,6 +408,8 @@ void select_gemv(const NMProblem& p, int64_t r) {
   constexpr int E = kElemBytes<K>;
   constexpr int CH = 8 * M / N;  // columns per chunk: CH / 8 mask bytes, 8 kept values per row
   constexpr int MB = CH / 8;
+  // 4 kept per mask byte (2:4, 4:8) read x as is; one kept per group reads it regrouped.
+  const float* xs = 8 / M * N == 4 ? p.x : p.xsel;
   // Chunks per 64-byte line of values: prefetch once per line.
   constexpr int U = 64 / (8 * E) > 1 ? 64 / (8 * E) : 1;
   const char* vp = static_cast<const char*>(row_values(p, r, E));
@@ -421,17 +422,17 @@ void select_gemv(const NMProblem& p, int64_t r) {
   for (int i = 0; i < WR; ++i) acc[i] = _mm256_setzero_ps();
   int64_t c = 0;
   for (; c + U <= nch; c += U) {
-    select_any<K, N, M, WR, true>(vp, vstride, mp, mstride, p.xsel + c * CH, acc);
+    select_any<K, N, M, WR, true>(vp, vstride, mp, mstride, xs + c * CH, acc);
 #pragma GCC unroll 4
     for (int u = 1; u < U; ++u) {
       select_any<K, N, M, WR, false>(vp + u * 8 * E, vstride, mp + u * MB, mstride,
-                                     p.xsel + (c + u) * CH, acc);
+                                     xs + (c + u) * CH, acc);
     }
     vp += U * 8 * E;
     mp += U * MB;
   }
   for (; c < nch; ++c) {
-    select_any<K, N, M, WR, false>(vp, vstride, mp, mstride, p.xsel + c * CH, acc);
+    select_any<K, N, M, WR, false>(vp, vstride, mp, mstride, xs + c * CH, acc);
     vp += 8 * E;
     mp += MB;
   }
@@ -463,13 +464,19 @@ void run_select(const NMProblem& p, int64_t r0, int64_t r1) {
 
 template <Kind K>
 bool try_select(const NMProblem& p, int64_t r0, int64_t r1) {
-  if (p.xsel == nullptr || xsel_chunk(p.B, p.n, p.m) == 0) return false;
-  if (p.n == 2) {
+  if (p.B != 1) return false;
+  if (p.n == 2 && p.m == 4) {
     run_select<K, 2, 4>(p, r0, r1);
-  } else if (p.m == 4) {
-    run_select<K, 1, 4>(p, r0, r1);
+  } else if (p.n == 4 && p.m == 8) {
+    run_select<K, 4, 8>(p, r0, r1);
+  } else if (p.xsel != nullptr && xsel_chunk(p.B, p.n, p.m) > 0) {
+    if (p.m == 4) {
+      run_select<K, 1, 4>(p, r0, r1);
+    } else {
+      run_select<K, 1, 8>(p, r0, r1);
+    }
   } else {
-    run_select<K, 1, 8>(p, r0, r1);
+    return false;
   }
   return true;
 }

@@ -32,8 +32,8 @@ struct NMProblem {
   int64_t safe_rows;
   const void* tail_values;
   float* y;                // [B, R] fp32, pre-initialised (bias or zero); kernels accumulate
-  // Optional (may be null): for B == 1 and 1:4, 1:8 or 2:4, x regrouped for the selecting GEMV
-  // (see xsel_chunk and stage_xsel).
+  // Optional (may be null): for B == 1 and N == 1, M in {4, 8}, x regrouped for the selecting
+  // GEMV: per chunk of 8*M columns, xsel[c*8M + j*8 + i] = x[c*8M + i*M + j] (see stage_xsel).
   const float* xsel;
   // Optional (may be null): x transposed in panels of kPanelBatch rows for the batched path
   // (nm_avx2.cpp, run_panels), cut into slices of kPanelKC columns; see panel_index.
@@ -80,29 +80,16 @@ inline void stage_panels(const float* x, int64_t B, int64_t ldx, int64_t nbp, in
   }
 }
 
-// Columns per chunk of the selecting GEMV (8 kept values: eight groups of M for 1:M, four
-// groups for 2:4), 0 when it does not apply.
+// Columns per chunk of the selecting GEMV for one kept value per group (eight groups of M), 0
+// when it does not apply (2:4 and 4:8 select from x as it is).
 inline int64_t xsel_chunk(int64_t B, int n, int m) {
-  if (B != 1) return 0;
-  if (n == 1 && (m == 4 || m == 8)) return 8 * m;
-  return n == 2 && m == 4 ? 16 : 0;
+  return B == 1 && n == 1 && (m == 4 || m == 8) ? 8 * m : 0;
 }
 
-// x regrouped for the selecting GEMV, for every whole chunk of x[0, K):
-//   1:M: out[c*8M + j*8 + i] = x[c*8M + i*M + j] (register j holds position j of 8 groups);
-//   2:4: per 16 columns (x0..3, x8..11, x4..7, x12..15) (each 128-bit half holds a group).
-inline void stage_xsel(const float* x, int64_t K, int n, int m, float* out) {
-  const int64_t chunk = xsel_chunk(1, n, m);
+// out[c*8M + j*8 + i] = x[c*8M + i*M + j] for every whole chunk of 8*M columns of x[0, K).
+inline void stage_xsel(const float* x, int64_t K, int m, float* out) {
+  const int64_t chunk = 8 * m;
   for (int64_t c0 = 0; c0 + chunk <= K; c0 += chunk) {
-    if (n == 2) {
-      for (int j = 0; j < 4; ++j) {
-        out[c0 + j] = x[c0 + j];
-        out[c0 + 4 + j] = x[c0 + 8 + j];
-        out[c0 + 8 + j] = x[c0 + 4 + j];
-        out[c0 + 12 + j] = x[c0 + 12 + j];
-      }
-      continue;
-    }
     for (int j = 0; j < m; ++j) {
       for (int i = 0; i < 8; ++i) out[c0 + j * 8 + i] = x[c0 + i * m + j];
     }

@@ -180,11 +180,11 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
     }
   }
 
-  // The batch-1 GEMV for 1:4, 1:8 and 2:4 reads x regrouped (see stage_xsel).
+  // The batch-1 GEMV for 1:4 and 1:8 reads x regrouped by position within a group.
   at::Tensor xsel;
   if (xsel_chunk(B, static_cast<int>(n), static_cast<int>(m)) > 0) {
     xsel = at::empty({ldx}, f32);
-    stage_xsel(xb, cols, static_cast<int>(n), static_cast<int>(m), xsel.data_ptr<float>());
+    stage_xsel(xb, cols, static_cast<int>(m), xsel.data_ptr<float>());
   }
 
   // Many rows of x: stage x as transposed panels for the batched path (x86 SIMD kernels only).

@@ -119,7 +119,9 @@ void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) {
   if (p.xpanel != nullptr) return nm_gemm_avx2_panels(p, r0, r1);
   // Batch-1 1:4 / 1:8: the AVX2 selecting GEMV (one FMA per 8 kept values), which expanding 16
   // dense weights per instruction cannot beat: it does 2 (1:8) to 4 (1:4) times more FMAs.
-  if (p.xsel != nullptr && xsel_chunk(p.B, p.n, p.m) > 0) return nm_gemm_avx2(p, r0, r1);
+  if (p.allow_select && p.xsel != nullptr && xsel_chunk(p.B, p.n, p.m) > 0) {
+    return nm_gemm_avx2(p, r0, r1);
+  }
   switch (p.vtype) {
     case ValueType::kFloat32:
       run<float>(p, r0, r1);

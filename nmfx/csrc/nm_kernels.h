@@ -40,6 +40,9 @@ struct NMProblem {
   // nbp is B rounded up to a multiple of kPanelBatch.
   const float* xpanel;
   int64_t nbp;
+  // Whether the batch-1 selecting GEMV may run (false: expand W even at batch 1; tests and
+  // benchmarks force that path with nm_gemm's PATH_EXPAND bit).
+  bool allow_select;
 };
 
 // Rows of x per panel, and columns per slice of a panel, of the batched path.

@@ -40,9 +40,10 @@ constexpr int64_t kIsaAuto = 0;
 constexpr int64_t kIsaPortable = 1;
 constexpr int64_t kIsaAvx2 = 2;
 constexpr int64_t kIsaAvx512 = 3;
-// Path bits above the ISA code (tests use them to cover both paths at any batch): the batched
-// path on x panels (nm_avx2.cpp, run_panels) or the expanding one. Without either, the batched
-// path runs from kPanelMinBatch rows of x.
+// Path bits above the ISA code (tests and benchmarks use them to run one path at any batch):
+// expanding W in registers, or the batched path on x panels (nm_avx2.cpp, run_panels). Without
+// either, one row of x takes the selecting GEMV where the pattern has one (1:4, 1:8, 2:4, 4:8),
+// fewer than kPanelMinBatch rows expand W, and more take the batched path.
 constexpr int64_t kIsaMask = 0xff;
 constexpr int64_t kPathExpand = 1 << 8;
 constexpr int64_t kPathPanels = 1 << 9;
@@ -219,6 +220,7 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   p.y = y.data_ptr<float>();
   p.xpanel = panels ? xpanel.data_ptr<float>() : nullptr;
   p.nbp = nbp;
+  p.allow_select = path != kPathExpand;
 
   if (B == 0 || rows == 0) return y.to(x.scalar_type());
   // Small problems stay on one thread (a fork costs more than it saves below ~64k

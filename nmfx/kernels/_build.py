@@ -26,7 +26,8 @@ DISABLE_ENV = "NMFX_DISABLE_KERNELS"
 
 ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3}
 # Bits above the ISA code of ``nm_gemm``'s ``isa`` argument that force the x86 kernels' path at
-# any batch (by default the batched path runs from 32 rows of x): expanding W, or x panels.
+# any batch: expanding W in registers, or the batched path on x panels. By default one row of x
+# selects x where the pattern allows (1:4, 1:8, 2:4, 4:8), 2-31 rows expand W, 32+ use panels.
 PATH_EXPAND = 1 << 8
 PATH_PANELS = 1 << 9
 

@@ -405,19 +405,29 @@ def test_both_x86_paths_match_linear_at_any_batch(isa, dtype, pattern, rows, col
 
 
 @pytest.mark.parametrize("isa", X86_ISAS)
-def test_path_bits_switch_the_path(isa: str) -> None:
-    """The forced paths really differ: they sum in another order, so fp32 results differ in the
-    last bits (fixed seed), while both match F.linear (above)."""
+@pytest.mark.parametrize(
+    ("pattern", "batch", "paths"),
+    [
+        ("2:4", 64, ("expand", "panels")),
+        ("2:4", 1, ("expand", "auto")),  # auto at one row: the selecting GEMV
+        ("4:8", 1, ("expand", "auto")),
+        ("1:8", 1, ("expand", "auto")),
+    ],
+)
+def test_path_bits_switch_the_path(isa: str, pattern: str, batch: int, paths) -> None:
+    """The paths really differ: they sum in another order, so fp32 results differ in the last
+    bits (fixed seed), while all match F.linear (above)."""
     assert K.kernels_available()
-    w = random_nm(64, 1032, "2:4", torch.float32, seed=2)
-    p = pack(w, "2:4")
-    x = torch.randn(64, 1032, generator=torch.Generator().manual_seed(3))
+    n, m = (int(v) for v in pattern.split(":"))
+    w = random_nm(64, 1032, pattern, torch.float32, seed=2)
+    p = pack(w, pattern)
+    x = torch.randn(batch, 1032, generator=torch.Generator().manual_seed(3))
+    bits = {"auto": 0, "expand": _build.PATH_EXPAND, "panels": _build.PATH_PANELS}
     ys = [
-        torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, None, 64, 1032, 2, 4, code)
-        for code in (
-            _build.ISA_CODES[isa] | _build.PATH_EXPAND,
-            _build.ISA_CODES[isa] | _build.PATH_PANELS,
+        torch.ops.nmfx_cpu.nm_gemm(
+            x, p.values, p.mask, None, 64, 1032, n, m, _build.ISA_CODES[isa] | bits[path]
         )
+        for path in paths
     ]
     assert not torch.equal(ys[0], ys[1])
     torch.testing.assert_close(ys[0], ys[1], **TOL[torch.float32])

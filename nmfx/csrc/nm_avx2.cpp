@@ -612,14 +612,19 @@ void run_panels(const NMProblem& p, int64_t r0, int64_t r1) {
   const int64_t kc_kept = kPanelKC / p.m * p.n;  // kept values per row per pass
   const int64_t ostride = kc_kept + 8;
   const int64_t sup = std::min(p.nbp, kPanelSuper);
-  std::vector<float> yt(nr * sup);
-  std::vector<int32_t> offs(nr * ostride);
-  std::vector<float> wide(kInPlace ? 0 : nr * kc_kept);
-  std::vector<const char*> rows(nr);
+  // Per-thread buffers reused across calls (fresh ones of a few hundred KB page-fault each call).
+  static thread_local std::vector<float> yt;
+  static thread_local std::vector<int32_t> offs;
+  static thread_local std::vector<float> wide;
+  static thread_local std::vector<const char*> rows;
+  if (yt.size() < static_cast<size_t>(nr * sup)) yt.resize(nr * sup);
+  if (offs.size() < static_cast<size_t>(nr * ostride)) offs.resize(nr * ostride);
+  if (!kInPlace && wide.size() < static_cast<size_t>(nr * kc_kept)) wide.resize(nr * kc_kept);
+  if (rows.size() < static_cast<size_t>(nr)) rows.resize(nr);
   for (int64_t r = r0; r < r1; ++r) rows[r - r0] = static_cast<const char*>(row_values(p, r, E));
   for (int64_t b0 = 0; b0 < p.nbp; b0 += sup) {
     const int64_t bs = std::min(sup, p.nbp - b0);
-    std::fill(yt.begin(), yt.end(), 0.f);
+    std::fill(yt.begin(), yt.begin() + nr * sup, 0.f);
     for (int64_t k0 = 0; k0 < cols; k0 += kPanelKC) {
       const int64_t k1 = std::min(cols, k0 + kPanelKC);
       const int64_t nnz = (k1 - k0) / p.m * p.n;  // every group of M keeps exactly N

@@ -8,7 +8,11 @@
 // buffer [B, ldx] whose columns K..ldx-1 are zero (ldx is a multiple of 16).
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
+#if defined(__SSE__)
+#include <xmmintrin.h>
+#endif
 
 namespace nmfx {
 
@@ -65,18 +69,46 @@ inline int64_t panel_numel(int64_t nbp, int64_t ldx) {
 }
 
 // Panels [b0 / 32, b1 / 32) of x [B, ldx] (b0, b1 multiples of 32), transposed, zero past B and
-// past ldx (up to the last whole slice).
+// past ldx (up to the last whole slice). 4x4 blocks go through SSE registers (baseline x86-64):
+// one 16-byte store per 4 elements instead of four scalar ones, which had made staging a third
+// of a 64x4096 weight's time at 192 rows of x.
 inline void stage_panels(const float* x, int64_t B, int64_t ldx, int64_t nbp, int64_t b0,
                          int64_t b1, float* out) {
   const int64_t kpad = (ldx + kPanelKC - 1) / kPanelKC * kPanelKC;
-  constexpr int64_t kK = 16;  // columns per block: 16 rows of x x 64 bytes, then 16 panel lines
   for (int64_t blk = b0; blk < b1; blk += kPanelBatch) {
-    for (int64_t k0 = 0; k0 < kpad; k0 += kK) {
-      float* dst = out + panel_index(blk, k0, nbp);  // 16 columns stay within one slice
-      for (int64_t i = 0; i < kPanelBatch; ++i) {
-        const int64_t b = blk + i;
-        for (int64_t k = k0; k < k0 + kK; ++k) {
-          dst[(k - k0) * kPanelBatch + i] = b < B && k < ldx ? x[b * ldx + k] : 0.f;
+    const int64_t rows = std::min<int64_t>(kPanelBatch, std::max<int64_t>(B - blk, 0));
+    for (int64_t k0 = 0; k0 < kpad; k0 += kPanelKC) {
+      float* slice = out + panel_index(blk, k0, nbp);  // [kPanelKC][kPanelBatch]
+      const int64_t kend = std::min<int64_t>(kPanelKC, ldx - k0);  // ldx % 16 == 0, so % 4 too
+      int64_t i = 0;
+#if defined(__SSE__)
+      for (; i + 4 <= rows; i += 4) {
+        const float* src = x + (blk + i) * ldx + k0;
+        for (int64_t k = 0; k < kend; k += 4) {
+          __m128 r0 = _mm_loadu_ps(src + k);
+          __m128 r1 = _mm_loadu_ps(src + ldx + k);
+          __m128 r2 = _mm_loadu_ps(src + 2 * ldx + k);
+          __m128 r3 = _mm_loadu_ps(src + 3 * ldx + k);
+          _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
+          float* dst = slice + k * kPanelBatch + i;
+          _mm_storeu_ps(dst, r0);
+          _mm_storeu_ps(dst + kPanelBatch, r1);
+          _mm_storeu_ps(dst + 2 * kPanelBatch, r2);
+          _mm_storeu_ps(dst + 3 * kPanelBatch, r3);
+        }
+      }
+#endif
+      for (; i < rows; ++i) {
+        const float* src = x + (blk + i) * ldx + k0;
+        for (int64_t k = 0; k < kend; ++k) slice[k * kPanelBatch + i] = src[k];
+      }
+      // Rows of x past B and columns past ldx: zero.
+      for (int64_t k = 0; k < kPanelKC; ++k) {
+        float* line = slice + k * kPanelBatch;
+        if (k >= kend) {
+          std::fill(line, line + kPanelBatch, 0.f);
+        } else if (rows < kPanelBatch) {
+          std::fill(line + rows, line + kPanelBatch, 0.f);
         }
       }
     }

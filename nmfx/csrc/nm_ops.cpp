@@ -8,6 +8,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cstdlib>
 #include <cstring>
 #include <optional>
 #include <type_traits>
@@ -83,6 +84,45 @@ KernelFn select_kernel(int64_t isa) {
   }
 }
 
+// Staging buffers (x as fp32, x panels) are reused across calls on the same thread, up to
+// kScratchMaxBytes each; larger ones are allocated per call. Freshly allocated multi-MB
+// buffers come from mmap (or a trimmed heap) and page-fault on every call: a 64x4096 weight at
+// 192 rows of x took 5.8-6.2 ms that way instead of 1.4 ms, erratically, as glibc's mmap and
+// trim thresholds moved. Dense F.linear does not pay this (oneDNN/MKL keep their own pools).
+constexpr size_t kScratchMaxBytes = size_t{64} << 20;
+
+class Scratch {
+ public:
+  ~Scratch() { std::free(p_); }
+  float* get(size_t n) {
+    if (n > n_) {
+      std::free(p_);
+      const size_t bytes = (std::max<size_t>(n, 16) * sizeof(float) + 63) / 64 * 64;
+      p_ = static_cast<float*>(std::aligned_alloc(64, bytes));
+      TORCH_CHECK(p_ != nullptr, "nmfx: out of memory allocating ", bytes, " bytes of scratch");
+      n_ = n;
+    }
+    return p_;
+  }
+
+ private:
+  float* p_ = nullptr;
+  size_t n_ = 0;
+};
+
+enum ScratchSlot { kScratchX = 0, kScratchPanels = 1, kScratchSel = 2, kScratchSlots = 3 };
+
+// n floats, 64-byte aligned, valid until the next call on this thread with the same slot;
+// `hold` keeps a per-call buffer alive when n is over the cache limit.
+float* scratch_floats(ScratchSlot slot, int64_t n, at::Tensor& hold) {
+  if (static_cast<size_t>(n) * sizeof(float) > kScratchMaxBytes) {
+    hold = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
+    return hold.data_ptr<float>();
+  }
+  static thread_local Scratch cache[kScratchSlots];
+  return cache[slot].get(static_cast<size_t>(n));
+}
+
 ValueType value_type(const at::Tensor& t) {
   switch (t.scalar_type()) {
     case at::kFloat:
@@ -125,8 +165,8 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   // x -> fp32 [B, ldx], zero padded; plain loops (a TensorIterator copy costs microseconds,
   // which is a lot next to a small GEMV).
   const int64_t ldx = std::max<int64_t>(16, (cols + 15) / 16 * 16);
-  at::Tensor xbuf = at::empty({B, ldx}, f32);
-  float* xb = xbuf.data_ptr<float>();
+  at::Tensor xhold;
+  float* xb = scratch_floats(kScratchX, B * ldx, xhold);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nmfx_stage_x", [&] {
     const scalar_t* src = x.const_data_ptr<scalar_t>();
     const int64_t sb = x.stride(0);
@@ -182,29 +222,30 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   }
 
   // The batch-1 GEMV for 1:4 and 1:8 reads x regrouped by position within a group.
-  at::Tensor xsel;
+  at::Tensor xsel;  // holds a per-call buffer only when over the scratch cache limit
+  float* xsel_p = nullptr;
   if (xsel_chunk(B, static_cast<int>(n), static_cast<int>(m)) > 0) {
-    xsel = at::empty({ldx}, f32);
-    stage_xsel(xb, cols, static_cast<int>(m), xsel.data_ptr<float>());
+    xsel_p = scratch_floats(kScratchSel, ldx, xsel);
+    stage_xsel(xb, cols, static_cast<int>(m), xsel_p);
   }
 
   // Many rows of x: stage x as transposed panels for the batched path (x86 SIMD kernels only).
   const KernelFn fn = select_kernel(isa);
-  at::Tensor xpanel;
+  at::Tensor xpanel;  // as xsel
+  float* xp = nullptr;
   const bool panels = fn != nm_gemm_portable && B > 0 && rows > 0 &&
                       (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
   const int64_t nbp = (B + kPanelBatch - 1) / kPanelBatch * kPanelBatch;
   if (panels) {
-    xpanel = at::empty({panel_numel(nbp, ldx)}, f32);
-    float* xp = xpanel.data_ptr<float>();
+    xp = scratch_floats(kScratchPanels, panel_numel(nbp, ldx), xpanel);
     at::parallel_for(0, nbp / kPanelBatch, 1, [&](int64_t blk0, int64_t blk1) {
       stage_panels(xb, B, ldx, nbp, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
     });
   }
 
   NMProblem p{};
-  p.x = xbuf.data_ptr<float>();
-  p.xsel = xsel.defined() ? xsel.data_ptr<float>() : nullptr;
+  p.x = xb;
+  p.xsel = xsel_p;
   p.B = B;
   p.ldx = ldx;
   p.values = values.data_ptr();
@@ -218,7 +259,7 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   p.safe_rows = safe_rows;
   p.tail_values = tail.defined() ? tail.data_ptr() : nullptr;
   p.y = y.data_ptr<float>();
-  p.xpanel = panels ? xpanel.data_ptr<float>() : nullptr;
+  p.xpanel = panels ? xp : nullptr;
   p.nbp = nbp;
   p.allow_select = path != kPathExpand;
 

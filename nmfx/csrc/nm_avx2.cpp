@@ -611,7 +611,7 @@ void run_panels(const NMProblem& p, int64_t r0, int64_t r1) {
   const int64_t cols = p.kept / p.n * p.m;
   const int64_t kc_kept = kPanelKC / p.m * p.n;  // kept values per row per pass
   const int64_t ostride = kc_kept + 8;
-  const int64_t sup = std::min(p.nbp, kPanelSuper);
+  const int64_t sup = std::min(p.pb1 - p.pb0, kPanelSuper);
   // Per-thread buffers reused across calls (fresh ones of a few hundred KB page-fault each call).
   static thread_local std::vector<float> yt;
   static thread_local std::vector<int32_t> offs;
@@ -622,8 +622,8 @@ void run_panels(const NMProblem& p, int64_t r0, int64_t r1) {
   if (!kInPlace && wide.size() < static_cast<size_t>(nr * kc_kept)) wide.resize(nr * kc_kept);
   if (rows.size() < static_cast<size_t>(nr)) rows.resize(nr);
   for (int64_t r = r0; r < r1; ++r) rows[r - r0] = static_cast<const char*>(row_values(p, r, E));
-  for (int64_t b0 = 0; b0 < p.nbp; b0 += sup) {
-    const int64_t bs = std::min(sup, p.nbp - b0);
+  for (int64_t b0 = p.pb0; b0 < p.pb1; b0 += sup) {
+    const int64_t bs = std::min(sup, p.pb1 - b0);
     std::fill(yt.begin(), yt.begin() + nr * sup, 0.f);
     for (int64_t k0 = 0; k0 < cols; k0 += kPanelKC) {
       const int64_t k1 = std::min(cols, k0 + kPanelKC);

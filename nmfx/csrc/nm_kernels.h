@@ -44,6 +44,10 @@ struct NMProblem {
   // nbp is B rounded up to a multiple of kPanelBatch.
   const float* xpanel;
   int64_t nbp;
+  // The batched path computes rows of x [pb0, pb1) only (multiples of kPanelBatch within
+  // [0, nbp)), so threads can split a weight with few rows along x instead.
+  int64_t pb0;
+  int64_t pb1;
   // Whether the batch-1 selecting GEMV may run (false: expand W even at batch 1; tests and
   // benchmarks force that path with nm_gemm's PATH_EXPAND bit).
   bool allow_select;
@@ -68,27 +72,28 @@ inline int64_t panel_numel(int64_t nbp, int64_t ldx) {
   return (ldx + kPanelKC - 1) / kPanelKC * kPanelKC * nbp;
 }
 
-// Panels [b0 / 32, b1 / 32) of x [B, ldx] (b0, b1 multiples of 32), transposed, zero past B and
-// past ldx (up to the last whole slice). 4x4 blocks go through SSE registers (baseline x86-64):
-// one 16-byte store per 4 elements instead of four scalar ones, which had made staging a third
-// of a 64x4096 weight's time at 192 rows of x.
-inline void stage_panels(const float* x, int64_t B, int64_t ldx, int64_t nbp, int64_t b0,
-                         int64_t b1, float* out) {
+// Panels [b0 / 32, b1 / 32) of x (B rows of `cols` floats, row stride ldsrc), transposed, zero
+// past B and past cols up to the last whole slice of ldx columns. 4x4 blocks go through SSE
+// registers (baseline x86-64): one 16-byte store per 4 elements instead of four scalar ones,
+// which had made staging a third of a 64x4096 weight's time at 192 rows of x.
+inline void stage_panels(const float* x, int64_t ldsrc, int64_t cols, int64_t B, int64_t ldx,
+                         int64_t nbp, int64_t b0, int64_t b1, float* out) {
   const int64_t kpad = (ldx + kPanelKC - 1) / kPanelKC * kPanelKC;
   for (int64_t blk = b0; blk < b1; blk += kPanelBatch) {
     const int64_t rows = std::min<int64_t>(kPanelBatch, std::max<int64_t>(B - blk, 0));
     for (int64_t k0 = 0; k0 < kpad; k0 += kPanelKC) {
       float* slice = out + panel_index(blk, k0, nbp);  // [kPanelKC][kPanelBatch]
-      const int64_t kend = std::min<int64_t>(kPanelKC, ldx - k0);  // ldx % 16 == 0, so % 4 too
+      const int64_t kend = std::clamp<int64_t>(cols - k0, 0, kPanelKC);
       int64_t i = 0;
 #if defined(__SSE__)
+      const int64_t kend4 = kend / 4 * 4;
       for (; i + 4 <= rows; i += 4) {
-        const float* src = x + (blk + i) * ldx + k0;
-        for (int64_t k = 0; k < kend; k += 4) {
+        const float* src = x + (blk + i) * ldsrc + k0;
+        for (int64_t k = 0; k < kend4; k += 4) {
           __m128 r0 = _mm_loadu_ps(src + k);
-          __m128 r1 = _mm_loadu_ps(src + ldx + k);
-          __m128 r2 = _mm_loadu_ps(src + 2 * ldx + k);
-          __m128 r3 = _mm_loadu_ps(src + 3 * ldx + k);
+          __m128 r1 = _mm_loadu_ps(src + ldsrc + k);
+          __m128 r2 = _mm_loadu_ps(src + 2 * ldsrc + k);
+          __m128 r3 = _mm_loadu_ps(src + 3 * ldsrc + k);
           _MM_TRANSPOSE4_PS(r0, r1, r2, r3);
           float* dst = slice + k * kPanelBatch + i;
           _mm_storeu_ps(dst, r0);
@@ -96,13 +101,16 @@ inline void stage_panels(const float* x, int64_t B, int64_t ldx, int64_t nbp, in
           _mm_storeu_ps(dst + 2 * kPanelBatch, r2);
           _mm_storeu_ps(dst + 3 * kPanelBatch, r3);
         }
+        for (int64_t k = kend4; k < kend; ++k) {
+          for (int64_t j = 0; j < 4; ++j) slice[k * kPanelBatch + i + j] = src[j * ldsrc + k];
+        }
       }
 #endif
       for (; i < rows; ++i) {
-        const float* src = x + (blk + i) * ldx + k0;
+        const float* src = x + (blk + i) * ldsrc + k0;
         for (int64_t k = 0; k < kend; ++k) slice[k * kPanelBatch + i] = src[k];
       }
-      // Rows of x past B and columns past ldx: zero.
+      // Rows of x past B and columns past cols: zero.
       for (int64_t k = 0; k < kPanelKC; ++k) {
         float* line = slice + k * kPanelBatch;
         if (k >= kend) {

@@ -162,30 +162,39 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   TORCH_CHECK(x.scalar_type() == values.scalar_type(), "nmfx: x is ", x.scalar_type(),
               " but the packed values are ", values.scalar_type());
 
-  // x -> fp32 [B, ldx], zero padded; plain loops (a TensorIterator copy costs microseconds,
-  // which is a lot next to a small GEMV).
   const int64_t ldx = std::max<int64_t>(16, (cols + 15) / 16 * 16);
+  // Many rows of x take the batched path (x86 SIMD kernels only), which reads x as transposed
+  // panels: fp32 x with unit column stride is staged into them directly, without this copy.
+  const KernelFn fn = select_kernel(isa);
+  const bool panels = fn != nm_gemm_portable && B > 0 && rows > 0 &&
+                      (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
+  const bool direct = panels && x.scalar_type() == at::kFloat && x.stride(1) == 1;
+  // Otherwise x -> fp32 [B, ldx], zero padded; plain loops (a TensorIterator copy costs
+  // microseconds, which is a lot next to a small GEMV).
   at::Tensor xhold;
-  float* xb = scratch_floats(kScratchX, B * ldx, xhold);
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nmfx_stage_x", [&] {
-    const scalar_t* src = x.const_data_ptr<scalar_t>();
-    const int64_t sb = x.stride(0);
-    const int64_t sk = x.stride(1);
-    for (int64_t b = 0; b < B; ++b) {
-      float* dst = xb + b * ldx;
-      const scalar_t* row = src + b * sb;
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        if (sk == 1) {
-          std::memcpy(dst, row, cols * sizeof(float));
+  float* xb = direct ? nullptr : scratch_floats(kScratchX, B * ldx, xhold);
+  auto stage_x = [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nmfx_stage_x", [&] {
+      const scalar_t* src = x.const_data_ptr<scalar_t>();
+      const int64_t sb = x.stride(0);
+      const int64_t sk = x.stride(1);
+      for (int64_t b = 0; b < B; ++b) {
+        float* dst = xb + b * ldx;
+        const scalar_t* row = src + b * sb;
+        if constexpr (std::is_same_v<scalar_t, float>) {
+          if (sk == 1) {
+            std::memcpy(dst, row, cols * sizeof(float));
+          } else {
+            for (int64_t k = 0; k < cols; ++k) dst[k] = row[k * sk];
+          }
         } else {
-          for (int64_t k = 0; k < cols; ++k) dst[k] = row[k * sk];
+          for (int64_t k = 0; k < cols; ++k) dst[k] = static_cast<float>(row[k * sk]);
         }
-      } else {
-        for (int64_t k = 0; k < cols; ++k) dst[k] = static_cast<float>(row[k * sk]);
+        std::fill(dst + cols, dst + ldx, 0.f);
       }
-      std::fill(dst + cols, dst + ldx, 0.f);
-    }
-  });
+    });
+  };
+  if (!direct) stage_x();
 
   // y starts as the bias (or zero) in a fresh fp32 buffer: the kernels accumulate into it.
   at::Tensor y = at::empty({B, rows}, f32);
@@ -224,22 +233,21 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   // The batch-1 GEMV for 1:4 and 1:8 reads x regrouped by position within a group.
   at::Tensor xsel;  // holds a per-call buffer only when over the scratch cache limit
   float* xsel_p = nullptr;
-  if (xsel_chunk(B, static_cast<int>(n), static_cast<int>(m)) > 0) {
+  if (!panels && xsel_chunk(B, static_cast<int>(n), static_cast<int>(m)) > 0) {
     xsel_p = scratch_floats(kScratchSel, ldx, xsel);
     stage_xsel(xb, cols, static_cast<int>(m), xsel_p);
   }
 
-  // Many rows of x: stage x as transposed panels for the batched path (x86 SIMD kernels only).
-  const KernelFn fn = select_kernel(isa);
+  // Many rows of x: stage x as transposed panels for the batched path.
   at::Tensor xpanel;  // as xsel
   float* xp = nullptr;
-  const bool panels = fn != nm_gemm_portable && B > 0 && rows > 0 &&
-                      (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
   const int64_t nbp = (B + kPanelBatch - 1) / kPanelBatch * kPanelBatch;
   if (panels) {
     xp = scratch_floats(kScratchPanels, panel_numel(nbp, ldx), xpanel);
+    const float* src = direct ? x.const_data_ptr<float>() : xb;
+    const int64_t ldsrc = direct ? x.stride(0) : ldx;
     at::parallel_for(0, nbp / kPanelBatch, 1, [&](int64_t blk0, int64_t blk1) {
-      stage_panels(xb, B, ldx, nbp, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
+      stage_panels(src, ldsrc, cols, B, ldx, nbp, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
     });
   }
 
@@ -261,6 +269,8 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   p.y = y.data_ptr<float>();
   p.xpanel = panels ? xp : nullptr;
   p.nbp = nbp;
+  p.pb0 = 0;
+  p.pb1 = nbp;
   p.allow_select = path != kPathExpand;
 
   if (B == 0 || rows == 0) return y.to(x.scalar_type());
@@ -271,6 +281,31 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   const int64_t macs = rows * std::max<int64_t>(cols, 1) * B;
   if (nthreads <= 1 || macs < (int64_t{1} << 16)) {
     fn(p, 0, rows);
+  } else if (panels) {
+    // The batched path re-reads the x panels for every chunk of weight rows, so chunks are at
+    // least 128 rows; with few weight rows, work is split along x as well (blocks of 32-256
+    // rows of x). 16-row chunks had made 256x4096 at 256-1024 rows of x 0.71-0.78x dense.
+    const int64_t rchunk =
+        std::max<int64_t>(128, ((rows + nthreads * 4 - 1) / (nthreads * 4) + 7) / 8 * 8);
+    const int64_t nrc = (rows + rchunk - 1) / rchunk;
+    int64_t bchunk = 256;
+    while (bchunk > kPanelBatch && nrc * ((nbp + bchunk - 1) / bchunk) < 2 * nthreads) {
+      bchunk /= 2;
+    }
+    const int64_t nbc = (nbp + bchunk - 1) / bchunk;
+    const int64_t items = nrc * nbc;
+    std::atomic<int64_t> next{0};
+    at::parallel_for(0, std::min(nthreads, items), 1, [&](int64_t t0, int64_t t1) {
+      for (int64_t t = t0; t < t1; ++t) {
+        for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
+          NMProblem q = p;
+          q.pb0 = i % nbc * bchunk;
+          q.pb1 = std::min(nbp, q.pb0 + bchunk);
+          const int64_t r0 = i / nbc * rchunk;
+          fn(q, r0, std::min(rows, r0 + rchunk));
+        }
+      }
+    });
   } else {
     const int64_t per = (rows + nthreads * 8 - 1) / (nthreads * 8);
     const int64_t chunk = std::max<int64_t>(8, (per + 7) / 8 * 8);

@@ -405,6 +405,22 @@ def test_both_x86_paths_match_linear_at_any_batch(isa, dtype, pattern, rows, col
 
 
 @pytest.mark.parametrize("isa", X86_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_batched_path_reads_row_strided_x(isa: str, dtype: torch.dtype) -> None:
+    """fp32 x whose rows are a column slice of a wider tensor is staged into panels straight
+    from x (no fp32 copy); other dtypes go through the copy. Both must see only x's columns."""
+    assert K.kernels_available()
+    w = random_nm(70, 264, "2:4", dtype, seed=4)
+    p = pack(w, "2:4")
+    wide = torch.randn(97, 264 + 7, generator=torch.Generator().manual_seed(5)).to(dtype)
+    x = wide[:, 3 : 3 + 264]
+    assert x.stride() == (271, 1)
+    code = _build.ISA_CODES[isa] | _build.PATH_PANELS
+    y = torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, None, 70, 264, 2, 4, code)
+    torch.testing.assert_close(y.float(), reference(x, w, None), **TOL[dtype])
+
+
+@pytest.mark.parametrize("isa", X86_ISAS)
 @pytest.mark.parametrize(
     ("pattern", "batch", "paths"),
     [

@@ -46,10 +46,13 @@ WIN_MARGIN = 0.9
 SMALL_MAX_BYTES = 16 * 2**20
 CALIB_SHAPES = {"small": (1024, 1024), "large": (4096, 4096)}
 CALIB_BATCHES = (1, 2, 4, 8, 16, 32, 64, 128, 256)
-# Below this many weights the kernel's fixed cost per call (~15 us: thread wake-up, staging)
-# outweighs the bytes it saves: measured at one row of x on the 2-core AVX2 machine, 2:4
-# fp32 64K weights (1024x64, 256x256) ran 0.63x dense, 256K weights (512x512) 1.23x.
-MIN_SPARSE_NUMEL = 1 << 17
+# Below this many weights sparse is not reliably faster, whatever the batch: the kernel's fixed
+# cost per call (thread wake-up, staging) and, at large batches, staging x are a large share of
+# a small weight's time. Measured on the 2-core AVX2 machine, 2:4 fp32, 1 to 1024 rows of x
+# interleaved with F.linear: 128K weights (128x1024) ran 0.73-0.83x at 1 and 32 rows; 256K
+# (512x512, 1024x256, 256x1024) 0.81-0.95x at 1 or 16 rows in some runs; from 512K (512x1024,
+# 1024x512, 768x768) every batch ran 1.00-2.78x.
+MIN_SPARSE_NUMEL = 1 << 19
 CALIB_PATTERNS = ((2, 4), (1, 4), (1, 8), (4, 8))
 CALIB_DTYPES = (torch.float32, torch.bfloat16)
 # Seconds per (class, dtype, pattern) before calibration stops going to larger batches.

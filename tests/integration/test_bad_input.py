@@ -415,7 +415,7 @@ def lowered(monkeypatch, tmp_path):
     if not kernels_available():
         pytest.skip("C++ kernels unavailable here: nm_linear runs dense, no ISA path to pick")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 8))  # 512x512: packed
+    model = nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 8))  # 1024x512: packed
     nmfx.finalize(nmfx.sparsify(model))
     return model.eval(), nmfx.lower(model, "cpu")
 

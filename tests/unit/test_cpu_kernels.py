@@ -165,7 +165,7 @@ def test_auto_dispatch_uses_table(monkeypatch) -> None:
     table = K.dispatch_table()
     assert table["source"] == "default"
     limit = _dispatch.DEFAULT_MAX_SPARSE_BATCH
-    shape = (512, 512)  # above MIN_SPARSE_NUMEL, so the table decides
+    shape = (1024, 512)  # at MIN_SPARSE_NUMEL, so the table decides
     assert _dispatch.choose(1, torch.float32, 2, 4, *shape) == "sparse"
     assert _dispatch.choose(limit + 1, torch.float32, 2, 4, *shape) == "dense"
     assert _dispatch.choose(1, torch.float32, 3, 4, *shape) == "dense"  # denser than 1/2
@@ -473,5 +473,7 @@ def test_thresholds_are_the_measured_ones_per_pattern() -> None:
 def test_small_weights_run_dense_unless_forced() -> None:
     assert _dispatch.choose(1, torch.float32, 2, 4, 1024, 64) == "dense"  # 64K weights
     assert _dispatch.choose(1, torch.float32, 2, 4, 256, 256) == "dense"
+    assert _dispatch.choose(1, torch.float32, 2, 4, 512, 512) == "dense"  # 256K: measured < 1x
+    assert _dispatch.MIN_SPARSE_NUMEL == 1024 * 512
     with K.force_dispatch("sparse"):
         assert _dispatch.choose(1, torch.float32, 2, 4, 1024, 64) == "sparse"

@@ -67,10 +67,9 @@ inline int64_t panel_index(int64_t b, int64_t k, int64_t nbp) {
          (k % kPanelKC) * kPanelBatch + b % kPanelBatch;
 }
 
-// Elements of the staged panels for B rows of x with ldx columns.
-inline int64_t panel_numel(int64_t nbp, int64_t ldx) {
-  return (ldx + kPanelKC - 1) / kPanelKC * kPanelKC * nbp;
-}
+// Columns of the staged panels (ldx rounded up to whole slices), and their elements.
+inline int64_t panel_cols(int64_t ldx) { return (ldx + kPanelKC - 1) / kPanelKC * kPanelKC; }
+inline int64_t panel_numel(int64_t nbp, int64_t ldx) { return panel_cols(ldx) * nbp; }
 
 // Panels [b0 / 32, b1 / 32) of x (B rows of `cols` floats, row stride ldsrc), transposed, zero
 // past B and past cols up to the last whole slice of ldx columns. 4x4 blocks go through SSE
@@ -78,7 +77,7 @@ inline int64_t panel_numel(int64_t nbp, int64_t ldx) {
 // which had made staging a third of a 64x4096 weight's time at 192 rows of x.
 inline void stage_panels(const float* x, int64_t ldsrc, int64_t cols, int64_t B, int64_t ldx,
                          int64_t nbp, int64_t b0, int64_t b1, float* out) {
-  const int64_t kpad = (ldx + kPanelKC - 1) / kPanelKC * kPanelKC;
+  const int64_t kpad = panel_cols(ldx);
   for (int64_t blk = b0; blk < b1; blk += kPanelBatch) {
     const int64_t rows = std::min<int64_t>(kPanelBatch, std::max<int64_t>(B - blk, 0));
     for (int64_t k0 = 0; k0 < kpad; k0 += kPanelKC) {

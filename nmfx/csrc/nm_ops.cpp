@@ -173,7 +173,7 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   // microseconds, which is a lot next to a small GEMV).
   at::Tensor xhold;
   float* xb = direct ? nullptr : scratch_floats(kScratchX, B * ldx, xhold);
-  auto stage_x = [&] {
+  if (!direct) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nmfx_stage_x", [&] {
       const scalar_t* src = x.const_data_ptr<scalar_t>();
       const int64_t sb = x.stride(0);
@@ -193,8 +193,7 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
         std::fill(dst + cols, dst + ldx, 0.f);
       }
     });
-  };
-  if (!direct) stage_x();
+  }
 
   // y starts as the bias (or zero) in a fresh fp32 buffer: the kernels accumulate into it.
   at::Tensor y = at::empty({B, rows}, f32);

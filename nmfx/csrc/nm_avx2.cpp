@@ -503,8 +503,8 @@ void run_step(const NMProblem& p, int64_t r0, int64_t r1, int step) {
 // bounds the time (a few rows of x) but not once many rows of x make the problem compute-bound.
 // Here x is staged transposed in panels of 32 rows (panel[k][0..31] = x[0..31, k]) and every kept
 // value w at column k does y^T[r, 0..31] += w * panel[k]: one broadcast, four 8-wide loads and
-// four FMAs, so only the kept multiply-adds run (2:4 at 256 rows of x: 1.9x fewer cycles than
-// the expanding path, one thread, 4096 x 4096).
+// four FMAs, so only the kept multiply-adds run (benchmarks/kernel_paths.py, fp32 at 256 rows
+// of x: 1.64-1.92x faster than the expanding path at 2:4 and 4:8, 3.15-5.75x at 1:4 and 1:8).
 //
 // Per pass over kPanelKC columns, the kept columns of the rows' mask bytes are decoded once into
 // panel offsets (and bf16/fp16 values into fp32) and reused by every panel; then panel by panel

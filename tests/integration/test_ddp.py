@@ -51,17 +51,23 @@ def stored_masks(model: nn.Module) -> dict[str, torch.Tensor]:
     return {n: b.clone() for n, b in model.named_buffers() if n.endswith("._nmfx_weight.mask")}
 
 
+def train_ddp(model: nn.Module, rank: int) -> nn.parallel.DistributedDataParallel:
+    """SGD under DDP over ``batches()``, each rank taking its half of the same global batch."""
+    ddp = nn.parallel.DistributedDataParallel(model)
+    opt = torch.optim.SGD(ddp.parameters(), lr=LR)
+    for x, y in batches():
+        opt.zero_grad()
+        nn.functional.mse_loss(ddp(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank]).backward()
+        opt.step()
+    return ddp
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     try:
         torch.set_num_threads(1)
         model = nmfx.sparsify(make_model(), srste_lambda=LAM)
-        ddp = nn.parallel.DistributedDataParallel(model)
-        opt = torch.optim.SGD(ddp.parameters(), lr=LR)
-        for x, y in batches():  # each rank takes its half of the same global batch
-            opt.zero_grad()
-            nn.functional.mse_loss(ddp(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank]).backward()
-            opt.step()
+        train_ddp(model, rank)
         torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
     finally:
         dist.destroy_process_group()
@@ -99,13 +105,7 @@ def _mask_worker(rank: int, init_file: str, out_dir: str) -> None:
                     for p in model.parameters():
                         torch.nn.init.normal_(p)
                 nmfx.sparsify(model, srste_lambda=LAM, **options)
-                ddp = nn.parallel.DistributedDataParallel(model)
-                opt = torch.optim.SGD(ddp.parameters(), lr=LR)
-                for x, y in batches():
-                    opt.zero_grad()
-                    loss = nn.functional.mse_loss(ddp(x.chunk(WORLD)[rank]), y.chunk(WORLD)[rank])
-                    loss.backward()
-                    opt.step()
+                ddp = train_ddp(model, rank)
                 out[mode, init] = {
                     "state": {**model.state_dict(), **stored_masks(model)},
                     "ignored": sorted(ddp.parameters_to_ignore),

@@ -38,6 +38,10 @@ TINYLLAMA = {"vocab_size": 32000, "hidden_size": 2048, "intermediate_size": 5632
              "num_attention_heads": 32, "num_key_value_heads": 4}  # fmt: skip
 SMALL = {"vocab_size": 512, "hidden_size": 256, "intermediate_size": 704,
          "num_attention_heads": 8, "num_key_value_heads": 2}  # fmt: skip
+# The timed run's device and sizes. Only tests change them (to run the timed path's logic on
+# CPU, small, with the kernels and the timer faked).
+DEVICE = "cuda"
+GPU_SIZES = TINYLLAMA
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -220,7 +224,7 @@ def prefill_rows(dense: nn.Module, lowered: nn.Module, lengths: list[int], vocab
         if budget.over():
             rows.append({"tokens": n, "error": "skipped: time budget spent"})
             continue
-        ids = torch.randint(0, vocab, (1, n), device="cuda")
+        ids = torch.randint(0, vocab, (1, n), device=DEVICE)
         t = cuda_medians({"dense": lambda ids=ids: logits(dense, ids, kind),
                           "lowered": lambda ids=ids: logits(lowered, ids, kind)},
                          warmup=3, repeats=7, iters=3)  # fmt: skip
@@ -284,17 +288,19 @@ def gpu_run(args: argparse.Namespace, payload: dict[str, Any]) -> None:
     budget = Budget(args.budget_s)
     torch.manual_seed(0)
     max_len = max(args.prefill) + args.decode_tokens + 8
-    with torch.device("cuda"):
-        model, kind = build(args.model, TINYLLAMA, args.layers, max_len)
+    with torch.device(DEVICE):
+        model, kind = build(args.model, GPU_SIZES, args.layers, max_len)
     model = model.half().eval()
     payload["model"] = kind
     payload["n_masked"] = mask_2_4(model)
     backend = pick_backend(args.backend)
-    example = torch.randint(0, TINYLLAMA["vocab_size"], (1, max(args.prefill)), device="cuda")
+    example = torch.randint(0, GPU_SIZES["vocab_size"], (1, max(args.prefill)), device=DEVICE)
     lowered, payload["lowering"] = lower(model, example, backend, dry_run=False)
     payload["backend"] = backend
     payload["accuracy"] = accuracy(model, lowered, example[:, :512], kind)
-    payload["prefill"] = prefill_rows(model, lowered, args.prefill, TINYLLAMA["vocab_size"], kind, budget)
+    payload["prefill"] = prefill_rows(
+        model, lowered, args.prefill, GPU_SIZES["vocab_size"], kind, budget
+    )
     if budget.over():
         payload["skipped"].append("decode: time budget spent")
     else:

@@ -290,8 +290,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         payload["row_bucket_defaults"] = list(ROW_BUCKETS)
         if not all(c["agree"] for c in payload["constraints"]):
             payload["errors"].append("nmfx's shape rule disagrees with torch's table")
-    device = "cuda" if not args.dry_run else "cpu"
-    payload["layout"] = layout_check(p, device)
+    payload["layout"] = layout_check(p, "cpu" if args.dry_run else DEVICE)
     if not all(r["roundtrip_exact"] and r["meta_ok"] and r["values_in_order"]
                and r.get("gpu_equals_cpu", True) for r in payload["layout"]):  # fmt: skip
         payload["errors"].append("CUTLASS layout check failed")

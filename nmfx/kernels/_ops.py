@@ -12,7 +12,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nmfx.kernels import _build, _dispatch
+from nmfx.kernels import _autotune, _build, _dispatch
+from nmfx.kernels._autotune import UNTUNED
 from nmfx.packed import unpack_buffers
 
 _ISA_ENV = "NMFX_ISA"
@@ -54,17 +55,33 @@ def compute(
     cols: int,
     n: int,
     m: int,
+    dispatch: int = UNTUNED,
 ) -> torch.Tensor:
     """Eager implementation shared by the op and the eager fast path."""
     x2 = x if x.dim() == 2 else x.reshape(-1, cols)
-    mode = _dispatch.choose(x2.shape[0], values.dtype, n, m, rows, cols)
+    choice = _dispatch.choose(x2.shape[0], values.dtype, n, m, rows, cols, dispatch)
     if not _build.extension_available():
         y = F.linear(x2, unpack_buffers(values, mask, (rows, cols)), bias)
-    elif mode == "sparse":
-        y = torch.ops.nmfx_cpu.nm_gemm.default(x2, values, mask, bias, rows, cols, n, m, isa_code())
-    else:  # dense GEMM on W expanded block by block (no resident dense copy)
+    elif choice == "dense":  # dense GEMM on W expanded block by block (no resident dense copy)
         y = torch.ops.nmfx_cpu.nm_dense.default(x2, values, mask, bias, rows, cols, n, m)
+    else:
+        y = torch.ops.nmfx_cpu.nm_gemm.default(
+            x2, values, mask, bias, rows, cols, n, m, _kernel_code(choice)
+        )
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], rows)
+
+
+def _kernel_code(choice: str) -> int:
+    """nm_gemm's ISA | path argument: the choice's, under a forced ISA (NMFX_ISA / use_isa)."""
+    forced = isa_code()
+    if choice == "sparse":
+        return forced
+    code = _autotune.path_code(choice)
+    if forced == 0:
+        return code
+    if forced == _build.ISA_CODES["portable"]:
+        return forced  # one path only
+    return forced | (code & ~0xFF)
 
 
 @torch.library.custom_op("nmfx::nm_linear", mutates_args=(), device_types="cpu")
@@ -77,9 +94,11 @@ def nm_linear_op(
     cols: int,
     n: int,
     m: int,
+    dispatch: int = -1,
 ) -> torch.Tensor:
-    """y = x @ W.T + bias for the packed N:M weight W given as (values, mask, rows, cols, n, m)."""
-    return compute(x, values, mask, bias, rows, cols, n, m)
+    """y = x @ W.T + bias for the packed N:M weight W given as (values, mask, rows, cols, n, m);
+    ``dispatch``: the weight's tuned per-bucket choices (-1: tune on first use)."""
+    return compute(x, values, mask, bias, rows, cols, n, m, dispatch)
 
 
 @nm_linear_op.register_fake
@@ -92,13 +111,14 @@ def _nm_linear_fake(
     cols: int,
     n: int,
     m: int,
+    dispatch: int = -1,
 ) -> torch.Tensor:
     torch._check(x.shape[-1] == cols)
     return x.new_empty((*x.shape[:-1], rows))
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: object) -> None:
-    _x, values, mask, bias, rows, cols, n, m = inputs
+    _x, values, mask, bias, rows, cols, n, m, *_dispatch_code = inputs
     ctx.save_for_backward(values, mask)
     ctx.meta = (rows, cols, n, m, bias is not None)
 
@@ -110,7 +130,7 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> t
     w = unpack_buffers(values, mask, (rows, cols))
     grad_x = grad @ w
     grad_bias = grad.reshape(-1, rows).sum(0) if has_bias else None
-    return grad_x, None, None, grad_bias, None, None, None, None
+    return grad_x, None, None, grad_bias, None, None, None, None, None
 
 
 nm_linear_op.register_autograd(_backward, setup_context=_setup_context)

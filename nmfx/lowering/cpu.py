@@ -46,6 +46,7 @@ class NMLinear(PackedLinearBase):
             self.in_features,
             self.n,
             self.m,
+            self.dispatch,
         )
         if _ops.eager_fast_path_ok(x, self.bias):
             return _ops.compute(x, *args)
@@ -83,13 +84,6 @@ def cpu_eligibility(module: nn.Module, nm: NMWeight) -> str | None:
         return f"dtype {weight.dtype} is not one of {sorted(map(str, SUPPORTED_DTYPES))}"
     if weight.device.type != "cpu":
         return f"weight is on {weight.device}; move the model to CPU for target='cpu'"
-    from nmfx.kernels._dispatch import MIN_SPARSE_NUMEL
-
-    if weight.numel() < MIN_SPARSE_NUMEL:
-        return (
-            f"{weight.numel():,} weights < {MIN_SPARSE_NUMEL:,}: below this size the sparse kernel "
-            f"measured slower than dense at some batch sizes; kept as nn.Linear"
-        )
     return None
 
 
@@ -97,9 +91,10 @@ def lower_cpu(
     model: nn.Module, nm_weights: dict[str, NMWeight]
 ) -> tuple[nn.Module, list[LayerDecision]]:
     """Swap every eligible N:M ``nn.Linear`` of ``model`` (changed in place) for ``NMLinear``."""
-    from nmfx.kernels import dispatch_table  # the op and its calibration, loaded lazily
+    # The op and its tuning, loaded lazily.
+    from nmfx.kernels import autotune, dispatch_choices, dispatch_summary
 
-    decisions, swaps = [], []
+    decisions, swaps, tuned = [], [], []
     modules = dict(model.named_modules())
     for nm in nm_weights.values():
         owner_fqn = nm.param.rpartition(".")[0]
@@ -116,16 +111,19 @@ def lower_cpu(
             continue
         packed = pack(module.weight.detach(), nm.pattern)
         swaps.append((owner_fqn, NMLinear(packed, module.bias)))
-        decisions.append(LayerDecision(
+        decisions.append(sparse := LayerDecision(
             nm.name, nm.param, nm.op, "cpu", SPARSE,
-            f"packed {nm.pattern}, {packed.nbytes / packed.dense_nbytes:.0%} of dense bytes "
-            f"(sparse kernel or dense per call shape, as calibrated)",
+            f"packed {nm.pattern}, {packed.nbytes / packed.dense_nbytes:.0%} of dense bytes",
             {"packed_bytes": packed.nbytes, "dense_bytes": packed.dense_nbytes},
         ))  # fmt: skip
+        tuned.append((sparse, swaps[-1][1]))
     for fqn, new in swaps:
         parent_fqn, _, attr = fqn.rpartition(".")
         setattr(model.get_submodule(parent_fqn), attr, new)
-    if swaps:
-        dispatch_table()  # calibrate (or load the cached table) now, not in the first forward
+    if swaps:  # per-bucket kernel choices, measured (or cached) now, not in the first forward
+        autotune([new for _, new in swaps])
+        for decision, new in tuned:
+            decision.reason += f"; runs {dispatch_summary(new.dispatch)}"
+            decision.facts["dispatch"] = dispatch_choices(new.dispatch)
     log.info("lower(cpu): %d of %d N:M layers packed", len(swaps), len(nm_weights))
     return model, decisions

@@ -25,6 +25,7 @@ from nmfx.kernels._dispatch import (
     dispatch_summary,
     dispatch_table,
     force_dispatch,
+    path_for,
 )
 from nmfx.packed import PackedNM
 
@@ -41,6 +42,7 @@ __all__ = [
     "force_dispatch",
     "kernels_available",
     "nm_linear",
+    "path_for",
     "set_isa",
     "use_isa",
 ]

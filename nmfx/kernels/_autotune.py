@@ -50,7 +50,10 @@ BUCKETS: tuple[tuple[int, int | None], ...] = (
 )  # fmt: skip
 PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Every choice a bucket can hold; the index is its 4-bit code in a module's dispatch code.
-CHOICES = ("dense", "portable", "avx2-expand", "avx2-select", "avx2-panels", "avx512-expand")
+CHOICES = (
+    "dense", "portable", "avx2-expand", "avx2-select", "avx2-panels", "avx512-expand",
+    "avx512-panels",
+)  # fmt: skip
 NOISE_MARGIN = 0.03
 PRUNE_FACTOR = 3.0
 MIN_ROUNDS = 5
@@ -106,13 +109,10 @@ def host_choices(n: int, m: int, batch: int) -> list[str]:
     isas = _build.supported_isas()
     out = ["dense", *(["portable"] if "portable" in isas else [])]
     for isa in ("avx2", "avx512"):
-        if isa not in isas:
-            continue
-        out.append(f"{isa}-expand")
-    if "avx2" in isas:
-        out.append("avx2-panels")  # the AVX-512 kernel runs the same batched code
-        if batch == 1 and (n, m) in _build.SELECT_PATTERNS:
-            out.append("avx2-select")  # ditto: AVX-512 selects with the AVX2 code
+        if isa in isas:
+            out += [f"{isa}-expand", f"{isa}-panels"]
+    if "avx2" in isas and batch == 1 and (n, m) in _build.SELECT_PATTERNS:
+        out.append("avx2-select")  # the AVX-512 kernel selects with the same AVX2 code
     return out
 
 

@@ -104,7 +104,8 @@ def _runnable(choice: str) -> str:
     isa = _autotune.choice_isa(choice)
     if isa is None or isa in _build.supported_isas():
         return choice
-    fallback = "avx2-expand" if "avx2" in _build.supported_isas() else "portable"
+    path = choice.partition("-")[2]
+    fallback = f"avx2-{path}" if "avx2" in _build.supported_isas() else "portable"
     _autotune._warn_once(
         f"isa:{choice}",
         f"nmfx: this module's dispatch table names {choice!r}, which this CPU cannot run "
@@ -135,3 +136,13 @@ def choose(
     else:
         choice = _autotune.choice_at(code, bucket)
     return _runnable(choice)
+
+
+def path_for(layer: Any, rows_of_x: int) -> str:
+    """The path a lowered layer (``NMLinear``) runs for a call with ``rows_of_x`` rows of x now
+    (overrides included): ``"dense"``, ``"sparse"`` or a choice of :data:`CHOICES`. For reports
+    that must say which path ran."""
+    return choose(
+        rows_of_x, layer.values.dtype, layer.n, layer.m, layer.out_features, layer.in_features,
+        layer.dispatch,
+    )  # fmt: skip

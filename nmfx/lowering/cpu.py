@@ -27,7 +27,9 @@ class NMLinear(PackedLinearBase):
         super().__init__()
         self.out_features, self.in_features = packed.shape
         self.n, self.m = packed.pattern.n, packed.pattern.m
-        self.register_buffer("values", packed.values)
+        # Its own storage, exactly its size (safetensors' save_model refuses a view of a larger
+        # one, e.g. the SIMD slack of PackedNM.values; the kernels pad the last rows per call).
+        self.register_buffer("values", packed.values.clone())
         self.register_buffer("mask", packed.mask)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 

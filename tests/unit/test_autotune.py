@@ -198,6 +198,9 @@ def test_choice_travels_with_the_module(monkeypatch, tmp_path) -> None:
     assert table == {str(KEY): dict.fromkeys(_autotune.table()["buckets"], "dense")}
     code = layer.dispatch
     assert code == _autotune.encode(["dense"] * 10)
+    assert K.path_for(layer, 7) == "dense"
+    with K.force_dispatch("sparse"):
+        assert K.path_for(layer, 7) == "sparse"
     assert copy.deepcopy(layer).dispatch == code
     torch.save(layer, tmp_path / "m.pt")
     assert torch.load(tmp_path / "m.pt", weights_only=False).dispatch == code
@@ -210,10 +213,10 @@ def test_choice_travels_with_the_module(monkeypatch, tmp_path) -> None:
 
 def test_table_naming_an_isa_this_cpu_lacks_runs_a_supported_path(monkeypatch) -> None:
     layer = _module()
-    layer.dispatch = _autotune.encode(["avx512-expand"] * 10)
+    layer.dispatch = _autotune.encode(["avx512-panels"] * 10)
     monkeypatch.setattr(_build, "supported_isas", lambda: ["portable"])
     x = torch.randn(2, 64)
-    with pytest.warns(RuntimeWarning, match=r"names 'avx512-expand', which this CPU cannot run"):
+    with pytest.warns(RuntimeWarning, match=r"names 'avx512-panels', which this CPU cannot run"):
         y = layer(x)
     w = random_nm(24, 64, 2, 4, seed=4)
     torch.testing.assert_close(y, F.linear(x, w, layer.bias), rtol=1e-5, atol=1e-4)

@@ -27,6 +27,7 @@ from nmfx.passes import SPARSIFY_PASSES, Pass, PassContext, run_passes
 from nmfx.passes.decide_eligibility import dense_reason
 from nmfx.passes.insert_srste_masks import masker_name
 from nmfx.plan import DENSE, SPARSE, Candidate, Coverage, SparsityPlan
+from nmfx.preconditions import check_materialized, outside_inference_mode
 from nmfx.srste import ensure_optimizer_hook
 from nmfx.weight_ops import find_weight_uses, mha_weights
 
@@ -62,8 +63,14 @@ def _check_model(model: Any) -> None:
             "model is a torch.compile'd module; call nmfx.sparsify on the original module "
             "first, then torch.compile the result"
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "model is a TorchScript module (torch.jit.script/trace); nmfx rewrites Python "
+            "forwards: call nmfx.sparsify on the eager nn.Module, then script the result"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
+    check_materialized(model)
     if is_sparsified(model):
         raise ValueError(
             "model is already sparsified by nmfx (it contains NMMasker modules); sparsify the "
@@ -296,6 +303,7 @@ def analyse(
     return out
 
 
+@outside_inference_mode
 def sparsify(
     model: nn.Module,
     config: SparsityConfig | None = None,

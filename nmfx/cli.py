@@ -40,6 +40,108 @@ def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
     return out
 
 
+def _check_counts(args: argparse.Namespace) -> None:
+    """Counts must be positive (warm-up may be 0): checked before any model is built."""
+    minimum = {"batch": 1, "seq": 1, "repeats": 1, "warmup": 0, "epochs": 1, "steps": 1}
+    what = {"batch": "rows of the example input", "seq": "tokens per sequence",
+            "repeats": "timed repeats", "warmup": "untimed runs", "epochs": "training epochs",
+            "steps": "training steps"}  # fmt: skip
+    for name, low in minimum.items():
+        for value in _as_list(getattr(args, name, None)):
+            if value < low:
+                raise UsageError(
+                    f"--{name} {value} is not allowed: --{name} counts {what[name]} and must be "
+                    f"an integer >= {low}, e.g. --{name} {max(low, 1)}"
+                )
+
+
+def _as_list(value: Any) -> list[int]:
+    return [] if value is None else value if isinstance(value, list) else [value]
+
+
+def _check_pattern(args: argparse.Namespace) -> None:
+    from nmfx.pattern import parse_pattern
+
+    try:
+        parse_pattern(args.pattern)
+    except (TypeError, ValueError) as exc:
+        raise UsageError(f"--pattern {args.pattern!r}: {exc}") from exc
+
+
+def _parse_shape(text: str, flag: str, example: str) -> list[int]:
+    try:
+        dims = [int(s) for s in text.lower().split("x")]
+    except ValueError:
+        dims = []
+    if not dims or any(d < 1 for d in dims):
+        raise UsageError(
+            f"{flag} {text!r} must be positive sizes joined by 'x', e.g. {flag} {example}"
+        )
+    return dims
+
+
+def _check_file_target(flag: str, path: str) -> None:
+    """Fail before the work when ``path`` cannot be written (missing or read-only folder)."""
+    target = Path(path)
+    if target.is_dir():
+        raise UsageError(
+            f"{flag} {path}: is a directory; give a file path, e.g. {flag} {target / 'report.json'}"
+        )
+    if not target.parent.is_dir():
+        raise UsageError(
+            f"{flag} {path}: folder {target.parent} does not exist; create it first or pick another path"
+        )
+    existed = target.exists()
+    try:
+        with open(target, "a"):
+            pass
+    except OSError as exc:
+        raise UsageError(
+            f"{flag} {path}: cannot write there ({exc.strerror}); pick a writable path"
+        ) from exc
+    if not existed:
+        target.unlink()
+
+
+def check_out_dir(flag: str, path: str) -> Path:
+    """Create the output folder ``path`` now and check it is writable, before the work."""
+    out = Path(path)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".nmfx-write-check"
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UsageError(
+            f"{flag} {path}: cannot create or write this folder ({exc.strerror or exc}); "
+            f"pick a writable folder path"
+        ) from exc
+    return out
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    for flag in ("json", "markdown", "csv", "plot"):
+        path = getattr(args, flag, None)
+        if path:
+            _check_file_target(f"--{flag}", path)
+    if args.command == "demo":
+        check_out_dir("--out", args.out)
+
+
+def check_args(args: argparse.Namespace) -> None:
+    """Every argument checked before any work: bad ones exit 2 with ``nmfx: error:``."""
+    _check_counts(args)
+    if getattr(args, "pattern", None) is not None:
+        _check_pattern(args)
+    if getattr(args, "input_shape", None):
+        _parse_shape(args.input_shape, "--input-shape", "1x1024")
+    if args.command == "bench":
+        _parse_shape(args.shape, "--shape", "4096x4096")
+        if len(args.shape.split("x")) != 2:
+            raise UsageError(f"--shape {args.shape!r} must be OUTxIN, e.g. --shape 4096x4096")
+    _check_outputs(args)
+
+
 def load_model(spec: str, overrides: dict[str, Any]) -> tuple[nn.Module, str | None]:
     """A zoo name or ``module:callable``; returns the model and its zoo name (if any)."""
     import model_zoo
@@ -73,11 +175,7 @@ def example_inputs(
     import model_zoo
 
     if input_shape:
-        try:
-            shape = [int(s) for s in input_shape.split("x")]
-        except ValueError as exc:
-            raise UsageError(f"--input-shape {input_shape!r} must look like 1x3x32x32") from exc
-        return (torch.randn(shape),)
+        return (torch.randn(_parse_shape(input_shape, "--input-shape", "1x3x32x32")),)
     if zoo_name is None:
         raise UsageError("a module:callable model needs --input-shape, e.g. --input-shape 1x1024")
     x = model_zoo.example_input(zoo_name, batch=batch, model=model)
@@ -153,7 +251,9 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         sparse = nmfx.sparsify(copy.deepcopy(model), **options)
     except ValueError as exc:
-        print(str(exc))
+        if "nothing was changed" not in str(exc):  # a bad option: a usage error
+            raise UsageError(str(exc)) from exc
+        print(str(exc))  # a valid answer: no layer can be N:M; the reasons per layer
         return 1
     print(nmfx.summary(sparse))
     return 0
@@ -168,17 +268,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if args.dtype not in dtypes:
         raise UsageError(f"--dtype {args.dtype!r} is not one of {list(dtypes)}")
-    try:
-        rows, cols = (int(s) for s in args.shape.split("x"))
-    except ValueError as exc:
-        raise UsageError(f"--shape {args.shape!r} must look like 4096x4096 (out x in)") from exc
+    rows, cols = _parse_shape(args.shape, "--shape", "4096x4096")
     dtype = dtypes[args.dtype]
     w = torch.randn(rows, cols).to(dtype)
     w = torch.where(nm_mask(w, args.pattern), w, 0)
     p = pack(w, args.pattern)
-    print(
-        f"dispatch table: {json.dumps(dispatch_table().get('entries', dispatch_table()), default=str)[:400]}"
-    )
+    if args.verbose:  # the dispatcher's per-shape choices: for kernel work, not a first look
+        table = dispatch_table()
+        print(f"dispatch table: {json.dumps(table.get('entries', table), default=str)[:400]}")
     for batch in args.batch:
         x = torch.randn(batch, cols).to(dtype)
         fns = {
@@ -300,6 +397,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
     try:
+        check_args(args)
         return args.func(args)
     except UsageError as exc:
         parser.exit(2, f"nmfx: error: {exc}\n")

@@ -1,7 +1,8 @@
 """The ``nmfx`` command line: ``demo``, ``report``, ``inspect``, ``bench``.
 
 Models are given by zoo name (``mlp``, ``resnet50``, ``llama``, ...) or as
-``package.module:callable`` returning an ``nn.Module``. Exit codes: 0 success, 1 a
+``package.module:callable`` returning an ``nn.Module`` (importable: ``PYTHONPATH=.`` from
+its folder, or installed). Exit codes: 0 success, 1 a
 failure while running, 2 bad arguments.
 """
 
@@ -20,11 +21,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["main"]
+from nmfx.cli_checks import UsageError, check_args, parse_shape
 
-
-class UsageError(Exception):
-    """Bad arguments: exit code 2."""
+__all__ = ["UsageError", "main"]
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -38,108 +37,6 @@ def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
         except json.JSONDecodeError:
             out[key] = value
     return out
-
-
-def _check_counts(args: argparse.Namespace) -> None:
-    """Counts must be positive (warm-up may be 0): checked before any model is built."""
-    minimum = {"batch": 1, "seq": 1, "repeats": 1, "warmup": 0, "epochs": 1, "steps": 1}
-    what = {"batch": "rows of the example input", "seq": "tokens per sequence",
-            "repeats": "timed repeats", "warmup": "untimed runs", "epochs": "training epochs",
-            "steps": "training steps"}  # fmt: skip
-    for name, low in minimum.items():
-        for value in _as_list(getattr(args, name, None)):
-            if value < low:
-                raise UsageError(
-                    f"--{name} {value} is not allowed: --{name} counts {what[name]} and must be "
-                    f"an integer >= {low}, e.g. --{name} {max(low, 1)}"
-                )
-
-
-def _as_list(value: Any) -> list[int]:
-    return [] if value is None else value if isinstance(value, list) else [value]
-
-
-def _check_pattern(args: argparse.Namespace) -> None:
-    from nmfx.pattern import parse_pattern
-
-    try:
-        parse_pattern(args.pattern)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"--pattern {args.pattern!r}: {exc}") from exc
-
-
-def _parse_shape(text: str, flag: str, example: str) -> list[int]:
-    try:
-        dims = [int(s) for s in text.lower().split("x")]
-    except ValueError:
-        dims = []
-    if not dims or any(d < 1 for d in dims):
-        raise UsageError(
-            f"{flag} {text!r} must be positive sizes joined by 'x', e.g. {flag} {example}"
-        )
-    return dims
-
-
-def _check_file_target(flag: str, path: str) -> None:
-    """Fail before the work when ``path`` cannot be written (missing or read-only folder)."""
-    target = Path(path)
-    if target.is_dir():
-        raise UsageError(
-            f"{flag} {path}: is a directory; give a file path, e.g. {flag} {target / 'report.json'}"
-        )
-    if not target.parent.is_dir():
-        raise UsageError(
-            f"{flag} {path}: folder {target.parent} does not exist; create it first or pick another path"
-        )
-    existed = target.exists()
-    try:
-        with open(target, "a"):
-            pass
-    except OSError as exc:
-        raise UsageError(
-            f"{flag} {path}: cannot write there ({exc.strerror}); pick a writable path"
-        ) from exc
-    if not existed:
-        target.unlink()
-
-
-def check_out_dir(flag: str, path: str) -> Path:
-    """Create the output folder ``path`` now and check it is writable, before the work."""
-    out = Path(path)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-        probe = out / ".nmfx-write-check"
-        probe.touch()
-        probe.unlink()
-    except OSError as exc:
-        raise UsageError(
-            f"{flag} {path}: cannot create or write this folder ({exc.strerror or exc}); "
-            f"pick a writable folder path"
-        ) from exc
-    return out
-
-
-def _check_outputs(args: argparse.Namespace) -> None:
-    for flag in ("json", "markdown", "csv", "plot"):
-        path = getattr(args, flag, None)
-        if path:
-            _check_file_target(f"--{flag}", path)
-    if args.command == "demo":
-        check_out_dir("--out", args.out)
-
-
-def check_args(args: argparse.Namespace) -> None:
-    """Every argument checked before any work: bad ones exit 2 with ``nmfx: error:``."""
-    _check_counts(args)
-    if getattr(args, "pattern", None) is not None:
-        _check_pattern(args)
-    if getattr(args, "input_shape", None):
-        _parse_shape(args.input_shape, "--input-shape", "1x1024")
-    if args.command == "bench":
-        _parse_shape(args.shape, "--shape", "4096x4096")
-        if len(args.shape.split("x")) != 2:
-            raise UsageError(f"--shape {args.shape!r} must be OUTxIN, e.g. --shape 4096x4096")
-    _check_outputs(args)
 
 
 def load_model(spec: str, overrides: dict[str, Any]) -> tuple[nn.Module, str | None]:
@@ -169,13 +66,31 @@ def load_model(spec: str, overrides: dict[str, Any]) -> tuple[nn.Module, str | N
         raise UsageError(str(exc)) from exc
 
 
+INPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "int64": torch.int64, "int32": torch.int32}  # fmt: skip
+
+
+def _explicit_input(model: nn.Module, shape: list[int], dtype: str) -> torch.Tensor:
+    """Random floats, or token ids valid for every embedding of the model (int dtypes)."""
+    if INPUT_DTYPES[dtype].is_floating_point:
+        return torch.randn(shape, dtype=INPUT_DTYPES[dtype])
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return torch.randint(0, min(sizes, default=2), shape, dtype=INPUT_DTYPES[dtype])
+
+
 def example_inputs(
-    model: nn.Module, zoo_name: str | None, batch: int, seq: int | None, input_shape: str | None
+    model: nn.Module,
+    zoo_name: str | None,
+    batch: int,
+    seq: int | None,
+    input_shape: str | None,
+    input_dtype: str = "float32",
 ) -> tuple:
     import model_zoo
 
     if input_shape:
-        return (torch.randn(_parse_shape(input_shape, "--input-shape", "1x3x32x32")),)
+        shape = parse_shape(input_shape, "--input-shape", "1x3x32x32")
+        return (_explicit_input(model, shape, input_dtype),)
     if zoo_name is None:
         raise UsageError("a module:callable model needs --input-shape, e.g. --input-shape 1x1024")
     x = model_zoo.example_input(zoo_name, batch=batch, model=model)
@@ -229,7 +144,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     overrides = _parse_overrides(args.set)
     model, zoo = load_model(args.model, overrides)
-    inputs = example_inputs(model, zoo, args.batch, args.seq, args.input_shape)
+    inputs = example_inputs(model, zoo, args.batch, args.seq, args.input_shape, args.input_dtype)
     rep = report(model, inputs, args.target, pattern=args.pattern, warmup=args.warmup,
                  repeats=args.repeats, compile_dense=args.compile_dense,
                  progress=_progress(not args.no_progress))  # fmt: skip
@@ -268,7 +183,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if args.dtype not in dtypes:
         raise UsageError(f"--dtype {args.dtype!r} is not one of {list(dtypes)}")
-    rows, cols = _parse_shape(args.shape, "--shape", "4096x4096")
+    rows, cols = parse_shape(args.shape, "--shape", "4096x4096")
     dtype = dtypes[args.dtype]
     w = torch.randn(rows, cols).to(dtype)
     w = torch.where(nm_mask(w, args.pattern), w, 0)
@@ -300,13 +215,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nmfx", description="N:M structured sparsity for PyTorch."
     )
+    from nmfx import __version__
+
+    parser.add_argument("--version", action="version", version=f"nmfx {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what nmfx does (INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "model",
-            help="zoo name (mlp, resnet18, resnet50, vit_tiny, gpt2, llama, ...) or module:callable",
+            help="zoo name (mlp, resnet18, resnet50, vit_tiny, gpt2, llama, ...) or "
+            "module:callable returning an nn.Module (the module must be importable: run with "
+            "PYTHONPATH=. from its folder, or install it)",
         )
         p.add_argument(
             "--pattern", default="2:4", help="N:M pattern, keep N of every M (default 2:4)"
@@ -346,7 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--input-shape",
         default=None,
-        help="explicit input shape, e.g. 1x1024 (needed for module:callable)",
+        help="explicit input shape, e.g. 1x1024 (needed for module:callable); token models "
+        "need an integer --input-dtype",
+    )
+    rep.add_argument(
+        "--input-dtype",
+        default="float32",
+        choices=list(INPUT_DTYPES),
+        help="dtype of the --input-shape input (default float32); int64/int32 give random "
+        "token ids below the model's smallest nn.Embedding size",
     )
     rep.add_argument(
         "--repeats", type=int, default=20, help="timed repeats per contender (default 20)"
@@ -364,7 +292,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     rep.set_defaults(func=cmd_report)
 
-    ins = sub.add_parser("inspect", help="the plan: what would be N:M, what stays dense and why")
+    ins = sub.add_parser(
+        "inspect",
+        help="the training plan: what nmfx.sparsify would make N:M, what stays dense and why "
+        "(which layers the CPU lowering packs is in `nmfx report`)",
+    )
     model_args(ins)
     ins.add_argument(
         "--exclude", action="append", default=[], help="glob of layers to keep dense (repeatable)"
@@ -375,7 +307,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=cmd_inspect)
 
     bench = sub.add_parser(
-        "bench", help="time the packed CPU kernel against F.linear for one shape"
+        "bench",
+        help="time the packed CPU kernel against F.linear for one shape (-v: the dispatch table)",
     )
     bench.add_argument(
         "--shape", default="4096x4096", help="weight shape OUTxIN (default 4096x4096)"
@@ -386,6 +319,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
     bench.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats (default 20)")
+    bench.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="also print the dispatcher's table (same as nmfx -v bench)")  # fmt: skip
     bench.set_defaults(func=cmd_bench)
     return parser
 

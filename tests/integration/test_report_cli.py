@@ -236,8 +236,8 @@ def test_output_paths_are_checked_before_any_work(capsys, monkeypatch, tmp_path,
 def test_bench_prints_the_dispatch_table_only_with_verbose(capsys):
     from nmfx.cli import main
 
-    for argv, shown in ((["bench", "--shape", "8x16", "--batch", "1", "--repeats", "1"], False),
-                        (["-v", "bench", "--shape", "8x16", "--batch", "1", "--repeats", "1"], True)):  # fmt: skip
+    bench = ["bench", "--shape", "8x16", "--batch", "1", "--repeats", "1"]
+    for argv, shown in ((bench, False), (["-v", *bench], True), ([*bench, "-v"], True)):
         assert main(argv) == 0
         out = capsys.readouterr().out
         assert ("dispatch table" in out) == shown
@@ -276,3 +276,38 @@ def test_report_takes_a_list_as_positional_inputs_and_refuses_a_dict():
     with pytest.raises(TypeError, match=r"example_inputs=dict\): keyword inputs are not supported; "
                        r"pass the positional inputs as a tuple \(x,\) or a list \[x\]"):  # fmt: skip
         report(model, {"x": x, "y": y})
+
+
+def test_version(capsys):
+    from nmfx import __version__
+    from nmfx.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"nmfx {__version__}"
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 50) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 64)
+        self.fc = nn.Linear(64, 64)
+        self.head = nn.Linear(64, vocab)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+def tiny_lm(vocab: int = 50) -> nn.Module:
+    return TinyLM(vocab)
+
+
+def test_token_model_from_module_callable_with_an_integer_input_dtype(capsys):
+    from nmfx.cli import main
+
+    spec = f"{__name__}:tiny_lm"  # importable as this module (PYTHONPATH holds the repo root)
+    argv = ["report", spec, "--input-shape", "2x8", "--input-dtype", "int64", "--repeats", "1",
+            "--warmup", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "end to end" in capsys.readouterr().out

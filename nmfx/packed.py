@@ -1,4 +1,4 @@
-"""Compressed N:M weights: pack, unpack, save and load (DESIGN.md section 5).
+"""Compressed N:M weights: pack, unpack, save and load (the format is below).
 
 A weight ``[rows, cols]`` that is already N:M along its last dim (at most N nonzeros in every
 group of M consecutive columns) is stored as

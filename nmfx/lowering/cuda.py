@@ -5,7 +5,7 @@ to_sparse_semi_structured(w), requires_grad=False)``) wrapped in the decisions i
 does not make itself: which weights are 2:4 and of a shape and dtype the kernels accept, which
 backend (CUTLASS or cuSPARSELt) converts them, and — measured on the layer's real input shape —
 which layers run faster sparse. A layer that measures slower stays dense: nmfx must never make
-a layer slower than dense (DESIGN §6). Every layer gets a ``LayerDecision`` with its reason.
+a layer slower than dense. Every layer gets a ``LayerDecision`` with its reason.
 
 Facts about torch's API this module relies on (torch 2.13, ``torch/sparse/semi_structured.py``):
 
@@ -57,7 +57,7 @@ _SUBCLASS = {
     "cusparselt": "SparseSemiStructuredTensorCUSPARSELT",
 }
 _LABEL = {"cutlass": "CUTLASS", "cusparselt": "cuSPARSELt"}
-# (min_rows, min_cols): both weight dims must be >= and a multiple of these (DESIGN §6).
+# (min_rows, min_cols): both weight dims must be >= and a multiple of these (torch 2.13's values).
 # Used where torch's own table lacks an entry; tests check the two agree.
 FALLBACK_SHAPE_CONSTRAINTS: dict[str, dict[torch.dtype, tuple[int, int]]] = {
     "cutlass": {torch.float16: (32, 64), torch.bfloat16: (32, 64), torch.int8: (16, 128)},
@@ -75,7 +75,7 @@ _WARMUP, _ITERS, _REPEATS = 10, 50, 3
 
 def shape_constraints(backend: str) -> dict[torch.dtype, tuple[int, int]]:
     """``dtype -> (min_rows, min_cols)`` for the 2:4 dtypes of ``backend``, read from torch's
-    ``_DTYPE_SHAPE_CONSTRAINTS`` where it has the entry, else from DESIGN §6."""
+    ``_DTYPE_SHAPE_CONSTRAINTS`` where it has the entry, else from ``FALLBACK_SHAPE_CONSTRAINTS``."""
     _check_backend(backend)
     table = getattr(getattr(torch.sparse, _SUBCLASS[backend], None), "_DTYPE_SHAPE_CONSTRAINTS", {})
     out = {}

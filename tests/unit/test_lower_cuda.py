@@ -87,7 +87,7 @@ def test_unknown_backend_names_the_close_match():
 
 @pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
 def test_design_numbers_agree_with_torch_table(backend):
-    """DESIGN §6's (rows, cols) are what torch 2.13's _DTYPE_SHAPE_CONSTRAINTS says."""
+    """FALLBACK_SHAPE_CONSTRAINTS's (rows, cols) are what torch 2.13's _DTYPE_SHAPE_CONSTRAINTS says."""
     table = SUBCLASS[backend]._DTYPE_SHAPE_CONSTRAINTS
     for dtype, expected in FALLBACK_SHAPE_CONSTRAINTS[backend].items():
         assert dtype in table, f"torch's {backend} table lost {dtype}"

@@ -214,3 +214,50 @@ def test_torch_compile_backend_nmfx_on_finalized_llama():
         ref = model(ids).logits
         model.forward = torch.compile(model.forward, backend="nmfx")
         torch.testing.assert_close(model(ids).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def _cli(argv: list[str], capsys) -> tuple[int, str, str]:
+    from nmfx.cli import main
+
+    try:
+        code = main(argv)
+    except SystemExit as exc:
+        code = exc.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_cli_inspect_hf_config_and_save_pretrained_dir(tmp_path, capsys):
+    cfg = T.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                        num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                        architectures=["LlamaForCausalLM"])  # fmt: skip
+    cfg.to_json_file(tmp_path / "config.json")
+    code, out, _ = _cli(["inspect", "--hf-config", str(tmp_path / "config.json")], capsys)
+    assert code == 0 and "whole model captured by torch.export" in out
+    assert "model.layers.0.self_attn.k_proj" in out
+    T.LlamaForCausalLM(cfg).save_pretrained(tmp_path / "saved")
+    code, out, _ = _cli(["inspect", "--hf", str(tmp_path / "saved"), "--sparsify-output"], capsys)
+    assert code == 0 and "lm_head" in out and "produces the model output" not in out
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--hf", "{tmp}/missing"], "--hf {tmp}/missing: no such directory"),
+        (["--hf", "{tmp}"], "--hf {tmp}: no config.json in it"),
+        (["--hf-config", "{tmp}/missing.json"], "--hf-config {tmp}/missing.json: no such file"),
+        (["--hf-config", "{tmp}/bad.json"], "no 'model_type' in it"),
+        ([], "give one model"),
+        (["mlp", "--hf", "{tmp}"], "give one model"),
+    ],
+    ids=["no-dir", "no-config", "no-config-file", "no-model-type", "none", "two"],
+)
+@pytest.mark.parametrize("command", ["inspect", "report"])
+def test_cli_hf_bad_paths_are_usage_errors_naming_the_path(
+    tmp_path, capsys, command, argv, message
+):
+    (tmp_path / "bad.json").write_text('{"hidden_size": 64}')
+    argv = [a.format(tmp=tmp_path) for a in argv]
+    code, _, err = _cli([command, *argv], capsys)
+    assert code == 2
+    assert err.startswith("nmfx: error: ") and message.format(tmp=tmp_path) in err

@@ -196,6 +196,8 @@ def cmd_inspect(args: argparse.Namespace) -> int:
             raise UsageError(str(exc)) from exc
         print(str(exc))  # a valid answer: no layer can be N:M; the reasons per layer
         return 1
+    print("training plan (what nmfx.sparsify makes N:M; which layers the CPU lowering packs, "
+          "and how fast, is in `nmfx report`):")  # fmt: skip
     print(nmfx.summary(sparse))
     return 0
 

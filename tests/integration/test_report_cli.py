@@ -120,6 +120,7 @@ def test_cli_inspect():
     result = nmfx_cli("inspect", "resnet18")
     assert result.returncode == 0, result.stderr
     assert "in_channels=3 is not a multiple of M=4" in result.stdout
+    assert result.stdout.startswith("training plan (what nmfx.sparsify makes N:M")
 
 
 def test_cli_report_writes_json(tmp_path):

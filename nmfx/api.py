@@ -14,11 +14,12 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from nmfx.capture import (
+    EXPORT,
     NATIVE,
     OwnGraph,
     capture_own_graphs,
+    capture_whole_model,
     trace_own_forward,
-    trace_whole_model,
 )
 from nmfx.config import SparsityConfig, config_from_options
 from nmfx.modules import MHAForward, NMMasker, RewrittenForward, track
@@ -264,11 +265,12 @@ def analyse(
 ) -> Analysis:
     """Trace ``model`` (whole, then each module's own forward) and run ``passes`` on every
     own graph. Changes nothing on the model."""
-    whole_graph, trace_error = trace_whole_model(model)
+    whole = capture_whole_model(model)  # torch.fx, else torch.export
+    whole_graph, trace_error = whole.graph, whole.error
     traced = whole_graph is not None
-    facts = build_op_graph(model, whole_graph)
+    facts = build_op_graph(model, whole_graph, whole.how)
     facts.graph.graph["detect_pattern"] = detect_pattern
-    owns = capture_own_graphs(model)
+    owns = capture_own_graphs(model, facts.weight_op_owners() if whole.how == EXPORT else None)
     if not traced:
         facts.graph.graph["last_weight"] = _last_weight(model, owns)
     native = native or _plan_mha
@@ -312,7 +314,9 @@ def sparsify(
     cfg = config_from_options(config, options)
     _check_model(model)
     found = analyse(model, cfg, passes)
-    plan = SparsityPlan(cfg, found.candidates, found.coverage, found.traced, found.trace_error)
+    plan = SparsityPlan(
+        cfg, found.candidates, found.coverage, found.traced, found.trace_error, found.facts.capture
+    )
     if not found.installs:
         raise ValueError(
             "no layer of the model can be made N:M sparse with these options; nothing was "
@@ -416,7 +420,8 @@ class Summary:
             render_candidates(plan.candidates),
         ]
         if plan.whole_model_traced:
-            lines.append("coverage: whole model traced by torch.fx")
+            failed = f" (torch.fx failed: {plan.trace_error})" if plan.trace_error else ""
+            lines.append(f"coverage: whole model captured by {plan.capture}{failed}")
         else:
             lines.append(
                 f"coverage: model not traceable as a whole ({plan.trace_error}); analysed per module"

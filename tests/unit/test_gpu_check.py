@@ -146,7 +146,8 @@ def test_gpu_e2e_timed_path_on_cpu(fake_gpu, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setattr(gpu_e2e, "GPU_SIZES", gpu_e2e.SMALL)
     args = gpu_e2e.parse_args(["--out", "unused", "--layers", "1", "--prefill", "16",
-                               "--decode-tokens", "3", "--backend", "cutlass"])  # fmt: skip
+                               "--decode-tokens", "3", "--backend", "cutlass",
+                               "--budget-s", "3600"])  # fmt: skip
     payload = {"env": {}, "skipped": [], "errors": []}
     gpu_e2e.gpu_run(args, payload)
     low = payload["lowering"]

@@ -49,7 +49,7 @@ if ! mkdir -p "$OUTDIR" || ! touch "$OUTDIR/.probe"; then
 fi
 rm -f "$OUTDIR/.probe"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
-PY="$(command -v python3 || command -v python)"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"  # $PYTHON picks the interpreter
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/nmfx-gpu-check/torch_ext}"
 export NMFX_CACHE_DIR="${NMFX_CACHE_DIR:-/tmp/nmfx-gpu-check/cache}"

@@ -24,7 +24,8 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU
 
 
 def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "OUT"} | (env or {})
+    full_env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"PYTHON": sys.executable}
+    full_env |= env or {}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 

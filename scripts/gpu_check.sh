@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
         --wheels) WHEELS="${2:?--wheels needs a directory}"; shift ;;
         --fetch-wheels)
             dest="${2:?--fetch-wheels needs a directory}"
-            exec python3 -m pip download --only-binary=:all: --python-version 3.12 \
+            exec "${PYTHON:-python3}" -m pip download --only-binary=:all: --python-version 3.12 \
                 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
                 --platform any -d "$dest" "${PURE_DEPS[@]}" ;;
         -h|--help) usage; exit 0 ;;

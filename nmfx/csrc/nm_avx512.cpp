@@ -47,8 +47,9 @@ inline unsigned mask16(const uint8_t* mrow, int64_t kb2, int64_t KB) {
 
 // Software prefetch of the next tile of rows into L2, as in the AVX2 kernel (where it took a
 // batch-1 4096x4096 2:4 fp32 GEMV on one thread from 2.83 to 1.8 ms): a tile's rows are WR short
-// interleaved streams the hardware prefetcher barely ramps up on. Not measured on AVX-512
-// hardware (none available to the project); prefetches never fault, so results cannot change.
+// interleaved streams the hardware prefetcher barely ramps up on. Prefetches never fault, so
+// results cannot change; whether this path or another wins on a host is measured there by the
+// autotuner (nmfx/kernels/_autotune.py).
 template <typename T, int WR, int XB>
 void micro(const NMProblem& p, int64_t r, int64_t b) {
   const T* vp[WR];

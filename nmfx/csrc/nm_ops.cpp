@@ -237,7 +237,7 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   const PackedShape shape = check_packed(x, values, mask, bias, rows, cols, n, m);
   const KernelFn fn = select_kernel(isa);
   const int64_t B = x.size(0);
-  TORCH_CHECK(path != kPathSelect || (fn != nm_gemm_portable && B == 1 &&
+  TORCH_CHECK(path != kPathSelect || (fn != nm_gemm_portable && B <= 1 &&
                                       has_select_gemv(static_cast<int>(n), static_cast<int>(m))),
               "nmfx: PATH_SELECT needs an x86 ISA, one row of x and pattern 1:4, 1:8, 2:4 or 4:8; "
               "got ", B, " rows, pattern ", n, ":", m);

@@ -43,6 +43,7 @@ def test_every_weight_layer_has_a_row_matching_the_plan(tiny_report):
     for row in rep.rows:
         if plan[row.name].sparse:
             assert row.verdict == "sparse" and row.pattern == "2:4"
+            assert "rows of x; ran " in row.reason and row.reason.endswith(" at 2 rows of x")
             assert row.dense_ms > 0 and row.sparse_ms > 0
             assert row.speedup == pytest.approx(row.dense_ms / row.sparse_ms)
             assert row.max_abs_diff < 1e-4

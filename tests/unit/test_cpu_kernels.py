@@ -428,6 +428,21 @@ def test_forced_select_matches_linear(isa: str, dtype: torch.dtype, pattern: str
     torch.testing.assert_close(y.float(), reference(x, w, bias), **TOL[dtype])
 
 
+@pytest.mark.parametrize("path", ["select", "expand", "panels"])
+def test_forced_paths_accept_an_empty_batch(path: str) -> None:
+    """Found by the fuzzer: the untuned default (select at the 1-row bucket, which holds 0 rows
+    too) raised on x of shape [0, cols]."""
+    assert K.kernels_available()
+    isa = _build.supported_isas()[-1]
+    if isa == "portable":
+        pytest.skip("no x86 SIMD ISA on this CPU")
+    p = pack(random_nm(8, 32, "1:4", torch.float32), "1:4")
+    code = _build.ISA_CODES[isa] | PATH_BITS[path]
+    y = torch.ops.nmfx_cpu.nm_gemm(torch.randn(0, 32), p.values, p.mask, torch.randn(8), 8, 32,
+                                   1, 4, code)  # fmt: skip
+    assert y.shape == (0, 8)
+
+
 def test_path_bits_are_checked() -> None:
     assert K.kernels_available()
     p = pack(random_nm(4, 8, "2:4", torch.float32), "2:4")

@@ -1,16 +1,20 @@
-"""``nmfx.sparsify`` and ``nmfx.summary``: the one-liner and what it decided."""
+"""Whole-model analysis, shared by ``sparsify`` and N:M detection: changes nothing.
+
+Traces the model (whole, for structural facts; then each module's own forward, for the
+rewrite), runs a pass pipeline on every own graph and returns the candidates with their
+verdicts plus what ``sparsify`` would install (``model_state.Install``). The verbs
+(``nmfx.api``, ``nmfx.finalize``) decide what to do with it.
+"""
 
 from __future__ import annotations
 
 import functools
 import inspect
 import logging
-import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-from tabulate import tabulate
 from torch import fx, nn
 
 from nmfx.capture import (
@@ -20,55 +24,20 @@ from nmfx.capture import (
     trace_own_forward,
     trace_whole_model,
 )
-from nmfx.config import SparsityConfig, config_from_options
-from nmfx.modules import MHAForward, NMMasker, RewrittenForward, track
+from nmfx.config import SparsityConfig
+from nmfx.model_state import Install
+from nmfx.modules import MHAForward, NMMasker, rewritten_forward
 from nmfx.opgraph import ModelFacts, build_op_graph
-from nmfx.passes import SPARSIFY_PASSES, Pass, PassContext, run_passes
+from nmfx.passes import Pass, PassContext, run_passes
 from nmfx.passes.decide_eligibility import dense_reason
 from nmfx.passes.insert_srste_masks import masker_name
-from nmfx.plan import DENSE, SPARSE, Candidate, Coverage, SparsityPlan
-from nmfx.srste import ensure_optimizer_hook
+from nmfx.pattern import NMPattern
+from nmfx.plan import DENSE, SPARSE, Candidate, Coverage
 from nmfx.weight_ops import find_weight_uses, mha_weights
 
-__all__ = ["Summary", "is_sparsified", "sparsify", "summary"]
+__all__ = ["Analysis", "analyse", "mha_candidates"]
 
 log = logging.getLogger("nmfx")
-PLAN_ATTR = "_nmfx_plan"
-
-
-@dataclass
-class _Install:
-    """What to change on one module, computed before anything is changed."""
-
-    module: nn.Module
-    maskers: dict[str, nn.Module]
-    forward: Any
-
-
-def is_sparsified(model: nn.Module) -> bool:
-    return any(isinstance(m, NMMasker) for m in model.modules())
-
-
-def _is_compiled(model: Any) -> bool:
-    # A torch.compile'd module implies torch._dynamo is imported; importing it just to
-    # check would cost ~2 s on the first sparsify call.
-    dynamo = sys.modules.get("torch._dynamo.eval_frame")
-    return dynamo is not None and isinstance(model, dynamo.OptimizedModule)
-
-
-def _check_model(model: Any) -> None:
-    if _is_compiled(model):
-        raise TypeError(
-            "model is a torch.compile'd module; call nmfx.sparsify on the original module "
-            "first, then torch.compile the result"
-        )
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
-    if is_sparsified(model):
-        raise ValueError(
-            "model is already sparsified by nmfx (it contains NMMasker modules); sparsify the "
-            "original model once, or call nmfx.finalize first to bake the masks"
-        )
 
 
 def _forward_defaults(module: nn.Module) -> tuple[str, ...]:
@@ -114,56 +83,15 @@ def _reads_training(cls: type) -> bool:
         return True
 
 
-def _stand_ins(graph: fx.Graph) -> dict[str, Any]:
-    """Placeholders for the attributes a graph names: the code runs on the real module."""
-    out: dict[str, Any] = {}
-    for node in graph.nodes:
-        if node.op == "get_attr":
-            out[node.target] = torch.empty(0)
-        elif node.op == "call_module":
-            out[node.target] = nn.Identity()
-    return out
-
-
-_CODE_CACHE: dict[str, fx.GraphModule] = {}
-
-
-def _code_module(graph: fx.Graph) -> fx.GraphModule:
-    """A GraphModule whose only job is its generated forward; shared by every module whose
-    rewritten forward is the same code (e.g. all nn.Linear layers)."""
-    for node in graph.nodes:  # string annotations (postponed) would make the code unpicklable
-        node.type = None
-    src = graph.python_code("self").src
-    code = _CODE_CACHE.get(src)
-    if code is None:
-        code = _CODE_CACHE[src] = fx.GraphModule(_stand_ins(graph), graph)
-    return code
-
-
-class _ModeDispatch(RewrittenForward):
-    """RewrittenForward with separate train/eval code (see ``_trace_modes``)."""
-
-    def __init__(self, owner: nn.Module, train: fx.GraphModule, evaluate: fx.GraphModule) -> None:
-        super().__init__(owner, train)
-        self._eval_code = (evaluate,)
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        owner = self._owner[0]
-        code = self._code[0] if owner.training else self._eval_code[0]
-        return type(code).forward(owner, *args, **kwargs)
-
-
 def _plan_own_graph(
-    own: OwnGraph, cfg: SparsityConfig, facts: ModelFacts, traced: bool, passes: tuple[Pass, ...]
-) -> tuple[list[Candidate], _Install | None]:
+    own: OwnGraph, scope: Scope, passes: tuple[Pass, ...]
+) -> tuple[list[Candidate], Install | None]:
     defaults = _forward_defaults(own.module)
-    maskers: dict[str, nn.Module] = {}
+    maskers: dict[str, NMMasker] = {}
     results: dict[bool, fx.GraphModule] = {}
     candidates: list[Candidate] = []
     for mode, graph in _trace_modes(own):
-        ctx = PassContext(
-            cfg, own.fqn, own.module, facts, traced, maskers=maskers, forward_defaults=defaults
-        )
+        ctx = scope.context(own.fqn, own.module, maskers=maskers, forward_defaults=defaults)
         gm = fx.GraphModule(own.module, graph)
         result = run_passes(gm, passes, ctx)
         sparse = [c.param for c in ctx.candidates if c.sparse]
@@ -177,14 +105,10 @@ def _plan_own_graph(
             )
         candidates = candidates or ctx.candidates
         if result.modified:
-            results[mode] = _code_module(result.graph_module.graph)
+            results[mode] = result.graph_module.graph
     if not maskers:
         return candidates, None
-    if len(results) == 1:
-        forward = RewrittenForward(own.module, next(iter(results.values())))
-    else:
-        forward = _ModeDispatch(own.module, results[True], results[False])
-    return candidates, _Install(own.module, maskers, forward)
+    return candidates, Install(own.module, maskers, rewritten_forward(own.module, results))
 
 
 def mha_candidates(fqn: str, mha: nn.MultiheadAttention) -> list[Candidate]:
@@ -198,9 +122,9 @@ def mha_candidates(fqn: str, mha: nn.MultiheadAttention) -> list[Candidate]:
 
 
 def _plan_mha(
-    fqn: str, mha: nn.MultiheadAttention, cfg: SparsityConfig, facts: ModelFacts, traced: bool
-) -> tuple[list[Candidate], _Install | None]:
-    ctx = PassContext(cfg, fqn, mha, facts, traced)
+    fqn: str, mha: nn.MultiheadAttention, ctx: PassContext
+) -> tuple[list[Candidate], Install | None]:
+    cfg = ctx.config
     candidates, maskers, by_path = [], {}, {}
     for cand in mha_candidates(fqn, mha):
         path = cand.local_param
@@ -210,19 +134,13 @@ def _plan_mha(
         )
         candidates.append(cand)
         if cand.sparse:
-            name = masker_name(path)
+            name = masker_name(mha, path, maskers)
             maskers[name] = NMMasker(
-                mha,
-                path,
-                cfg.pattern.n,
-                cfg.pattern.m,
-                1,
-                cfg.srste_lambda,
-                cfg.mask_mode,
-                cfg.mask_interval,
-            )
+                mha, path, cfg.pattern.n, cfg.pattern.m, 1,
+                cfg.srste_lambda, cfg.mask_mode, cfg.mask_interval,
+            )  # fmt: skip
             by_path[path] = name
-    install = _Install(mha, maskers, MHAForward(mha, by_path)) if maskers else None
+    install = Install(mha, maskers, MHAForward(mha, by_path)) if maskers else None
     return candidates, install
 
 
@@ -246,13 +164,31 @@ class Analysis:
 
     candidates: list[Candidate]
     coverage: list[Coverage]
-    installs: list[_Install]
+    installs: list[Install]
     traced: bool
     trace_error: str
     facts: ModelFacts
 
 
-NativeHandler = Any  # (fqn, module, cfg, facts, traced) -> (candidates, install | None)
+@dataclass
+class Scope:
+    """What every module's pass context shares: options and whole-model facts."""
+
+    config: SparsityConfig
+    facts: ModelFacts
+    traced: bool
+    detect_pattern: NMPattern | None = None
+    last_weight: str | None = None
+
+    def context(self, fqn: str, module: nn.Module, **fields: Any) -> PassContext:
+        return PassContext(
+            self.config, fqn, module, self.facts, self.traced,
+            detect_pattern=self.detect_pattern, last_weight=self.last_weight, **fields,
+        )  # fmt: skip
+
+
+# (fqn, module, ctx) -> (candidates, install | None): how natively handled modules are analysed
+NativeHandler = Callable[[str, nn.Module, PassContext], tuple[list[Candidate], "Install | None"]]
 
 
 def analyse(
@@ -260,23 +196,23 @@ def analyse(
     cfg: SparsityConfig,
     passes: tuple[Pass, ...],
     native: NativeHandler | None = None,
-    detect_pattern: Any = None,
+    detect_pattern: NMPattern | None = None,
 ) -> Analysis:
     """Trace ``model`` (whole, then each module's own forward) and run ``passes`` on every
     own graph. Changes nothing on the model."""
     whole_graph, trace_error = trace_whole_model(model)
     traced = whole_graph is not None
     facts = build_op_graph(model, whole_graph)
-    facts.graph.graph["detect_pattern"] = detect_pattern
     owns = capture_own_graphs(model)
+    scope = Scope(cfg, facts, traced, detect_pattern)
     if not traced:
-        facts.graph.graph["last_weight"] = _last_weight(model, owns)
+        scope.last_weight = _last_weight(model, owns)
     native = native or _plan_mha
     out = Analysis([], [], [], traced, trace_error, facts)
     by_module = {id(o.module): o for o in owns}
     for fqn, module in model.named_modules():
         if isinstance(module, NATIVE):
-            cands, install = native(fqn, module, cfg, facts, traced)
+            cands, install = native(fqn, module, scope.context(fqn, module))
             out.coverage.append(
                 Coverage(fqn, "native", "nn.MultiheadAttention: in/out projections")
             )
@@ -288,76 +224,12 @@ def analyse(
                 cands, install = _untraceable_candidates(own), None
                 out.coverage.append(Coverage(fqn, "untraceable", own.error))
             else:
-                cands, install = _plan_own_graph(own, cfg, facts, traced, passes)
+                cands, install = _plan_own_graph(own, scope, passes)
                 out.coverage.append(Coverage(fqn, "fx"))
         out.candidates += cands
         if install is not None:
             out.installs.append(install)
     return out
-
-
-def sparsify(
-    model: nn.Module,
-    config: SparsityConfig | None = None,
-    *,
-    passes: tuple[Pass, ...] = SPARSIFY_PASSES,
-    **options: Any,
-) -> nn.Module:
-    """Make ``model`` train N:M sparse with SR-STE; returns the same object, changed in place.
-
-    Options are the fields of :class:`SparsityConfig` (``pattern="2:4"``,
-    ``srste_lambda=2e-4``, ``exclude=[...]``, ...). Parameter names, shapes and
-    ``state_dict`` keys are unchanged. Errors are raised before anything is changed.
-    """
-    cfg = config_from_options(config, options)
-    _check_model(model)
-    found = analyse(model, cfg, passes)
-    plan = SparsityPlan(cfg, found.candidates, found.coverage, found.traced, found.trace_error)
-    if not found.installs:
-        raise ValueError(
-            "no layer of the model can be made N:M sparse with these options; nothing was "
-            "changed. Reasons per layer:\n" + render_candidates(found.candidates)
-        )
-    for install in found.installs:  # from here on nothing can fail: all-or-nothing
-        for name, masker in install.maskers.items():
-            install.module.add_module(name, masker)
-            track(masker)
-            if masker.mask_mode == "fixed":
-                with torch.no_grad():
-                    masker.weight.masked_fill_(~masker.mask, 0)  # NaN or Inf * 0 is NaN
-        install.module.forward = install.forward
-    model.__dict__[PLAN_ATTR] = plan
-    ddp_ignore_stored_masks(model)
-    ensure_optimizer_hook()
-    log.info(
-        "nmfx.sparsify: %d of %d weight ops N:M (%s)",
-        len(plan.sparse),
-        len(plan.candidates),
-        cfg.pattern,
-    )
-    return model
-
-
-def ddp_ignore_stored_masks(model: nn.Module) -> list[str]:
-    """Tell DDP not to broadcast the maskers' stored masks (fixed/interval modes).
-
-    A mask is a function of the weights, which DDP keeps equal on every rank, so syncing it
-    is communication for nothing. Uses DDP's ``_ddp_params_and_buffers_to_ignore`` on
-    ``model`` (names relative to it, so DDP must wrap ``model`` itself), keeping entries the
-    user set. Returns the names added.
-    """
-    names = [
-        f"{fqn}.mask"
-        for fqn, m in model.named_modules()
-        if isinstance(m, NMMasker) and m.stores_mask and m.mask is not None
-    ]
-    if not names:
-        return []
-    ignored = list(getattr(model, "_ddp_params_and_buffers_to_ignore", ()))
-    added = [n for n in names if n not in ignored]
-    ddp = nn.parallel.DistributedDataParallel
-    ddp._set_params_and_buffers_to_ignore_for_model(model, ignored + added)
-    return added
 
 
 def _last_weight(model: nn.Module, owns: list[OwnGraph]) -> str | None:
@@ -375,76 +247,3 @@ def _last_weight(model: nn.Module, owns: list[OwnGraph]) -> str | None:
             if uses:
                 last = f"{fqn}.{uses[-1].target}" if fqn else uses[-1].target
     return last
-
-
-def render_candidates(candidates: list[Candidate], fmt: str = "simple") -> str:
-    rows = [
-        (
-            c.name,
-            c.op,
-            "x".join(map(str, c.shape)),
-            str(c.dtype).replace("torch.", ""),
-            c.verdict,
-            c.reason,
-        )
-        for c in candidates
-    ]
-    return tabulate(
-        rows, headers=["layer", "op", "weight", "dtype", "verdict", "reason"], tablefmt=fmt
-    )
-
-
-@dataclass
-class Summary:
-    """What ``sparsify`` did to a model: per-layer verdicts and how each part was analysed."""
-
-    plan: SparsityPlan
-
-    @property
-    def candidates(self) -> list[Candidate]:
-        return self.plan.candidates
-
-    def __str__(self) -> str:
-        plan = self.plan
-        sparse = plan.sparse
-        n_sparse = sum(_numel(c.shape) for c in sparse)
-        n_all = sum(_numel(c.shape) for c in plan.candidates)
-        lines = [
-            f"nmfx: {plan.config.pattern} SR-STE (lambda_W={plan.config.srste_lambda:g}, "
-            f"mask_mode={plan.config.mask_mode}): {len(sparse)} of {len(plan.candidates)} weight ops N:M, "
-            f"{n_sparse:,} of {n_all:,} weights in N:M layers",
-            render_candidates(plan.candidates),
-        ]
-        if plan.whole_model_traced:
-            lines.append("coverage: whole model traced by torch.fx")
-        else:
-            lines.append(
-                f"coverage: model not traceable as a whole ({plan.trace_error}); analysed per module"
-            )
-        counts: dict[str, int] = {}
-        for cov in plan.coverage:
-            counts[cov.how] = counts.get(cov.how, 0) + 1
-        lines.append("  " + ", ".join(f"{n} module(s) {how}" for how, n in sorted(counts.items())))
-        lines += [
-            f"  untraceable: {c.module or '<root>'}: {c.detail}"
-            for c in plan.coverage
-            if c.how == "untraceable"
-        ]
-        return "\n".join(lines)
-
-
-def _numel(shape: tuple[int, ...]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
-def summary(model: nn.Module) -> Summary:
-    """The plan ``sparsify`` recorded on ``model``."""
-    plan = model.__dict__.get(PLAN_ATTR)
-    if plan is None:
-        raise ValueError(
-            "model was not sparsified by nmfx.sparsify; call nmfx.sparsify(model) first"
-        )
-    return Summary(plan)

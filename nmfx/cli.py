@@ -127,7 +127,7 @@ def _write_outputs(rep: Any, args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from nmfx.report import report
+    from nmfx.reporting import report
 
     overrides = _parse_overrides(args.set)
     model, zoo = load_model(args.model, overrides)
@@ -163,7 +163,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from nmfx.kernels import dispatch_table, nm_linear
     from nmfx.masks import nm_mask
     from nmfx.packed import pack
-    from nmfx.timing import time_interleaved
+    from nmfx.reporting.timing import time_interleaved
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if args.dtype not in dtypes:

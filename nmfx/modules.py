@@ -17,11 +17,18 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from nmfx.masks import _use_kernel, masked_with_mask, nm_mask
 
-__all__ = ["MHAForward", "NMMasker", "RewrittenForward", "live_maskers", "track"]
+__all__ = [
+    "MHAForward",
+    "NMMasker",
+    "RewrittenForward",
+    "live_maskers",
+    "rewritten_forward",
+    "track",
+]
 
 _LIVE: weakref.WeakSet[NMMasker] = weakref.WeakSet()
 
@@ -109,7 +116,7 @@ class NMMasker(nn.Module):
             stored = nm_mask(owner.get_parameter(param_name), (n, m), reduce_dim)
         self.register_buffer("mask", stored, persistent=False)
         # A stored mask is recomputed from the weights at the first forward: DDP does not sync
-        # it (api.ddp_ignore_stored_masks) but replaces the weights with rank 0's when it wraps
+        # it (model_state) but replaces the weights with rank 0's when it wraps
         # the model. For fixed masks that is the same mask (pruned weights are zero by then).
         self._refresh_pending = stored is not None
         self._last: tuple[int, torch.Tensor] | None = None  # (weight version, mask), eager only
@@ -254,7 +261,7 @@ class RewrittenForward:
     the real module as ``self``, so parameters, buffers and children stay where they were.
     """
 
-    def __init__(self, owner: nn.Module, code: torch.fx.GraphModule) -> None:
+    def __init__(self, owner: nn.Module, code: fx.GraphModule) -> None:
         self._owner = (owner,)
         self._code = (code,)
 
@@ -262,8 +269,55 @@ class RewrittenForward:
         return type(self._code[0]).forward(self._owner[0], *args, **kwargs)
 
     @property
-    def graph(self) -> torch.fx.Graph:
+    def graph(self) -> fx.Graph:
         return self._code[0].graph
+
+
+class _ModeDispatch(RewrittenForward):
+    """RewrittenForward with separate train/eval code (a forward that reads ``self.training``
+    traces to two graphs; the one matching the module's mode runs)."""
+
+    def __init__(self, owner: nn.Module, train: fx.GraphModule, evaluate: fx.GraphModule) -> None:
+        super().__init__(owner, train)
+        self._eval_code = (evaluate,)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        owner = self._owner[0]
+        code = self._code[0] if owner.training else self._eval_code[0]
+        return type(code).forward(owner, *args, **kwargs)
+
+
+def rewritten_forward(owner: nn.Module, graphs: dict[bool, fx.Graph]) -> RewrittenForward:
+    """The forward to install on ``owner``: one graph, or one per ``training`` mode."""
+    if len(graphs) == 1:
+        return RewrittenForward(owner, _code_module(next(iter(graphs.values()))))
+    return _ModeDispatch(owner, _code_module(graphs[True]), _code_module(graphs[False]))
+
+
+def _stand_ins(graph: fx.Graph) -> dict[str, Any]:
+    """Placeholders for the attributes a graph names: the code runs on the real module."""
+    out: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            out[node.target] = torch.empty(0)
+        elif node.op == "call_module":
+            out[node.target] = nn.Identity()
+    return out
+
+
+_CODE_CACHE: dict[str, fx.GraphModule] = {}
+
+
+def _code_module(graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule whose only job is its generated forward; shared by every module whose
+    rewritten forward is the same code (e.g. all nn.Linear layers)."""
+    for node in graph.nodes:  # string annotations (postponed) would make the code unpicklable
+        node.type = None
+    src = graph.python_code("self").src
+    code = _CODE_CACHE.get(src)
+    if code is None:
+        code = _CODE_CACHE[src] = fx.GraphModule(_stand_ins(graph), graph)
+    return code
 
 
 class MHAForward:

@@ -12,7 +12,7 @@ from typing import Any
 
 from torch import nn
 
-from nmfx.api import is_sparsified
+from nmfx import model_state
 from nmfx.config import close_match_hint
 from nmfx.finalize import nm_weights
 from nmfx.plan import LayerDecision
@@ -20,7 +20,6 @@ from nmfx.plan import LayerDecision
 __all__ = ["TARGETS", "lower", "lowering_decisions"]
 
 TARGETS = ("cpu", "cuda", "tensorrt")
-DECISIONS_ATTR = "_nmfx_lowering"
 
 
 def lower(
@@ -42,7 +41,7 @@ def lower(
         raise ValueError(
             f"target={target!r} is not one of {TARGETS}{close_match_hint(target, TARGETS)}"
         )
-    if is_sparsified(model):
+    if model_state.is_sparsified(model):
         raise ValueError(
             "model still carries SR-STE masks; call nmfx.finalize(model) before nmfx.lower"
         )
@@ -71,13 +70,13 @@ def lower(
                 "target='tensorrt' needs example_inputs=(tensor, ...) to build engines"
             )
         out, decisions = lower_tensorrt(out, record, example_inputs, **options)
-    out.__dict__[DECISIONS_ATTR] = decisions
+    model_state.set_decisions(out, decisions)
     return out
 
 
 def lowering_decisions(model: nn.Module) -> list[LayerDecision]:
     """Per-layer verdicts ``nmfx.lower`` recorded on its result."""
-    decisions = model.__dict__.get(DECISIONS_ATTR)
+    decisions = model_state.get_decisions(model)
     if decisions is None:
         raise ValueError("model was not produced by nmfx.lower")
-    return list(decisions)
+    return decisions

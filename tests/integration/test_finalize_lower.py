@@ -94,9 +94,9 @@ def test_lowered_model_exports_saves_loads_and_runs(tmp_path):
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
 def test_backend_lowers_with_no_graph_breaks(inner):
-    model, x = trained("gpt2")
+    # 512-wide: Conv1D weights above the CPU size floor that nmfx.lower applies too
+    model, x = trained("gpt2", n_embd=512, n_head=8, n_layer=1)
     nmfx.finalize(model)
-    from nmfx.backend import last_decisions
 
     torch._dynamo.reset()
     with torch.no_grad():
@@ -104,9 +104,84 @@ def test_backend_lowers_with_no_graph_breaks(inner):
         explain = torch._dynamo.explain(model)(x)
         assert explain.graph_break_count == 0
         torch._dynamo.reset()
-        out = torch.compile(model, backend="nmfx", options={"inner": inner})(x)
+        compiled = torch.compile(model, backend="nmfx", options={"inner": inner})
+        out = compiled(x)
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    assert any(d.verdict == "sparse" for d in last_decisions())
+    decisions = nmfx.lowering_decisions(compiled)
+    assert any(d.verdict == "sparse" for d in decisions)
+    # the backend and nmfx.lower make the same decision for every weight both see
+    lowered = {d.param: d for d in nmfx.lowering_decisions(nmfx.lower(model, "cpu"))}
+    for d in decisions:
+        if d.param in lowered:
+            assert (d.verdict, d.reason) == (lowered[d.param].verdict, lowered[d.param].reason)
+
+
+class TwoWithBreak(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(512, 1024)
+        self.b = nn.Linear(1024, 512)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = torch.relu(self.a(x))
+        torch._dynamo.graph_break()
+        return self.b(h)
+
+
+def _nm_(linear: nn.Linear) -> None:
+    with torch.no_grad():
+        linear.weight.mul_(nmfx.nm_mask(linear.weight, "2:4"))
+
+
+def test_backend_decisions_per_model_across_graph_breaks_named_by_module_path():
+    model = TwoWithBreak().eval()
+    _nm_(model.a)
+    _nm_(model.b)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="nmfx", options={"inner": "eager"})
+    with torch.no_grad():
+        compiled(torch.randn(2, 512))
+    decisions = nmfx.lowering_decisions(compiled)
+    assert [(d.name, d.param, d.verdict) for d in decisions] == [
+        ("a", "a.weight", "sparse"),
+        ("b", "b.weight", "sparse"),
+    ]
+    other = torch.compile(nn.Linear(4, 4), backend="nmfx")
+    with pytest.raises(ValueError, match=r"backend='nmfx'\) and run once"):
+        nmfx.lowering_decisions(other)  # not run yet: no graph, no decisions
+
+
+def test_backend_lowers_again_when_frozen_weights_change():
+    """Issue 13 item 5: a compiled model must not keep running the weights it was compiled with."""
+    model = TwoWithBreak().eval()
+    _nm_(model.a)
+    _nm_(model.b)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend="nmfx", options={"inner": "eager"})
+    x = torch.randn(2, 512)
+    with torch.no_grad():
+        compiled(x)
+        other = TwoWithBreak()
+        _nm_(other.a)
+        _nm_(other.b)
+        model.load_state_dict(other.state_dict())
+        torch.testing.assert_close(compiled(x), other.eval()(x), rtol=1e-4, atol=1e-5)
+        model.a.weight.mul_(2)  # an in-place edit
+        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+def test_lower_cpu_lowers_gpt2_conv1d_addmm():
+    """Issue 13 item 23: GPT-2's Conv1D (addmm, weight [in, out]) lowers with nmfx.lower too."""
+    model, x = trained("gpt2", n_embd=512, n_head=8, n_layer=1)
+    nmfx.finalize(model)
+    with torch.no_grad():
+        ref = model(x)
+        fast = nmfx.lower(model, "cpu")
+        torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-4)
+    by = {d.param: d for d in nmfx.lowering_decisions(fast)}
+    fc = by["h.0.mlp.c_fc.weight"]
+    assert fc.op == "addmm" and fc.verdict == "sparse", fc.reason
+    assert isinstance(fast.get_submodule("h.0.mlp.c_fc"), NMLinear)
 
 
 def test_backend_rejects_unknown_options():
@@ -120,14 +195,15 @@ def test_backend_entry_point_without_importing_nmfx():
     code = textwrap.dedent(
         """
         import sys, torch
-        m = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.ReLU(), torch.nn.Linear(32, 4))
+        m = torch.nn.Sequential(torch.nn.Linear(512, 1024), torch.nn.ReLU(), torch.nn.Linear(1024, 4))
         assert "nmfx" not in sys.modules
+        x = torch.randn(2, 512)
+        compiled = torch.compile(m, backend="nmfx", options={"inner": "eager"})
         with torch.no_grad():
-            m[0].weight.mul_(torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat(4))
-            out = torch.compile(m, backend="nmfx", options={"inner": "eager"})(torch.randn(2, 16))
-            torch.testing.assert_close(out, m(torch.randn(2, 16)) * 0 + out)
-        from nmfx.backend import last_decisions
-        print([d.verdict for d in last_decisions()])
+            m[0].weight.mul_(torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat(128))
+            torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-5)
+        import nmfx
+        print([d.verdict for d in nmfx.lowering_decisions(compiled)])
         """
     )
     result = subprocess.run(

@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 import weakref
 from typing import Any
 
@@ -31,6 +32,7 @@ __all__ = [
 ]
 
 _LIVE: weakref.WeakSet[NMMasker] = weakref.WeakSet()
+_WARNED_NO_TERM = False  # the "stepped without the SR-STE term" warning is given once
 
 
 def live_maskers() -> list[NMMasker]:
@@ -120,16 +122,34 @@ class NMMasker(nn.Module):
         # the model. For fixed masks that is the same mask (pruned weights are zero by then).
         self._refresh_pending = stored is not None
         self._last: tuple[int, torch.Tensor] | None = None  # (weight version, mask), eager only
+        self._init_step_tracking()
+
+    def _init_step_tracking(self) -> None:
+        # SR-STE term bookkeeping (eager, per process; never pickled):
+        # the gradient that last received the term and its version right after, so the term
+        # goes in once per gradient however many optimizers step this weight;
+        self._term_grad: tuple[weakref.ref, int] | None = None
+        # the weight's version when a backward last reached it, and whether the term has been
+        # added since: a weight that changes after a backward without it was stepped by an
+        # optimizer that nmfx's step hook never saw.
+        self._backward_version: int | None = None
+        self._term_since_backward = False
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_last"] = None  # a cache, rebuilt by the next forward
+        for key in ("_term_grad", "_backward_version", "_term_since_backward"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_refresh_pending", False)  # pickled before the attribute existed
         super().__setstate__(state)
+        self._init_step_tracking()
         _LIVE.add(self)  # a copy of an installed masker (deepcopy, pickle, torch.load)
+        from nmfx.srste import ensure_optimizer_hook
+
+        ensure_optimizer_hook()  # a fresh process that only unpickles must train SR-STE too
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # Runs after the owner's own parameters were loaded (parents load before children):
@@ -170,6 +190,44 @@ class NMMasker(nn.Module):
         return self.compute_mask(weight)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        masked = self._masked(weight)
+        if self._tracks_steps(masked):
+            self._check_stepped_with_term(weight)
+            masked.register_hook(self._note_backward)
+        return masked
+
+    def _tracks_steps(self, masked: torch.Tensor) -> bool:
+        return (
+            self.training
+            and masked.requires_grad
+            and self.srste_lambda != 0
+            and self.mask_mode != "fixed"
+            and not torch.compiler.is_compiling()
+        )
+
+    def _note_backward(self, grad: torch.Tensor) -> None:
+        self._backward_version = self.weight._version
+
+    def _check_stepped_with_term(self, weight: torch.Tensor) -> None:
+        """Warn (once per process) when the weight changed after a backward without the term."""
+        global _WARNED_NO_TERM
+        seen = self._backward_version
+        if seen is None or weight._version == seen:
+            return  # no backward yet, or not stepped yet (gradient accumulation)
+        if not self._term_since_backward and not _WARNED_NO_TERM:
+            _WARNED_NO_TERM = True
+            warnings.warn(
+                f"nmfx: {type(self.owner).__name__}.{self.param_name} changed after a backward "
+                f"pass without the SR-STE term (lambda_W={self.srste_lambda:g}): the optimizer "
+                f"that stepped it is not a torch.optim.Optimizer (or bypasses its step hooks), "
+                f"so it trains as plain STE. Call nmfx.add_srste_terms(params) right before "
+                f"that optimizer's step",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._backward_version, self._term_since_backward = None, False
+
+    def _masked(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.stores_mask:
             if not torch.compiler.is_compiling():
                 out: list[torch.Tensor] = []
@@ -191,11 +249,22 @@ class NMMasker(nn.Module):
         return _StraightThroughMask.apply(weight, mask, self.mask_mode == "fixed")
 
     @torch.no_grad()
-    def add_srste_term(self) -> None:
-        """grad += lambda_W * (1 - E) (.) W, on the unscaled gradient, once per optimizer step."""
+    def add_srste_term(self) -> bool:
+        """grad += lambda_W * (1 - E) (.) W, on the unscaled gradient, once per gradient: a
+        second optimizer stepping the same weight on the same gradient adds nothing. Returns
+        whether the term was added."""
         weight = self.weight
         if weight.grad is None or self.srste_lambda == 0:
-            return
+            return False
+        self._term_since_backward = True
+        done = self._term_grad
+        if done is not None and done[0]() is weight.grad and weight.grad._version == done[1]:
+            return False
+        self._apply_term(weight)
+        self._term_grad = (weakref.ref(weight.grad), weight.grad._version)
+        return True
+
+    def _apply_term(self, weight: torch.Tensor) -> None:
         grad, w = weight.grad, weight.detach()
         if _is_dtensor(w):  # FSDP2 / DTensor: work on this rank's shard, no communication
             mask = self._shard_mask(w, grad)

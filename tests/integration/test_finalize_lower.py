@@ -223,3 +223,47 @@ def test_import_nmfx_stays_light():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip() == "[]"
+
+
+class Outer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.inner = nn.Sequential(nn.Linear(512, 1024), nn.ReLU())
+        self.head = nn.Linear(1024, 512)
+        self.out = nn.Linear(512, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(torch.relu(self.head(self.inner(x))))
+
+
+def test_nested_finalize_keeps_every_layer():
+    """Issue 13 item 9: finalize(o.inner) then finalize(o): lower(o) still sees inner.0."""
+    o = nmfx.sparsify(Outer())
+    nmfx.finalize(o.inner)
+    nmfx.finalize(o)
+    assert set(nmfx.nm_weights(o)) == {"inner.0.weight", "head.weight"}
+    fast = nmfx.lower(o, "cpu")
+    by = {d.param: d for d in nmfx.lowering_decisions(fast)}
+    assert by["inner.0.weight"].verdict == "sparse" and by["inner.0.weight"].name == "inner.0"
+    assert isinstance(fast.inner[0], NMLinear) and isinstance(fast.head, NMLinear)
+
+
+def test_finalize_pattern_is_validated_and_must_match():
+    """Issue 13 item 14: pattern='5:4' is an error; a pattern other than the sparsified one too."""
+    model = nmfx.sparsify(Outer())
+    with pytest.raises(ValueError, match="5:4"):
+        nmfx.finalize(model, pattern="5:4")
+    with pytest.raises(ValueError, match=r"finalize\(pattern='1:4'\) but inner.0.weight was sparsified with 2:4"):
+        nmfx.finalize(model, pattern="1:4")
+    assert nmfx.is_sparsified(model)  # nothing was changed
+    nmfx.finalize(model, pattern="2:4")
+    assert not nmfx.is_sparsified(model)
+
+
+def test_lower_after_weights_changed_names_the_layer():
+    """Issue 13 item 13: the error names the layer and says the weights changed after finalize."""
+    model = nmfx.finalize(nmfx.sparsify(Outer()))
+    with torch.no_grad():
+        model.head.weight.add_(1.0)
+    with pytest.raises(ValueError, match=r"head \(head.weight\): .* changed after finalize"):
+        nmfx.lower(model, "cpu")

@@ -90,6 +90,22 @@ def test_lowered_model_exports_saves_loads_and_runs(tmp_path):
     loaded = torch.export.load(path)
     with torch.no_grad():
         torch.testing.assert_close(loaded.module()(x), ref)
+    torch.save((x, ref), tmp_path / "io.pt")
+    code = textwrap.dedent(  # issue 13 item 20: a fresh process, `import nmfx` only
+        """
+        import sys, torch, nmfx
+        assert not any(m.startswith("nmfx.kernels") for m in sys.modules)  # nothing built
+        loaded = torch.export.load(sys.argv[1])
+        x, ref = torch.load(sys.argv[2])
+        with torch.no_grad():
+            torch.testing.assert_close(loaded.module()(x), ref)
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", code, str(path), str(tmp_path / "io.pt")],
+                            capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "ok"
 
 
 @pytest.mark.parametrize("inner", ["eager", "inductor"])
@@ -215,8 +231,9 @@ def test_backend_entry_point_without_importing_nmfx():
 
 def test_import_nmfx_stays_light():
     code = (
-        "import sys, nmfx; bad = [m for m in sys.modules if 'tensorrt' in m or m == "
-        "'torch.utils.cpp_extension' or m.startswith('nmfx.kernels')]; print(bad)"
+        "import sys, torch, nmfx; bad = [m for m in sys.modules if 'tensorrt' in m or m == "
+        "'torch.utils.cpp_extension' or m.startswith('nmfx.kernels')]; "
+        "torch.ops.nmfx.nm_linear.default; nmfx.report; nmfx.pack; nmfx.load_packed; print(bad)"
     )
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=120

@@ -8,6 +8,7 @@ import textwrap
 
 import pytest
 import torch
+from tolerances import tol
 from torch import nn
 
 import model_zoo
@@ -43,7 +44,7 @@ def test_zoo_sparsify_train_finalize_lower_cpu(name):
     with torch.no_grad():
         torch.testing.assert_close(model(x), ref)
         fast = nmfx.lower(model, "cpu")
-        torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast(x), ref, **tol("lowered_model"))
     decisions = nmfx.lowering_decisions(fast)
     assert {d.param for d in decisions} == set(record)
     packed = [m for m in fast.modules() if isinstance(m, NMLinear)]
@@ -122,7 +123,7 @@ def test_backend_lowers_with_no_graph_breaks(inner):
         torch._dynamo.reset()
         compiled = torch.compile(model, backend="nmfx", options={"inner": inner})
         out = compiled(x)
-    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(out, ref, **tol("lowered_model"))
     decisions = nmfx.lowering_decisions(compiled)
     assert any(d.verdict == "sparse" for d in decisions)
     # the backend and nmfx.lower make the same decision for every weight both see
@@ -181,9 +182,9 @@ def test_backend_lowers_again_when_frozen_weights_change():
         _nm_(other.a)
         _nm_(other.b)
         model.load_state_dict(other.state_dict())
-        torch.testing.assert_close(compiled(x), other.eval()(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled(x), other.eval()(x), **tol("lowered_layer"))
         model.a.weight.mul_(2)  # an in-place edit
-        torch.testing.assert_close(compiled(x), model(x), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(compiled(x), model(x), **tol("lowered_layer"))
 
 
 def test_lower_cpu_lowers_gpt2_conv1d_addmm():
@@ -193,7 +194,7 @@ def test_lower_cpu_lowers_gpt2_conv1d_addmm():
     with torch.no_grad():
         ref = model(x)
         fast = nmfx.lower(model, "cpu")
-        torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(fast(x), ref, **tol("lowered_model"))
     by = {d.param: d for d in nmfx.lowering_decisions(fast)}
     fc = by["h.0.mlp.c_fc.weight"]
     assert fc.op == "addmm" and fc.verdict == "sparse", fc.reason
@@ -217,7 +218,7 @@ def test_backend_entry_point_without_importing_nmfx():
         compiled = torch.compile(m, backend="nmfx", options={"inner": "eager"})
         with torch.no_grad():
             m[0].weight.mul_(torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat(128))
-            torch.testing.assert_close(compiled(x), m(x), rtol=1e-4, atol=1e-5)
+            torch.testing.assert_close(compiled(x), m(x), **tol("lowered_layer"))
         import nmfx
         print([d.verdict for d in nmfx.lowering_decisions(compiled)])
         """

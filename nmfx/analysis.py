@@ -18,11 +18,12 @@ from typing import Any
 from torch import fx, nn
 
 from nmfx.capture import (
+    EXPORT,
     NATIVE,
     OwnGraph,
     capture_own_graphs,
+    capture_whole_model,
     trace_own_forward,
-    trace_whole_model,
 )
 from nmfx.config import SparsityConfig
 from nmfx.model_state import Install
@@ -200,10 +201,11 @@ def analyse(
 ) -> Analysis:
     """Trace ``model`` (whole, then each module's own forward) and run ``passes`` on every
     own graph. Changes nothing on the model."""
-    whole_graph, trace_error = trace_whole_model(model)
+    whole = capture_whole_model(model)  # torch.fx, else torch.export
+    whole_graph, trace_error = whole.graph, whole.error
     traced = whole_graph is not None
-    facts = build_op_graph(model, whole_graph)
-    owns = capture_own_graphs(model)
+    facts = build_op_graph(model, whole_graph, whole.how)
+    owns = capture_own_graphs(model, facts.weight_op_owners() if whole.how == EXPORT else None)
     scope = Scope(cfg, facts, traced, detect_pattern)
     if not traced:
         scope.last_weight = _last_weight(model, owns)

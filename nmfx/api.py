@@ -66,7 +66,9 @@ def sparsify(
     cfg = config_from_options(config, options)
     _check_model(model)
     found = analyse(model, cfg, passes)
-    plan = SparsityPlan(cfg, found.candidates, found.coverage, found.traced, found.trace_error)
+    plan = SparsityPlan(
+        cfg, found.candidates, found.coverage, found.traced, found.trace_error, found.facts.capture
+    )
     _warn_unused_excludes(cfg, found.candidates)
     if not found.installs:
         raise ValueError(
@@ -140,7 +142,8 @@ class Summary:
             render_candidates(plan.candidates),
         ]
         if plan.whole_model_traced:
-            lines.append("coverage: whole model traced by torch.fx")
+            failed = f" (torch.fx failed: {plan.trace_error})" if plan.trace_error else ""
+            lines.append(f"coverage: whole model captured by {plan.capture}{failed}")
         else:
             lines.append(
                 f"coverage: model not traceable as a whole ({plan.trace_error}); analysed per module"

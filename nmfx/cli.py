@@ -1,7 +1,9 @@
 """The ``nmfx`` command line: ``demo``, ``report``, ``inspect``, ``bench``.
 
-Models are given by zoo name (``mlp``, ``resnet50``, ``llama``, ...) or as
-``package.module:callable`` returning an ``nn.Module``. Exit codes: 0 success, 1 a
+Models are given by zoo name (``mlp``, ``resnet50``, ``llama``, ...), as
+``package.module:callable`` returning an ``nn.Module``, or (``report``, ``inspect``) as a
+Hugging Face model: ``--hf DIR`` (from ``save_pretrained``) or ``--hf-config config.json``
+(random init). Exit codes: 0 success, 1 a
 failure while running, 2 bad arguments.
 """
 
@@ -67,6 +69,24 @@ def load_model(spec: str, overrides: dict[str, Any]) -> tuple[nn.Module, str | N
         raise UsageError(str(exc)) from exc
 
 
+def load_model_args(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
+    """The model a command names: exactly one of MODEL, ``--hf`` and ``--hf-config``."""
+    given = [s for s in (args.model, args.hf, args.hf_config) if s]
+    if len(given) != 1:
+        raise UsageError(
+            "give one model: a zoo name or module:callable, --hf DIR (a save_pretrained "
+            f"folder) or --hf-config config.json; got {len(given)}"
+        )
+    if args.model:
+        return load_model(args.model, _parse_overrides(args.set))
+    from nmfx.hf import HFInputError, load_hf_config, load_hf_dir
+
+    try:
+        return (load_hf_dir(args.hf) if args.hf else load_hf_config(args.hf_config)), None
+    except HFInputError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def example_inputs(
     model: nn.Module, zoo_name: str | None, batch: int, seq: int | None, input_shape: str | None
 ) -> tuple:
@@ -79,6 +99,14 @@ def example_inputs(
             raise UsageError(f"--input-shape {input_shape!r} must look like 1x3x32x32") from exc
         return (torch.randn(shape),)
     if zoo_name is None:
+        from nmfx.hf import HFInputError, token_inputs
+
+        try:
+            tokens = token_inputs(model, batch, seq)
+        except HFInputError as exc:
+            raise UsageError(str(exc)) from exc
+        if tokens is not None:
+            return tokens
         raise UsageError("a module:callable model needs --input-shape, e.g. --input-shape 1x1024")
     x = model_zoo.example_input(zoo_name, batch=batch, model=model)
     config = getattr(model, "config", None)
@@ -129,8 +157,7 @@ def _write_outputs(rep: Any, args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from nmfx.reporting import report
 
-    overrides = _parse_overrides(args.set)
-    model, zoo = load_model(args.model, overrides)
+    model, zoo = load_model_args(args)
     inputs = example_inputs(model, zoo, args.batch, args.seq, args.input_shape)
     rep = report(model, inputs, args.target, pattern=args.pattern, warmup=args.warmup,
                  repeats=args.repeats, compile_dense=args.compile_dense,
@@ -143,7 +170,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import nmfx
 
-    model, _ = load_model(args.model, _parse_overrides(args.set))
+    model, _ = load_model_args(args)
     options: dict[str, Any] = {
         "pattern": args.pattern,
         "keep_output_dense": not args.sparsify_output,
@@ -209,8 +236,13 @@ def build_parser() -> argparse.ArgumentParser:
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "model",
+            nargs="?",
             help="zoo name (mlp, resnet18, resnet50, vit_tiny, gpt2, llama, ...) or module:callable",
         )
+        p.add_argument("--hf", metavar="DIR",
+                       help="a Hugging Face model folder written by save_pretrained (instead of MODEL)")  # fmt: skip
+        p.add_argument("--hf-config", metavar="CONFIG",
+                       help="a transformers config.json: the model, randomly initialised")  # fmt: skip
         p.add_argument(
             "--pattern", default="2:4", help="N:M pattern, keep N of every M (default 2:4)"
         )

@@ -11,8 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from nmfx.packed import dense_for
-from nmfx.pattern import NMPattern
+from nmfx.packed import unpack_buffers
 
 __all__ = ["nm_linear_op"]
 
@@ -58,8 +57,8 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
     # Gradients reach x and bias only: packed weights are frozen inference artifacts.
     values, mask = ctx.saved_tensors
-    rows, cols, n, m, has_bias = ctx.meta
-    w = dense_for(values, mask, (rows, cols), NMPattern(n, m))
+    rows, cols, _n, _m, has_bias = ctx.meta
+    w = unpack_buffers(values, mask, (rows, cols))
     grad_x = grad @ w
     grad_bias = grad.reshape(-1, rows).sum(0) if has_bias else None
     return grad_x, None, None, grad_bias, None, None, None, None

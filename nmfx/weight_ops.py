@@ -1,7 +1,8 @@
 """Recognising ops that reduce over a weight parameter, and along which of its dims.
 
 Shared by the passes that analyse whole-model graphs and per-module graphs, so the two
-always agree on what a "weight op" is.
+always agree on what a "weight op" is. Graphs come from torch.fx (torch functions and
+Tensor methods) or from torch.export (ATen ops): both spellings are listed.
 """
 
 from __future__ import annotations
@@ -16,8 +17,17 @@ from torch import fx, nn
 __all__ = ["WeightUse", "find_weight_uses", "module_weight_uses"]
 
 # target -> (op name, {position of the weight operand: dim of the weight reduced over})
+_aten = torch.ops.aten
 _FUNCTIONS: dict[object, tuple[str, dict[int, int]]] = {
     torch._C._nn.linear: ("linear", {1: -1}),
+    _aten.linear.default: ("linear", {1: -1}),
+    _aten.conv1d.default: ("conv1d", {1: 1}),
+    _aten.conv2d.default: ("conv2d", {1: 1}),
+    _aten.conv3d.default: ("conv3d", {1: 1}),
+    _aten.matmul.default: ("matmul", {0: -1, 1: -2}),
+    _aten.mm.default: ("mm", {0: -1, 1: -2}),
+    _aten.addmm.default: ("addmm", {1: -1, 2: -2}),
+    _aten.bmm.default: ("bmm", {0: -1, 1: -2}),
     torch.conv1d: ("conv1d", {1: 1}),
     torch.conv2d: ("conv2d", {1: 1}),
     torch.conv3d: ("conv3d", {1: 1}),
@@ -34,6 +44,14 @@ _METHODS: dict[str, tuple[str, dict[int, int]]] = {
     "__matmul__": ("matmul", {0: -1, 1: -2}),
 }
 _CONV_GROUPS_ARG = 6  # F.convNd(input, weight, bias, stride, padding, dilation, groups)
+_EINSUM = (torch.einsum, _aten.einsum.default)
+# Ops that hand a weight on unchanged (export inserts them around tied and cast weights).
+_PASS_THROUGH: tuple[object, ...] = (
+    _aten.alias.default,
+    _aten.detach.default,
+    _aten.to.dtype,
+    _aten.contiguous.default,
+)
 
 
 @dataclass
@@ -42,7 +60,7 @@ class WeightUse:
 
     node: fx.Node
     weight_node: fx.Node | None  # the get_attr node (None for call_module leaves)
-    operand: fx.Node | None  # what the op consumes: weight_node or a transpose of it
+    operand: fx.Node | None  # weight_node, or the first node of the transpose/pass-through path
     target: str  # the weight's path relative to the traced root
     op: str
     reduce_dim: int | None
@@ -53,13 +71,23 @@ class WeightUse:
 def _is_transpose(node: fx.Node) -> bool:
     if node.op == "call_method" and node.target in ("t", "transpose"):
         return node.target == "t" or sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
-    if node.op == "call_function" and node.target is torch.t:
+    if node.op != "call_function":
+        return False
+    if node.target in (torch.t, _aten.t.default, _aten.numpy_T.default):
         return True
-    return node.op == "call_function" and node.target is getattr and node.args[1] in ("T", "mT")
+    if node.target is _aten.transpose.int:
+        return sorted(int(d) % 2 for d in node.args[1:3]) == [0, 1]
+    if node.target is _aten.permute.default:
+        return [int(d) % 2 for d in node.args[1]] == [1, 0]
+    return node.target is getattr and node.args[1] in ("T", "mT")
+
+
+def _is_pass_through(node: fx.Node) -> bool:
+    return node.op == "call_function" and node.target in _PASS_THROUGH
 
 
 def _einsum_reduce_dim(node: fx.Node, position: int) -> tuple[int | None, str]:
-    equation = node.args[0]
+    equation = node.args[0]  # torch.einsum(eq, *ops) and aten.einsum(eq, [ops]) alike
     if not isinstance(equation, str) or "..." in equation or "->" not in equation:
         return None, f"einsum equation {equation!r} has no explicit output"
     inputs, output = equation.replace(" ", "").split("->")
@@ -72,15 +100,17 @@ def _einsum_reduce_dim(node: fx.Node, position: int) -> tuple[int | None, str]:
     return reduced[0], ""
 
 
-def _uses_of(weight_node: fx.Node, operand: fx.Node, consumer: fx.Node) -> list[WeightUse]:
-    """Uses of ``weight_node`` by ``consumer``, where it appears as ``operand`` (itself, or
-    a 2-D transpose of it)."""
+def _uses_of(
+    weight_node: fx.Node, operand: fx.Node, arg: fx.Node, consumer: fx.Node, transposed: bool
+) -> list[WeightUse]:
+    """Uses of ``weight_node`` by ``consumer``, which reads it as ``arg`` (itself, a
+    pass-through of it, or a 2-D transpose of it); ``operand`` is the path's first node."""
     rank = weight_node.meta.get("nmfx_rank", 2)
-    transposed = operand is not weight_node
     uses = []
-    if consumer.op == "call_function" and consumer.target is torch.einsum:
-        for pos, arg in enumerate(consumer.args[1:], start=1):
-            if arg is operand and not transposed:
+    if consumer.op == "call_function" and consumer.target in _EINSUM:
+        operands = consumer.args[1:] if consumer.target is torch.einsum else consumer.args[1]
+        for pos, value in enumerate(operands, start=1):
+            if value is arg and not transposed:
                 dim, why = _einsum_reduce_dim(consumer, pos)
                 uses.append(
                     WeightUse(
@@ -104,7 +134,7 @@ def _uses_of(weight_node: fx.Node, operand: fx.Node, consumer: fx.Node) -> list[
         return uses
     name, positions = spec
     for pos, dim in positions.items():
-        if pos < len(consumer.args) and consumer.args[pos] is operand:
+        if pos < len(consumer.args) and consumer.args[pos] is arg:
             dim = dim % rank
             if transposed:
                 if rank != 2:
@@ -125,10 +155,30 @@ def _uses_of(weight_node: fx.Node, operand: fx.Node, consumer: fx.Node) -> list[
     return uses
 
 
+def _operands(weight: fx.Node) -> list[tuple[fx.Node, fx.Node, fx.Node, bool]]:
+    """(head, arg, consumer, transposed) for each op reached from ``weight`` through
+    pass-through ops and at most one 2-D transpose: ``consumer`` reads ``arg``; ``head`` is
+    the first node of the path (``weight`` itself when the op reads it directly), where a
+    masked weight is fed in."""
+    out = []
+    # depth first, users in graph order: candidates keep the order of the ops
+    stack = [(user, user, weight, False) for user in reversed(weight.users)]
+    while stack:
+        node, head, arg, transposed = stack.pop()  # node, path head, what node reads, transposed
+        through = _is_pass_through(node)
+        if through or (_is_transpose(node) and not transposed):
+            stack += [(user, head, node, transposed or not through) for user in reversed(node.users)]
+        else:
+            out.append((weight if node is head else head, arg, node, transposed))
+    return out
+
+
 def find_weight_uses(gm: fx.GraphModule) -> list[WeightUse]:
     """Every (op, weight) pair where an op of ``gm``'s graph reduces over a weight parameter.
 
-    Weights reached through a 2-D transpose (``w.t()``, ``w.T``) count, with the dims swapped.
+    Weights reached through a 2-D transpose (``w.t()``, ``w.T``) count, with the dims swapped;
+    ``gm`` is anything with a ``graph`` and ``get_parameter`` (a GraphModule, or the model
+    a whole-model graph was captured from).
     """
     uses: list[WeightUse] = []
     for node in gm.graph.nodes:
@@ -141,12 +191,8 @@ def find_weight_uses(gm: fx.GraphModule) -> list[WeightUse]:
         if value.dim() < 2:
             continue
         node.meta["nmfx_rank"] = value.dim()
-        for user in node.users:
-            if _is_transpose(user):
-                for inner in user.users:
-                    uses += _uses_of(node, user, inner)
-            else:
-                uses += _uses_of(node, node, user)
+        for operand, arg, consumer, transposed in _operands(node):
+            uses += _uses_of(node, operand, arg, consumer, transposed)
     return uses
 
 

@@ -12,8 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from nmfx.kernels import _build, _dispatch
-from nmfx.packed import dense_for
-from nmfx.pattern import NMPattern
+from nmfx.packed import unpack_buffers
 
 _ISA_ENV = "NMFX_ISA"
 _isa_override: list[str | None] = [None]
@@ -58,10 +57,12 @@ def compute(
     """Eager implementation shared by the op and the eager fast path."""
     x2 = x if x.dim() == 2 else x.reshape(-1, cols)
     mode = _dispatch.choose(x2.shape[0], values.dtype, n, m, rows, cols)
-    if mode == "sparse" and _build.extension_available():
+    if not _build.extension_available():
+        y = F.linear(x2, unpack_buffers(values, mask, (rows, cols)), bias)
+    elif mode == "sparse":
         y = torch.ops.nmfx_cpu.nm_gemm.default(x2, values, mask, bias, rows, cols, n, m, isa_code())
-    else:
-        y = F.linear(x2, dense_for(values, mask, (rows, cols), NMPattern(n, m)), bias)
+    else:  # dense GEMM on W expanded block by block (no resident dense copy)
+        y = torch.ops.nmfx_cpu.nm_dense.default(x2, values, mask, bias, rows, cols, n, m)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], rows)
 
 

@@ -145,17 +145,22 @@ class TwoWithBreak(nn.Module):
         return self.b(h)
 
 
-def _nm_(linear: nn.Linear) -> None:
+def two_with_break() -> TwoWithBreak:
+    """Both linears 2:4 (as a checkpoint nmfx did not train), in eval mode."""
+    model = TwoWithBreak().eval()
     with torch.no_grad():
-        linear.weight.mul_(nmfx.nm_mask(linear.weight, "2:4"))
+        for linear in (model.a, model.b):
+            linear.weight.mul_(nmfx.nm_mask(linear.weight, "2:4"))
+    return model
+
+
+def compiled_eager(model: nn.Module) -> nn.Module:
+    torch._dynamo.reset()
+    return torch.compile(model, backend="nmfx", options={"inner": "eager"})
 
 
 def test_backend_decisions_per_model_across_graph_breaks_named_by_module_path():
-    model = TwoWithBreak().eval()
-    _nm_(model.a)
-    _nm_(model.b)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="nmfx", options={"inner": "eager"})
+    compiled = compiled_eager(two_with_break())
     with torch.no_grad():
         compiled(torch.randn(2, 512))
     decisions = nmfx.lowering_decisions(compiled)
@@ -170,19 +175,14 @@ def test_backend_decisions_per_model_across_graph_breaks_named_by_module_path():
 
 def test_backend_lowers_again_when_frozen_weights_change():
     """Issue 13 item 5: a compiled model must not keep running the weights it was compiled with."""
-    model = TwoWithBreak().eval()
-    _nm_(model.a)
-    _nm_(model.b)
-    torch._dynamo.reset()
-    compiled = torch.compile(model, backend="nmfx", options={"inner": "eager"})
+    model = two_with_break()
+    compiled = compiled_eager(model)
     x = torch.randn(2, 512)
     with torch.no_grad():
         compiled(x)
-        other = TwoWithBreak()
-        _nm_(other.a)
-        _nm_(other.b)
+        other = two_with_break()
         model.load_state_dict(other.state_dict())
-        torch.testing.assert_close(compiled(x), other.eval()(x), **tol("lowered_layer"))
+        torch.testing.assert_close(compiled(x), other(x), **tol("lowered_layer"))
         model.a.weight.mul_(2)  # an in-place edit
         torch.testing.assert_close(compiled(x), model(x), **tol("lowered_layer"))
 
@@ -285,3 +285,27 @@ def test_lower_after_weights_changed_names_the_layer():
         model.head.weight.add_(1.0)
     with pytest.raises(ValueError, match=r"head \(head.weight\): .* changed after finalize"):
         nmfx.lower(model, "cpu")
+
+
+def test_finalize_removes_everything_sparsify_added():
+    """Issue 12: after finalize, only the plain-data N:M record is left (model_state says so)."""
+    model = Outer()
+    before = {n: set(m.__dict__) for n, m in model.named_modules()}
+    nmfx.sparsify(model, mask_mode="fixed")  # fixed: stored masks, DDP ignore entries too
+    assert hasattr(model, "_ddp_params_and_buffers_to_ignore")
+    nmfx.finalize(model)
+    after = {n: set(m.__dict__) for n, m in model.named_modules()}
+    assert after.keys() == before.keys()  # no masker left
+    extra = {n: after[n] - before[n] for n in after if after[n] - before[n]}
+    assert extra == {"": {"_nmfx_nm_record"}}
+    record = model.__dict__["_nmfx_nm_record"]
+    plain = (str, int, float, bool, list, dict, type(None))
+
+    def builtins_only(value) -> bool:
+        if isinstance(value, dict):
+            return all(builtins_only(k) and builtins_only(v) for k, v in value.items())
+        if isinstance(value, list):
+            return all(builtins_only(v) for v in value)
+        return isinstance(value, plain)
+
+    assert builtins_only(record)

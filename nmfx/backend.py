@@ -89,9 +89,14 @@ class _Lowered:
         self, gm: fx.GraphModule, example_inputs: list[Any], options: dict[str, Any],
         target: str, kwargs: dict[str, Any],
     ) -> None:  # fmt: skip
-        self._pristine = copy.deepcopy(gm)  # the passes rewrite their input
+        from nmfx.passes.lower_nm_linear import source_fqns
+
+        self._pristine: fx.GraphModule | None = gm
+        self._sources = source_fqns(gm)  # Dynamo strips the sources once the backend returns
         self._options, self._target, self._kwargs = options, target, kwargs
         self._compile(example_inputs)
+        if not self._frozen:
+            self._pristine = None  # nothing frozen: nothing to lower again, keep no copy
 
     def _compile(self, example_inputs: list[Any]) -> None:
         from nmfx.passes import BACKEND_PASSES
@@ -99,11 +104,15 @@ class _Lowered:
 
         options = self._options
         ctx = BackendContext(
-            example_inputs, self._target, cuda_backend=options.get("cuda_backend", "cutlass")
-        )
+            example_inputs, self._target, cuda_backend=options.get("cuda_backend", "cutlass"),
+            sources=self._sources,
+        )  # fmt: skip
         if "pattern" in options:
             ctx.pattern = parse_pattern(options["pattern"])
-        gm = run_passes(copy.deepcopy(self._pristine), BACKEND_PASSES, ctx).graph_module
+        if self._pristine is None:  # dropped only when no weight is frozen: never here
+            raise RuntimeError("backend='nmfx': no graph kept to lower again")
+        gm = copy.deepcopy(self._pristine)  # the passes rewrite their input
+        gm = run_passes(gm, BACKEND_PASSES, ctx).graph_module
         log.info("backend='nmfx' (%s): %d of %d linears sparse", self._target,
                  sum(d.verdict == "sparse" for d in ctx.decisions), len(ctx.decisions))  # fmt: skip
         _remember(ctx)

@@ -478,7 +478,9 @@ def cuda_weight_decision(
     if sparse is None:
         return decision, None
     decision.verdict = SPARSE
-    decision.reason = f"semi-structured 2:4 ({backend}); not measured (frozen into a compiled graph)"
+    decision.reason = (
+        f"semi-structured 2:4 ({backend}); not measured (frozen into a compiled graph)"
+    )
     return decision, sparse
 
 

@@ -65,6 +65,8 @@ class BackendContext:
     frozen: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
     # the parameter each decision is about (by decision index), for per-model bookkeeping
     params: dict[int, torch.Tensor] = field(default_factory=dict)
+    # placeholder name -> parameter FQN, read before Dynamo strips the graph's sources
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def _leaves(node: fx.Node) -> Iterator[fx.Node]:
@@ -152,14 +154,20 @@ def _source_fqn(node: fx.Node) -> str | None:
     return ".".join(parts) or None
 
 
+def source_fqns(gm: fx.GraphModule) -> dict[str, str]:
+    """Placeholder name -> parameter FQN for every placeholder Dynamo gave a source."""
+    names = {n.name: _source_fqn(n) for n in gm.graph.nodes if n.op == "placeholder"}
+    return {k: v for k, v in names.items() if v is not None}
+
+
 def _weight_param(
-    w_node: fx.Node, values: dict[fx.Node, Any]
+    w_node: fx.Node, values: dict[fx.Node, Any], sources: dict[str, str]
 ) -> tuple[str, str, torch.Tensor | None, int | None]:
     """``(layer name, weight FQN, parameter, placeholder index)`` of the one parameter a
     (possibly masked) weight is computed from; the node's own name when it has none."""
     placeholders = list(values)
     for leaf in _leaves(w_node):
-        fqn = _source_fqn(leaf)
+        fqn = sources.get(leaf.name) or _source_fqn(leaf)
         value = values.get(leaf)
         if fqn is not None and (leaf.op == "get_attr" or isinstance(value, nn.Parameter)):
             index = placeholders.index(leaf) if leaf in values else None
@@ -187,7 +195,7 @@ def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
                     "weight is computed from activations, not from parameters",
                 ))  # fmt: skip
             continue
-        name, param, source, index = _weight_param(w_node, values)
+        name, param, source, index = _weight_param(w_node, values, ctx.sources)
         if source is not None:
             ctx.params[len(ctx.decisions)] = source
         if torch.is_grad_enabled() and _needs_grad(w_node, values):

@@ -218,11 +218,12 @@ def test_backend_entry_point_without_importing_nmfx():
         compiled = torch.compile(m, backend="nmfx", options={"inner": "eager"})
         with torch.no_grad():
             m[0].weight.mul_(torch.tensor([1.0, 0.0, 1.0, 0.0]).repeat(128))
-            torch.testing.assert_close(compiled(x), m(x), **tol("lowered_layer"))
+            torch.testing.assert_close(compiled(x), m(x), **TOL)
         import nmfx
         print([d.verdict for d in nmfx.lowering_decisions(compiled)])
         """
     )
+    code = f"TOL = {tol('lowered_layer')!r}\n" + code  # the table's tolerance, in the subprocess
     result = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300
     )

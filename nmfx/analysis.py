@@ -34,7 +34,7 @@ from nmfx.passes.decide_eligibility import dense_reason
 from nmfx.passes.insert_srste_masks import masker_name
 from nmfx.pattern import NMPattern
 from nmfx.plan import DENSE, SPARSE, Candidate, Coverage
-from nmfx.weight_ops import find_weight_uses, mha_weights
+from nmfx.weight_ops import find_weight_uses, mha_weights, no_nm_form, no_nm_module_weights
 
 __all__ = ["Analysis", "analyse", "mha_candidates"]
 
@@ -159,6 +159,17 @@ def _untraceable_candidates(own: OwnGraph) -> list[Candidate]:
     return out
 
 
+def no_nm_candidates(fqn: str, module: nn.Module) -> list[Candidate]:
+    """Dense rows for the weights of torch.nn ops with no N:M form (LSTM, ConvTranspose2d, ...)."""
+    out = []
+    for path, op in no_nm_module_weights(module):
+        p = module.get_parameter(path)
+        param = f"{fqn}.{path}" if fqn else path
+        out.append(Candidate(param, param, fqn, path, op, tuple(p.shape), p.dtype, None, DENSE,
+                             no_nm_form(f"nn.{type(module).__name__}")))  # fmt: skip
+    return out
+
+
 @dataclass
 class Analysis:
     """The candidates of a model and what to install, before anything is changed."""
@@ -221,6 +232,7 @@ def analyse(
         else:
             own = by_module.get(id(module))
             if own is None:
+                out.candidates += no_nm_candidates(fqn, module)
                 continue
             if own.graph is None:
                 cands, install = _untraceable_candidates(own), None

@@ -12,6 +12,7 @@ import warnings
 from dataclasses import dataclass
 from typing import Any
 
+import torch
 from tabulate import tabulate
 from torch import nn
 
@@ -21,6 +22,7 @@ from nmfx.config import SparsityConfig, config_from_options
 from nmfx.model_state import is_sparsified
 from nmfx.passes import SPARSIFY_PASSES, Pass
 from nmfx.plan import Candidate, SparsityPlan
+from nmfx.preconditions import check_materialized, outside_inference_mode
 from nmfx.srste import ensure_optimizer_hook
 
 __all__ = ["Summary", "is_sparsified", "render_candidates", "sparsify", "summary"]
@@ -41,8 +43,14 @@ def _check_model(model: Any) -> None:
             "model is a torch.compile'd module; call nmfx.sparsify on the original module "
             "first, then torch.compile the result"
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "model is a TorchScript module (torch.jit.script/trace); nmfx rewrites Python "
+            "forwards: call nmfx.sparsify on the eager nn.Module, then script the result"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
+    check_materialized(model)
     if is_sparsified(model):
         raise ValueError(
             "model is already sparsified by nmfx (it contains NMMasker modules); sparsify the "
@@ -50,6 +58,7 @@ def _check_model(model: Any) -> None:
         )
 
 
+@outside_inference_mode
 def sparsify(
     model: nn.Module,
     config: SparsityConfig | None = None,

@@ -297,10 +297,8 @@ def measure(key: ShapeKey) -> dict[str, Any]:
 
 
 def _contention_probe_us() -> float:
-    try:
-        from nmfx.reporting.timing import parallel_op_latency_us
-    except ImportError:
-        from nmfx.timing import parallel_op_latency_us
+    from nmfx.reporting.timing import parallel_op_latency_us
+
     return parallel_op_latency_us(calls=30)
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "dispatch_choices",
     "dispatch_summary",
     "dispatch_table",
+    "encode_choices",
     "force_dispatch",
     "kernels_available",
     "nm_linear",
@@ -106,6 +107,13 @@ def autotune(weights: Iterable[object], progress: bool = True) -> dict[str, dict
     return {
         str(k): dict(zip(labels, e["choices"], strict=True)) for k, e in entries.items()
     }
+
+
+def encode_choices(choices: dict[str, str]) -> int:
+    """``{bucket: choice}`` (as :func:`autotune` returns per shape) as a layer's ``dispatch``."""
+    from nmfx.kernels import _autotune
+
+    return _autotune.encode(list(choices.values()))
 
 
 def kernels_available() -> bool:

@@ -88,10 +88,16 @@ def cpu_decision(
     if reason is not None:
         return LayerDecision(name, param, op, "cpu", DENSE, reason), None
     packed = pack(weight.detach().contiguous(), pattern)
+    # Which kernel path (or dense) runs per rows of x: measured on this host now (or cached),
+    # not in the first forward.
+    from nmfx.kernels import autotune, dispatch_summary, encode_choices
+
+    choices = next(iter(autotune([packed]).values()))
     return LayerDecision(
         name, param, op, "cpu", SPARSE,
-        f"packed {pattern}, {packed.nbytes / packed.dense_nbytes:.0%} of dense bytes",
-        {"packed_bytes": packed.nbytes, "dense_bytes": packed.dense_nbytes},
+        f"packed {pattern}, {packed.nbytes / packed.dense_nbytes:.0%} of dense bytes; runs "
+        f"{dispatch_summary(encode_choices(choices))}",
+        {"packed_bytes": packed.nbytes, "dense_bytes": packed.dense_nbytes, "dispatch": choices},
     ), packed  # fmt: skip
 
 
@@ -150,10 +156,9 @@ def lower_cpu(
 ) -> tuple[nn.Module, list[LayerDecision]]:
     """Swap every eligible N:M linear layer of ``model`` (changed in place) for ``NMLinear``:
     ``nn.Linear`` and layers computing ``x @ W + b`` (GPT-2 ``Conv1D``, op ``addmm``)."""
-    # The op and its tuning, loaded lazily.
-    from nmfx.kernels import autotune, dispatch_choices, dispatch_summary
+    from nmfx.kernels import autotune  # the op and its tuning, loaded lazily
 
-    decisions, swaps, tuned = [], [], []
+    decisions, swaps = [], []
     modules = dict(model.named_modules())
     for nm in nm_weights.values():
         owner_fqn = nm.param.rpartition(".")[0]
@@ -166,14 +171,10 @@ def lower_cpu(
         decisions.append(decision)
         if packed is not None:
             swaps.append((owner_fqn, NMLinear(packed, bias)))
-            tuned.append((decision, swaps[-1][1]))
     for fqn, new in swaps:
         parent_fqn, _, attr = fqn.rpartition(".")
         setattr(model.get_submodule(parent_fqn), attr, new)
-    if swaps:  # per-bucket kernel choices, measured (or cached) now, not in the first forward
-        autotune([new for _, new in swaps])
-        for decision, new in tuned:
-            decision.reason += f"; runs {dispatch_summary(new.dispatch)}"
-            decision.facts["dispatch"] = dispatch_choices(new.dispatch)
+    if swaps:  # each layer carries its tuned choices (tuned in cpu_decision; from memory now)
+        autotune([new for _, new in swaps], progress=False)
     log.info("lower(cpu): %d of %d N:M layers packed", len(swaps), len(nm_weights))
     return model, decisions

@@ -11,7 +11,7 @@ from __future__ import annotations
 from torch import fx
 
 from nmfx.modules import NMMasker
-from nmfx.passes.infra import PassContext, PassResult, log
+from nmfx.passes.infra import PassContext, PassResult, eliminate_dead_code, log
 
 
 def masker_name(local_param: str) -> str:
@@ -43,7 +43,7 @@ def insert_srste_masks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # Through a transpose, the transpose now reads the masked weight.
         (operand if operand is not weight_node else op_node).replace_input_with(weight_node, masked)
     if todo:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm)
         gm.recompile()
     log.debug("insert_srste_masks: %s: %d masks inserted", ctx.fqn or "<root>", len(todo))
     return PassResult(gm, bool(todo))

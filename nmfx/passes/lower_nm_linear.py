@@ -18,7 +18,7 @@ import torch
 from torch import fx, nn
 
 from nmfx.passes.detect_nm_weights import detect_pattern
-from nmfx.passes.infra import PassResult, log
+from nmfx.passes.infra import PassResult, eliminate_dead_code, log
 from nmfx.plan import DENSE, SPARSE, LayerDecision
 
 _LINEAR = torch._C._nn.linear
@@ -163,7 +163,7 @@ def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
         count += 1
         ctx.decisions.append(LayerDecision(name, name, op, ctx.target, SPARSE, reason))
     if count:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm)
         gm.recompile()
     log.debug("lower_nm_linear: %d linears lowered for %s", count, ctx.target)
     return PassResult(gm, bool(count))

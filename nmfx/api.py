@@ -28,8 +28,9 @@ from nmfx.passes import SPARSIFY_PASSES, Pass, PassContext, run_passes
 from nmfx.passes.decide_eligibility import dense_reason
 from nmfx.passes.insert_srste_masks import masker_name
 from nmfx.plan import DENSE, SPARSE, Candidate, Coverage, SparsityPlan
+from nmfx.preconditions import check_materialized, outside_inference_mode
 from nmfx.srste import ensure_optimizer_hook
-from nmfx.weight_ops import find_weight_uses, mha_weights
+from nmfx.weight_ops import find_weight_uses, mha_weights, no_nm_form, no_nm_module_weights
 
 __all__ = ["Summary", "is_sparsified", "sparsify", "summary"]
 
@@ -63,8 +64,14 @@ def _check_model(model: Any) -> None:
             "model is a torch.compile'd module; call nmfx.sparsify on the original module "
             "first, then torch.compile the result"
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "model is a TorchScript module (torch.jit.script/trace); nmfx rewrites Python "
+            "forwards: call nmfx.sparsify on the eager nn.Module, then script the result"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
+    check_materialized(model)
     if is_sparsified(model):
         raise ValueError(
             "model is already sparsified by nmfx (it contains NMMasker modules); sparsify the "
@@ -241,6 +248,17 @@ def _untraceable_candidates(own: OwnGraph) -> list[Candidate]:
     return out
 
 
+def no_nm_candidates(fqn: str, module: nn.Module) -> list[Candidate]:
+    """Dense rows for the weights of torch.nn ops with no N:M form (LSTM, ConvTranspose2d, ...)."""
+    out = []
+    for path, op in no_nm_module_weights(module):
+        p = module.get_parameter(path)
+        param = f"{fqn}.{path}" if fqn else path
+        out.append(Candidate(param, param, fqn, path, op, tuple(p.shape), p.dtype, None, DENSE,
+                             no_nm_form(f"nn.{type(module).__name__}")))  # fmt: skip
+    return out
+
+
 @dataclass
 class Analysis:
     """The candidates of a model and what to install, before anything is changed."""
@@ -285,6 +303,7 @@ def analyse(
         else:
             own = by_module.get(id(module))
             if own is None:
+                out.candidates += no_nm_candidates(fqn, module)
                 continue
             if own.graph is None:
                 cands, install = _untraceable_candidates(own), None
@@ -298,6 +317,7 @@ def analyse(
     return out
 
 
+@outside_inference_mode
 def sparsify(
     model: nn.Module,
     config: SparsityConfig | None = None,

@@ -1,4 +1,4 @@
-"""Compressed N:M weights: pack, unpack, save and load (DESIGN.md section 5).
+"""Compressed N:M weights: pack, unpack, save and load (the format is below).
 
 A weight ``[rows, cols]`` that is already N:M along its last dim (at most N nonzeros in every
 group of M consecutive columns) is stored as
@@ -307,6 +307,11 @@ def pack(w: torch.Tensor, pattern: str | tuple[int, int] | NMPattern = "2:4") ->
         )
     if w.dtype not in SUPPORTED_DTYPES:
         raise TypeError(_dtype_error(w.dtype))
+    if 0 in w.shape:
+        raise ValueError(
+            f"pack: the weight is empty (shape {tuple(w.shape)}); packing needs rows > 0 and "
+            f"cols > 0: keep an empty layer dense"
+        )
     rows, cols = w.shape
     _check_pattern(pat, cols)
     n, m = pat.n, pat.m
@@ -397,11 +402,39 @@ def _read_header(path: str) -> dict[str, str]:
         ) from exc
 
 
+_LAYOUT_FIELDS = ("rows", "cols", "n", "m", "dtype", "values", "mask")
+
+
+def _check_layout(path: str, layout: Any) -> None:
+    """Each header entry names its fields and their allowed values (untrusted input)."""
+    if not isinstance(layout, dict):
+        raise ValueError(
+            f"{path}: corrupt packed file: field 'layout' must map names to entries, got "
+            f"{layout!r}; re-save it with nmfx.packed.save_packed"
+        )
+    for name, spec in layout.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: entry {name!r} is corrupt: expected an object, got {spec!r}")
+        missing = [f for f in _LAYOUT_FIELDS if f not in spec]
+        if missing:
+            raise ValueError(f"{path}: entry {name!r} is corrupt: missing field(s) {missing}")
+        if not isinstance(spec["dtype"], str) or spec["dtype"] not in _DTYPES_BY_NAME:
+            raise ValueError(
+                f"{path}: entry {name!r} is corrupt: field 'dtype'={spec['dtype']!r} is not one of "
+                f"{sorted(_DTYPES_BY_NAME)}"
+            )
+
+
 def load_packed(path: str | os.PathLike[str]) -> dict[str, PackedNM]:
     """Read a file written by :func:`save_packed`; checks format, version and integrity."""
     from safetensors.torch import load_file
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{path} is a directory; pass the path of the file save_packed wrote, e.g. "
+            f"{os.path.join(path, 'weights.safetensors')!r}"
+        )
     meta = _read_header(path)
     if meta.get("format") != FORMAT_NAME:
         raise ValueError(
@@ -426,6 +459,7 @@ def load_packed(path: str | os.PathLike[str]) -> dict[str, PackedNM]:
         raise ValueError(
             f"{path}: corrupt or truncated packed file ({exc}); re-save it with save_packed"
         ) from exc
+    _check_layout(path, layout)
     out: dict[str, PackedNM] = {}
     for name, spec in layout.items():
         try:

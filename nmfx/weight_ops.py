@@ -14,7 +14,14 @@ from dataclasses import dataclass
 import torch
 from torch import fx, nn
 
-__all__ = ["WeightUse", "find_weight_uses", "module_weight_uses"]
+__all__ = [
+    "NO_NM_MODULES",
+    "WeightUse",
+    "find_weight_uses",
+    "module_weight_uses",
+    "no_nm_form",
+    "no_nm_module_weights",
+]
 
 # target -> (op name, {position of the weight operand: dim of the weight reduced over})
 _aten = torch.ops.aten
@@ -52,6 +59,37 @@ _PASS_THROUGH: tuple[object, ...] = (
     _aten.to.dtype,
     _aten.contiguous.default,
 )
+
+# Weight ops with no N:M form in nmfx: found so that their weights get a dense row with the
+# reason, never silently left out. target -> (op name, position of the weight operand).
+_NO_NM_FUNCTIONS: dict[object, tuple[str, int]] = {
+    torch.bilinear: ("bilinear", 2),
+    torch.conv_transpose1d: ("conv_transpose1d", 1),
+    torch.conv_transpose2d: ("conv_transpose2d", 1),
+    torch.conv_transpose3d: ("conv_transpose3d", 1),
+}
+# torch.nn modules that run such ops on their own weights (not traced: torch.nn leaves).
+NO_NM_MODULES: tuple[type[nn.Module], ...] = (
+    nn.RNNBase,  # RNN, LSTM, GRU
+    nn.RNNCellBase,  # RNNCell, LSTMCell, GRUCell
+    nn.Bilinear,
+    nn.modules.conv._ConvTransposeNd,  # ConvTranspose1d/2d/3d
+)
+
+
+def no_nm_form(what: str) -> str:
+    """The dense reason of a weight op (``what``: op or module kind) nmfx cannot make N:M."""
+    return f"{what}: no N:M form in nmfx (it covers linear, conv1d-3d, matmul-style and einsum)"
+
+
+def no_nm_module_weights(module: nn.Module) -> list[tuple[str, str]]:
+    """(weight path, op name) of a ``NO_NM_MODULES`` module's own weights (2-D or more)."""
+    if not isinstance(module, NO_NM_MODULES):
+        return []
+    kind = type(module).__name__
+    op = {"ConvTranspose1d": "conv_transpose1d", "ConvTranspose2d": "conv_transpose2d",
+          "ConvTranspose3d": "conv_transpose3d"}.get(kind, kind.lower())  # fmt: skip
+    return [(n, op) for n, p in module.named_parameters(recurse=False) if p.dim() >= 2]
 
 
 @dataclass
@@ -123,6 +161,13 @@ def _uses_of(
                         why_unknown=why,
                     )
                 )
+        return uses
+    if consumer.op == "call_function" and consumer.target in _NO_NM_FUNCTIONS:
+        name, pos = _NO_NM_FUNCTIONS[consumer.target]
+        if operand in (*consumer.args[pos : pos + 1], consumer.kwargs.get("weight")):
+            why = no_nm_form(name)
+            uses.append(WeightUse(consumer, weight_node, operand, weight_node.target, name, None,
+                                  why_unknown=why))  # fmt: skip
         return uses
     if consumer.op == "call_function":
         spec = _FUNCTIONS.get(consumer.target)
@@ -208,6 +253,9 @@ def module_weight_uses(node: fx.Node, module: nn.Module) -> list[WeightUse]:
             else "conv"
         )
         return [WeightUse(node, None, None, prefix + "weight", op.lower(), 1, module.groups)]
+    no_nm = no_nm_module_weights(module)
+    if no_nm:
+        return [WeightUse(node, None, None, prefix + path, op, None) for path, op in no_nm]
     if isinstance(module, nn.MultiheadAttention):
         return [
             WeightUse(node, None, None, prefix + path, op, 1) for path, op in mha_weights(module)

@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
         --wheels) WHEELS="${2:?--wheels needs a directory}"; shift ;;
         --fetch-wheels)
             dest="${2:?--fetch-wheels needs a directory}"
-            exec python3 -m pip download --only-binary=:all: --python-version 3.12 \
+            exec "${PYTHON:-python3}" -m pip download --only-binary=:all: --python-version 3.12 \
                 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
                 --platform any -d "$dest" "${PURE_DEPS[@]}" ;;
         -h|--help) usage; exit 0 ;;
@@ -49,7 +49,7 @@ if ! mkdir -p "$OUTDIR" || ! touch "$OUTDIR/.probe"; then
 fi
 rm -f "$OUTDIR/.probe"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
-PY="$(command -v python3 || command -v python)"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"  # $PYTHON picks the interpreter
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/nmfx-gpu-check/torch_ext}"
 export NMFX_CACHE_DIR="${NMFX_CACHE_DIR:-/tmp/nmfx-gpu-check/cache}"
@@ -120,7 +120,7 @@ fi
 if [ "$DRY" = 1 ]; then
     skip install "dry run: would install missing [${MISSING:-none}] and pip install --no-deps --no-build-isolation -e ."
 else
-    install() {
+    nmfx_install() {
         local before after
         before=$("$PY" -c "import torch; print(torch.__version__)")
         if [ -n "$MISSING" ]; then
@@ -137,11 +137,16 @@ else
         echo "torch before: $before, after: $after"
         [ "$before" = "$after" ] || { echo "ERROR: the install changed torch"; return 1; }
     }
-    export -f install
-    export PY MISSING WHEELS
-    step install 60 bash -c install
+    export -f nmfx_install
+    export PY MISSING WHEELS ROOT
+    step install 60 bash -c nmfx_install
 fi
-NMFX_IMPORT=$("$PY" -c "import nmfx" 2>&1 | tail -n 1)
+# import_error MODULE: empty if it imports (warnings on stderr do not count), else the last line.
+import_error() {
+    local out
+    if out=$("$PY" -c "import $1" 2>&1); then echo ""; else echo "${out##*$'\n'}"; fi
+}
+NMFX_IMPORT=$(import_error nmfx)
 [ -n "$NMFX_IMPORT" ] && echo "nmfx does not import: $NMFX_IMPORT"
 
 # ---- 3. tests -----------------------------------------------------------------------------------
@@ -170,7 +175,7 @@ else
 fi
 
 # ---- 5. TensorRT ----------------------------------------------------------------------------------
-TRT=$("$PY" -c "import torch_tensorrt" 2>&1 | tail -n 1)
+TRT=$(import_error torch_tensorrt)
 if [ -n "$TRT" ]; then
     skip tensorrt "torch_tensorrt does not import ($TRT)"
 elif [ "$DRY" = 1 ]; then

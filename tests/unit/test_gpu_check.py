@@ -24,7 +24,8 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU
 
 
 def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "OUT"} | (env or {})
+    full_env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"PYTHON": sys.executable}
+    full_env |= env or {}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
@@ -66,6 +67,25 @@ def test_real_run_without_a_gpu_says_so(tmp_path):
 def test_bad_arguments_exit_2(args, message):
     proc = run_script(*args)
     assert proc.returncode == 2 and message in proc.stderr
+
+
+def test_gpu_linear_degrades_when_nmfx_cannot_import(tmp_path):
+    """A GPU image without one of nmfx's dependencies still gets the torch-only parts, and the
+    output says what was skipped and why."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "tabulate.py").write_text('raise ImportError("no tabulate here")\n')
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PYTHONPATH"] = os.pathsep.join([str(shim), str(ROOT)])
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_linear.py", "--dry-run", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    payload = json.loads((tmp_path / "gpu_linear.json").read_text())
+    assert any("nmfx does not import (ImportError: no tabulate here)" in s
+               for s in payload["skipped"])  # fmt: skip
+    assert payload["layout"] and all(r["roundtrip_exact"] for r in payload["layout"])
 
 
 # ---- the timed paths on CPU, kernels and timers faked -------------------------------------
@@ -127,7 +147,8 @@ def test_gpu_e2e_timed_path_on_cpu(fake_gpu, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setattr(gpu_e2e, "GPU_SIZES", gpu_e2e.SMALL)
     args = gpu_e2e.parse_args(["--out", "unused", "--layers", "1", "--prefill", "16",
-                               "--decode-tokens", "3", "--backend", "cutlass"])  # fmt: skip
+                               "--decode-tokens", "3", "--backend", "cutlass",
+                               "--budget-s", "3600"])  # fmt: skip
     payload = {"env": {}, "skipped": [], "errors": []}
     gpu_e2e.gpu_run(args, payload)
     low = payload["lowering"]

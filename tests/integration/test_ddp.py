@@ -75,7 +75,7 @@ def spawn_ranks(worker, out_dir: str) -> None:
     """``mp.spawn`` the two ranks; once, on a rank killed by SIGABRT, again.
 
     A rank once died with "terminate called without an active exception" (SIGABRT) on an
-    Intel host and passed on rerun; it did not reproduce on the AMD Zen 4 host (14 rounds of
+    Intel host and passed on rerun; it did not reproduce on the AMD Zen 4 host (30 rounds of
     two gloo ranks doing init, all_reduce, destroy; 3 runs of this file). That message is a C++
     std::thread destroyed while joinable, i.e. torch/gloo teardown, not nmfx code (nmfx starts
     no threads). The barrier in _teardown keeps a rank from closing its connections while the

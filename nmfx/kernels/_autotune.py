@@ -10,7 +10,7 @@ block by block per call, then torch's GEMM), at one probe batch per bucket of ro
 (:data:`BUCKETS`), interleaved, median of at least five rounds, and records the fastest per
 bucket. Every bucket is measured (no stop at the first loss). A candidate more than
 :data:`PRUNE_FACTOR` times slower than the best is not timed at larger buckets (the portable
-kernel, and expanding W once x has many rows); dense never is. Within :data:`NOISE_MARGIN` of the
+kernel, and expanding W once x has many rows); dense and the batched paths never are. Within :data:`NOISE_MARGIN` of the
 fastest, the previous bucket's winner is kept, so noise does not flip neighbouring buckets.
 
 Results are cached on disk (``$NMFX_CACHE_DIR`` or ``~/.cache/nmfx``) in one JSON file per host
@@ -41,7 +41,7 @@ from nmfx.kernels import _build
 
 logger = logging.getLogger(__name__)
 
-TABLE_VERSION = 5  # 5: per-shape autotuning (1-4: per-machine thresholds)
+TABLE_VERSION = 6  # 5-6: per-shape autotuning (6: batched paths never pruned); 1-4: thresholds
 CACHE_ENV = "NMFX_CACHE_DIR"
 CALIBRATE_ENV = "NMFX_CALIBRATE"
 # Buckets of rows of x (inclusive bounds; the last is open) and the batch timed for each.
@@ -298,8 +298,15 @@ def measure(key: ShapeKey) -> dict[str, Any]:
                 winner = choices[-1]
             choices.append(winner)
             timings.append({c: round(t * 1e3, 4) for c, t in med.items()})
-            pruned |= {c for c, t in med.items() if c != "dense" and t > PRUNE_FACTOR * best}
+            pruned |= {c for c, t in med.items() if _prunable(c) and t > PRUNE_FACTOR * best}
     return {"choices": choices, "ms": timings, "probe_rows": list(PROBE_ROWS)}
+
+
+def _prunable(choice: str) -> bool:
+    """Dense and the batched paths are timed at every bucket: they pad x to 32-row panels or
+    run a GEMM, so they lose by far at few rows and win at many (pruning them at one row had
+    sent 64-256 rows to dense where the AVX-512 batched path ran 1.5-2.4x faster)."""
+    return choice != "dense" and not choice.endswith("-panels")
 
 
 def _contention_probe_us() -> float:

@@ -1,0 +1,102 @@
+"""SparseGPT (Frantar & Alistarh, ICML 2023) for N:M, following the reference
+``fasterprune`` of IST-DASLab/sparsegpt.
+
+The layer-wise problem is ``min ||W X^T - W' X^T||`` with ``W'`` N:M. Columns are visited
+left to right in blocks of ``blocksize``; at the first column of every group of M the mask
+of the group is chosen by the OBS saliency ``w^2 / [H^-1]_jj^2`` and each pruned weight's
+error is spread over the columns not yet visited, through the upper Cholesky factor of the
+dampened inverse Hessian. Lazy batch updates (the block) keep it to one GEMM per block.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+import torch
+
+from nmfx.pattern import NMPattern
+
+__all__ = ["inverse_hessian_factor", "sparsegpt_prune"]
+
+log = logging.getLogger("nmfx.prune")
+_MAX_RETRIES = 6
+
+
+def inverse_hessian_factor(
+    hessian: torch.Tensor, percdamp: float, layer: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(U, dead)``: the upper Cholesky factor of ``(H + damp I)^-1`` and the dead columns.
+
+    Dead inputs (a zero diagonal: the column never fired on the calibration data) make H
+    singular: as in the reference, their diagonal is set to 1 and their weights should be
+    zeroed by the caller. If the Cholesky still fails, the dampening grows tenfold per try.
+    Both cases warn, naming the layer.
+    """
+    h = hessian.clone()
+    diag = torch.diagonal(h)
+    dead = diag == 0
+    if bool(dead.any()):
+        warnings.warn(
+            f"nmfx.prune: {layer}: {int(dead.sum())} of {h.shape[0]} input columns are zero on "
+            f"all calibration data (dead inputs); their Hessian diagonal is set to 1 and their "
+            f"weights are pruned first",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        diag[dead] = 1
+    mean = float(diag.mean())
+    if not mean > 0 or mean != mean:
+        mean = 1.0
+    damp = percdamp * mean
+    for attempt in range(_MAX_RETRIES):
+        try:
+            chol = torch.linalg.cholesky(
+                h + damp * torch.eye(h.shape[0], dtype=h.dtype, device=h.device)
+            )
+            inv = torch.cholesky_inverse(chol)
+            upper = torch.linalg.cholesky(inv, upper=True)
+            if bool(torch.isfinite(upper).all()):
+                return upper, dead
+        except torch.linalg.LinAlgError:
+            pass
+        warnings.warn(
+            f"nmfx.prune: {layer}: the calibration Hessian is singular with dampening "
+            f"{damp:.3g} ({percdamp * 10**attempt:g} of its mean diagonal); retrying with 10x",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+        damp *= 10
+    raise torch.linalg.LinAlgError(f"{layer}: the calibration Hessian stays singular")
+
+
+def sparsegpt_prune(
+    weight: torch.Tensor, hinv: torch.Tensor, pattern: NMPattern, blocksize: int = 128
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(W', keep)``: the N:M reconstruction of ``weight`` ``[out, cols]`` (fp32, changed in
+    place) given the upper Cholesky factor ``hinv`` of the dampened inverse Hessian."""
+    n_prune, m = pattern.m - pattern.n, pattern.m
+    w = weight
+    _rows, cols = w.shape
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, cols, blocksize):
+        i2 = min(i1 + blocksize, cols)
+        w1 = w[:, i1:i2].clone()
+        err1 = torch.zeros_like(w1)
+        h1 = hinv[i1:i2, i1:i2]
+        d1 = torch.diagonal(h1)
+        mask1 = pruned[:, i1:i2]
+        for i in range(i2 - i1):
+            if i % m == 0:  # blocks start at multiples of M when blocksize is one
+                score = w1[:, i : i + m] ** 2 / d1[i : i + m].reshape(1, -1) ** 2
+                idx = torch.topk(score, n_prune, dim=1, largest=False).indices
+                mask1[:, i : i + m].scatter_(1, idx, True)
+            col = w1[:, i]
+            q = col.masked_fill(mask1[:, i], 0)
+            err = (col - q) / d1[i]
+            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
+            w1[:, i] = q
+            err1[:, i] = err
+        w[:, i1:i2] = w1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w, ~pruned

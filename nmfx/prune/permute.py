@@ -95,11 +95,11 @@ def permute_channels(
         if t.name in seen:
             continue
         if node is None:
-            out.append(
-                PermutationGroup(
-                    [t.name], [], 0, False, "not a Linear/Conv module in the whole-model graph"
-                )
+            why = (
+                f"{t.cand.op} op in {type(t.owner).__name__}: channel groups are followed "
+                f"from nn.Linear / nn.ConvNd layers only"
             )
+            out.append(PermutationGroup([t.name], [], 0, False, why))
             continue
         group = find_channel_group(gm, node)
         members = [sparse[c].name for c in group.consumers if c in sparse] or [t.name]

@@ -11,6 +11,7 @@ from nmfx.finalize import detect_nm, finalize, nm_weights
 from nmfx.lowering import lower, lowering_decisions
 from nmfx.masks import is_nm, nm_mask
 from nmfx.pattern import NMPattern, parse_pattern
+from nmfx.prune import prune
 from nmfx.srste import add_srste_terms
 from nmfx.stats import mask_snapshot, mask_stats
 
@@ -33,6 +34,7 @@ __all__ = [
     "nm_mask",
     "nm_weights",
     "parse_pattern",
+    "prune",
     "sparsify",
     "summary",
 ]

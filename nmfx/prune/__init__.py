@@ -10,7 +10,7 @@ Files: ``api`` (the verb), ``config`` (options), ``targets`` (eligibility -> wha
 (channel permutation), ``summary`` (what was done, per layer).
 """
 
-from nmfx.prune.api import CalibrationError, prune
+from nmfx.prune.api import CalibrationError, permute_channels, prune
 from nmfx.prune.config import METHODS, PruneConfig
 from nmfx.prune.summary import LayerPrune, PermutationGroup, PruneSummary, prune_summary
 
@@ -21,6 +21,7 @@ __all__ = [
     "PermutationGroup",
     "PruneConfig",
     "PruneSummary",
+    "permute_channels",
     "prune",
     "prune_summary",
 ]

@@ -24,7 +24,7 @@ from nmfx.pattern import NMPattern
 from nmfx.prune.capture import CalibrationError, call_model
 from nmfx.prune.config import PruneConfig, prune_config
 from nmfx.prune.methods import HessianCache, prune_target
-from nmfx.prune.permute import permute_channels
+from nmfx.prune.permute import apply_permutations
 from nmfx.prune.sequential import (
     BlockInputs,
     Schedule,
@@ -33,10 +33,10 @@ from nmfx.prune.sequential import (
     run_stage,
     trace_calls,
 )
-from nmfx.prune.summary import PRUNE_ATTR, LayerPrune, PruneSummary, dense_rows
+from nmfx.prune.summary import PRUNE_ATTR, LayerPrune, PermutationGroup, PruneSummary, dense_rows
 from nmfx.prune.targets import PruneTarget, build_targets
 
-__all__ = ["CalibrationError", "prune"]
+__all__ = ["CalibrationError", "permute_channels", "prune"]
 
 log = logging.getLogger("nmfx.prune")
 ANALYSIS_PASSES = (find_weight_ops, decide_eligibility)
@@ -77,7 +77,7 @@ def prune(
             blocks = find_block_stack(model, calibrated)
             trace = trace_calls(model, batches, calibrated, blocks)
             schedule = plan_schedule(calibrated, trace, blocks)
-        groups = permute_channels(model, found, targets, cfg, batches) if cfg.permute else []
+        groups = apply_permutations(model, found, targets, cfg, batches) if cfg.permute else []
         results = _prune_all(model, targets, schedule, batches, cfg)
     permuted = {p for g in groups if g.applied for p in g.consumers}
     skipped = {p: g.reason for g in groups if not g.applied for p in g.consumers}
@@ -101,6 +101,25 @@ def prune(
     )
     log.info("nmfx.prune: %s %s: %d weight ops N:M", cfg.pattern, cfg.method, len(targets))
     return model
+
+
+def permute_channels(
+    model: nn.Module,
+    pattern: str | tuple[int, int] | NMPattern = "2:4",
+    example: Any = None,
+    **options: Any,
+) -> list[PermutationGroup]:
+    """Permute ``model``'s channels (dense, in place) so that N:M magnitude pruning keeps more;
+    the model computes the same outputs. ``example`` is one input batch (for shapes).
+    Returns every channel group feeding a layer ``sparsify`` would prune, applied or skipped
+    with its reason. ``nmfx.prune(..., permute=True)`` runs this before pruning."""
+    cfg = prune_config(pattern, "magnitude", True, options)
+    _check_model(model)
+    batches = _calibration([example] if example is not None else None, cfg)
+    found = analyse(model, cfg.sparsity, ANALYSIS_PASSES)
+    targets = build_targets(model, found.candidates)
+    with _calibration_mode(model), torch.no_grad():
+        return apply_permutations(model, found, targets, cfg, batches)
 
 
 def _schedule_text(schedule: Schedule | None) -> str:
@@ -206,6 +225,11 @@ def _batch_size(batch: Any) -> int:
 def _calibration(calibration: Iterable[Any] | None, cfg: PruneConfig) -> list[Any]:
     """The batches to use: the first ones covering ``nsamples`` samples."""
     if calibration is None:
+        if cfg.permute:
+            raise ValueError(
+                "permute=True needs an example input to follow the channels through the model: "
+                "pass calibration=[x] (one batch is enough for magnitude); nothing was changed"
+            )
         if cfg.calibrated:
             raise ValueError(
                 f"method={cfg.method!r} needs calibration data: pass calibration=batches, an "

@@ -22,7 +22,7 @@ from nmfx.prune.permute_search import kept_magnitude, search_permutation
 from nmfx.prune.summary import PermutationGroup
 from nmfx.prune.targets import PruneTarget
 
-__all__ = ["permute_channels"]
+__all__ = ["apply_permutations"]
 
 log = logging.getLogger("nmfx.prune")
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -76,7 +76,7 @@ def _tensor(model: nn.Module, name: str) -> torch.Tensor:
     return getattr(model.get_submodule(mod_name) if mod_name else model, attr)
 
 
-def permute_channels(
+def apply_permutations(
     model: nn.Module, found: Any, targets: list[PruneTarget], cfg: PruneConfig, batches: list[Any]
 ) -> list[PermutationGroup]:
     """Search and apply one permutation per safe channel group feeding a sparse layer."""

@@ -74,10 +74,16 @@ def sparsegpt_prune(
     weight: torch.Tensor, hinv: torch.Tensor, pattern: NMPattern, blocksize: int = 128
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(W', keep)``: the N:M reconstruction of ``weight`` ``[out, cols]`` (fp32, changed in
-    place) given the upper Cholesky factor ``hinv`` of the dampened inverse Hessian."""
+    place) given the upper Cholesky factor ``hinv`` of the dampened inverse Hessian.
+
+    Same arithmetic as the reference, with its lazy update applied at two levels: inside a
+    group of M the columns update each other one by one (on ``[out, M]`` only), and the
+    group's errors reach the rest of the block in one GEMM; blocks reach the remaining
+    columns in one GEMM, as in the reference. ``blocksize`` must be a multiple of M.
+    """
     n_prune, m = pattern.m - pattern.n, pattern.m
     w = weight
-    _rows, cols = w.shape
+    cols = w.shape[1]
     pruned = torch.zeros_like(w, dtype=torch.bool)
     for i1 in range(0, cols, blocksize):
         i2 = min(i1 + blocksize, cols)
@@ -85,18 +91,28 @@ def sparsegpt_prune(
         err1 = torch.zeros_like(w1)
         h1 = hinv[i1:i2, i1:i2]
         d1 = torch.diagonal(h1)
-        mask1 = pruned[:, i1:i2]
-        for i in range(i2 - i1):
-            if i % m == 0:  # blocks start at multiples of M when blocksize is one
-                score = w1[:, i : i + m] ** 2 / d1[i : i + m].reshape(1, -1) ** 2
-                idx = torch.topk(score, n_prune, dim=1, largest=False).indices
-                mask1[:, i : i + m].scatter_(1, idx, True)
-            col = w1[:, i]
-            q = col.masked_fill(mask1[:, i], 0)
-            err = (col - q) / d1[i]
-            w1[:, i:] -= err.unsqueeze(1) * h1[i, i:].unsqueeze(0)
-            w1[:, i] = q
-            err1[:, i] = err
+        for g in range(0, i2 - i1, m):
+            _sweep_group(w1, err1, h1, d1, pruned[:, i1 + g : i1 + g + m], g, m, n_prune)
+            if g + m < i2 - i1:
+                w1[:, g + m :] -= err1[:, g : g + m] @ h1[g : g + m, g + m :]
         w[:, i1:i2] = w1
         w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
     return w, ~pruned
+
+
+def _sweep_group(w1: torch.Tensor, err1: torch.Tensor, h1: torch.Tensor, d1: torch.Tensor,
+                 pruned: torch.Tensor, g: int, m: int, n_prune: int) -> None:  # fmt: skip
+    """One group of M columns starting at ``g``: choose its mask by OBS saliency, then prune
+    and compensate column by column within the group (``pruned`` is written in place)."""
+    wg = w1[:, g : g + m]
+    dg = d1[g : g + m]
+    score = wg**2 / dg.reshape(1, -1) ** 2
+    pruned.scatter_(1, torch.topk(score, n_prune, dim=1, largest=False).indices, True)
+    for j in range(m):
+        col = wg[:, j]
+        q = col.masked_fill(pruned[:, j], 0)
+        err = (col - q) / dg[j]
+        if j + 1 < m:
+            wg[:, j + 1 :] -= err.unsqueeze(1) * h1[g + j, g + j + 1 : g + m].unsqueeze(0)
+        wg[:, j] = q
+        err1[:, g + j] = err

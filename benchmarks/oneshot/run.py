@@ -160,7 +160,7 @@ def finetune(task: Task, pruned: nn.Module, pattern: str, start: str, ft: str, f
 
 def run_task(spec: TaskSpec, seeds: list[int], patterns: list[str], starts: list[str],
              finetunes: list[str], fraction: float, samples: int, extra: list[tuple],
-             cache: Path | None) -> dict[str, Any]:  # fmt: skip
+             cache: Path | None, full_patterns: list[str], save: Any) -> dict[str, Any]:  # fmt: skip
     task = build_task(spec)
     ft_spec = finetune_spec(spec, fraction)
     runs: list[dict[str, Any]] = []
@@ -169,26 +169,29 @@ def run_task(spec: TaskSpec, seeds: list[int], patterns: list[str], starts: list
         dense, rec = pretrained(task, seed, cache)
         runs.append({"kind": "dense", "seed": seed, **rec})
         calib = calibration(task, seed, samples)
+        pruned: dict[tuple[str, str], nn.Module] = {}
+        for pattern in patterns:  # every one-shot result first: they are cheap
+            for start in starts:
+                pruned[pattern, start], info = one_shot(task, dense, pattern, start, calib)
+                runs.append({"kind": "one_shot", "seed": seed, **info})
+                log.info("%s seed %d %s %s one-shot: %s", spec.name, seed, pattern, start,
+                         info["metrics"])  # fmt: skip
+        save(_task_payload(spec, ft_spec, task, fraction, extra, samples, runs, t0))
         for pattern in patterns:
             for start in starts:
-                pruned, info = one_shot(task, dense, pattern, start, calib)
-                runs.append({"kind": "one_shot", "seed": seed, **info})
-                log.info(
-                    "%s seed %d %s %s one-shot: %s",
-                    spec.name,
-                    seed,
-                    pattern,
-                    start,
-                    info["metrics"],
-                )
-                jobs = [(ft, ft_spec, fraction) for ft in finetunes]
-                jobs += [
-                    (ft, finetune_spec(spec, f), f)
-                    for p, st, ft, f in extra
-                    if (p, st) == (pattern, start)
-                ]
+                chosen = finetunes if pattern in full_patterns else finetunes[:1]
+                jobs = [(ft, ft_spec, fraction) for ft in chosen]
+                jobs += [(ft, finetune_spec(spec, f), f) for p, st, ft, f in extra
+                         if (p, st) == (pattern, start)]  # fmt: skip
                 for ft, fspec, frac in jobs:
-                    runs.append(finetune(task, pruned, pattern, start, ft, fspec, frac, seed))
+                    runs.append(finetune(task, pruned[pattern, start], pattern, start, ft, fspec,
+                                         frac, seed))  # fmt: skip
+                save(_task_payload(spec, ft_spec, task, fraction, extra, samples, runs, t0))
+    return _task_payload(spec, ft_spec, task, fraction, extra, samples, runs, t0)
+
+
+def _task_payload(spec: TaskSpec, ft_spec: TaskSpec, task: Task, fraction: float, extra: list,
+                  samples: int, runs: list, t0: float) -> dict[str, Any]:  # fmt: skip
     spec_json = {**asdict(spec), "overrides": {k: _jsonable(v) for k, v in spec.overrides.items()}}
     ft_json = {**asdict(ft_spec), "overrides": spec_json["overrides"]}
     return {
@@ -223,6 +226,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         metavar="PATTERN/START/FINETUNE/FRACTION",
         help="additional fine-tunes at another budget, e.g. 2:4/sparsegpt/srste/0.25",
     )
+    p.add_argument(
+        "--full-patterns",
+        nargs="+",
+        default=list(PATTERNS),
+        help="patterns fine-tuned with every method; the others with the first only",
+    )
     p.add_argument("--cache", type=Path, default=None, help="directory for the pretrained weights")
     p.add_argument("--samples", type=int, default=CALIBRATION_SAMPLES)
     p.add_argument("--threads", type=int, default=1)
@@ -242,6 +251,19 @@ def main(argv: list[str] | None = None) -> int:
     for item in args.extra:
         pattern, start, ft, frac = item.split("/")
         extra.append((pattern, start, ft, float(frac)))
+
+    def save(partial: dict[str, Any]) -> None:
+        """Write what is done so far: a long run interrupted still leaves its results."""
+        payload = {
+            "script": "benchmarks/oneshot/run.py",
+            "argv": sys.argv[1:] if argv is None else argv,
+            "machine": machine,
+            "partial": True,
+            "tasks": {**tasks, partial["spec"]["name"]: partial},
+        }
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(json.dumps(_strict(payload), indent=1, allow_nan=False) + "\n")
+
     with LoadMonitor() as load:
         for name in args.tasks:
             spec = (SMOKE if args.smoke else SPECS)[name]
@@ -249,11 +271,12 @@ def main(argv: list[str] | None = None) -> int:
                 spec = _scaled(spec, args.charlm_scale)
             tasks[name] = run_task(spec, args.seeds, args.patterns, args.starts, args.finetunes,
                                    args.finetune_fraction, 16 if args.smoke else args.samples,
-                                   extra, args.cache)  # fmt: skip
+                                   extra, args.cache, args.full_patterns, save)  # fmt: skip
     payload = {
         "script": "benchmarks/oneshot/run.py",
         "argv": sys.argv[1:] if argv is None else argv,
         "machine": machine,
+        "partial": False,
         "load": load.result,
         "wall_s": time.perf_counter() - t0,
         "tasks": tasks,

@@ -20,7 +20,15 @@ from nmfx.prune.wanda import magnitude_prune, wanda_prune
 __all__ = ["HessianCache", "prune_target", "relative_error"]
 
 
+_ERROR_ROWS = 512  # output rows the error is measured on (evenly spaced) in larger layers
+
+
 def relative_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor) -> float:
+    """``tr(dW H dW^T) / tr(W H W^T)``; on ``_ERROR_ROWS`` evenly spaced output rows when the
+    layer has more (the exact value costs ``out * cols^2``: seconds for a 4096x4096 layer)."""
+    if before.shape[0] > _ERROR_ROWS:
+        pick = torch.linspace(0, before.shape[0] - 1, _ERROR_ROWS, device=before.device).long()
+        before, after = before[pick], after[pick]
     delta = before - after
     num = float(((delta @ hessian) * delta).sum())
     den = float(((before @ hessian) * before).sum())

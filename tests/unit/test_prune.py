@@ -181,3 +181,14 @@ def test_sparsify_init_starts_srste_from_the_pruned_weights() -> None:
     torch.testing.assert_close(model.fc1.weight, reference.fc1.weight)
     masks = nmfx.mask_snapshot(model)
     assert torch.equal(masks["fc1.weight"], reference.fc1.weight != 0)
+
+
+def test_inverse_factor_matches_the_reference_formula() -> None:
+    x = torch.randn(64, 24, dtype=torch.float64)
+    h = x.t() @ x
+    upper, dead = inverse_hessian_factor(h, 0.01, "ref")
+    damped = h + 0.01 * torch.diagonal(h).mean() * torch.eye(24, dtype=torch.float64)
+    chol = torch.linalg.cholesky(damped)
+    reference = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
+    torch.testing.assert_close(upper, reference)
+    assert not dead.any()

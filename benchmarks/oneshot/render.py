@@ -1,0 +1,173 @@
+"""Render the one-shot study from its JSON files: Markdown tables and one plot.
+
+    PYTHONPATH=. python -m benchmarks.oneshot.render \\
+        --json benchmarks/results/oneshot_charlm.json benchmarks/results/oneshot_digits.json \\
+        --out docs/oneshot
+
+Writes ``tables.md`` (one-shot metric per pattern and start; fine-tuned metric per start and
+fine-tuning method; the share of the magnitude-to-dense gap each method closes; the kept
+magnitude gained by permutation) and ``oneshot.png``. Means and sample std (n-1) over seeds.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+from pathlib import Path
+from typing import Any
+
+from tabulate import tabulate
+
+ROOT = Path(__file__).resolve().parents[2]
+STARTS = ("magnitude", "magnitude+permute", "wanda", "sparsegpt")
+FINETUNES = ("srste", "ste", "fixed")
+
+
+def _ms(xs: list[float], digits: int = 4) -> str:
+    if not xs:
+        return "-"
+    if len(xs) == 1:
+        return f"{xs[0]:.{digits}f}"
+    return f"{statistics.fmean(xs):.{digits}f} ± {statistics.stdev(xs):.{digits}f}"
+
+
+def _metric(task: dict[str, Any]) -> str:
+    return task["metric"]
+
+
+def _value(run: dict[str, Any], metric: str) -> float:
+    return float((run.get("metrics") or run["final"])[metric])
+
+
+def one_shot_table(task: dict[str, Any]) -> str:
+    metric = _metric(task)
+    dense = [_value(r, metric) for r in task["runs"] if r["kind"] == "dense"]
+    patterns = sorted({r["pattern"] for r in task["runs"] if r["kind"] == "one_shot"}, key=_pkey)
+    rows = [["dense", *[_ms(dense)] * len(patterns)]]
+    for start in STARTS:
+        rows.append([start, *[
+            _ms([_value(r, metric) for r in task["runs"]
+                 if r["kind"] == "one_shot" and r["start"] == start and r["pattern"] == p])
+            for p in patterns]])  # fmt: skip
+    return tabulate(rows, headers=[f"one-shot {metric}", *patterns], tablefmt="github")
+
+
+def gap_table(task: dict[str, Any]) -> str:
+    """Share of the magnitude -> dense gap each method closes, per pattern (per seed, then mean)."""
+    metric = _metric(task)
+    patterns = sorted({r["pattern"] for r in task["runs"] if r["kind"] == "one_shot"}, key=_pkey)
+    rows = []
+    for start in STARTS[1:]:
+        cells = []
+        for p in patterns:
+            shares = []
+            for d in (r for r in task["runs"] if r["kind"] == "dense"):
+                seed = d["seed"]
+                get = {r["start"]: _value(r, metric) for r in task["runs"]
+                       if r["kind"] == "one_shot" and r["seed"] == seed and r["pattern"] == p}  # fmt: skip
+                gap = get["magnitude"] - _value(d, metric)
+                if start in get and gap != 0:
+                    shares.append(100 * (get["magnitude"] - get[start]) / gap)
+            cells.append(_ms(shares, 1) + (" %" if shares else ""))
+        rows.append([start, *cells])
+    return tabulate(rows, headers=["gap to dense closed", *patterns], tablefmt="github")
+
+
+def finetune_table(task: dict[str, Any]) -> str:
+    metric = _metric(task)
+    runs = [r for r in task["runs"] if r["kind"] == "finetune"]
+    keys = sorted({(r["pattern"], r.get("fraction", task["finetune_fraction"])) for r in runs},
+                  key=lambda k: (_pkey(k[0]), k[1]))  # fmt: skip
+    rows = []
+    for pattern, frac in keys:
+        for start in STARTS:
+            cells = [_ms([_value(r, metric) for r in runs if r["pattern"] == pattern
+                          and r["start"] == start and r["finetune"] == ft
+                          and r.get("fraction", task["finetune_fraction"]) == frac])
+                     for ft in FINETUNES]  # fmt: skip
+            if any(c != "-" for c in cells):
+                rows.append([pattern, f"{100 * frac:.0f}%", start, *cells])
+    return tabulate(rows, headers=["pattern", "budget", "start", *FINETUNES], tablefmt="github")
+
+
+def permutation_table(task: dict[str, Any]) -> str:
+    rows = []
+    for r in task["runs"]:
+        if r["kind"] == "one_shot" and r["start"] == "magnitude+permute":
+            for g in r["permutation"]:
+                gain = 100 * (g["kept_after"] / g["kept_before"] - 1) if g["applied"] else None
+                rows.append([r["seed"], r["pattern"], ", ".join(g["consumers"])[:60], g["channels"],
+                             f"+{gain:.2f}%" if gain is not None else f"skipped: {g['reason'][:60]}"])  # fmt: skip
+    return tabulate(rows, headers=["seed", "pattern", "consumers", "channels", "kept magnitude"],
+                    tablefmt="github")  # fmt: skip
+
+
+def _pkey(p: str) -> tuple[int, int]:
+    n, m = p.split(":")
+    return int(m), int(n)
+
+
+def plot(tasks: dict[str, dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
+    for ax, (name, task) in zip(axes[0], tasks.items(), strict=True):
+        metric = _metric(task)
+        patterns = sorted(
+            {r["pattern"] for r in task["runs"] if r["kind"] == "one_shot"}, key=_pkey
+        )
+        width = 0.8 / len(STARTS)
+        for i, start in enumerate(STARTS):
+            one = [statistics.fmean([_value(r, metric) for r in task["runs"] if r["kind"] == "one_shot"
+                                     and r["start"] == start and r["pattern"] == p] or [float("nan")])
+                   for p in patterns]  # fmt: skip
+            ft = [statistics.fmean([_value(r, metric) for r in task["runs"] if r["kind"] == "finetune"
+                                    and r["start"] == start and r["pattern"] == p and r["finetune"] == "srste"
+                                    and r.get("fraction", task["finetune_fraction"]) == task["finetune_fraction"]]
+                                   or [float("nan")]) for p in patterns]  # fmt: skip
+            xs = [j + (i - 1.5) * width for j in range(len(patterns))]
+            ax.bar(xs, one, width, label=f"{start}: one-shot", alpha=0.45, color=f"C{i}")
+            ax.scatter(
+                xs, ft, marker="_", s=300, color=f"C{i}", label=f"{start}: + SR-STE fine-tune"
+            )
+        dense = statistics.fmean([_value(r, metric) for r in task["runs"] if r["kind"] == "dense"])
+        ax.axhline(dense, color="black", lw=1, ls="--", label="dense")
+        ax.set_xticks(range(len(patterns)), patterns)
+        ax.set_ylabel(f"{metric} ({'higher' if metric == 'accuracy' else 'lower'} is better)")
+        ax.set_title(name)
+        if metric == "loss":
+            ax.set_yscale("log")
+    axes[0][0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def render(paths: list[Path], out: Path) -> None:
+    tasks: dict[str, dict[str, Any]] = {}
+    for p in paths:
+        tasks.update(json.loads(p.read_text())["tasks"])
+    out.mkdir(parents=True, exist_ok=True)
+    parts = []
+    for name, task in tasks.items():
+        parts += [f"## {name}", "", one_shot_table(task), "", gap_table(task), "",
+                  finetune_table(task), "", permutation_table(task), ""]  # fmt: skip
+    (out / "tables.md").write_text("\n".join(parts))
+    plot(tasks, out / "oneshot.png")
+    print(f"wrote {out / 'tables.md'} and {out / 'oneshot.png'}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--json", nargs="+", type=Path, required=True)
+    p.add_argument("--out", type=Path, default=ROOT / "docs" / "oneshot")
+    args = p.parse_args(argv)
+    render(args.json, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

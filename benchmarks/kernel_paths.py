@@ -55,8 +55,12 @@ QUICK = {
     "batched_patterns": ["2:4"],
     "batches": [256],
 }
-# (rows of x, the two paths compared): "auto" is the op's own choice at that batch.
-PATH_BITS = {"auto": 0, "expand": _build.PATH_EXPAND, "panels": _build.PATH_PANELS}
+# (rows of x, the two paths compared), each forced with its path bit.
+PATH_BITS = {
+    "expand": _build.PATH_EXPAND,
+    "panels": _build.PATH_PANELS,
+    "select": _build.PATH_SELECT,
+}
 
 
 def case(
@@ -103,7 +107,7 @@ def main(argv: list[str] | None = None) -> None:
     for rows, cols in config["shapes"]:
         for dname in config["dtypes"]:
             for pattern in config["gemv_patterns"]:
-                jobs.append((rows, cols, dname, pattern, 1, ("expand", "auto")))
+                jobs.append((rows, cols, dname, pattern, 1, ("expand", "select")))
             for pattern in config["batched_patterns"]:
                 for batch in config["batches"]:
                     jobs.append((rows, cols, dname, pattern, batch, ("expand", "panels")))
@@ -118,7 +122,7 @@ def main(argv: list[str] | None = None) -> None:
     table = []
     for r in results:
         a, b = r["paths"]
-        label = "select" if b == "auto" else b
+        label = b
         table.append([
             r["shape"], r["dtype"], r["pattern"], r["batch"], f"{r['median_ms']['dense']:.3f}",
             f"{r['median_ms'][a]:.3f}", f"{r['median_ms'][b]:.3f}", label,

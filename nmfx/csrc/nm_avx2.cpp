@@ -464,7 +464,7 @@ void run_select(const NMProblem& p, int64_t r0, int64_t r1) {
 
 template <Kind K>
 bool try_select(const NMProblem& p, int64_t r0, int64_t r1) {
-  if (p.B != 1 || !p.allow_select) return false;
+  if (p.B != 1 || p.select == SelectMode::kNever) return false;
   if (p.n == 2 && p.m == 4) {
     run_select<K, 2, 4>(p, r0, r1);
   } else if (p.n == 4 && p.m == 8) {

@@ -117,9 +117,11 @@ void run(const NMProblem& p, int64_t r0, int64_t r1) {
 void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) {
   // Many rows of x: the batched AVX2 path (only the kept multiply-adds; see nm_avx2.cpp).
   if (p.xpanel != nullptr) return nm_gemm_avx2_panels(p, r0, r1);
-  // Batch-1 1:4 / 1:8: the AVX2 selecting GEMV (one FMA per 8 kept values), which expanding 16
-  // dense weights per instruction cannot beat: it does 2 (1:8) to 4 (1:4) times more FMAs.
-  if (p.allow_select && p.xsel != nullptr && xsel_chunk(p.B, p.n, p.m) > 0) {
+  // Batch-1 1:4 / 1:8 by default, and every selecting pattern when forced: the AVX2 selecting
+  // GEMV (one FMA per 8 kept values), which expanding 16 dense weights per instruction cannot
+  // beat at 1:4 / 1:8: it does 2 (1:8) to 4 (1:4) times more FMAs.
+  if (p.select == SelectMode::kAlways ||
+      (p.select == SelectMode::kAuto && p.xsel != nullptr && xsel_chunk(p.B, p.n, p.m) > 0)) {
     return nm_gemm_avx2(p, r0, r1);
   }
   switch (p.vtype) {

@@ -17,6 +17,13 @@
 namespace nmfx {
 
 enum class ValueType : int { kFloat32 = 0, kBFloat16 = 1, kFloat16 = 2 };
+enum class SelectMode : int { kAuto = 0, kNever = 1, kAlways = 2 };
+
+// Patterns with a batch-1 selecting GEMV: one kept value per group (1:4, 1:8) or four per 8
+// columns (2:4, 4:8).
+inline bool has_select_gemv(int n, int m) {
+  return (n == 1 && (m == 4 || m == 8)) || (n == 2 && m == 4) || (n == 4 && m == 8);
+}
 
 struct NMProblem {
   const float* x;          // [B, ldx], zero padded past K
@@ -48,9 +55,10 @@ struct NMProblem {
   // [0, nbp)), so threads can split a weight with few rows along x instead.
   int64_t pb0;
   int64_t pb1;
-  // Whether the batch-1 selecting GEMV may run (false: expand W even at batch 1; tests and
-  // benchmarks force that path with nm_gemm's PATH_EXPAND bit).
-  bool allow_select;
+  // The batch-1 selecting GEMV (x86 kernels; patterns 1:4, 1:8, 2:4, 4:8 only): kAuto lets each
+  // ISA's kernel pick, kNever expands W (nm_gemm's PATH_EXPAND bit), kAlways selects
+  // (PATH_SELECT; nm_gemm checks B == 1 and the pattern first).
+  SelectMode select;
 };
 
 // Rows of x per panel, and columns per slice of a panel, of the batched path.

@@ -41,13 +41,18 @@ constexpr int64_t kIsaAuto = 0;
 constexpr int64_t kIsaPortable = 1;
 constexpr int64_t kIsaAvx2 = 2;
 constexpr int64_t kIsaAvx512 = 3;
-// Path bits above the ISA code (tests and benchmarks use them to run one path at any batch):
-// expanding W in registers, or the batched path on x panels (nm_avx2.cpp, run_panels). Without
-// either, one row of x takes the selecting GEMV where the pattern has one (1:4, 1:8, 2:4, 4:8),
-// fewer than kPanelMinBatch rows expand W, and more take the batched path.
+// Path bits above the ISA code (at most one; the autotuner, tests and benchmarks use them to run
+// one path): expanding W in registers at any batch, the batched path on x panels at any batch
+// (nm_avx2.cpp, run_panels), or the selecting GEMV (one row of x, patterns 1:4, 1:8, 2:4, 4:8).
+// A forced path runs that path on every x86 ISA or fails; the portable ISA has one path and
+// ignores PATH_EXPAND / PATH_PANELS. Without a bit, the ISA's kernel picks: the AVX2 one selects
+// at one row where the pattern allows, the AVX-512 one only for 1:4 and 1:8 (it expands 2:4 and
+// 4:8); fewer than kPanelMinBatch rows expand W, and more take the batched path.
 constexpr int64_t kIsaMask = 0xff;
 constexpr int64_t kPathExpand = 1 << 8;
 constexpr int64_t kPathPanels = 1 << 9;
+constexpr int64_t kPathSelect = 1 << 10;
+constexpr int64_t kPathBits = kPathExpand | kPathPanels | kPathSelect;
 constexpr int64_t kPanelMinBatch = 32;
 // Widest SIMD load (elements) a kernel may issue at a row's last kept value.
 constexpr int64_t kValuePad = 16;
@@ -142,8 +147,8 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
                    int64_t m, int64_t isa) {
   const int64_t path = isa & ~kIsaMask;
   isa &= kIsaMask;
-  TORCH_CHECK(path != (kPathExpand | kPathPanels) && (path & ~(kPathExpand | kPathPanels)) == 0,
-              "nmfx: bad path bits ", path);
+  TORCH_CHECK((path & ~kPathBits) == 0 && (path & (path - 1)) == 0, "nmfx: bad path bits ", path,
+              " (at most one of PATH_EXPAND, PATH_PANELS, PATH_SELECT)");
   TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "nmfx: x must be [B, ", cols, "], got ",
               x.sizes());
   TORCH_CHECK(m > 0 && n > 0 && n < m && cols % m == 0, "nmfx: bad pattern ", n, ":", m,
@@ -166,6 +171,10 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   // Many rows of x take the batched path (x86 SIMD kernels only), which reads x as transposed
   // panels: fp32 x with unit column stride is staged into them directly, without this copy.
   const KernelFn fn = select_kernel(isa);
+  TORCH_CHECK(path != kPathSelect || (fn != nm_gemm_portable && x.size(0) == 1 &&
+                                      has_select_gemv(static_cast<int>(n), static_cast<int>(m))),
+              "nmfx: PATH_SELECT needs an x86 ISA, one row of x and pattern 1:4, 1:8, 2:4 or 4:8; "
+              "got ", x.size(0), " rows, pattern ", n, ":", m);
   const bool panels = fn != nm_gemm_portable && B > 0 && rows > 0 &&
                       (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
   const bool direct = panels && x.scalar_type() == at::kFloat && x.stride(1) == 1;
@@ -270,7 +279,9 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   p.nbp = nbp;
   p.pb0 = 0;
   p.pb1 = nbp;
-  p.allow_select = path != kPathExpand;
+  p.select = path == kPathExpand   ? SelectMode::kNever
+             : path == kPathSelect ? SelectMode::kAlways
+                                   : SelectMode::kAuto;
 
   if (B == 0 || rows == 0) return y.to(x.scalar_type());
   // Small problems stay on one thread (a fork costs more than it saves below ~64k

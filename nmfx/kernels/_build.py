@@ -25,11 +25,14 @@ EXTENSION_NAME = "nmfx_cpu_kernels"
 DISABLE_ENV = "NMFX_DISABLE_KERNELS"
 
 ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3}
-# Bits above the ISA code of ``nm_gemm``'s ``isa`` argument that force the x86 kernels' path at
-# any batch: expanding W in registers, or the batched path on x panels. By default one row of x
-# selects x where the pattern allows (1:4, 1:8, 2:4, 4:8), 2-31 rows expand W, 32+ use panels.
+# Bits above the ISA code of ``nm_gemm``'s ``isa`` argument (at most one) that force the x86
+# kernels' path: expanding W in registers (any batch), the batched path on x panels (any batch),
+# or the selecting GEMV (one row of x, patterns in SELECT_PATTERNS; anything else is an error).
+# Without a bit the ISA's kernel picks (nm_ops.cpp).
 PATH_EXPAND = 1 << 8
 PATH_PANELS = 1 << 9
+PATH_SELECT = 1 << 10
+SELECT_PATTERNS = frozenset({(1, 4), (1, 8), (2, 4), (4, 8)})
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None}

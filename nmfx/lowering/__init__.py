@@ -34,8 +34,9 @@ def lower(
     """Lower ``model`` (finalized, or any model whose weights are N:M) to ``target``.
 
     Returns a lowered copy (``inplace=True`` changes ``model`` itself). ``options`` go to
-    the target: ``cuda``: ``backend``, ``cast_dtype``, ``measure``, ``min_speedup``,
-    ``dry_run``; ``tensorrt``: ``enabled_precisions`` and ``torch_tensorrt.compile``
+    the target: ``cuda``: :class:`nmfx.lowering.cuda.CudaOptions` (``backend``,
+    ``cast_dtype``, ``measure``, ``min_speedup``, ``rows``, ``keep_dense``, ``dry_run``);
+    ``tensorrt``: ``enabled_precisions`` and ``torch_tensorrt.compile``
     options. ``cpu`` takes none.
     """
     if target not in TARGETS:

@@ -3,9 +3,10 @@
 This is the documented PyTorch recipe (``linear.weight = nn.Parameter(
 to_sparse_semi_structured(w), requires_grad=False)``) wrapped in the decisions it needs and
 does not make itself: which weights are 2:4 and of a shape and dtype the kernels accept, which
-backend (CUTLASS or cuSPARSELt) converts them, and — measured on the layer's real input shape —
-which layers run faster sparse. A layer that measures slower stays dense: nmfx must never make
-a layer slower than dense (DESIGN §6). Every layer gets a ``LayerDecision`` with its reason.
+backend (CUTLASS or cuSPARSELt) converts them, and — measured per layer at each rows-of-x
+bucket (:mod:`nmfx.lowering.cuda_dispatch`) — where the layer runs faster sparse. Where sparse
+measures slower the layer runs dense: nmfx must never make a layer slower than dense. Every
+layer gets a ``LayerDecision`` with its reason.
 
 Facts about torch's API this module relies on (torch 2.13, ``torch/sparse/semi_structured.py``):
 
@@ -27,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, fields
 from typing import Any
 
 import torch
@@ -34,13 +36,18 @@ import torch.nn.functional as F
 from torch import nn
 
 from nmfx.config import close_match_hint
+from nmfx.lowering import cuda_dispatch
+from nmfx.lowering.cuda_dispatch import ROW_BUCKETS
 from nmfx.masks import is_nm
 from nmfx.pattern import NMPattern
 from nmfx.plan import DENSE, SPARSE, LayerDecision, NMWeight
 
 __all__ = [
     "BACKENDS",
+    "CUDA_OPTIONS",
     "FALLBACK_SHAPE_CONSTRAINTS",
+    "CudaOptions",
+    "cuda_options",
     "cutlass_layout_roundtrip",
     "implies_2_4",
     "lower_cuda",
@@ -57,7 +64,7 @@ _SUBCLASS = {
     "cusparselt": "SparseSemiStructuredTensorCUSPARSELT",
 }
 _LABEL = {"cutlass": "CUTLASS", "cusparselt": "cuSPARSELt"}
-# (min_rows, min_cols): both weight dims must be >= and a multiple of these (DESIGN §6).
+# (min_rows, min_cols): both weight dims must be >= and a multiple of these.
 # Used where torch's own table lacks an entry; tests check the two agree.
 FALLBACK_SHAPE_CONSTRAINTS: dict[str, dict[torch.dtype, tuple[int, int]]] = {
     "cutlass": {torch.float16: (32, 64), torch.bfloat16: (32, 64), torch.int8: (16, 128)},
@@ -70,12 +77,11 @@ _FP32_REASON = (
 )
 # Relative error (||sparse - dense|| / ||dense||) above which a converted layer is rejected.
 _MAX_REL_ERR = {torch.float16: 1e-2, torch.bfloat16: 3e-2, torch.int8: 0.0}
-_WARMUP, _ITERS, _REPEATS = 10, 50, 3
 
 
 def shape_constraints(backend: str) -> dict[torch.dtype, tuple[int, int]]:
     """``dtype -> (min_rows, min_cols)`` for the 2:4 dtypes of ``backend``, read from torch's
-    ``_DTYPE_SHAPE_CONSTRAINTS`` where it has the entry, else from DESIGN §6."""
+    ``_DTYPE_SHAPE_CONSTRAINTS`` where it has the entry, else from ``FALLBACK_SHAPE_CONSTRAINTS``."""
     _check_backend(backend)
     table = getattr(getattr(torch.sparse, _SUBCLASS[backend], None), "_DTYPE_SHAPE_CONSTRAINTS", {})
     out = {}
@@ -179,29 +185,78 @@ def cutlass_layout_roundtrip(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return values, meta
 
 
+@dataclass(frozen=True)
+class CudaOptions:
+    """Options of ``nmfx.lower(model, "cuda", **options)``, validated once.
+
+    - ``backend``: ``"cutlass"`` (default) or ``"cusparselt"`` kernels.
+    - ``cast_dtype``: ``torch.float16`` or ``torch.bfloat16`` casts the whole model first (2:4
+      on GPU needs them; fp32 stays dense); feed inputs in that dtype.
+    - ``measure``: time dense vs sparse per layer at each rows-of-x bucket in ``rows`` and
+      keep sparse only where it wins by ``min_speedup`` (per-call dispatch where it wins at
+      some buckets only); ``False`` converts every eligible layer unmeasured.
+    - ``rows``: the buckets measured (default ``ROW_BUCKETS``: decode 1-16, prefill 256-4096).
+    - ``keep_dense``: a layer that wins at some buckets only keeps its dense weight too and
+      dispatches per call (weight memory about 1.56x); ``False`` keeps such layers dense.
+    - ``dry_run``: decide pattern, shape, dtype and values only, on any device.
+    """
+
+    backend: str = "cutlass"
+    cast_dtype: torch.dtype | None = None
+    measure: bool = True
+    min_speedup: float = 1.0
+    rows: tuple[int, ...] = ROW_BUCKETS
+    keep_dense: bool = True
+    dry_run: bool = False
+
+    def __post_init__(self) -> None:
+        _check_args(self.backend, self.cast_dtype, self.min_speedup)
+        rows = tuple(self.rows) if isinstance(self.rows, list | tuple) else None
+        if not rows or any(isinstance(r, bool) or not isinstance(r, int) or r < 1 for r in rows):
+            raise ValueError(
+                f"rows={self.rows!r} must be a non-empty tuple of positive ints (rows of x to "
+                f"time each layer at), e.g. {ROW_BUCKETS}"
+            )
+        object.__setattr__(self, "rows", tuple(sorted(set(rows))))
+        for name in ("measure", "keep_dense", "dry_run"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"{name}={getattr(self, name)!r} must be True or False")
+
+
+CUDA_OPTIONS = tuple(f.name for f in fields(CudaOptions))
+
+
+def cuda_options(options: dict[str, Any]) -> CudaOptions:
+    """``CudaOptions`` from keyword options; an unknown name is a ``TypeError`` listing them."""
+    for key in options:
+        if key not in CUDA_OPTIONS:
+            raise TypeError(
+                f"target='cuda' has no option {key!r}{close_match_hint(key, CUDA_OPTIONS)}; "
+                f"its options are {', '.join(CUDA_OPTIONS)}"
+            )
+    return CudaOptions(**options)
+
+
 def lower_cuda(
     model: nn.Module,
     nm_weights: dict[str, NMWeight],
     *,
-    backend: str = "cutlass",
-    cast_dtype: torch.dtype | None = None,
     example_inputs: tuple | None = None,
-    measure: bool = True,
-    min_speedup: float = 1.0,
-    dry_run: bool = False,
+    **options: Any,
 ) -> tuple[nn.Module, list[LayerDecision]]:
     """Replace eligible 2:4 ``nn.Linear`` weights with semi-structured sparse tensors, in place.
 
-    ``cast_dtype`` (fp16/bf16) casts the whole model first: activations must match the sparse
-    weight's dtype, so feed inputs in that dtype. With ``measure`` and ``example_inputs`` each
-    layer is timed dense vs sparse on its real input (captured by a forward hook) and stays
-    dense unless ``dense_ms / sparse_ms >= min_speedup``. ``dry_run`` makes every decision
-    (pattern, shape, dtype, values) without converting, on any device. Returns the model and
-    one decision per entry of ``nm_weights``.
+    ``options`` are :class:`CudaOptions`. Each eligible layer is converted, checked against
+    dense on its real input (captured from ``example_inputs`` by a forward hook, else on random
+    rows) and, with ``measure``, timed dense vs sparse per rows bucket (see
+    :mod:`nmfx.lowering.cuda_dispatch`). Returns the model and one decision per entry of
+    ``nm_weights``. Raises before changing anything when no CUDA device can run it.
     """
-    _check_args(backend, cast_dtype, min_speedup)
-    decisions, todo = _decide(model, nm_weights, backend, cast_dtype)
-    if dry_run:
+    opts = cuda_options(options)
+    if not opts.dry_run:
+        _check_device([_get_param(model, fqn) for fqn in nm_weights], opts.backend)
+    decisions, todo = _decide(model, nm_weights, opts.backend, opts.cast_dtype)
+    if opts.dry_run:
         for decision, _ in todo:
             decision.reason += " (dry run: not converted, not measured)"
             decision.facts["dry_run"] = True
@@ -209,27 +264,34 @@ def lower_cuda(
             "nmfx.lower_cuda (dry run): %d of %d N:M weights eligible", len(todo), len(decisions)
         )
         return model, decisions
-    if todo:
-        _check_device([m.weight for _, m in todo], backend)
-    if cast_dtype is not None:
-        model.to(cast_dtype)
+    _warn_if_all_fp32(decisions, todo)
+    if opts.cast_dtype is not None:
+        model.to(opts.cast_dtype)
     inputs = (
-        _capture_inputs(model, [m for _, m in todo], example_inputs, cast_dtype)
-        if (measure and example_inputs is not None and todo)
+        _capture_inputs(model, [m for _, m in todo], example_inputs, opts.cast_dtype)
+        if (example_inputs is not None and todo)
         else {}
     )
-    with _force_cutlass(backend == "cutlass"):
+    cache: dict[tuple, dict[str, float]] = {}
+    with _force_cutlass(opts.backend == "cutlass"):
         for decision, module in todo:
-            timed = measure and example_inputs is not None
-            _convert(decision, module, inputs.get(id(module)), timed, min_speedup)
+            _convert(decision, module, inputs.get(id(module)), opts, cache)
     n_sparse = sum(d.verdict == SPARSE for d in decisions)
     log.info(
         "nmfx.lower_cuda: %d of %d N:M weights sparse (%s)",
         n_sparse,
         len(decisions),
-        _LABEL[backend],
+        _LABEL[opts.backend],
     )
     return model, decisions
+
+
+def _warn_if_all_fp32(decisions: list[LayerDecision], todo: list) -> None:
+    if not todo and decisions and all("dtype float32" in d.reason for d in decisions):
+        log.warning(
+            "nmfx.lower(model, 'cuda'): every N:M layer is float32 and stays dense; pass "
+            "cast_dtype=torch.float16 (or torch.bfloat16) to lower them"
+        )
 
 
 # ---- decisions ----------------------------------------------------------------------------
@@ -376,6 +438,13 @@ def _ineligible(
 
 
 def _check_device(weights: Sequence[torch.Tensor], backend: str) -> None:
+    """Raise unless every N:M weight is on an sm80+ GPU that ``backend`` can run on."""
+    if not torch.cuda.is_available():
+        raise RuntimeError(
+            f"target='cuda': no CUDA device (torch.cuda.is_available() is False; torch "
+            f"{torch.__version__}, CUDA {torch.version.cuda}): semi-structured 2:4 needs an "
+            "sm80+ NVIDIA GPU; run there, or pass dry_run=True to see each layer's decision"
+        )
     devices = {w.device for w in weights}
     cpu = [d for d in devices if d.type != "cuda"]
     if cpu:
@@ -450,43 +519,20 @@ def _capture_inputs(
     return seen
 
 
-def _time_ms(fn: Any) -> float:
-    """Median over repeats of the mean time of ``fn()`` in ms, by CUDA events after warm-up."""
-    for _ in range(_WARMUP):
-        fn()
-    times = []
-    for _ in range(_REPEATS):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(_ITERS):
-            fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / _ITERS)
-    return sorted(times)[len(times) // 2]
-
-
 @torch.no_grad()
 def _convert(
     decision: LayerDecision,
     linear: nn.Linear,
     x: torch.Tensor | None,
-    measure: bool,
-    min_speedup: float,
+    opts: CudaOptions,
+    cache: dict[tuple, dict[str, float]],
 ) -> None:
-    """Convert one eligible layer; keep it dense (verdict, reason) if it fails, is wrong, or
-    measures slower than ``min_speedup``."""
+    """Convert one eligible layer and check it against dense on ``x`` (its real input, else
+    random rows); with ``opts.measure`` keep sparse only at the rows buckets where it wins."""
     from torch.sparse import to_sparse_semi_structured
 
     w, b = linear.weight.detach(), linear.bias
-    if measure and x is None:
-        decision.verdict = DENSE
-        decision.reason = (
-            "not measured: example_inputs never ran this layer; pass inputs that reach it, "
-            "or measure=False to convert unmeasured"
-        )
-        return
-    probe = x if x is not None else torch.randn(64, w.shape[1], device=w.device, dtype=w.dtype)
+    probe = x if x is not None else torch.randn(64, w.shape[1], device=w.device).to(w.dtype)
     try:
         sparse_w = to_sparse_semi_structured(w)
         dense_out = F.linear(probe, w, b)
@@ -503,21 +549,53 @@ def _convert(
         decision.verdict = DENSE
         decision.reason = f"sparse output differs from dense (relative error {rel:.2e}): kept dense"
         return
-    if measure:
-        dense_ms = _time_ms(lambda: F.linear(x, w, b))
-        sparse_ms = _time_ms(lambda: F.linear(x, sparse_w, b))
-        speedup = dense_ms / sparse_ms
-        decision.facts.update(
-            input_shape=tuple(x.shape), dense_ms=dense_ms, sparse_ms=sparse_ms, speedup=speedup
+    if not opts.measure:
+        decision.reason += "; not measured (decode-sized inputs can run slower than dense)"
+        linear.weight = nn.Parameter(sparse_w, requires_grad=False)
+        return
+    _dispatch(decision, linear, sparse_w, x, opts, cache)
+
+
+def _dispatch(
+    decision: LayerDecision,
+    linear: nn.Linear,
+    sparse_w: torch.Tensor,
+    x: torch.Tensor | None,
+    opts: CudaOptions,
+    cache: dict[tuple, dict[str, float]],
+) -> None:
+    """Time the layer per rows bucket; convert, keep dense, or dispatch per call."""
+    timings = cuda_dispatch.time_buckets(
+        linear.weight.detach(), sparse_w, linear.bias, opts.rows, cache, timer=_time_ms
+    )
+    wins = [r for r, t in timings.items() if t["speedup"] >= opts.min_speedup]
+    summary = cuda_dispatch.describe(timings, wins)
+    decision.facts.update(rows=timings, sparse_rows=wins)
+    if x is not None:
+        decision.facts["input_shape"] = tuple(x.shape)
+    margin = f" (min_speedup={opts.min_speedup})" if opts.min_speedup != 1.0 else ""
+    if len(wins) == len(timings):
+        decision.reason += f"; measured {summary}{margin}"
+        linear.weight = nn.Parameter(sparse_w, requires_grad=False)
+    elif not wins:
+        decision.verdict = DENSE
+        decision.reason = f"measured slower sparse at every rows bucket: {summary}{margin}"
+    elif not opts.keep_dense:
+        decision.verdict = DENSE
+        decision.reason = (
+            f"measured {summary}{margin}; keep_dense=False keeps such layers dense "
+            "(keep_dense=True dispatches per call)"
         )
-        if speedup < min_speedup:
-            decision.verdict = DENSE
-            decision.reason = (
-                f"measured slower sparse: {speedup:.2f}x dense at input {tuple(x.shape)} "
-                f"({sparse_ms:.4f} vs {dense_ms:.4f} ms) < min_speedup={min_speedup}"
-            )
-            return
-        decision.reason += f"; measured {speedup:.2f}x dense at input {tuple(x.shape)}"
     else:
-        decision.reason += "; not measured (small or skinny inputs can run slower than dense)"
-    linear.weight = nn.Parameter(sparse_w, requires_grad=False)
+        decision.reason += f"; per call: {summary}{margin} (keeps the dense weight too)"
+        cuda_dispatch.RowDispatchLinear.convert(linear, sparse_w, opts.rows, wins)
+    if x is not None:
+        rows = x.numel() // max(x.shape[-1], 1)
+        path = SPARSE if cuda_dispatch.row_bucket(rows, opts.rows) in wins else DENSE
+        decision.facts["example_rows_path"] = path
+        decision.reason += f"; the example input ({rows} rows) runs {path}"
+
+
+def _time_ms(fn: Any) -> float:
+    """The timer every measurement goes through (tests replace it)."""
+    return cuda_dispatch.time_ms(fn)

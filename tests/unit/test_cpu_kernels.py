@@ -425,28 +425,54 @@ def test_batched_path_reads_row_strided_x(isa: str, dtype: torch.dtype) -> None:
     ("pattern", "batch", "paths"),
     [
         ("2:4", 64, ("expand", "panels")),
-        ("2:4", 1, ("expand", "auto")),  # auto at one row: the selecting GEMV
-        ("4:8", 1, ("expand", "auto")),
-        ("1:8", 1, ("expand", "auto")),
+        ("2:4", 1, ("expand", "select")),
+        ("4:8", 1, ("expand", "select")),
+        ("1:8", 1, ("expand", "select")),
+        ("1:4", 1, ("expand", "select")),
     ],
 )
 def test_path_bits_switch_the_path(isa: str, pattern: str, batch: int, paths) -> None:
-    """The paths really differ: they sum in another order, so fp32 results differ in the last
-    bits (fixed seed), while all match F.linear (above)."""
+    """A forced path runs that path on every x86 ISA: the paths sum in another order, so fp32
+    results differ in the last bits (fixed seed), while both match F.linear."""
     assert K.kernels_available()
     n, m = (int(v) for v in pattern.split(":"))
     w = random_nm(64, 1032, pattern, torch.float32, seed=2)
     p = pack(w, pattern)
     x = torch.randn(batch, 1032, generator=torch.Generator().manual_seed(3))
-    bits = {"auto": 0, "expand": _build.PATH_EXPAND, "panels": _build.PATH_PANELS}
     ys = [
         torch.ops.nmfx_cpu.nm_gemm(
-            x, p.values, p.mask, None, 64, 1032, n, m, _build.ISA_CODES[isa] | bits[path]
+            x, p.values, p.mask, None, 64, 1032, n, m, _build.ISA_CODES[isa] | PATH_BITS[path]
         )
         for path in paths
     ]
     assert not torch.equal(ys[0], ys[1])
-    torch.testing.assert_close(ys[0], ys[1], **TOL[torch.float32])
+    for y in ys:
+        torch.testing.assert_close(y, reference(x, w, None), **TOL[torch.float32])
+
+
+PATH_BITS = {
+    "auto": 0,
+    "expand": _build.PATH_EXPAND,
+    "panels": _build.PATH_PANELS,
+    "select": _build.PATH_SELECT,
+}
+
+
+@pytest.mark.parametrize("isa", X86_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("pattern", sorted(f"{n}:{m}" for n, m in _build.SELECT_PATTERNS))
+def test_forced_select_matches_linear(isa: str, dtype: torch.dtype, pattern: str) -> None:
+    """The selecting GEMV, forced, on every x86 ISA (the AVX-512 kernel by default expands 2:4
+    and 4:8), incl. a tail of fewer than 8 groups and a bias."""
+    n, m = (int(v) for v in pattern.split(":"))
+    cols = 8 * m * 3 + 2 * m
+    w = random_nm(13, cols, pattern, dtype, seed=6)
+    p = pack(w, pattern)
+    bias = torch.randn(13, dtype=dtype)
+    x = torch.randn(1, cols, dtype=dtype)
+    code = _build.ISA_CODES[isa] | _build.PATH_SELECT
+    y = torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, bias, 13, cols, n, m, code)
+    torch.testing.assert_close(y.float(), reference(x, w, bias), **TOL[dtype])
 
 
 def test_path_bits_are_checked() -> None:
@@ -455,6 +481,23 @@ def test_path_bits_are_checked() -> None:
     both = _build.ISA_CODES["portable"] | _build.PATH_EXPAND | _build.PATH_PANELS
     with pytest.raises(RuntimeError, match="bad path bits"):
         torch.ops.nmfx_cpu.nm_gemm(torch.randn(2, 8), p.values, p.mask, None, 4, 8, 2, 4, both)
+
+
+@pytest.mark.parametrize(
+    ("isa", "batch", "pattern"),
+    [("portable", 1, "2:4"), ("best", 2, "2:4"), ("best", 1, "3:4"), ("best", 1, "2:8")],
+)
+def test_forced_select_where_it_cannot_run_is_an_error(isa: str, batch: int, pattern: str):
+    """PATH_SELECT never silently runs another path."""
+    assert K.kernels_available()
+    n, m = (int(v) for v in pattern.split(":"))
+    p = pack(random_nm(4, 16, pattern, torch.float32), pattern)
+    name = _build.supported_isas()[-1] if isa == "best" else isa
+    if name == "portable" and isa == "best":
+        pytest.skip("no x86 SIMD ISA on this CPU")
+    code = _build.ISA_CODES[name] | _build.PATH_SELECT
+    with pytest.raises(RuntimeError, match="PATH_SELECT needs"):
+        torch.ops.nmfx_cpu.nm_gemm(torch.randn(batch, 16), p.values, p.mask, None, 4, 16, n, m, code)
 
 
 def test_thresholds_are_the_measured_ones_per_pattern() -> None:

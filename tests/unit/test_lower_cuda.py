@@ -14,7 +14,8 @@ import torch
 from torch import nn
 
 import model_zoo
-from nmfx.lowering import cuda
+import nmfx
+from nmfx.lowering import cuda, cuda_dispatch
 from nmfx.lowering.cuda import (
     FALLBACK_SHAPE_CONSTRAINTS,
     cutlass_layout_roundtrip,
@@ -23,6 +24,7 @@ from nmfx.lowering.cuda import (
     semi_structured_constraint,
     shape_constraints,
 )
+from nmfx.lowering.cuda_dispatch import ROW_BUCKETS, row_bucket
 from nmfx.masks import is_nm, nm_mask
 from nmfx.pattern import parse_pattern
 from nmfx.plan import NMWeight
@@ -87,7 +89,7 @@ def test_unknown_backend_names_the_close_match():
 
 @pytest.mark.parametrize("backend", ["cutlass", "cusparselt"])
 def test_design_numbers_agree_with_torch_table(backend):
-    """DESIGN §6's (rows, cols) are what torch 2.13's _DTYPE_SHAPE_CONSTRAINTS says."""
+    """The fallback (rows, cols) are what torch's own _DTYPE_SHAPE_CONSTRAINTS says."""
     table = SUBCLASS[backend]._DTYPE_SHAPE_CONSTRAINTS
     for dtype, expected in FALLBACK_SHAPE_CONSTRAINTS[backend].items():
         assert dtype in table, f"torch's {backend} table lost {dtype}"
@@ -261,8 +263,6 @@ def test_zoo_mlp_head_stays_dense_by_shape():
 
 def test_errors_name_the_value_and_the_fix():
     model = Net()
-    with pytest.raises(RuntimeError, match=r"CUDA-only.*dry_run=True"):
-        lower_cuda(model, NET_RECORD, cast_dtype=HALF)
     with pytest.raises(ValueError, match=r"did you mean 'fc1\.weight'"):
         lower_cuda(model, {"fc1.wieght": record("fc1.wieght")}, dry_run=True)
     with pytest.raises(ValueError, match=r"cast_dtype=torch\.int8"):
@@ -271,6 +271,45 @@ def test_errors_name_the_value_and_the_fix():
         lower_cuda(model, NET_RECORD, min_speedup=0, dry_run=True)
     with pytest.raises(ValueError, match="did you mean 'cusparselt'"):
         lower_cuda(model, NET_RECORD, backend="cusparse", dry_run=True)
+    with pytest.raises(ValueError, match=r"rows=\(0, 4\) must be .*positive ints"):
+        lower_cuda(model, NET_RECORD, rows=(0, 4), dry_run=True)
+    with pytest.raises(TypeError, match="keep_dense='yes' must be True or False"):
+        lower_cuda(model, NET_RECORD, keep_dense="yes", dry_run=True)
+
+
+def test_unknown_option_lists_the_cuda_options():
+    """Issue 13 item 17: a raw TypeError from the signature before; now the option list."""
+    model = nn.Sequential(masked(nn.Linear(64, 64)))
+    with pytest.raises(TypeError, match=r"no option 'bogus'; its options are backend, cast_dtype"):
+        nmfx.lower(model, "cuda", bogus=1)
+    with pytest.raises(TypeError, match=r"did you mean 'cast_dtype'"):
+        nmfx.lower(model, "cuda", cast_dtyp=HALF)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-CUDA error")
+@pytest.mark.parametrize("cast", [None, HALF], ids=["fp32", "fp16"])
+def test_no_cuda_device_is_the_error_not_a_dtype_reason(cast):
+    """Issue 13 item 17: without CUDA, every layer came back dense with an fp32 reason."""
+    model = nn.Sequential(masked(nn.Linear(64, 64)))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    kw = {} if cast is None else {"cast_dtype": cast}
+    with pytest.raises(RuntimeError, match=r"no CUDA device .*dry_run=True"):
+        nmfx.lower(model, "cuda", inplace=True, **kw)
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) and after[k].dtype == FP32 for k in before)
+
+
+def test_weights_on_cpu_with_cuda_present_say_move_the_model(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    with pytest.raises(RuntimeError, match=r"on cpu: .*model\.cuda\(\).*dry_run=True"):
+        lower_cuda(Net(), NET_RECORD, cast_dtype=HALF)
+
+
+def test_all_fp32_points_to_cast_dtype(fake_gpu, caplog):
+    net, rec = small_net()
+    _, decisions = lower_cuda(net, rec)
+    assert all(d.verdict == "dense" and "cast_dtype=torch.float16" in d.reason for d in decisions)
+    assert "pass cast_dtype=torch.float16" in caplog.text
 
 
 # ---- conversion and measurement logic, GPU calls faked ------------------------------------
@@ -279,19 +318,48 @@ def test_errors_name_the_value_and_the_fix():
 @pytest.fixture
 def fake_gpu(monkeypatch):
     """Pretend conversion and timing work on CPU: conversion returns a copy of the dense weight
-    and records _FORCE_CUTLASS; timings come from ``state.times`` (dense, sparse per layer)."""
-    state = SimpleNamespace(times=iter(()), forced=[], fail=set())
+    and records _FORCE_CUTLASS; the timer returns ``state.times[(kind, rows)]`` (kind "dense"
+    or "sparse"), else ``state.default[kind]``, and counts calls in ``state.timed``."""
+    state = SimpleNamespace(
+        times={}, default={"dense": 1.0, "sparse": 2.0}, forced=[], fail=set(), timed=[]
+    )
 
     def fake_convert(w):
         state.forced.append(torch.sparse.SparseSemiStructuredTensor._FORCE_CUTLASS)
         if w.shape in state.fail:
             raise RuntimeError("CUDA error: misaligned address")
-        return w.clone()
+        return FakeSparse(w)
+
+    def fake_timer(fn):
+        out = fn()
+        kind = "sparse" if out.sparse else "dense"
+        state.timed.append((kind, out.rows, out.shape[-1]))
+        return state.times.get((kind, out.rows), state.default[kind])
 
     monkeypatch.setattr(torch.sparse, "to_sparse_semi_structured", fake_convert)
     monkeypatch.setattr(cuda, "_check_device", lambda weights, backend: None)
-    monkeypatch.setattr(cuda, "_time_ms", lambda fn: (fn(), next(state.times))[1])
+    monkeypatch.setattr(cuda, "_time_ms", fake_timer)
+    monkeypatch.setattr(cuda_dispatch.F, "linear", tagged_linear)
     return state
+
+
+class FakeSparse(torch.Tensor):
+    """A dense tensor tagged as the 'semi-structured' weight, so tests see which one ran."""
+
+    @staticmethod
+    def __new__(cls, w: torch.Tensor) -> FakeSparse:
+        return torch.Tensor._make_subclass(cls, w.detach().clone())
+
+
+_REAL_LINEAR = torch.nn.functional.linear
+
+
+def tagged_linear(x, w, b=None):
+    """F.linear that tags its output with the weight kind and the rows of x."""
+    out = _REAL_LINEAR(x.as_subclass(torch.Tensor), w.as_subclass(torch.Tensor), b)
+    out.sparse = isinstance(w, FakeSparse)
+    out.rows = x.numel() // x.shape[-1]
+    return out
 
 
 class Small(nn.Module):
@@ -309,19 +377,83 @@ def small_net() -> tuple[Small, dict[str, NMWeight]]:
     return Small(), {n: record(n) for n in ("fc1.weight", "fc2.weight")}
 
 
-def test_measured_faster_converts_slower_stays_dense(fake_gpu):
-    net, rec = small_net()
-    old = net.fc2.weight
-    fake_gpu.times = iter([2.0, 1.0, 1.0, 2.0])  # layer 0: 2x faster; layer 2: 0.5x
-    x = torch.randn(3, 5, 64)
-    _, (d0, d2) = lower_cuda(net, rec, cast_dtype=BF16, example_inputs=(x,), min_speedup=1.1)
-    assert d0.verdict == "sparse" and "measured 2.00x" in d0.reason
-    assert d0.facts["input_shape"] == (3, 5, 64)  # the real input, from the hook
-    assert d0.facts["speedup"] == 2.0 and d0.facts["cast"] == "float32 -> bfloat16"
-    assert isinstance(net.fc1.weight, nn.Parameter) and not net.fc1.weight.requires_grad
-    assert d2.verdict == "dense" and "0.50x dense" in d2.reason and "min_speedup=1.1" in d2.reason
-    assert d2.facts["dense_ms"] == 1.0 and d2.facts["sparse_ms"] == 2.0
-    assert net.fc2.weight is old and net.fc2.weight.dtype == BF16  # cast, not converted
+def one_layer(out: int = 128, inp: int = 64) -> tuple[nn.Module, dict[str, NMWeight]]:
+    return nn.Sequential(masked(nn.Linear(inp, out))), {"0.weight": record("0.weight")}
+
+
+def test_sparse_at_every_bucket_converts_the_weight(fake_gpu):
+    fake_gpu.default = {"dense": 2.0, "sparse": 1.0}
+    net, rec = one_layer()
+    _, (d,) = lower_cuda(net, rec, cast_dtype=BF16, rows=(1, 16, 256))
+    assert d.verdict == "sparse" and "measured sparse at rows 1-256 (2.00x)" in d.reason
+    assert type(net[0]) is nn.Linear and isinstance(net[0].weight, FakeSparse)
+    assert not net[0].weight.requires_grad
+    assert d.facts["sparse_rows"] == [1, 16, 256]
+    assert d.facts["rows"][16] == {"dense_ms": 2.0, "sparse_ms": 1.0, "speedup": 2.0}
+    assert d.facts["cast"] == "float32 -> bfloat16"
+
+
+def test_slower_at_every_bucket_stays_dense(fake_gpu):
+    net, rec = one_layer()
+    old = net[0].weight
+    _, (d,) = lower_cuda(net, rec, cast_dtype=BF16, rows=(1, 4096), min_speedup=1.1)
+    assert d.verdict == "dense"
+    assert "slower sparse at every rows bucket: dense at rows 1-4096 (sparse 0.50x)" in d.reason
+    assert "min_speedup=1.1" in d.reason
+    assert net[0].weight is old and old.dtype == BF16 and type(net[0]) is nn.Linear
+
+
+def test_mixed_buckets_dispatch_per_call(fake_gpu):
+    """Decode loses, prefill wins: both weights kept, each call runs its bucket's winner."""
+    fake_gpu.times = {("sparse", 256): 0.5, ("sparse", 4096): 0.5}  # dense 1.0 everywhere
+    net, rec = one_layer()
+    x = torch.randn(2, 3, 64)
+    _, (d,) = lower_cuda(net, rec, cast_dtype=BF16, example_inputs=(x,), rows=(1, 16, 256, 4096))
+    layer = net[0]
+    assert isinstance(layer, cuda_dispatch.RowDispatchLinear) and isinstance(layer, nn.Linear)
+    assert d.verdict == "sparse"
+    assert "per call: sparse at rows 256-4096 (2.00x), dense at rows 1-16 (sparse 0.50x)" in (
+        d.reason
+    )
+    assert "the example input (6 rows) runs dense" in d.reason
+    assert d.facts["example_rows_path"] == "dense" and d.facts["input_shape"] == (2, 3, 64)
+    assert type(layer.weight) is nn.Parameter and isinstance(layer.weight_sparse, FakeSparse)
+    for rows, sparse in [(1, False), (16, False), (17, True), (300, True), (10_000, True)]:
+        out = layer(torch.randn(rows, 64, dtype=BF16))
+        assert out.sparse is sparse, rows
+    assert "sparse_rows_buckets=[256, 4096]" in repr(layer)
+
+
+def test_mixed_buckets_with_keep_dense_false_stay_dense(fake_gpu):
+    fake_gpu.times = {("sparse", 4096): 0.5}
+    net, rec = one_layer()
+    _, (d,) = lower_cuda(net, rec, cast_dtype=HALF, keep_dense=False, rows=(1, 4096))
+    assert d.verdict == "dense" and "keep_dense=False keeps such layers dense" in d.reason
+    assert type(net[0]) is nn.Linear and type(net[0].weight) is nn.Parameter
+
+
+def test_layers_of_one_shape_share_their_timings(fake_gpu):
+    net = nn.Sequential(*(masked(nn.Linear(64, 64)) for _ in range(3)), masked(nn.Linear(64, 128)))
+    rec = {f"{i}.weight": record(f"{i}.weight") for i in range(4)}
+    lower_cuda(net, rec, cast_dtype=HALF, rows=(1, 64))
+    # 2 shapes (out 64, out 128) x 2 buckets x (dense, sparse), not 4 layers' worth
+    assert sorted(fake_gpu.timed) == sorted(
+        (k, r, out) for k in ("dense", "sparse") for r in (1, 64) for out in (64, 128)
+    )
+
+
+def test_default_buckets_cover_decode_and_prefill(fake_gpu):
+    net, rec = one_layer()
+    _, (d,) = lower_cuda(net, rec, cast_dtype=HALF)
+    assert sorted(d.facts["rows"]) == list(ROW_BUCKETS)
+    assert {1, 16} <= set(ROW_BUCKETS) and {256, 4096} <= set(ROW_BUCKETS)
+
+
+@pytest.mark.parametrize(
+    "rows,bucket", [(0, 1), (1, 1), (2, 4), (16, 16), (17, 64), (4096, 4096), (10**6, 4096)]
+)
+def test_row_bucket(rows, bucket):
+    assert row_bucket(rows) == bucket
 
 
 @pytest.mark.parametrize("backend,forced", [("cutlass", True), ("cusparselt", False)])
@@ -335,17 +467,9 @@ def test_backend_sets_force_cutlass_only_during_conversion(fake_gpu, backend, fo
 
 def test_unmeasured_conversion_says_so(fake_gpu):
     net, rec = small_net()
-    _, decisions = lower_cuda(net, rec, cast_dtype=BF16, measure=True)  # no example_inputs
+    _, decisions = lower_cuda(net, rec, cast_dtype=BF16, measure=False)
     assert all(d.verdict == "sparse" and "not measured" in d.reason for d in decisions)
-
-
-def test_layer_not_reached_by_example_inputs_stays_dense(fake_gpu):
-    net, _ = small_net()
-    fake_gpu.times = iter([2.0, 1.0])
-    rec = {n: record(n) for n in ("fc1.weight", "unused.weight")}
-    _, (d0, unused) = lower_cuda(net, rec, cast_dtype=BF16, example_inputs=(torch.randn(2, 64),))
-    assert d0.verdict == "sparse"
-    assert unused.verdict == "dense" and "never ran this layer" in unused.reason
+    assert not fake_gpu.timed
 
 
 def test_failed_conversion_keeps_layer_dense(fake_gpu):

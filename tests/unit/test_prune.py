@@ -192,3 +192,18 @@ def test_inverse_factor_matches_the_reference_formula() -> None:
     reference = torch.linalg.cholesky(torch.cholesky_inverse(chol), upper=True)
     torch.testing.assert_close(upper, reference)
     assert not dead.any()
+
+
+def test_hugging_face_llama_is_pruned_block_by_block() -> None:
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    data = [torch.randint(0, 64, (2, 16)) for _ in range(2)]
+    prune(model, "2:4", "sparsegpt", calibration=data, progress=False)
+    s = prune_summary(model)
+    assert "over 2 blocks" in s.schedule and len(s.sparse) == 14
+    assert all(nmfx.is_nm(model.get_parameter(r.param), "2:4", 1) for r in s.sparse)
+    assert model.config.use_cache is True  # switched off while calibrating only

@@ -77,9 +77,16 @@ def gap_table(task: dict[str, Any]) -> str:
 def finetune_table(task: dict[str, Any]) -> str:
     metric = _metric(task)
     runs = [r for r in task["runs"] if r["kind"] == "finetune"]
-    keys = sorted({(r["pattern"], r.get("fraction", task["finetune_fraction"])) for r in runs},
+    keys = sorted({(r["pattern"], r.get("fraction", task["finetune_fraction"])) for r in runs
+                   if r["pattern"] is not None},
                   key=lambda k: (_pkey(k[0]), k[1]))  # fmt: skip
     rows = []
+    for frac in sorted({r.get("fraction") for r in task["runs"] if r["kind"] == "finetune"
+                        and r["start"] == "dense"}):  # fmt: skip
+        dense = [_value(r, metric) for r in task["runs"] if r["kind"] == "finetune"
+                 and r["start"] == "dense" and r.get("fraction") == frac]  # fmt: skip
+        rows.append(["dense", f"{100 * frac:.0f}%", "dense, trained on", _ms(dense), "", ""])
+    keys = [k for k in keys if k[0] is not None]
     for pattern, frac in keys:
         for start in STARTS:
             cells = [_ms([_value(r, metric) for r in runs if r["pattern"] == pattern
@@ -148,8 +155,15 @@ def plot(tasks: dict[str, dict[str, Any]], path: Path) -> None:
 
 def render(paths: list[Path], out: Path) -> None:
     tasks: dict[str, dict[str, Any]] = {}
-    for p in paths:
-        tasks.update(json.loads(p.read_text())["tasks"])
+    for p in paths:  # files of one task (the study, its dense baseline) are merged
+        for name, task in json.loads(p.read_text())["tasks"].items():
+            if name in tasks:
+                seen = {json.dumps(r, sort_keys=True) for r in tasks[name]["runs"]}
+                tasks[name]["runs"] += [
+                    r for r in task["runs"] if json.dumps(r, sort_keys=True) not in seen
+                ]
+            else:
+                tasks[name] = task
     out.mkdir(parents=True, exist_ok=True)
     parts = []
     for name, task in tasks.items():

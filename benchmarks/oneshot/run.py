@@ -136,17 +136,19 @@ def pretrained(task: Task, seed: int, cache: Path | None) -> tuple[nn.Module, di
     return model, record
 
 
-def finetune(task: Task, pruned: nn.Module, pattern: str, start: str, ft: str, fspec: TaskSpec,
+def finetune(task: Task, pruned: nn.Module, pattern: str | None, start: str, ft: str, fspec: TaskSpec,
              fraction: float, seed: int) -> dict[str, Any]:  # fmt: skip
     """Fine-tune a copy of ``pruned`` with SR-STE, STE or a fixed mask for ``fspec``'s budget."""
     spec = task.spec
-    model = nmfx.sparsify(copy.deepcopy(pruned), pattern=pattern, **FINETUNES[ft])
+    model = copy.deepcopy(pruned)
+    if pattern is not None:
+        model = nmfx.sparsify(model, pattern=pattern, **FINETUNES[ft])
     task.spec = fspec
     try:
         r = train(task, model, RunRecord(spec.name, ft, pattern, seed, None, fspec.epochs, 0))
     finally:
         task.spec = spec
-    checks = final_checks(task, model, pattern)
+    checks = final_checks(task, model, pattern) if pattern is not None else {}
     log.info("%s seed %d %s %s -> %s (%.0f%%): %s", spec.name, seed, pattern, start, ft,
              100 * fraction, r.final)  # fmt: skip
     del model
@@ -154,13 +156,14 @@ def finetune(task: Task, pruned: nn.Module, pattern: str, start: str, ft: str, f
     return {
         "kind": "finetune", "seed": seed, "pattern": pattern, "start": start, "finetune": ft,
         "fraction": fraction, "final": r.final, "curve": r.curve, "steps": r.steps,
-        "wall_s": r.wall_s, "all_nm_after_finalize": checks["all_nm_after_finalize"],
+        "wall_s": r.wall_s, "all_nm_after_finalize": checks.get("all_nm_after_finalize"),
     }  # fmt: skip
 
 
 def run_task(spec: TaskSpec, seeds: list[int], patterns: list[str], starts: list[str],
              finetunes: list[str], fraction: float, samples: int, extra: list[tuple],
-             cache: Path | None, full_patterns: list[str], save: Any) -> dict[str, Any]:  # fmt: skip
+             cache: Path | None, full_patterns: list[str], save: Any,
+             dense_continue: bool = False) -> dict[str, Any]:  # fmt: skip
     task = build_task(spec)
     ft_spec = finetune_spec(spec, fraction)
     runs: list[dict[str, Any]] = []
@@ -168,6 +171,13 @@ def run_task(spec: TaskSpec, seeds: list[int], patterns: list[str], starts: list
     for seed in seeds:
         dense, rec = pretrained(task, seed, cache)
         runs.append({"kind": "dense", "seed": seed, **rec})
+        if dense_continue:  # the baseline a fine-tune must beat: dense, same extra steps
+            for frac in sorted({fraction, *(e[3] for e in extra)}):
+                runs.append(
+                    finetune(
+                        task, dense, None, "dense", "dense", finetune_spec(spec, frac), frac, seed
+                    )
+                )
         calib = calibration(task, seed, samples)
         pruned: dict[tuple[str, str], nn.Module] = {}
         for pattern in patterns:  # every one-shot result first: they are cheap
@@ -212,8 +222,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--tasks", nargs="+", default=["charlm", "digits"], choices=list(SPECS))
     p.add_argument("--seeds", nargs="+", type=int, default=[0])
-    p.add_argument("--patterns", nargs="+", default=list(PATTERNS))
-    p.add_argument("--starts", nargs="+", default=list(STARTS), choices=list(STARTS))
+    p.add_argument("--patterns", nargs="*", default=list(PATTERNS))
+    p.add_argument("--starts", nargs="*", default=list(STARTS), choices=list(STARTS))
+    p.add_argument(
+        "--dense-continue",
+        action="store_true",
+        help="also train the dense model for the fine-tuning budget (the baseline)",
+    )
     p.add_argument("--finetunes", nargs="+", default=list(FINETUNES), choices=list(FINETUNES))
     p.add_argument(
         "--charlm-scale", type=int, default=4, help="pretraining budget x the accuracy study's"
@@ -271,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
                 spec = _scaled(spec, args.charlm_scale)
             tasks[name] = run_task(spec, args.seeds, args.patterns, args.starts, args.finetunes,
                                    args.finetune_fraction, 16 if args.smoke else args.samples,
-                                   extra, args.cache, args.full_patterns, save)  # fmt: skip
+                                   extra, args.cache, args.full_patterns, save, args.dense_continue)  # fmt: skip
     payload = {
         "script": "benchmarks/oneshot/run.py",
         "argv": sys.argv[1:] if argv is None else argv,

@@ -33,7 +33,10 @@ from nmfx.timing import (  # one implementation of the machine facts and the loa
     parallel_op_latency_us,
 )
 
-RESULTS_DIR = Path(__file__).resolve().parent / "results"
+RESULTS_DIR = Path(__file__).resolve().parent / "results"  # committed: the README's figures
+# Where runs write by default: untracked (.gitignore: /out/), so a run never overwrites the
+# committed results the README quotes; refresh those only with an explicit --out.
+OUT_DIR = Path(__file__).resolve().parent.parent / "out" / "benchmarks"
 CONTENDED_OP_US = 500.0  # parallel_op_latency_us above this: other jobs hold the cores
 CLEAN_SHARE = 0.10  # a round is clean when other processes took <= 10% of all CPU time
 
@@ -45,7 +48,13 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     parser.add_argument(
         "--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)"
     )
-    parser.add_argument("--out", type=Path, default=None, help="JSON output path")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=None,
+        help="JSON output path (default out/benchmarks/<script>.json, untracked; pass "
+        "benchmarks/results/<script>.json to replace the committed result)",
+    )
     return parser
 
 
@@ -234,9 +243,14 @@ def ms(seconds: float) -> float:
     return round(seconds * 1e3, 3)
 
 
+def default_out(script: str) -> Path:
+    """The untracked default output of a benchmark script."""
+    return OUT_DIR / f"{script}.json"
+
+
 def write_json(script: str, payload: dict[str, Any], out: Path | None = None) -> Path:
-    """Write ``payload`` to ``benchmarks/results/<script>.json`` (or ``out``)."""
-    path = out or RESULTS_DIR / f"{script}.json"
+    """Write ``payload`` to ``out``, by default ``out/benchmarks/<script>.json`` (untracked)."""
+    path = out or default_out(script)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
     return path

@@ -11,7 +11,8 @@ enough, else of all rounds):
 
 and prints a table, the sparse GEMV's effective weight bandwidth next to this machine's
 measured read bandwidth, and writes everything (with the machine's load during the run) to
-``benchmarks/results/cpu_kernels.json``.
+``out/benchmarks/cpu_kernels.json`` (untracked; ``--out benchmarks/results/cpu_kernels.json``
+replaces the committed result the README quotes).
 
     python benchmarks/cpu_kernels.py            # full sweep (< 15 min on 2 cores)
     python benchmarks/cpu_kernels.py --quick    # < 1 min
@@ -392,21 +393,25 @@ def readme_summary(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="small sweep, < 1 minute")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all)")
     parser.add_argument(
         "--out",
         type=Path,
-        default=Path(__file__).resolve().parent / "results" / "cpu_kernels.json",
+        default=Path(__file__).resolve().parent.parent / "out" / "benchmarks" / "cpu_kernels.json",
+        help="JSON output (default out/benchmarks/cpu_kernels.json, untracked; the README's "
+        "figures are benchmarks/results/cpu_kernels.json, replaced only by an explicit --out)",
     )
     parser.add_argument("-v", "--verbose", action="store_true")
     parser.add_argument(
         "--render",
         type=Path,
         default=None,
-        help="print the README table and target verdicts of a saved result; measure nothing",
+        metavar="JSON",
+        help="print the README table and target verdicts of a saved result, e.g. --render "
+        "benchmarks/results/cpu_kernels.json; measure nothing",
     )
     parser.add_argument(
         "--min-rounds", type=int, default=5, help="interleaved rounds per case, at least"
@@ -419,7 +424,11 @@ def main(argv: list[str] | None = None) -> None:
         help="restrict the sweep, e.g. --only shapes=1024x1024 --only batches=1,64 "
         "--only patterns=2:4 --only dtypes=float32 (results go to --out)",
     )
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
     if args.render is not None:
         print(readme_summary(json.loads(args.render.read_text())))
         return

@@ -4,7 +4,8 @@ rounds.
 
 The op's default picks one path per call (see ``nmfx/csrc/nm_ops.cpp``); ``nm_gemm``'s path
 bits force the others, so each pair runs interleaved in one process. Prints a table of
-medians and paired per-round ratios and writes ``benchmarks/results/kernel_paths.json``.
+medians and paired per-round ratios and writes ``out/benchmarks/kernel_paths.json`` (``--out benchmarks/results/kernel_paths.json``
+replaces the committed result).
 
     PYTHONPATH=. python benchmarks/kernel_paths.py [--quick]
 """

@@ -14,11 +14,12 @@ from tabulate import tabulate
 from torch import fx, nn
 
 from nmfx.capture import (
+    EXPORT,
     NATIVE,
     OwnGraph,
     capture_own_graphs,
+    capture_whole_model,
     trace_own_forward,
-    trace_whole_model,
 )
 from nmfx.config import SparsityConfig, config_from_options
 from nmfx.modules import MHAForward, NMMasker, RewrittenForward, track
@@ -27,8 +28,9 @@ from nmfx.passes import SPARSIFY_PASSES, Pass, PassContext, run_passes
 from nmfx.passes.decide_eligibility import dense_reason
 from nmfx.passes.insert_srste_masks import masker_name
 from nmfx.plan import DENSE, SPARSE, Candidate, Coverage, SparsityPlan
+from nmfx.preconditions import check_materialized, outside_inference_mode
 from nmfx.srste import ensure_optimizer_hook
-from nmfx.weight_ops import find_weight_uses, mha_weights
+from nmfx.weight_ops import find_weight_uses, mha_weights, no_nm_form, no_nm_module_weights
 
 __all__ = ["Summary", "is_sparsified", "sparsify", "summary"]
 
@@ -62,8 +64,14 @@ def _check_model(model: Any) -> None:
             "model is a torch.compile'd module; call nmfx.sparsify on the original module "
             "first, then torch.compile the result"
         )
+    if isinstance(model, torch.jit.ScriptModule):
+        raise TypeError(
+            "model is a TorchScript module (torch.jit.script/trace); nmfx rewrites Python "
+            "forwards: call nmfx.sparsify on the eager nn.Module, then script the result"
+        )
     if not isinstance(model, nn.Module):
         raise TypeError(f"sparsify expects an nn.Module, got {type(model).__name__}")
+    check_materialized(model)
     if is_sparsified(model):
         raise ValueError(
             "model is already sparsified by nmfx (it contains NMMasker modules); sparsify the "
@@ -240,6 +248,17 @@ def _untraceable_candidates(own: OwnGraph) -> list[Candidate]:
     return out
 
 
+def no_nm_candidates(fqn: str, module: nn.Module) -> list[Candidate]:
+    """Dense rows for the weights of torch.nn ops with no N:M form (LSTM, ConvTranspose2d, ...)."""
+    out = []
+    for path, op in no_nm_module_weights(module):
+        p = module.get_parameter(path)
+        param = f"{fqn}.{path}" if fqn else path
+        out.append(Candidate(param, param, fqn, path, op, tuple(p.shape), p.dtype, None, DENSE,
+                             no_nm_form(f"nn.{type(module).__name__}")))  # fmt: skip
+    return out
+
+
 @dataclass
 class Analysis:
     """The candidates of a model and what to install, before anything is changed."""
@@ -264,11 +283,12 @@ def analyse(
 ) -> Analysis:
     """Trace ``model`` (whole, then each module's own forward) and run ``passes`` on every
     own graph. Changes nothing on the model."""
-    whole_graph, trace_error = trace_whole_model(model)
+    whole = capture_whole_model(model)  # torch.fx, else torch.export
+    whole_graph, trace_error = whole.graph, whole.error
     traced = whole_graph is not None
-    facts = build_op_graph(model, whole_graph)
+    facts = build_op_graph(model, whole_graph, whole.how)
     facts.graph.graph["detect_pattern"] = detect_pattern
-    owns = capture_own_graphs(model)
+    owns = capture_own_graphs(model, facts.weight_op_owners() if whole.how == EXPORT else None)
     if not traced:
         facts.graph.graph["last_weight"] = _last_weight(model, owns)
     native = native or _plan_mha
@@ -283,6 +303,7 @@ def analyse(
         else:
             own = by_module.get(id(module))
             if own is None:
+                out.candidates += no_nm_candidates(fqn, module)
                 continue
             if own.graph is None:
                 cands, install = _untraceable_candidates(own), None
@@ -296,6 +317,7 @@ def analyse(
     return out
 
 
+@outside_inference_mode
 def sparsify(
     model: nn.Module,
     config: SparsityConfig | None = None,
@@ -323,7 +345,9 @@ def sparsify(
               keep_output_dense=cfg.keep_output_dense, min_weight_numel=cfg.min_weight_numel,
               **(prune_options or {}))  # fmt: skip
     found = analyse(model, cfg, passes)
-    plan = SparsityPlan(cfg, found.candidates, found.coverage, found.traced, found.trace_error)
+    plan = SparsityPlan(
+        cfg, found.candidates, found.coverage, found.traced, found.trace_error, found.facts.capture
+    )
     if not found.installs:
         raise ValueError(
             "no layer of the model can be made N:M sparse with these options; nothing was "
@@ -427,7 +451,8 @@ class Summary:
             render_candidates(plan.candidates),
         ]
         if plan.whole_model_traced:
-            lines.append("coverage: whole model traced by torch.fx")
+            failed = f" (torch.fx failed: {plan.trace_error})" if plan.trace_error else ""
+            lines.append(f"coverage: whole model captured by {plan.capture}{failed}")
         else:
             lines.append(
                 f"coverage: model not traceable as a whole ({plan.trace_error}); analysed per module"

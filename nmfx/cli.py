@@ -1,7 +1,9 @@
 """The ``nmfx`` command line: ``demo``, ``report``, ``inspect``, ``bench``.
 
-Models are given by zoo name (``mlp``, ``resnet50``, ``llama``, ...) or as
-``package.module:callable`` returning an ``nn.Module``. Exit codes: 0 success, 1 a
+Models are given by zoo name (``mlp``, ``resnet50``, ``llama``, ...), as
+``package.module:callable`` returning an ``nn.Module`` (importable: ``PYTHONPATH=.`` from
+its folder, or installed), or (``report``, ``inspect``) as a Hugging Face model: ``--hf DIR``
+(from ``save_pretrained``) or ``--hf-config config.json`` (random init). Exit codes: 0 success, 1 a
 failure while running, 2 bad arguments.
 """
 
@@ -20,11 +22,9 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["main"]
+from nmfx.cli_checks import UsageError, check_args, parse_shape
 
-
-class UsageError(Exception):
-    """Bad arguments: exit code 2."""
+__all__ = ["UsageError", "main"]
 
 
 def _parse_overrides(items: Sequence[str]) -> dict[str, Any]:
@@ -67,18 +67,58 @@ def load_model(spec: str, overrides: dict[str, Any]) -> tuple[nn.Module, str | N
         raise UsageError(str(exc)) from exc
 
 
+INPUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+                "int64": torch.int64, "int32": torch.int32}  # fmt: skip
+
+
+def _explicit_input(model: nn.Module, shape: list[int], dtype: str) -> torch.Tensor:
+    """Random floats, or token ids valid for every embedding of the model (int dtypes)."""
+    if INPUT_DTYPES[dtype].is_floating_point:
+        return torch.randn(shape, dtype=INPUT_DTYPES[dtype])
+    sizes = [m.num_embeddings for m in model.modules() if isinstance(m, nn.Embedding)]
+    return torch.randint(0, min(sizes, default=2), shape, dtype=INPUT_DTYPES[dtype])
+
+
+def load_model_args(args: argparse.Namespace) -> tuple[nn.Module, str | None]:
+    """The model a command names: exactly one of MODEL, ``--hf`` and ``--hf-config``."""
+    given = [s for s in (args.model, args.hf, args.hf_config) if s]
+    if len(given) != 1:
+        raise UsageError(
+            "give one model: a zoo name or module:callable, --hf DIR (a save_pretrained "
+            f"folder) or --hf-config config.json; got {len(given)}"
+        )
+    if args.model:
+        return load_model(args.model, _parse_overrides(args.set))
+    from nmfx.hf import HFInputError, load_hf_config, load_hf_dir
+
+    try:
+        return (load_hf_dir(args.hf) if args.hf else load_hf_config(args.hf_config)), None
+    except HFInputError as exc:
+        raise UsageError(str(exc)) from exc
+
+
 def example_inputs(
-    model: nn.Module, zoo_name: str | None, batch: int, seq: int | None, input_shape: str | None
+    model: nn.Module,
+    zoo_name: str | None,
+    batch: int,
+    seq: int | None,
+    input_shape: str | None,
+    input_dtype: str = "float32",
 ) -> tuple:
     import model_zoo
 
     if input_shape:
-        try:
-            shape = [int(s) for s in input_shape.split("x")]
-        except ValueError as exc:
-            raise UsageError(f"--input-shape {input_shape!r} must look like 1x3x32x32") from exc
-        return (torch.randn(shape),)
+        shape = parse_shape(input_shape, "--input-shape", "1x3x32x32")
+        return (_explicit_input(model, shape, input_dtype),)
     if zoo_name is None:
+        from nmfx.hf import HFInputError, token_inputs
+
+        try:
+            tokens = token_inputs(model, batch, seq)
+        except HFInputError as exc:
+            raise UsageError(str(exc)) from exc
+        if tokens is not None:
+            return tokens
         raise UsageError("a module:callable model needs --input-shape, e.g. --input-shape 1x1024")
     x = model_zoo.example_input(zoo_name, batch=batch, model=model)
     config = getattr(model, "config", None)
@@ -129,9 +169,8 @@ def _write_outputs(rep: Any, args: argparse.Namespace) -> None:
 def cmd_report(args: argparse.Namespace) -> int:
     from nmfx.report import report
 
-    overrides = _parse_overrides(args.set)
-    model, zoo = load_model(args.model, overrides)
-    inputs = example_inputs(model, zoo, args.batch, args.seq, args.input_shape)
+    model, zoo = load_model_args(args)
+    inputs = example_inputs(model, zoo, args.batch, args.seq, args.input_shape, args.input_dtype)
     rep = report(model, inputs, args.target, pattern=args.pattern, warmup=args.warmup,
                  repeats=args.repeats, compile_dense=args.compile_dense,
                  progress=_progress(not args.no_progress))  # fmt: skip
@@ -143,7 +182,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 def cmd_inspect(args: argparse.Namespace) -> int:
     import nmfx
 
-    model, _ = load_model(args.model, _parse_overrides(args.set))
+    model, _ = load_model_args(args)
     options: dict[str, Any] = {
         "pattern": args.pattern,
         "keep_output_dense": not args.sparsify_output,
@@ -153,8 +192,12 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     try:
         sparse = nmfx.sparsify(copy.deepcopy(model), **options)
     except ValueError as exc:
-        print(str(exc))
+        if "nothing was changed" not in str(exc):  # a bad option: a usage error
+            raise UsageError(str(exc)) from exc
+        print(str(exc))  # a valid answer: no layer can be N:M; the reasons per layer
         return 1
+    print("training plan (what nmfx.sparsify makes N:M; which layers the CPU lowering packs, "
+          "and how fast, is in `nmfx report`):")  # fmt: skip
     print(nmfx.summary(sparse))
     return 0
 
@@ -168,17 +211,14 @@ def cmd_bench(args: argparse.Namespace) -> int:
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if args.dtype not in dtypes:
         raise UsageError(f"--dtype {args.dtype!r} is not one of {list(dtypes)}")
-    try:
-        rows, cols = (int(s) for s in args.shape.split("x"))
-    except ValueError as exc:
-        raise UsageError(f"--shape {args.shape!r} must look like 4096x4096 (out x in)") from exc
+    rows, cols = parse_shape(args.shape, "--shape", "4096x4096")
     dtype = dtypes[args.dtype]
     w = torch.randn(rows, cols).to(dtype)
     w = torch.where(nm_mask(w, args.pattern), w, 0)
     p = pack(w, args.pattern)
-    print(
-        f"dispatch table: {json.dumps(dispatch_table().get('entries', dispatch_table()), default=str)[:400]}"
-    )
+    if args.verbose:  # the dispatcher's per-shape choices: for kernel work, not a first look
+        table = dispatch_table()
+        print(f"dispatch table: {json.dumps(table.get('entries', table), default=str)[:400]}")
     for batch in args.batch:
         x = torch.randn(batch, cols).to(dtype)
         fns = {
@@ -203,14 +243,24 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nmfx", description="N:M structured sparsity for PyTorch."
     )
+    from nmfx import __version__
+
+    parser.add_argument("--version", action="version", version=f"nmfx {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="log what nmfx does (INFO)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     def model_args(p: argparse.ArgumentParser) -> None:
         p.add_argument(
             "model",
-            help="zoo name (mlp, resnet18, resnet50, vit_tiny, gpt2, llama, ...) or module:callable",
+            nargs="?",
+            help="zoo name (mlp, resnet18, resnet50, vit_tiny, gpt2, llama, ...) or "
+            "module:callable returning an nn.Module (the module must be importable: run with "
+            "PYTHONPATH=. from its folder, or install it)",
         )
+        p.add_argument("--hf", metavar="DIR",
+                       help="a Hugging Face model folder written by save_pretrained (instead of MODEL)")  # fmt: skip
+        p.add_argument("--hf-config", metavar="CONFIG",
+                       help="a transformers config.json: the model, randomly initialised")  # fmt: skip
         p.add_argument(
             "--pattern", default="2:4", help="N:M pattern, keep N of every M (default 2:4)"
         )
@@ -249,7 +299,15 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument(
         "--input-shape",
         default=None,
-        help="explicit input shape, e.g. 1x1024 (needed for module:callable)",
+        help="explicit input shape, e.g. 1x1024 (needed for module:callable); token models "
+        "need an integer --input-dtype",
+    )
+    rep.add_argument(
+        "--input-dtype",
+        default="float32",
+        choices=list(INPUT_DTYPES),
+        help="dtype of the --input-shape input (default float32); int64/int32 give random "
+        "token ids below the model's smallest nn.Embedding size",
     )
     rep.add_argument(
         "--repeats", type=int, default=20, help="timed repeats per contender (default 20)"
@@ -267,7 +325,11 @@ def build_parser() -> argparse.ArgumentParser:
     rep.add_argument("--no-progress", action="store_true", help="no progress line on stderr")
     rep.set_defaults(func=cmd_report)
 
-    ins = sub.add_parser("inspect", help="the plan: what would be N:M, what stays dense and why")
+    ins = sub.add_parser(
+        "inspect",
+        help="the training plan: what nmfx.sparsify would make N:M, what stays dense and why "
+        "(which layers the CPU lowering packs is in `nmfx report`)",
+    )
     model_args(ins)
     ins.add_argument(
         "--exclude", action="append", default=[], help="glob of layers to keep dense (repeatable)"
@@ -278,7 +340,8 @@ def build_parser() -> argparse.ArgumentParser:
     ins.set_defaults(func=cmd_inspect)
 
     bench = sub.add_parser(
-        "bench", help="time the packed CPU kernel against F.linear for one shape"
+        "bench",
+        help="time the packed CPU kernel against F.linear for one shape (-v: the dispatch table)",
     )
     bench.add_argument(
         "--shape", default="4096x4096", help="weight shape OUTxIN (default 4096x4096)"
@@ -289,6 +352,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--pattern", default="2:4", help="N:M pattern (default 2:4)")
     bench.add_argument("--dtype", default="fp32", help="fp32, bf16 or fp16 (default fp32)")
     bench.add_argument("--repeats", type=int, default=20, help="timed repeats (default 20)")
+    bench.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS,
+                       help="also print the dispatcher's table (same as nmfx -v bench)")  # fmt: skip
     bench.set_defaults(func=cmd_bench)
     return parser
 
@@ -300,6 +365,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.INFO if args.verbose else logging.WARNING, format="%(name)s: %(message)s"
     )
     try:
+        check_args(args)
         return args.func(args)
     except UsageError as exc:
         parser.exit(2, f"nmfx: error: {exc}\n")

@@ -13,6 +13,9 @@ from nmfx.pattern import NMPattern, parse_pattern
 __all__ = ["MASK_MODES", "SparsityConfig", "config_from_options"]
 
 MASK_MODES = ("srste", "fixed")
+# lambda_W above 1 makes SR-STE overshoot: one step flips pruned weights' signs and grows them
+# (at 1e308, or inf, every weight is NaN after one step). NaN fails both comparisons.
+_MAX_LAMBDA = 1.0
 
 ExcludeRule = str | re.Pattern | Callable[[str], bool]
 
@@ -23,7 +26,7 @@ class SparsityConfig:
 
     - ``pattern``: ``"N:M"`` or ``(N, M)``; keep N of every M weights along the reduction dim.
     - ``srste_lambda``: lambda_W of SR-STE, the decay of pruned weights applied once per
-      optimizer step (paper default 2e-4); 0 gives plain STE.
+      optimizer step (paper default 2e-4); 0 gives plain STE; at most 1 (finite).
     - ``mask_mode``: ``"srste"`` recomputes masks from the weights (every
       ``mask_interval`` training forwards); ``"fixed"`` freezes the mask of the weights
       at sparsify time, zeroes the pruned weights and blocks their gradient (the
@@ -45,8 +48,11 @@ class SparsityConfig:
     def __post_init__(self) -> None:
         object.__setattr__(self, "pattern", parse_pattern(self.pattern))
         lam = self.srste_lambda
-        if isinstance(lam, bool) or not isinstance(lam, int | float) or lam < 0 or lam != lam:
-            raise ValueError(f"srste_lambda={lam!r} must be a float >= 0 (paper default 2e-4)")
+        if isinstance(lam, bool) or not isinstance(lam, int | float) or not 0 <= lam <= _MAX_LAMBDA:
+            raise ValueError(
+                f"srste_lambda={lam!r} must be a finite float in [0, {_MAX_LAMBDA:g}] (the decay "
+                f"of pruned weights per step; paper default 2e-4, 0 = plain STE)"
+            )
         object.__setattr__(self, "srste_lambda", float(lam))
         if self.mask_mode not in MASK_MODES:
             raise ValueError(
@@ -129,3 +135,4 @@ def config_from_options(config: SparsityConfig | None, options: dict[str, Any]) 
     if options:
         return SparsityConfig(**{**{n: getattr(config, n) for n in names}, **options})
     return config
+

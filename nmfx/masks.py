@@ -33,6 +33,34 @@ def _group_view(weight: torch.Tensor, m: int, dim: int) -> torch.Tensor:
     return moved.reshape(*moved.shape[:-1], k // m, m)
 
 
+def _check_weight(weight: object, dim: int, fn: str) -> int:
+    """``dim`` as a non-negative index into ``weight``; errors name the value and the fix.
+
+    ``dim`` must lie in ``[-ndim, ndim)`` (torch's own rule): wrapping 5 to 1 on a 2-D
+    weight would group along a dim nobody asked for.
+    """
+    if not isinstance(weight, torch.Tensor):
+        raise TypeError(
+            f"{fn} expects a torch.Tensor weight, got {type(weight).__name__}; "
+            f"wrap it with torch.tensor(...)"
+        )
+    if weight.dim() == 0:
+        raise ValueError(
+            f"{fn}: the weight is a 0-dim tensor (a scalar); N:M groups run along a dim of a "
+            f"weight with at least one dim, e.g. shape [out, in]"
+        )
+    if isinstance(dim, bool) or not isinstance(dim, int):
+        raise TypeError(f"{fn}: dim must be an int, got {dim!r}")
+    ndim = weight.dim()
+    if not -ndim <= dim < ndim:
+        raise IndexError(
+            f"{fn}: dim={dim} is out of range for a weight with ndim={ndim} (shape "
+            f"{tuple(weight.shape)}); pass a dim in [{-ndim}, {ndim - 1}], e.g. -1 or 1 for "
+            f"nn.Linear's in_features"
+        )
+    return dim % ndim
+
+
 def _keep_from_magnitudes(mag: torch.Tensor, n: int) -> torch.Tensor:
     """Bool keep-mask for groups along the last dim of ``mag`` (no NaN in ``mag``)."""
     m = mag.shape[-1]
@@ -75,10 +103,10 @@ def nm_mask(
     kernel position — and 0 for a ``[in, out]`` weight used as ``x @ W``.
     """
     p = parse_pattern(pattern)
+    dim = _check_weight(weight, dim, "nm_mask")
     w = weight.detach()
     if not (w.is_floating_point()):
         raise TypeError(f"N:M masks need a floating-point weight, got dtype {w.dtype}")
-    dim = dim % w.dim()
     if w.shape[dim] % p.m == 0 and _use_kernel(w, p.m):
         return torch.ops.nmfx_cpu.nm_mask(w.movedim(dim, -1), p.n, p.m).movedim(-1, dim)
     return reference_nm_mask(w, p, dim)
@@ -89,8 +117,8 @@ def masked_with_mask(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``(mask, where(mask, weight, 0))``; one fused pass over the weight on eager CPU."""
     p = parse_pattern(pattern)
+    dim = _check_weight(weight, dim, "masked_with_mask")
     w = weight.detach()
-    dim = dim % w.dim()
     if w.is_floating_point() and w.shape[dim] % p.m == 0 and _use_kernel(w, p.m):
         mask, masked = torch.ops.nmfx_cpu.nm_mask_apply(w.movedim(dim, -1), p.n, p.m)
         return mask.movedim(-1, dim), masked.movedim(-1, dim)
@@ -113,7 +141,7 @@ def reference_nm_mask(w: torch.Tensor, p: NMPattern, dim: int) -> torch.Tensor:
 def is_nm(weight: torch.Tensor, pattern: str | tuple[int, int] | NMPattern, dim: int = -1) -> bool:
     """True when every group of M along ``dim`` holds at most N non-zeros."""
     p = parse_pattern(pattern)
-    dim = dim % weight.dim()
+    dim = _check_weight(weight, dim, "is_nm")
     if weight.shape[dim] % p.m:
         return False
     nonzero = _group_view(weight.detach() != 0, p.m, dim).sum(-1)

@@ -3,7 +3,8 @@
 Nodes are the FX nodes of the whole-model graph plus one node per distinct weight
 parameter (tied weights are one node); edges are data flow, weight -> consuming op.
 Questions answered: which weight ops produce the model output, and which weights more
-than one op consumes (tied embeddings, reused functional weights).
+than one op consumes (tied embeddings, reused functional weights). The whole-model graph
+comes from torch.fx or torch.export (see ``nmfx.capture``); ``ModelFacts.capture`` says which.
 """
 
 from __future__ import annotations
@@ -20,9 +21,14 @@ class ModelFacts:
     """Answers from the op graph, keyed by canonical weight FQN."""
 
     def __init__(
-        self, graph: nx.DiGraph, canonical: dict[str, str], holders: dict[str, int]
+        self,
+        graph: nx.DiGraph,
+        canonical: dict[str, str],
+        holders: dict[str, int],
+        capture: str = "",
     ) -> None:
         self.graph = graph
+        self.capture = capture  # which capture gave the whole-model graph ("" = none)
         self.canonical = canonical  # any FQN of a weight -> its first registered FQN
         self.holders = holders  # any FQN of a weight -> id of the module object holding it
         self.output_weights = self._output_weights()
@@ -47,6 +53,10 @@ class ModelFacts:
                 else:
                     stack.append(pred)
         return found
+
+    def weight_op_owners(self) -> set[str]:
+        """Modules whose own forward runs a weight op in the whole-model graph."""
+        return {d.get("label", "") for _, d in self.graph.nodes(data=True) if d.get("weight_op")}
 
     def consumers(self, fqn: str) -> list[str]:
         """Modules whose forward consumes the weight ``fqn`` (a reused module counts once)."""
@@ -75,9 +85,21 @@ def _canonical_names(model: nn.Module) -> tuple[dict[str, str], dict[str, int]]:
     return canonical, holders
 
 
-def build_op_graph(model: nn.Module, graph: fx.Graph | None) -> ModelFacts:
+class _GraphOn:
+    """A whole-model graph with the model its ``get_attr``/``call_module`` targets name:
+    what ``find_weight_uses`` reads, without a GraphModule's code generation (seconds on
+    an exported LLM graph)."""
+
+    def __init__(self, model: nn.Module, graph: fx.Graph) -> None:
+        self.graph = graph
+        self.get_submodule = model.get_submodule
+        self.get_parameter = model.get_parameter
+
+
+def build_op_graph(model: nn.Module, graph: fx.Graph | None, capture: str = "") -> ModelFacts:
     """Build the op graph from the whole-model FX graph (or from weights alone when the
-    model could not be traced as a whole: then only tied-weight facts are known)."""
+    model could not be captured as a whole: then only tied-weight facts are known).
+    ``capture`` names what gave ``graph`` (torch.fx, torch.export)."""
     canonical, holders = _canonical_names(model)
     g = nx.DiGraph()
     for name, p in model.named_parameters(remove_duplicate=False):
@@ -85,7 +107,7 @@ def build_op_graph(model: nn.Module, graph: fx.Graph | None) -> ModelFacts:
     if graph is None:  # only tied-weight facts (``canonical``) are known
         return ModelFacts(g, canonical, holders)
 
-    gm = fx.GraphModule(model, graph)
+    gm = _GraphOn(model, graph)
     for node in graph.nodes:
         g.add_node(node.name, op=node.op, label=_owner_label(node))
         if node.op == "output":  # by op, not name: a module called "output" takes that name
@@ -100,7 +122,7 @@ def build_op_graph(model: nn.Module, graph: fx.Graph | None) -> ModelFacts:
                 _mark(g, use, canonical)
         elif node.op == "get_attr" and node.target in canonical:
             g.add_edge(("weight", canonical[node.target]), node.name)
-    for use in find_weight_uses(gm):
+    for use in find_weight_uses(gm):  # type: ignore[arg-type]
         _mark(g, use, canonical)
     # A get_attr node only forwards its weight: its users are the weight's consumers.
     for node in graph.nodes:
@@ -109,7 +131,7 @@ def build_op_graph(model: nn.Module, graph: fx.Graph | None) -> ModelFacts:
             for user in node.users:
                 g.add_edge(key, user.name)
             g.remove_edge(key, node.name)
-    return ModelFacts(g, canonical, holders)
+    return ModelFacts(g, canonical, holders, capture)
 
 
 def _mark(g: nx.DiGraph, use: WeightUse, canonical: dict[str, str]) -> None:

@@ -1,4 +1,4 @@
-"""Compressed N:M weights: pack, unpack, save and load (DESIGN.md section 5).
+"""Compressed N:M weights: pack, unpack, save and load (the format is below).
 
 A weight ``[rows, cols]`` that is already N:M along its last dim (at most N nonzeros in every
 group of M consecutive columns) is stored as
@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,7 +105,7 @@ class PackedNM:
         if self.values.device.type != "cpu" or self.mask.device.type != "cpu":
             raise ValueError("PackedNM: values and mask must be CPU tensors; move them with .cpu()")
         # The kernels trust the mask to address the values: check it (cheap, bytewise).
-        problem = _mask_problem(self.mask, cols, n, m)
+        problem = check_mask(self.mask, cols, n, m)
         if problem:
             raise ValueError(f"PackedNM: corrupt mask: {problem}")
         object.__setattr__(self, "values", _with_slack(self.values))
@@ -138,9 +137,9 @@ class PackedNM:
         """Bytes the same weight takes dense."""
         return self.rows * self.cols * self.values.element_size()
 
-    def dense(self, cache: bool = True) -> torch.Tensor:
-        """The dense weight; with ``cache=True`` it is kept while ``self.values`` lives."""
-        return _dense_cached(self) if cache else unpack(self)
+    def dense(self) -> torch.Tensor:
+        """The dense weight, a new tensor each call (nothing keeps it)."""
+        return unpack(self)
 
     def __repr__(self) -> str:
         return (
@@ -178,6 +177,85 @@ def _check_pattern(pattern: NMPattern, cols: int) -> None:
             f"cols={cols} is not a multiple of M={pattern.m} (pattern {pattern}); "
             f"pad the weight's columns to a multiple of {pattern.m} or keep the layer dense"
         )
+
+
+def check_mask(mask: torch.Tensor, cols: int, n: int, m: int) -> str:
+    """Why ``mask`` (uint8 ``[rows, ceil(cols / 8)]``) is not a valid N:M bitmask ('' if it is).
+
+    The kernels trust a valid mask to address the values; every packed weight entering nmfx
+    (``PackedNM``, a lowered module's ``load_state_dict`` or unpickling, ``load_packed``) is
+    checked here. The check counts bits a 64-bit word at a time (a few passes over the mask,
+    1/8 byte per weight); the slower per-group count runs only to describe a failure.
+    """
+    if _mask_words_ok(mask, cols, n, m):
+        return ""
+    return _mask_problem(mask, cols, n, m) or "it does not keep exactly N of every M"
+
+
+def buffers_problem(
+    values: torch.Tensor, mask: torch.Tensor, rows: int, cols: int, n: int, m: int
+) -> str:
+    """Why ``values``/``mask`` cannot be a packed ``[rows, cols]`` N:M weight ('' if they can).
+
+    For packed tensors arriving outside :class:`PackedNM` (a lowered module's state_dict or
+    pickle): the kernels address ``values`` through ``mask``, so both are checked first.
+    """
+    if not isinstance(values, torch.Tensor) or not isinstance(mask, torch.Tensor):
+        return "values and mask must be tensors"
+    want_values = (rows, cols // m * n)
+    if tuple(values.shape) != want_values or values.dtype not in SUPPORTED_DTYPES:
+        return (
+            f"values is {values.dtype} {tuple(values.shape)}, expected {want_values} in one of "
+            f"{', '.join(_DTYPE_NAMES.values())}"
+        )
+    want_mask = (rows, (cols + 7) // 8)
+    if mask.dtype != torch.uint8 or tuple(mask.shape) != want_mask:
+        return f"mask is {mask.dtype} {tuple(mask.shape)}, expected uint8 {want_mask}"
+    if mask.device.type != "cpu" or values.device.type != "cpu":
+        return "values and mask must be CPU tensors"
+    problem = check_mask(mask, cols, n, m)
+    return f"corrupt mask: {problem}" if problem else ""
+
+
+# Per-word constants of the bit count: a word of group counts equals n * _ONES[m] iff every
+# group of m bits (m in 4, 8, 16) has n set.
+_ONES = {4: 0x1111111111111111, 8: 0x0101010101010101, 16: 0x0001000100010001}
+
+
+def _mask_words_ok(mask: torch.Tensor, cols: int, n: int, m: int) -> bool:
+    """SWAR popcount of every group of ``m`` bits == n, bits past ``cols`` zero."""
+    if mask.numel() == 0:
+        return True
+    full = mask
+    if cols % 8:  # only M = 4 with an odd number of nibbles: the last byte holds one group
+        last = mask[:, -1]
+        if bool((last >> 4).any()) or bool((_POPCOUNT[last.long()] != n).any()):
+            return False
+        full = mask[:, :-1]
+        if full.numel() == 0:
+            return True
+    flat = full.contiguous().reshape(-1)
+    pad = (-flat.numel()) % 8  # whole groups of the same mask fill the last word
+    if pad:
+        if flat.numel() < pad:
+            return not _mask_problem(mask, cols, n, m)
+        flat = torch.cat([flat, flat[:pad]])
+    words = flat.view(torch.int64)
+    want = n * _ONES[m]
+    # Chunks of 256 KB keep the temporaries in cache (whole-mask temporaries page-fault).
+    for w in words.split(_CHECK_CHUNK_WORDS):
+        c = w - ((w >> 1) & 0x5555555555555555)
+        c = (c & 0x3333333333333333) + ((c >> 2) & 0x3333333333333333)
+        if m >= 8:
+            c = (c + (c >> 4)) & 0x0F0F0F0F0F0F0F0F
+        if m == 16:
+            c = (c + (c >> 8)) & 0x00FF00FF00FF00FF
+        if not bool((c == want).all()):
+            return False
+    return True
+
+
+_CHECK_CHUNK_WORDS = 1 << 15
 
 
 def _mask_problem(mask: torch.Tensor, cols: int, n: int, m: int) -> str:
@@ -229,6 +307,11 @@ def pack(w: torch.Tensor, pattern: str | tuple[int, int] | NMPattern = "2:4") ->
         )
     if w.dtype not in SUPPORTED_DTYPES:
         raise TypeError(_dtype_error(w.dtype))
+    if 0 in w.shape:
+        raise ValueError(
+            f"pack: the weight is empty (shape {tuple(w.shape)}); packing needs rows > 0 and "
+            f"cols > 0: keep an empty layer dense"
+        )
     rows, cols = w.shape
     _check_pattern(pat, cols)
     n, m = pat.n, pat.m
@@ -264,43 +347,19 @@ def unpack(p: PackedNM) -> torch.Tensor:
     return dense.masked_scatter_(keep, p.values.view(bits)).view(p.dtype)
 
 
-# Dense copies for layers the dispatcher runs dense, keyed by the values tensor's identity and
-# dropped when that tensor is freed. Validated on use, so an in-place edit is not served stale.
-_DENSE_CACHE: dict[int, tuple[tuple[Any, ...], torch.Tensor]] = {}
-
-
-def _version(t: torch.Tensor) -> int:
-    # Inference tensors carry no version counter; they are treated as never edited in place.
-    return -1 if t.is_inference() else t._version
-
-
-def _cache_key(values: torch.Tensor, mask: torch.Tensor) -> tuple[Any, ...]:
-    return (values.data_ptr(), _version(values), mask.data_ptr(), _version(mask))
-
-
-def _dense_cached(p: PackedNM) -> torch.Tensor:
-    return dense_for(p.values, p.mask, p.shape, p.pattern)
-
-
-def dense_for(
-    values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int], pattern: NMPattern
+def unpack_buffers(
+    values: torch.Tensor, mask: torch.Tensor, shape: tuple[int, int]
 ) -> torch.Tensor:
-    """Cached dense weight for packed ``values``/``mask`` (used by the kernel dispatcher)."""
-    slot = id(values)
-    key = _cache_key(values, mask)
-    hit = _DENSE_CACHE.get(slot)
-    if hit is not None and hit[0] == key:
-        return hit[1]
-    dense = unpack(PackedNM(values=values, mask=mask, shape=tuple(shape), pattern=pattern))
-    if hit is None:
-        weakref.finalize(values, _DENSE_CACHE.pop, slot, None)
-    _DENSE_CACHE[slot] = (key, dense)
-    return dense
+    """The dense weight of packed ``values``/``mask`` (what :func:`unpack` does, unchecked).
 
-
-def clear_dense_cache() -> None:
-    """Drop every cached dense weight (they are rebuilt on demand)."""
-    _DENSE_CACHE.clear()
+    nmfx keeps no dense copy of a packed weight: callers expand per use and drop the result.
+    A mask keeping more values than ``values`` holds raises (torch checks the scatter).
+    """
+    rows, cols = shape
+    keep = _mask_bytes_to_bits(mask, cols)
+    bits = _BITS[values.element_size()]
+    dense = torch.zeros((rows, cols), dtype=bits)
+    return dense.masked_scatter_(keep, values.reshape(-1).view(bits)).view(values.dtype)
 
 
 def save_packed(path: str | os.PathLike[str], tensors: dict[str, PackedNM]) -> None:
@@ -343,11 +402,39 @@ def _read_header(path: str) -> dict[str, str]:
         ) from exc
 
 
+_LAYOUT_FIELDS = ("rows", "cols", "n", "m", "dtype", "values", "mask")
+
+
+def _check_layout(path: str, layout: Any) -> None:
+    """Each header entry names its fields and their allowed values (untrusted input)."""
+    if not isinstance(layout, dict):
+        raise ValueError(
+            f"{path}: corrupt packed file: field 'layout' must map names to entries, got "
+            f"{layout!r}; re-save it with nmfx.packed.save_packed"
+        )
+    for name, spec in layout.items():
+        if not isinstance(spec, dict):
+            raise ValueError(f"{path}: entry {name!r} is corrupt: expected an object, got {spec!r}")
+        missing = [f for f in _LAYOUT_FIELDS if f not in spec]
+        if missing:
+            raise ValueError(f"{path}: entry {name!r} is corrupt: missing field(s) {missing}")
+        if not isinstance(spec["dtype"], str) or spec["dtype"] not in _DTYPES_BY_NAME:
+            raise ValueError(
+                f"{path}: entry {name!r} is corrupt: field 'dtype'={spec['dtype']!r} is not one of "
+                f"{sorted(_DTYPES_BY_NAME)}"
+            )
+
+
 def load_packed(path: str | os.PathLike[str]) -> dict[str, PackedNM]:
     """Read a file written by :func:`save_packed`; checks format, version and integrity."""
     from safetensors.torch import load_file
 
     path = os.fspath(path)
+    if os.path.isdir(path):
+        raise ValueError(
+            f"{path} is a directory; pass the path of the file save_packed wrote, e.g. "
+            f"{os.path.join(path, 'weights.safetensors')!r}"
+        )
     meta = _read_header(path)
     if meta.get("format") != FORMAT_NAME:
         raise ValueError(
@@ -372,6 +459,7 @@ def load_packed(path: str | os.PathLike[str]) -> dict[str, PackedNM]:
         raise ValueError(
             f"{path}: corrupt or truncated packed file ({exc}); re-save it with save_packed"
         ) from exc
+    _check_layout(path, layout)
     out: dict[str, PackedNM] = {}
     for name, spec in layout.items():
         try:

@@ -53,8 +53,9 @@ class SparsityPlan:
     config: SparsityConfig
     candidates: list[Candidate]
     coverage: list[Coverage]
-    whole_model_traced: bool
+    whole_model_traced: bool  # a whole-model graph was captured (torch.fx or torch.export)
     trace_error: str = ""
+    capture: str = "torch.fx"  # what captured the whole-model graph
 
     @property
     def sparse(self) -> list[Candidate]:

@@ -189,7 +189,8 @@ def report(
     """Measure dense vs sparse per layer and end to end on ``target``.
 
     ``model`` may be dense (a copy is pruned to ``pattern`` for timing), sparsified or
-    finalized; ``example_inputs`` is a tensor or a tuple of them (batch as you will run).
+    finalized; ``example_inputs`` is a tensor, or a tuple or list of the forward's positional
+    arguments (batch as you will run; a dict of keyword inputs is refused).
     With ``compile_dense``, the dense baseline is the faster of eager and
     ``torch.compile`` (inductor).
     """
@@ -197,7 +198,7 @@ def report(
         raise ValueError(f"report(target={target!r}): per-layer reports support 'cpu' and 'cuda'")
     if target == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("report(target='cuda') needs an NVIDIA GPU; none is available here")
-    inputs = example_inputs if isinstance(example_inputs, tuple) else (example_inputs,)
+    inputs = _positional_inputs(example_inputs, warmup, repeats)
     say = progress or (lambda msg: log.info(msg))
     notes: list[str] = []
     dense, plan = _prepare(model, pattern, notes)
@@ -237,6 +238,21 @@ def report(
             isa = available_isas()[-1] if isa == "auto" else isa  # auto: the best supported
         machine["nmfx_isa"] = isa
     return Report(rows, totals, target, machine, settings, notes)
+
+
+def _positional_inputs(example_inputs: Any, warmup: int, repeats: int) -> tuple:
+    """``model(*inputs)``: a tuple or list holds positional args, anything else is one arg."""
+    for name, value, low in (("warmup", warmup, 0), ("repeats", repeats, 1)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < low:
+            raise ValueError(f"report({name}={value!r}): {name} must be an int >= {low}")
+    if isinstance(example_inputs, dict):
+        raise TypeError(
+            "report(example_inputs=dict): keyword inputs are not supported; pass the positional "
+            "inputs as a tuple (x,) or a list [x], or wrap the model so forward takes them in order"
+        )
+    if isinstance(example_inputs, tuple | list):
+        return tuple(example_inputs)
+    return (example_inputs,)
 
 
 def _is_module_layer(model: nn.Module, row: ReportRow) -> bool:

@@ -1,4 +1,4 @@
-"""Mask statistics and SAD (sparse architecture divergence, DESIGN section 3).
+"""Mask statistics and SAD (sparse architecture divergence, from the SR-STE paper).
 
 SAD(i, j) = ||E_j - E_i||_1: how many weights switched between kept and pruned. Masks are
 taken from the maskers (the one the last forward used, cached in eager mode), so calling

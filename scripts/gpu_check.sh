@@ -120,7 +120,7 @@ fi
 if [ "$DRY" = 1 ]; then
     skip install "dry run: would install missing [${MISSING:-none}] and pip install --no-deps --no-build-isolation -e ."
 else
-    install() {
+    nmfx_install() {
         local before after
         before=$("$PY" -c "import torch; print(torch.__version__)")
         if [ -n "$MISSING" ]; then
@@ -137,11 +137,16 @@ else
         echo "torch before: $before, after: $after"
         [ "$before" = "$after" ] || { echo "ERROR: the install changed torch"; return 1; }
     }
-    export -f install
-    export PY MISSING WHEELS
-    step install 60 bash -c install
+    export -f nmfx_install
+    export PY MISSING WHEELS ROOT
+    step install 60 bash -c nmfx_install
 fi
-NMFX_IMPORT=$("$PY" -c "import nmfx" 2>&1 | tail -n 1)
+# import_error MODULE: empty if it imports (warnings on stderr do not count), else the last line.
+import_error() {
+    local out
+    if out=$("$PY" -c "import $1" 2>&1); then echo ""; else echo "${out##*$'\n'}"; fi
+}
+NMFX_IMPORT=$(import_error nmfx)
 [ -n "$NMFX_IMPORT" ] && echo "nmfx does not import: $NMFX_IMPORT"
 
 # ---- 3. tests -----------------------------------------------------------------------------------
@@ -170,7 +175,7 @@ else
 fi
 
 # ---- 5. TensorRT ----------------------------------------------------------------------------------
-TRT=$("$PY" -c "import torch_tensorrt" 2>&1 | tail -n 1)
+TRT=$(import_error torch_tensorrt)
 if [ -n "$TRT" ]; then
     skip tensorrt "torch_tensorrt does not import ($TRT)"
 elif [ "$DRY" = 1 ]; then

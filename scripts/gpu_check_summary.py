@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import xml.etree.ElementTree as ET
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,8 @@ def render(s: dict[str, Any]) -> str:
         lines.append(f"pytest: {p['passed']} passed, {len(p['failed'])} failed, "
                      f"{len(p['skipped'])} skipped")  # fmt: skip
         lines += [f"  FAILED {f['test']}: {f['message']}" for f in p["failed"]]
+        reasons = Counter(x["reason"] for x in p["skipped"])
+        lines += [f"  skipped x{n}: {reason}" for reason, n in reasons.most_common()]
     for name, target in s["targets"].items():
         if target:
             lines.append(f"{name} targets: " + ", ".join(f"{k}={v}" for k, v in target.items()))

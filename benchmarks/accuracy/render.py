@@ -1,7 +1,7 @@
 """Render the accuracy study from its JSON: Markdown tables and PNG plots (no training here).
 
     PYTHONPATH=. python -m benchmarks.accuracy.render [--json benchmarks/results/accuracy.json]
-        [--out docs/accuracy]
+        [--out docs/accuracy]    (default out/accuracy, untracked)
 
 Writes ``results.md`` (the tables), ``digits_curves.png``, ``charlm_curves.png`` and
 ``sad.png`` into ``--out``. Means and sample standard deviations (n-1) over seeds come
@@ -21,7 +21,7 @@ from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parents[2]
 DEFAULT_JSON = ROOT / "benchmarks" / "results" / "accuracy.json"
-DEFAULT_OUT = ROOT / "docs" / "accuracy"
+DEFAULT_OUT = ROOT / "out" / "accuracy"  # untracked; docs/accuracy only with --out docs/accuracy
 METHOD_ORDER = ("dense", "dense_half", "srste", "ste", "fixed")
 LABELS = {
     "dense": "dense",

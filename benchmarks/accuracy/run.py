@@ -12,7 +12,8 @@ For every task (digits CNN, byte-level LM on the stdlib sources), seed and N:M p
   every pattern).
 
 One hyper-parameter setting per task (``tasks.SPECS``), chosen on dense with ``--tune``.
-Writes ``benchmarks/results/accuracy.json``; ``render.py`` turns it into tables and plots.
+Writes ``out/benchmarks/accuracy.json`` (untracked; ``--out benchmarks/results/accuracy.json``
+replaces the committed result); ``render.py`` turns it into tables and plots.
 
     PYTHONPATH=. python -m benchmarks.accuracy.run                 # the full study
     PYTHONPATH=. python -m benchmarks.accuracy.run --smoke --out /tmp/acc.json
@@ -43,8 +44,10 @@ from benchmarks.accuracy.tasks import SMOKE, SPECS, Task, TaskSpec, build_task
 from benchmarks.accuracy.train import RunRecord, final_checks, train
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "accuracy.json"
-TUNE_OUT = ROOT / "docs" / "accuracy" / "tuning.json"
+# Untracked defaults (.gitignore: /out/): the committed benchmarks/results/accuracy.json and
+# docs/accuracy/tuning.json change only with an explicit --out.
+DEFAULT_OUT = ROOT / "out" / "benchmarks" / "accuracy.json"
+TUNE_OUT = ROOT / "out" / "benchmarks" / "tuning.json"
 PATTERNS = ("2:4", "4:8", "1:4")
 LAMBDA_W = 2e-4  # the paper's default
 METHODS = ("dense", "dense_half", "srste", "ste", "fixed")
@@ -270,7 +273,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument("--smoke", action="store_true", help="tiny models and budgets (CI, seconds)")
     p.add_argument("--tune", action="store_true", help="dense LR sweep instead of the study")
-    p.add_argument("--out", type=Path, default=None, help="JSON output path")
+    p.add_argument("--out", type=Path, default=None,
+                   help="JSON output path (default out/benchmarks/accuracy.json or tuning.json, untracked)")  # fmt: skip
     p.add_argument(
         "--resummarize", type=Path, default=None, help="recompute a JSON's summaries, no training"
     )

@@ -120,7 +120,8 @@ inline float hsum(__m256 v) {
 // One 8-column block (number U of a run of 8) for WR weight rows times XB rows of x.
 template <Kind K, int STEP, int WR, int XB, int U>
 inline __attribute__((always_inline)) void block(const char*& vp, int64_t vstride, int64_t* off,
-                                                 __m256i* v, const float* xk, int64_t ldx,
+                                                 const int64_t* lim, __m256i* v, const float* xk,
+                                                 int64_t ldx,
                                                  __m256 (&acc)[WR][XB], const uint64_t* mm) {
   constexpr int E = kElemBytes<K>;
   constexpr int G = kGroup<K, STEP>;
@@ -134,7 +135,9 @@ inline __attribute__((always_inline)) void block(const char*& vp, int64_t vstrid
       w[i] = expand8<K>(v[i], m, g * STEP * E);
     } else {
       w[i] = expand8<K>(fetch<K>(vp + off[i]), m, 0);
-      off[i] += static_cast<int64_t>(_mm_popcnt_u32(m)) * E;
+      // Clamped at the row's end: a corrupt mask byte (more set bits than the pattern keeps)
+      // must not walk the reads past the row; fetches there stay within the values' slack.
+      off[i] = std::min<int64_t>(off[i] + static_cast<int64_t>(_mm_popcnt_u32(m)) * E, lim[i]);
     }
   }
   if constexpr (STEP > 0 && g == G - 1) vp += G * STEP * E;
@@ -148,10 +151,11 @@ inline __attribute__((always_inline)) void block(const char*& vp, int64_t vstrid
 
 template <Kind K, int STEP, int WR, int XB, int... U>
 inline __attribute__((always_inline)) void blocks(const char*& vp, int64_t vstride, int64_t* off,
-                                                  __m256i* v, const float* xk, int64_t ldx,
+                                                  const int64_t* lim, __m256i* v, const float* xk,
+                                                  int64_t ldx,
                                                   __m256 (&acc)[WR][XB], const uint64_t* mm,
                                                   std::integer_sequence<int, U...>) {
-  (block<K, STEP, WR, XB, U>(vp, vstride, off, v, xk + 8 * U, ldx, acc, mm), ...);
+  (block<K, STEP, WR, XB, U>(vp, vstride, off, lim, v, xk + 8 * U, ldx, acc, mm), ...);
 }
 
 // Software prefetch of the same columns WR rows further down, i.e. of the next tile of rows,
@@ -183,8 +187,12 @@ void micro(const NMProblem& p, int64_t r, int64_t b) {
   const int64_t vstride = p.kept * E;
   const uint8_t* mp = p.mask + r * p.KB;
   const int64_t mstride = p.KB;
-  int64_t off[WR];  // per-row value offsets, used only when STEP == 0
+  // Per-row value offsets from vp, used by the STEP == 0 form, and their bound: the row's end.
+  int64_t off[WR];
+  int64_t lim[WR];
   for (int i = 0; i < WR; ++i) off[i] = i * vstride;
+  for (int i = 0; i < WR; ++i) lim[i] = (i + 1) * vstride;
+  const char* const vp0 = vp;
   __m256 acc[WR][XB];
   for (int i = 0; i < WR; ++i) {
     for (int j = 0; j < XB; ++j) acc[i][j] = _mm256_setzero_ps();
@@ -199,16 +207,19 @@ void micro(const NMProblem& p, int64_t r, int64_t b) {
     uint64_t mm[WR];
     for (int i = 0; i < WR; ++i) std::memcpy(&mm[i], mp + i * mstride + kb, 8);
     if constexpr (STEP > 0) prefetch_next_tile<WR, 8 * STEP * E>(vp, vstride, mp + kb, mstride, kb);
-    blocks<K, STEP, WR, XB>(vp, vstride, off, v, xb + kb * 8, ldx, acc, mm,
+    blocks<K, STEP, WR, XB>(vp, vstride, off, lim, v, xb + kb * 8, ldx, acc, mm,
                             std::make_integer_sequence<int, 8>{});
   }
   // Tail: the last KB % 8 mask bytes, zero-extended to a whole run (zero bytes keep nothing,
   // and x is zero padded to a multiple of 16 columns, but not necessarily of 64).
+  if constexpr (STEP > 0) {
+    for (int i = 0; i < WR; ++i) lim[i] -= vp - vp0;  // relative to where vp stopped
+  }
   for (; kb < KB; ++kb) {
     uint64_t mm[WR];
     for (int i = 0; i < WR; ++i) mm[i] = mp[i * mstride + kb];
     // STEP = 0 form: addresses are vp + off[i], advanced by popcount (vp stays put).
-    block<K, 0, WR, XB, 0>(vp, vstride, off, v, xb + kb * 8, ldx, acc, mm);
+    block<K, 0, WR, XB, 0>(vp, vstride, off, lim, v, xb + kb * 8, ldx, acc, mm);
   }
   for (int i = 0; i < WR; ++i) {
     for (int j = 0; j < XB; ++j) p.y[(b + j) * p.R + r + i] += hsum(acc[i][j]);
@@ -413,6 +424,7 @@ void select_gemv(const NMProblem& p, int64_t r) {
   // Chunks per 64-byte line of values: prefetch once per line.
   constexpr int U = 64 / (8 * E) > 1 ? 64 / (8 * E) : 1;
   const char* vp = static_cast<const char*>(row_values(p, r, E));
+  const char* const row0 = vp;
   const int64_t vstride = p.kept * E;
   const uint8_t* mp = p.mask + r * p.KB;
   const int64_t mstride = p.KB;
@@ -440,10 +452,11 @@ void select_gemv(const NMProblem& p, int64_t r) {
   for (int i = 0; i < WR; ++i) {
     float tail = 0.f;
     const char* v = vp + i * vstride;
+    const char* const vend = row0 + (i + 1) * vstride;  // a corrupt mask stops at the row's end
     for (int64_t col = nch * CH; col < cols; col += M) {
       for (int j = 0; j < M; ++j) {
         const int64_t k = col + j;
-        if ((mp[i * mstride + (k - nch * CH) / 8] >> ((k - nch * CH) % 8)) & 1) {
+        if (v < vend && (mp[i * mstride + (k - nch * CH) / 8] >> ((k - nch * CH) % 8)) & 1) {
           tail += load1<K>(v) * p.x[k];
           v += E;
         }
@@ -530,17 +543,23 @@ constexpr PanelOffsets make_panel_offsets() {
 
 constexpr PanelOffsets kPanelOffsets = make_panel_offsets();
 
-// Panel offsets of the kept columns of mask bytes [kb0, kb1) relative to column 8*kb0; writes up
-// to 8 entries past the last kept column.
-inline void decode_offsets(const uint8_t* mrow, int64_t kb0, int64_t kb1, int32_t* out) {
+// Panel offsets of the kept columns of mask bytes [kb0, kb1) relative to column 8*kb0, for the
+// pass's nnz kept values; writes up to 8 entries past entry nnz. Invariants, whatever the mask
+// holds (a corrupt one has more or fewer set bits than the pattern keeps): nothing is written
+// past out + nnz + 8, and every entry ever written is the offset of a column of this pass, so
+// the panel reads stay inside the pass's slice (entries the mask leaves unwritten hold
+// offsets from an earlier pass or zero).
+inline void decode_offsets(const uint8_t* mrow, int64_t kb0, int64_t kb1, int64_t nnz,
+                           int32_t* out) {
   __m256i base = _mm256_setzero_si256();
   const __m256i step = _mm256_set1_epi32(8 * static_cast<int32_t>(kPanelBatch));
+  int64_t pos = 0;
   for (int64_t kb = kb0; kb < kb1; ++kb) {
     const unsigned m = mrow[kb];
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out),
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(out + pos),
                         _mm256_add_epi32(load_si256(kPanelOffsets.off[m]), base));
     base = _mm256_add_epi32(base, step);
-    out += _mm_popcnt_u32(m);
+    pos = std::min<int64_t>(pos + _mm_popcnt_u32(m), nnz);
   }
 }
 
@@ -630,7 +649,8 @@ void run_panels(const NMProblem& p, int64_t r0, int64_t r1) {
       const int64_t nnz = (k1 - k0) / p.m * p.n;  // every group of M keeps exactly N
       const int64_t v0 = k0 / p.m * p.n;
       for (int64_t i = 0; i < nr; ++i) {
-        decode_offsets(p.mask + (r0 + i) * p.KB, k0 / 8, (k1 + 7) / 8, offs.data() + i * ostride);
+        decode_offsets(p.mask + (r0 + i) * p.KB, k0 / 8, (k1 + 7) / 8, nnz,
+                       offs.data() + i * ostride);
         if constexpr (!kInPlace) widen_values<K>(rows[i], v0, nnz, wide.data() + i * kc_kept);
       }
       auto vals_of = [&](int64_t i) -> const float* {

@@ -65,6 +65,10 @@ void micro(const NMProblem& p, int64_t r, int64_t b) {
   }
   const float* xb = p.x + b * p.ldx;
   const int64_t blocks = (p.KB + 1) / 2;  // ldx is a multiple of 16, so x reads stay in bounds
+  // Kept values per 16 columns (M divides 16): each block advances by this constant, not by its
+  // mask's popcount (equal for a valid mask), so a corrupt mask never walks the reads past a
+  // row's end; an expand-load there reads at most 16 values into the slack (kValuePad).
+  const int64_t per16 = 16 / p.m * p.n;
   for (int64_t kb2 = 0; kb2 < blocks; ++kb2) {
     if (XB == 1 && (kb2 & 3) == 0) {  // every 64 columns
       for (int i = 0; i < WR; ++i) {
@@ -82,7 +86,7 @@ void micro(const NMProblem& p, int64_t r, int64_t b) {
     for (int i = 0; i < WR; ++i) {
       const unsigned m = mask16(mp[i], kb2, p.KB);
       w[i] = expand16(vp[i], static_cast<__mmask16>(m));
-      vp[i] += _mm_popcnt_u32(m);
+      vp[i] += per16;
     }
     for (int j = 0; j < XB; ++j) {
       const __m512 xv = _mm512_loadu_ps(xb + j * p.ldx + kb2 * 16);
@@ -112,7 +116,40 @@ void run(const NMProblem& p, int64_t r0, int64_t r1) {
   for (; r < r1; ++r) all_x_rows<T, 1>(p, r);
 }
 
+// Rows of W, dense, 16 columns per expand-load; advances by the pattern's constant kept count
+// per 16 columns (so reads stay within a row plus its kValuePad slack, as in micro above).
+template <typename T>
+void expand_rows_t(const NMProblem& p, int64_t r0, int64_t r1, T* out, int64_t ldo) {
+  const int64_t blocks = (p.KB + 1) / 2;
+  const int64_t per16 = 16 / p.m * p.n;
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* vp = static_cast<const T*>(row_values(p, r, sizeof(T)));
+    const uint8_t* mrow = p.mask + r * p.KB;
+    T* o = out + (r - r0) * ldo;
+    for (int64_t kb2 = 0; kb2 < blocks; ++kb2) {
+      const __mmask16 m = static_cast<__mmask16>(mask16(mrow, kb2, p.KB));
+      if constexpr (sizeof(T) == 4) {
+        _mm512_storeu_si512(o + kb2 * 16, _mm512_maskz_expandloadu_epi32(m, vp));
+      } else {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + kb2 * 16),
+                            _mm256_maskz_expandloadu_epi16(m, vp));
+      }
+      vp += per16;
+    }
+    // Columns past the last 16-column block up to ldo: zero (GEMMs read only cols of them).
+    for (int64_t k = blocks * 16; k < ldo; ++k) o[k] = 0;
+  }
+}
+
 }  // namespace
+
+void expand_rows_avx512(const NMProblem& p, int64_t r0, int64_t r1, void* out, int64_t ldo) {
+  if (p.vtype == ValueType::kFloat32) {
+    expand_rows_t(p, r0, r1, static_cast<uint32_t*>(out), ldo);
+  } else {
+    expand_rows_t(p, r0, r1, static_cast<uint16_t*>(out), ldo);
+  }
+}
 
 void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) {
   // Many rows of x: the batched AVX2 path (only the kept multiply-adds; see nm_avx2.cpp).
@@ -145,6 +182,9 @@ void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) {
 
 namespace nmfx {
 void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) { nm_gemm_portable(p, r0, r1); }
+void expand_rows_avx512(const NMProblem& p, int64_t r0, int64_t r1, void* out, int64_t ldo) {
+  expand_rows_portable(p, r0, r1, out, ldo);
+}
 }  // namespace nmfx
 
 #endif

@@ -161,6 +161,12 @@ void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1);
 // The batched path on x panels (p.xpanel set), AVX2 + FMA; the AVX-512 kernel uses it too.
 void nm_gemm_avx2_panels(const NMProblem& p, int64_t r0, int64_t r1);
 
+// Rows [r0, r1) of W as dense rows in the values' own dtype, bit for bit (pruned positions +0),
+// into out (row i at out + i * ldo elements, ldo >= cols rounded up to 16; columns past cols are
+// scratch). Never reads or writes out of bounds whatever the mask holds.
+void expand_rows_portable(const NMProblem& p, int64_t r0, int64_t r1, void* out, int64_t ldo);
+void expand_rows_avx512(const NMProblem& p, int64_t r0, int64_t r1, void* out, int64_t ldo);
+
 bool cpu_has_avx2();
 bool cpu_has_avx512();
 

@@ -9,11 +9,16 @@
 #include <algorithm>
 #include <atomic>
 #include <cstdlib>
+#include <cmath>
 #include <cstring>
+#include <limits>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
+#include "nm_args.h"
 #include "nm_kernels.h"
+#include "nm_scratch.h"
 
 namespace nmfx {
 
@@ -54,8 +59,6 @@ constexpr int64_t kPathPanels = 1 << 9;
 constexpr int64_t kPathSelect = 1 << 10;
 constexpr int64_t kPathBits = kPathExpand | kPathPanels | kPathSelect;
 constexpr int64_t kPanelMinBatch = 32;
-// Widest SIMD load (elements) a kernel may issue at a row's last kept value.
-constexpr int64_t kValuePad = 16;
 
 int64_t isa_support() {
   static const int64_t bits = [] {
@@ -89,56 +92,36 @@ KernelFn select_kernel(int64_t isa) {
   }
 }
 
-// Staging buffers (x as fp32, x panels) are reused across calls on the same thread, up to
-// kScratchMaxBytes each; larger ones are allocated per call. Freshly allocated multi-MB
-// buffers come from mmap (or a trimmed heap) and page-fault on every call: a 64x4096 weight at
-// 192 rows of x took 5.8-6.2 ms that way instead of 1.4 ms, erratically, as glibc's mmap and
-// trim thresholds moved. Dense F.linear does not pay this (oneDNN/MKL keep their own pools).
-constexpr size_t kScratchMaxBytes = size_t{64} << 20;
-
-class Scratch {
- public:
-  ~Scratch() { std::free(p_); }
-  float* get(size_t n) {
-    if (n > n_) {
-      std::free(p_);
-      const size_t bytes = (std::max<size_t>(n, 16) * sizeof(float) + 63) / 64 * 64;
-      p_ = static_cast<float*>(std::aligned_alloc(64, bytes));
-      TORCH_CHECK(p_ != nullptr, "nmfx: out of memory allocating ", bytes, " bytes of scratch");
-      n_ = n;
+// Rows of x holding a NaN or an Inf: F.linear multiplies them by every weight, the pruned zeros
+// included (0 * Inf = NaN), while the selecting, batched and portable paths multiply only the
+// kept ones. For such a row b, y[b, r] becomes NaN wherever row r of W prunes a column where x is
+// not finite; the kept products are the same on every path, so the results then agree with
+// F.linear in every NaN and Inf. The scan costs one pass over x (small next to the GEMM).
+void propagate_nonfinite(const float* x, int64_t ldsrc, int64_t B, int64_t cols,
+                         const uint8_t* mask, int64_t KB, int64_t R, float* y) {
+  std::vector<int64_t> bad;
+  for (int64_t b = 0; b < B; ++b) {
+    const float* row = x + b * ldsrc;
+    bool any = false;
+    for (int64_t k = 0; k < cols; ++k) {
+      uint32_t bits;
+      std::memcpy(&bits, row + k, 4);
+      any |= (bits & 0x7f800000u) == 0x7f800000u;
     }
-    return p_;
-  }
-
- private:
-  float* p_ = nullptr;
-  size_t n_ = 0;
-};
-
-enum ScratchSlot { kScratchX = 0, kScratchPanels = 1, kScratchSel = 2, kScratchSlots = 3 };
-
-// n floats, 64-byte aligned, valid until the next call on this thread with the same slot;
-// `hold` keeps a per-call buffer alive when n is over the cache limit.
-float* scratch_floats(ScratchSlot slot, int64_t n, at::Tensor& hold) {
-  if (static_cast<size_t>(n) * sizeof(float) > kScratchMaxBytes) {
-    hold = at::empty({n}, at::TensorOptions().dtype(at::kFloat));
-    return hold.data_ptr<float>();
-  }
-  static thread_local Scratch cache[kScratchSlots];
-  return cache[slot].get(static_cast<size_t>(n));
-}
-
-ValueType value_type(const at::Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat:
-      return ValueType::kFloat32;
-    case at::kBFloat16:
-      return ValueType::kBFloat16;
-    case at::kHalf:
-      return ValueType::kFloat16;
-    default:
-      TORCH_CHECK(false, "nmfx: packed values must be float32, bfloat16 or float16, got ",
-                  t.scalar_type());
+    if (!any) continue;
+    bad.clear();
+    for (int64_t k = 0; k < cols; ++k) {
+      if (!std::isfinite(row[k])) bad.push_back(k);
+    }
+    for (int64_t r = 0; r < R; ++r) {
+      const uint8_t* mrow = mask + r * KB;
+      for (const int64_t k : bad) {
+        if (((mrow[k >> 3] >> (k & 7)) & 1) == 0) {
+          y[b * R + r] = std::numeric_limits<float>::quiet_NaN();
+          break;
+        }
+      }
+    }
   }
 }
 
@@ -149,23 +132,11 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   isa &= kIsaMask;
   TORCH_CHECK((path & ~kPathBits) == 0 && (path & (path - 1)) == 0, "nmfx: bad path bits ", path,
               " (at most one of PATH_EXPAND, PATH_PANELS, PATH_SELECT)");
-  TORCH_CHECK(x.dim() == 2 && x.size(1) == cols, "nmfx: x must be [B, ", cols, "], got ",
-              x.sizes());
-  TORCH_CHECK(m > 0 && n > 0 && n < m && cols % m == 0, "nmfx: bad pattern ", n, ":", m,
-              " for cols=", cols);
-  const int64_t kept = cols / m * n;
-  const int64_t KB = (cols + 7) / 8;
-  TORCH_CHECK(values.is_contiguous() && values.dim() == 2 && values.size(0) == rows &&
-                  values.size(1) == kept,
-              "nmfx: values must be contiguous [", rows, ", ", kept, "], got ", values.sizes());
-  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.dim() == 2 &&
-                  mask.size(0) == rows && mask.size(1) == KB,
-              "nmfx: mask must be contiguous uint8 [", rows, ", ", KB, "]");
-  const ValueType vtype = value_type(values);
+  const PackedShape shape = check_packed(x, values, mask, bias, rows, cols, n, m);
+  const int64_t kept = shape.kept;
+  const int64_t KB = shape.KB;
   const int64_t B = x.size(0);
   const auto f32 = at::TensorOptions().dtype(at::kFloat);
-  TORCH_CHECK(x.scalar_type() == values.scalar_type(), "nmfx: x is ", x.scalar_type(),
-              " but the packed values are ", values.scalar_type());
 
   const int64_t ldx = std::max<int64_t>(16, (cols + 15) / 16 * 16);
   // Many rows of x take the batched path (x86 SIMD kernels only), which reads x as transposed
@@ -210,8 +181,6 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   if (B == 0) {
     // Nothing to compute; y has no row to hold the bias.
   } else if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->numel() == rows, "nmfx: bias must have ", rows, " elements, got ",
-                bias->numel());
     const at::Tensor bc = bias->contiguous();
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bc.scalar_type(), "nmfx_bias", [&] {
       const scalar_t* bp = bc.const_data_ptr<scalar_t>();
@@ -222,21 +191,7 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   }
   for (int64_t b = 1; b < B; ++b) std::memcpy(yp + b * rows, yp, rows * sizeof(float));
 
-  // SIMD loads may read up to kValuePad elements past a row's last kept value. Values packed by
-  // nmfx.packed sit in storage with that much slack; otherwise the last rows read from a
-  // padded copy.
-  const int64_t slack = static_cast<int64_t>(values.storage().nbytes()) / values.element_size() -
-                        values.storage_offset() - rows * kept;
-  int64_t safe_rows = rows;
-  at::Tensor tail;
-  if (slack < kValuePad && rows > 0) {
-    safe_rows = kept > 0 ? std::max<int64_t>(0, rows - (kValuePad + kept - 1) / kept) : rows;
-    tail = at::zeros({(rows - safe_rows) * kept + kValuePad}, values.options());
-    if (rows > safe_rows) {
-      tail.narrow(0, 0, (rows - safe_rows) * kept)
-          .copy_(values.narrow(0, safe_rows, rows - safe_rows).reshape({-1}));
-    }
-  }
+  const ValueTail vt = value_tail(values, rows, kept);
 
   // The batch-1 GEMV for 1:4 and 1:8 reads x regrouped by position within a group.
   at::Tensor xsel;  // holds a per-call buffer only when over the scratch cache limit
@@ -271,9 +226,9 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   p.R = rows;
   p.n = static_cast<int>(n);
   p.m = static_cast<int>(m);
-  p.vtype = vtype;
-  p.safe_rows = safe_rows;
-  p.tail_values = tail.defined() ? tail.data_ptr() : nullptr;
+  p.vtype = shape.vtype;
+  p.safe_rows = vt.safe_rows;
+  p.tail_values = vt.tail.defined() ? vt.tail.data_ptr() : nullptr;
   p.y = y.data_ptr<float>();
   p.xpanel = panels ? xp : nullptr;
   p.nbp = nbp;
@@ -328,6 +283,11 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
         }
       }
     });
+  }
+  if (direct) {
+    propagate_nonfinite(x.const_data_ptr<float>(), x.stride(0), B, cols, p.mask, KB, rows, yp);
+  } else {
+    propagate_nonfinite(xb, ldx, B, cols, p.mask, KB, rows, yp);
   }
   if (x.scalar_type() == at::kFloat) return y;
   at::Tensor out = at::empty({B, rows}, x.options().memory_format(at::MemoryFormat::Contiguous));

@@ -53,7 +53,7 @@ void nm_gemm_portable(const NMProblem& p, int64_t r0, int64_t r1) {
       int64_t v = 0;
       for (int64_t kb = 0; kb < p.KB; ++kb) {
         unsigned m = mrow[kb];
-        while (m != 0) {
+        while (m != 0 && v < p.kept) {  // a corrupt mask never reads past the row
           const int j = __builtin_ctz(m);
           acc += to_float(vals, v++, p.vtype) * xr[kb * 8 + j];
           m &= m - 1;
@@ -61,6 +61,36 @@ void nm_gemm_portable(const NMProblem& p, int64_t r0, int64_t r1) {
       }
       p.y[b * p.R + r] += acc;
     }
+  }
+}
+
+namespace {
+
+template <typename T>
+void expand_rows_t(const NMProblem& p, int64_t r0, int64_t r1, T* out, int64_t ldo) {
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* v = static_cast<const T*>(row_values(p, r, sizeof(T)));
+    T* o = out + (r - r0) * ldo;
+    std::memset(o, 0, ldo * sizeof(T));
+    const uint8_t* mrow = p.mask + r * p.KB;
+    int64_t c = 0;
+    for (int64_t kb = 0; kb < p.KB; ++kb) {
+      unsigned m = mrow[kb];
+      while (m != 0 && c < p.kept) {  // a corrupt mask never reads past the row
+        o[kb * 8 + __builtin_ctz(m)] = v[c++];
+        m &= m - 1;
+      }
+    }
+  }
+}
+
+}  // namespace
+
+void expand_rows_portable(const NMProblem& p, int64_t r0, int64_t r1, void* out, int64_t ldo) {
+  if (p.vtype == ValueType::kFloat32) {
+    expand_rows_t(p, r0, r1, static_cast<uint32_t*>(out), ldo);
+  } else {
+    expand_rows_t(p, r0, r1, static_cast<uint16_t*>(out), ldo);
   }
 }
 

@@ -19,7 +19,14 @@ import torch
 logger = logging.getLogger(__name__)
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
-SOURCES = ("nm_ops.cpp", "nm_portable.cpp", "nm_avx2.cpp", "nm_avx512.cpp", "nm_mask.cpp")
+SOURCES = (
+    "nm_ops.cpp",
+    "nm_dense.cpp",
+    "nm_portable.cpp",
+    "nm_avx2.cpp",
+    "nm_avx512.cpp",
+    "nm_mask.cpp",
+)
 EXTENSION_NAME = "nmfx_cpu_kernels"
 # Setting this to 1 skips the build (as if no compiler were present); for tests and debugging.
 DISABLE_ENV = "NMFX_DISABLE_KERNELS"

@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from nmfx.kernels import _build, _dispatch
-from nmfx.packed import dense_for
-from nmfx.pattern import NMPattern
+from nmfx.packed import unpack_buffers
 
 _ISA_ENV = "NMFX_ISA"
 _isa_override: list[str | None] = [None]
@@ -59,10 +58,12 @@ def compute(
     """Eager implementation shared by the op and the eager fast path."""
     x2 = x if x.dim() == 2 else x.reshape(-1, cols)
     mode = _dispatch.choose(x2.shape[0], values.dtype, n, m, rows, cols)
-    if mode == "sparse" and _build.extension_available():
+    if not _build.extension_available():
+        y = F.linear(x2, unpack_buffers(values, mask, (rows, cols)), bias)
+    elif mode == "sparse":
         y = torch.ops.nmfx_cpu.nm_gemm.default(x2, values, mask, bias, rows, cols, n, m, isa_code())
-    else:
-        y = F.linear(x2, dense_for(values, mask, (rows, cols), NMPattern(n, m)), bias)
+    else:  # dense GEMM on W expanded block by block (no resident dense copy)
+        y = torch.ops.nmfx_cpu.nm_dense.default(x2, values, mask, bias, rows, cols, n, m)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], rows)
 
 
@@ -105,8 +106,8 @@ def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, outp
 def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
     # Gradients reach x and bias only: packed weights are frozen inference artifacts.
     values, mask = ctx.saved_tensors
-    rows, cols, n, m, has_bias = ctx.meta
-    w = dense_for(values, mask, (rows, cols), NMPattern(n, m))
+    rows, cols, _n, _m, has_bias = ctx.meta
+    w = unpack_buffers(values, mask, (rows, cols))
     grad_x = grad @ w
     grad_bias = grad.reshape(-1, rows).sum(0) if has_bias else None
     return grad_x, None, None, grad_bias, None, None, None, None

@@ -1,6 +1,6 @@
 """``nmfx.lower``: turn a finalized N:M model into a fast one for one target.
 
-Each target is one late step on the finalized model (DESIGN section 2): ``cpu`` packs
+Each target is one late step on the finalized model: ``cpu`` packs
 N:M Linears for nmfx's kernels, ``cuda`` makes semi-structured sparse weights,
 ``tensorrt`` compiles with sparse tactics allowed. Per-layer decisions are recorded.
 """

@@ -11,6 +11,7 @@ import logging
 import torch
 from torch import nn
 
+from nmfx.kernels.module import PackedLinearBase
 from nmfx.packed import SUPPORTED_DTYPES, SUPPORTED_M, PackedNM, pack
 from nmfx.plan import DENSE, SPARSE, LayerDecision, NMWeight
 
@@ -19,7 +20,7 @@ __all__ = ["NMLinear", "cpu_eligibility", "lower_cpu"]
 log = logging.getLogger("nmfx.lowering")
 
 
-class NMLinear(nn.Module):
+class NMLinear(PackedLinearBase):
     """Inference ``nn.Linear`` with a packed N:M weight (values + bitmask buffers)."""
 
     def __init__(self, packed: PackedNM, bias: torch.Tensor | None) -> None:

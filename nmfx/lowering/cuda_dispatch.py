@@ -86,7 +86,8 @@ def time_buckets(
 
 
 def describe(timings: dict[int, BucketTiming], sparse_rows: Sequence[int]) -> str:
-    """``"sparse at rows 256-4096 (1.31-1.62x), dense at rows 1-64 (sparse 0.11-0.87x)"``."""
+    """``"sparse at rows 256-4096 (A-Bx), dense at rows 1-64 (sparse C-Dx)"``: the buckets
+    each kernel runs and the range of measured dense/sparse time ratios there."""
     parts = []
     for label, group in (
         ("sparse", [r for r in timings if r in sparse_rows]),

@@ -1,4 +1,4 @@
-"""Give every candidate a verdict and a reason (DESIGN section 4). Never skip silently."""
+"""Give every candidate a verdict and a reason. Never skip silently."""
 
 from __future__ import annotations
 

@@ -162,3 +162,23 @@ def test_nmfx_lower_cuda_end_to_end_on_the_zoo_llama(backend):
     assert len(decisions) == 7 and all(d.reason for d in decisions)
     with torch.no_grad():
         assert rel_err(lowered(ids), reference(ids)) < MAX_REL_ERR[torch.half]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_row_dispatch_linear_runs_each_bucket_on_its_kernel(backend, monkeypatch):
+    """Both weights of a per-call layer compute the dense result; which one runs follows the
+    call's rows bucket (sparse only for the 4096 bucket here)."""
+    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+
+    layer = nn.Linear(1024, 1024).cuda().half()
+    with torch.no_grad():
+        layer.weight.mul_(nm_mask(layer.weight, "2:4", 1))
+    reference = copy.deepcopy(layer)
+    monkeypatch.setattr(SparseSemiStructuredTensor, "_FORCE_CUTLASS", backend == "cutlass")
+    sparse_w = to_sparse_semi_structured(layer.weight.detach())
+    RowDispatchLinear.convert(layer, sparse_w, buckets=(16, 4096), sparse_buckets=[4096])
+    with torch.no_grad():
+        for rows, sparse in [(1, False), (16, False), (17, True), (1024, True)]:
+            assert layer.uses_sparse(rows) is sparse
+            x = torch.randn(rows, 1024, device="cuda", dtype=torch.half)
+            assert rel_err(layer(x), reference(x)) < MAX_REL_ERR[torch.half], rows

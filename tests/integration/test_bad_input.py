@@ -452,3 +452,132 @@ def test_cpu_without_avx512_runs_the_avx2_or_portable_path(lowered, monkeypatch)
         fast(x)
     monkeypatch.delenv("NMFX_ISA")
     assert_unchanged(fast, before, x)
+
+
+# ---- rows 28-: models, options and files new users tried --------------------------------
+
+
+@pytest.mark.parametrize("lam", [float("inf"), 1e308, float("nan"), 1.5])
+def test_srste_lambda_must_be_finite_and_at_most_one(lam):
+    model, x = mlp(), torch.randn(3, 16)
+    raises_unchanged(model, x, ValueError, r"srste_lambda=.* must be a finite float in \[0, 1\]",
+                     srste_lambda=lam)  # fmt: skip
+
+
+def test_sparsify_a_scripted_model_says_sparsify_the_eager_module():
+    with pytest.raises(TypeError, match=r"TorchScript module .*sparsify on the eager nn\.Module"):
+        nmfx.sparsify(torch.jit.script(mlp()))
+
+
+def test_sparsify_a_lazy_module_says_run_one_forward_first():
+    model = nn.Sequential(nn.LazyLinear(32), nn.ReLU(), nn.Linear(32, 4))
+    with pytest.raises(ValueError, match=r"0 \(LazyLinear\): parameter '0\.weight' is not "
+                       r"materialized yet .*run one forward pass .* then nmfx\.sparsify"):  # fmt: skip
+        nmfx.sparsify(model)
+    assert not nmfx.is_sparsified(model) and nn.parameter.is_lazy(model[0].weight)
+    model(torch.randn(2, 16))  # materialized: now it works
+    assert nmfx.summary(nmfx.sparsify(model)).plan.sparse
+
+
+@pytest.mark.parametrize("mode", ["fixed", "srste"])
+def test_sparsify_under_inference_mode_makes_trainable_masks(mode):
+    model = mlp()
+    with torch.inference_mode():
+        nmfx.sparsify(model, mask_mode=mode, mask_interval=3)
+    assert not any(b.is_inference() for b in model.buffers())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for _ in range(3):  # the first training forward used to fail (in-place on an inference tensor)
+        opt.zero_grad()
+        model(torch.randn(4, 16)).sum().backward()
+        opt.step()
+    assert nmfx.is_nm(model[0].weight.detach() * model[0]._nmfx_weight.mask, "2:4", 1)
+
+
+def test_inference_tensor_weights_are_an_error_outside_inference_mode():
+    with torch.inference_mode():
+        model = mlp()
+    with pytest.raises(ValueError, match=r"'0\.weight' is an inference tensor .*build or load it "
+                       r"outside inference_mode"):  # fmt: skip
+        nmfx.sparsify(model)
+    assert not nmfx.is_sparsified(model)
+
+
+class _NoNMOps(nn.Module):
+    """Weight ops nmfx has no N:M form for, as modules and as functional calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(16, 16)
+        self.lstm = nn.LSTM(16, 16, batch_first=True)
+        self.gru = nn.GRU(16, 16, batch_first=True)
+        self.bil = nn.Bilinear(16, 16, 16)
+        self.up = nn.ConvTranspose2d(4, 4, 2)
+        self.w3 = nn.Parameter(torch.randn(16, 16, 16) / 16)
+        self.head = nn.Linear(16, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, _ = self.lstm(self.fc(x))
+        h, _ = self.gru(h)
+        h = self.bil(h, h) + F.bilinear(h, h, self.w3)
+        img = self.up(h.reshape(-1, 4, 2, 2))
+        return self.head(h) + img.mean()
+
+
+def test_every_weight_op_has_a_summary_row_and_counts_in_the_total():
+    torch.manual_seed(0)
+    model = _NoNMOps()
+    nmfx.sparsify(model)
+    rows = {c.param: c for c in nmfx.summary(model).candidates}
+    expected = {n for n, p in model.named_parameters() if p.dim() >= 2}
+    assert set(rows) == expected  # every weight of every op, none left out
+    for param, op in [("lstm.weight_ih_l0", "nn.LSTM"), ("lstm.weight_hh_l0", "nn.LSTM"),
+                      ("gru.weight_hh_l0", "nn.GRU"), ("bil.weight", "nn.Bilinear"),
+                      ("up.weight", "nn.ConvTranspose2d"), ("w3", "bilinear")]:  # fmt: skip
+        assert rows[param].verdict == "dense"
+        assert rows[param].reason.startswith(f"{op}: no N:M form in nmfx"), param
+    total = sum(p.numel() for n, p in model.named_parameters() if p.dim() >= 2)
+    assert f"of {total:,} weights in N:M layers" in str(nmfx.summary(model))
+    model(torch.randn(2, 3, 16)).sum().backward()  # still runs and trains
+
+
+def test_only_no_nm_ops_is_the_nothing_changed_error_listing_them():
+    model = nn.Sequential(nn.LSTM(16, 16))
+    with pytest.raises(ValueError, match=r"(?s)nothing was changed.*nn\.LSTM: no N:M form in nmfx"):
+        nmfx.sparsify(model)
+
+
+def _layout_edit(path: Path, edit) -> None:
+    raw = path.read_bytes()
+    (size,) = struct.unpack("<Q", raw[:8])
+    layout = json.loads(json.loads(raw[8 : 8 + size])["__metadata__"]["layout"])
+    _edit_metadata(path, layout=json.dumps(edit(layout)))
+
+
+@pytest.mark.parametrize(
+    ("damage", "match"),
+    [
+        (lambda p: _layout_edit(p, lambda lay: [1, 2]), r"field 'layout' must map names to entries, got \[1, 2\]"),
+        (lambda p: _layout_edit(p, lambda lay: None), r"field 'layout' must map names to entries, got None"),
+        (lambda p: _layout_edit(p, lambda lay: {"fc": {**lay["fc"], "dtype": "float64"}}),
+         r"entry 'fc' is corrupt: field 'dtype'='float64' is not one of \['bfloat16', 'float16', 'float32'\]"),
+        (lambda p: _layout_edit(p, lambda lay: {"fc": {"rows": 16}}),
+         r"entry 'fc' is corrupt: missing field\(s\) \['cols'"),
+    ],
+    ids=["layout-list", "layout-null", "dtype-float64", "missing-fields"],
+)  # fmt: skip
+def test_packed_file_with_a_bad_layout_names_the_field(tmp_path, damage, match):
+    path = _saved(tmp_path)
+    damage(path)
+    with pytest.raises(ValueError, match=match):
+        load_packed(path)
+
+
+def test_load_packed_of_a_directory_says_pass_the_file(tmp_path):
+    with pytest.raises(ValueError, match=r"is a directory; pass the path of the file save_packed"):
+        load_packed(tmp_path)
+
+
+@pytest.mark.parametrize("shape", [(0, 16), (8, 0)])
+def test_pack_of_an_empty_weight(shape):
+    with pytest.raises(ValueError, match=r"pack: the weight is empty \(shape .*keep an empty layer dense"):
+        pack(torch.zeros(shape), "2:4")

@@ -120,6 +120,7 @@ def test_cli_inspect():
     result = nmfx_cli("inspect", "resnet18")
     assert result.returncode == 0, result.stderr
     assert "in_channels=3 is not a multiple of M=4" in result.stdout
+    assert result.stdout.startswith("training plan (what nmfx.sparsify makes N:M")
 
 
 def test_cli_report_writes_json(tmp_path):
@@ -144,7 +145,7 @@ def test_cli_demo_short(tmp_path):
     "args,code,message",
     [
         (["report", "resnet19"], 2, "did you mean 'resnet18'"),
-        (["report", "mlp", "--pattern", "3:2"], 1, "0 < N < M"),
+        (["report", "mlp", "--pattern", "3:2"], 2, "nmfx: error: --pattern '3:2': pattern 3:2 is invalid"),
         (["inspect", "mlp", "--set", "hidden"], 2, "KEY=VALUE"),
         (["report", "mlp", "--target", "tpu"], 2, "invalid choice"),
         (["frobnicate"], 2, "invalid choice"),
@@ -170,3 +171,144 @@ def test_cli_bad_arguments_exit_nonzero_with_message(args, code, message):
     result = nmfx_cli(*args)
     assert result.returncode == code
     assert message in result.stderr
+
+
+def _usage_error(capsys, *args: str) -> str:
+    """Run ``nmfx *args`` in this process; it must exit 2 with ``nmfx: error:``."""
+    from nmfx.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(list(args))
+    err = capsys.readouterr().err
+    assert info.value.code == 2, err
+    assert err.startswith("nmfx: error: "), err
+    return err
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["report", "llama", "--seq", "-3"], "--seq -3 is not allowed: --seq counts tokens per sequence and must be an integer >= 1"),
+        (["report", "llama", "--seq", "0"], "--seq 0 is not allowed"),
+        (["report", "mlp", "--batch", "0"], "--batch 0 is not allowed: --batch counts rows of the example input"),
+        (["report", "mlp", "--batch", "-1"], "--batch -1 is not allowed"),
+        (["report", "mlp", "--repeats", "0"], "--repeats 0 is not allowed: --repeats counts timed repeats and must be an integer >= 1"),
+        (["report", "mlp", "--warmup", "-1"], "--warmup -1 is not allowed: --warmup counts untimed runs and must be an integer >= 0"),
+        (["report", "mlp", "--input-shape", "1x0"], "--input-shape '1x0' must be positive sizes joined by 'x'"),
+        (["bench", "--shape", "0x0"], "--shape '0x0' must be positive sizes joined by 'x', e.g. --shape 4096x4096"),
+        (["bench", "--shape", "16x16x16"], "--shape '16x16x16' must be OUTxIN"),
+        (["bench", "--batch", "1", "0"], "--batch 0 is not allowed"),
+        (["demo", "--epochs", "0"], "--epochs 0 is not allowed"),
+        (["inspect", "mlp", "--pattern", "abc"], "--pattern 'abc': pattern 'abc' is not of the form 'N:M'"),
+        (["report", "mlp", "--pattern", "5:4"], "--pattern '5:4': pattern 5:4 is invalid: need 0 < N < M"),
+    ],
+    ids=["seq-negative", "seq-zero", "batch-zero", "batch-negative", "repeats-zero", "warmup-negative",
+         "input-shape-zero", "bench-shape-0x0", "bench-shape-3d", "bench-batch-zero", "epochs-zero",
+         "inspect-pattern", "report-pattern"],
+)  # fmt: skip
+def test_bad_numbers_and_patterns_exit_2_before_any_work(capsys, monkeypatch, args, message):
+    import model_zoo
+
+    monkeypatch.setattr(model_zoo, "build", lambda *a, **k: pytest.fail("built a model"))
+    assert message in _usage_error(capsys, *args)
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["report", "mlp", "--json", "{tmp}/missing/r.json"], "--json {tmp}/missing/r.json: folder {tmp}/missing does not exist"),
+        (["report", "mlp", "--csv", "{tmp}"], "--csv {tmp}: is a directory; give a file path"),
+        (["report", "mlp", "--markdown", "/proc/nmfx-r.md"], "--markdown /proc/nmfx-r.md: cannot write there"),
+        (["demo", "--out", "{tmp}/afile/sub"], "--out {tmp}/afile/sub: cannot create or write this folder (Not a directory)"),
+        (["demo", "--out", "/proc/nmfx-demo"], "--out /proc/nmfx-demo: cannot create or write this folder"),
+    ],
+    ids=["json-missing-dir", "csv-is-a-dir", "markdown-read-only", "demo-out-under-a-file", "demo-out-read-only"],
+)  # fmt: skip
+def test_output_paths_are_checked_before_any_work(capsys, monkeypatch, tmp_path, args, message):
+    import model_zoo
+
+    (tmp_path / "afile").write_text("")
+    monkeypatch.setattr(model_zoo, "build", lambda *a, **k: pytest.fail("built a model"))
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    assert message.replace("{tmp}", str(tmp_path)) in _usage_error(capsys, *args)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]  # nothing left behind
+
+
+def test_bench_prints_the_dispatch_table_only_with_verbose(capsys):
+    from nmfx.cli import main
+
+    bench = ["bench", "--shape", "8x16", "--batch", "1", "--repeats", "1"]
+    for argv, shown in ((bench, False), (["-v", *bench], True), ([*bench, "-v"], True)):
+        assert main(argv) == 0
+        out = capsys.readouterr().out
+        assert ("dispatch table" in out) == shown
+        assert "8x16 2:4 fp32 batch 1" in out
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "exc", "match"),
+    [
+        ({"repeats": 0}, ValueError, r"report\(repeats=0\): repeats must be an int >= 1"),
+        ({"warmup": -1}, ValueError, r"report\(warmup=-1\): warmup must be an int >= 0"),
+        ({"repeats": 2.5}, ValueError, r"report\(repeats=2\.5\)"),
+    ],
+    ids=["repeats-zero", "warmup-negative", "repeats-float"],
+)
+def test_report_rejects_bad_counts(kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        report(nn.Sequential(nn.Linear(16, 16), nn.Linear(16, 4)), torch.randn(1, 16), **kwargs)
+
+
+class TwoInputs(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(64, 64)
+        self.head = nn.Linear(64, 4)
+
+    def forward(self, x, y):
+        return self.head(self.fc(x) + y)
+
+
+def test_report_takes_a_list_as_positional_inputs_and_refuses_a_dict():
+    torch.manual_seed(0)
+    model, x, y = TwoInputs(), torch.randn(1, 64), torch.randn(1, 64)
+    rep = report(model, [x, y], repeats=1, warmup=0)
+    assert rep.settings["input_shapes"] == [[1, 64], [1, 64]]
+    with pytest.raises(TypeError, match=r"example_inputs=dict\): keyword inputs are not supported; "
+                       r"pass the positional inputs as a tuple \(x,\) or a list \[x\]"):  # fmt: skip
+        report(model, {"x": x, "y": y})
+
+
+def test_version(capsys):
+    from nmfx import __version__
+    from nmfx.cli import main
+
+    with pytest.raises(SystemExit) as info:
+        main(["--version"])
+    assert info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"nmfx {__version__}"
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab: int = 50) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, 64)
+        self.fc = nn.Linear(64, 64)
+        self.head = nn.Linear(64, vocab)
+
+    def forward(self, ids):
+        return self.head(torch.relu(self.fc(self.emb(ids))))
+
+
+def tiny_lm(vocab: int = 50) -> nn.Module:
+    return TinyLM(vocab)
+
+
+def test_token_model_from_module_callable_with_an_integer_input_dtype(capsys):
+    from nmfx.cli import main
+
+    spec = f"{__name__}:tiny_lm"  # importable as this module (PYTHONPATH holds the repo root)
+    argv = ["report", spec, "--input-shape", "2x8", "--input-dtype", "int64", "--repeats", "1",
+            "--warmup", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    assert "end to end" in capsys.readouterr().out

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import subprocess
 import sys
 import warnings
@@ -13,7 +14,7 @@ import torch.nn.functional as F
 
 import nmfx.kernels as K
 from nmfx.kernels import _build, _dispatch
-from nmfx.packed import pack, unpack
+from nmfx.packed import pack
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -251,16 +252,58 @@ def test_calibration_on_a_busy_machine_is_not_cached(monkeypatch, probe_us, cach
     assert _dispatch.choose(8, torch.float32, 2, 4, 4096, 4096) == "sparse"  # used either way
 
 
-def test_dense_copy_is_cached_and_dropped_with_values() -> None:
-    from nmfx import packed
+def _dense_sized_tensors(rows: int, cols: int) -> list[torch.Tensor]:
+    gc.collect()
+    return [
+        o for o in gc.get_objects()
+        if type(o) in (torch.Tensor, torch.nn.Parameter) and tuple(o.shape) == (rows, cols)
+    ]  # fmt: skip
 
-    p = pack(random_nm(8, 16, "2:4", torch.float32), "2:4")
-    d1, d2 = p.dense(), p.dense()
-    assert d1 is d2 and torch.equal(d1, unpack(p))
-    slot = id(p.values)
-    assert slot in packed._DENSE_CACHE
-    del p, d1, d2
-    assert slot not in packed._DENSE_CACHE
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_dense_branch_keeps_no_dense_copy(dtype: torch.dtype) -> None:
+    """Forced dense, at 1 to 300 rows of x, matches F.linear and leaves no [rows, cols] tensor
+    behind (W is expanded per call into per-thread scratch, not cached)."""
+    rows, cols = 200, 264  # an odd shape: 16-column blocks past cols, blocks of rows
+    w = random_nm(rows, cols, "2:4", dtype, seed=9)
+    p = pack(w, "2:4")
+    bias = torch.randn(rows, dtype=dtype)
+    xs = [torch.randn(batch, cols, dtype=dtype) for batch in (1, 2, 7, 64, 300)]
+    refs = [reference(x, w, bias) for x in xs]
+    del w
+    assert _dense_sized_tensors(rows, cols) == []
+    with K.force_dispatch("dense"):
+        for x, ref in zip(xs, refs, strict=True):
+            torch.testing.assert_close(K.nm_linear(x, p, bias).float(), ref, **TOL[dtype])
+    assert _dense_sized_tensors(rows, cols) == []
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:8", "3:4", "5:16"])
+def test_dense_branch_matches_linear_for_any_values_storage(pattern: str) -> None:
+    """nm_dense with values that have no slack (the last rows read a padded copy), x strided."""
+    assert K.kernels_available()
+    n, m = (int(v) for v in pattern.split(":"))
+    w = random_nm(35, 16 * m + m, pattern, torch.float32, seed=10)
+    p = pack(w, pattern)
+    values = p.values.clone()  # exactly [rows, kept]: no slack
+    x = torch.randn(9, 2 * w.shape[1])[:, ::2]
+    y = torch.ops.nmfx_cpu.nm_dense(x, values, p.mask, None, 35, w.shape[1], n, m)
+    torch.testing.assert_close(y, reference(x, w, None), **TOL[torch.float32])
+
+
+def test_dense_branch_sees_weights_loaded_under_inference_mode() -> None:
+    """Issue: under inference_mode a cached dense copy was served after load_state_dict (the
+    cache keyed inference tensors as never modified). Nothing is cached now."""
+    from nmfx.lowering.cpu import NMLinear
+
+    a = torch.nn.Sequential(NMLinear(pack(random_nm(32, 64, "2:4", torch.float32, 1), "2:4"), None))
+    b = torch.nn.Sequential(NMLinear(pack(random_nm(32, 64, "2:4", torch.float32, 2), "2:4"), None))
+    x = torch.randn(8, 64)
+    with torch.inference_mode(), K.force_dispatch("dense"):
+        ya = a(x)
+        a.load_state_dict(b.state_dict())
+        torch.testing.assert_close(a(x), b(x))
+        assert not torch.allclose(a(x), ya)
 
 
 @pytest.mark.parametrize(
@@ -520,3 +563,123 @@ def test_small_weights_run_dense_unless_forced() -> None:
     assert _dispatch.MIN_SPARSE_NUMEL == 1024 * 512
     with K.force_dispatch("sparse"):
         assert _dispatch.choose(1, torch.float32, 2, 4, 1024, 64) == "sparse"
+
+
+def _paths_for(isa: str, batch: int, pattern: str) -> list[str]:
+    """Every path an ISA can be forced to at this batch (portable has one)."""
+    if isa == "portable":
+        return ["auto"]
+    n, m = (int(v) for v in pattern.split(":"))
+    paths = ["auto", "expand", "panels"]
+    if batch == 1 and (n, m) in _build.SELECT_PATTERNS:
+        paths.append("select")
+    return paths
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "4:8", "1:8", "3:4", "2:16"])
+def test_nonfinite_x_propagates_as_in_linear(isa: str, pattern: str) -> None:
+    """NaN and +-Inf in x give the NaN/Inf of F.linear on the dense weight on every path (the
+    selecting, batched and portable paths skip the pruned zeros, and 0 * Inf is NaN)."""
+    assert K.kernels_available()
+    n, m = (int(v) for v in pattern.split(":"))
+    cols = 4 * m * 9
+    w = random_nm(45, cols, pattern, torch.float32, seed=7)
+    p = pack(w, pattern)
+    g = torch.Generator().manual_seed(8)
+    for batch in (1, 3, 40):
+        x = torch.randn(batch, cols, generator=g)
+        x[batch - 1, cols - 1] = float("inf")  # -> Inf where kept, NaN where pruned
+        if batch > 1:
+            x[0, 5] = float("nan")
+            x[1, 2] = float("-inf")
+        ref = F.linear(x, w)
+        assert ref.isinf().any() and ref.isnan().any() and not ref.isnan().all()
+        for path in _paths_for(isa, batch, pattern):
+            code = _build.ISA_CODES[isa] | PATH_BITS[path]
+            y = torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, None, 45, cols, n, m, code)
+            assert torch.equal(y.isnan(), ref.isnan()), (batch, path)
+            assert torch.equal(y.isinf(), ref.isinf()), (batch, path)
+            torch.testing.assert_close(y, ref, equal_nan=True, **TOL[torch.float32])
+
+
+# Runs in a subprocess: a kernel that reads past the packed values faults on a guard page.
+_GUARDED = r"""
+import ctypes, mmap, sys
+import torch
+import nmfx.kernels as K
+from nmfx.kernels import _build
+from nmfx.packed import pack
+
+assert K.kernels_available()
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                      ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+PAGE = mmap.PAGESIZE
+SLACK = 16  # elements the kernels may read past the last kept value (nm_ops.cpp kValuePad)
+
+
+def guarded_values(v):
+    # v's elements plus SLACK zeros, ending exactly where a PROT_NONE page begins.
+    nbytes = (v.numel() + SLACK) * v.element_size()
+    size = (nbytes + PAGE - 1) // PAGE * PAGE + PAGE
+    addr = libc.mmap(None, size, mmap.PROT_READ | mmap.PROT_WRITE,
+                     mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS, -1, 0)
+    assert addr not in (None, ctypes.c_void_p(-1).value)
+    assert libc.mprotect(addr + size - PAGE, PAGE, 0) == 0  # PROT_NONE
+    buf = (ctypes.c_char * nbytes).from_address(addr + size - PAGE - nbytes)
+    flat = torch.frombuffer(buf, dtype=v.dtype)
+    flat.zero_()
+    flat[: v.numel()].copy_(v.reshape(-1))
+    return flat[: v.numel()].view(v.shape)
+
+
+BITS = {"auto": 0, "expand": _build.PATH_EXPAND, "panels": _build.PATH_PANELS,
+        "select": _build.PATH_SELECT}
+isa = sys.argv[1]
+g = torch.Generator().manual_seed(0)
+for pattern, dtype in [(pt, dt) for pt in sys.argv[2:] for dt in (torch.float32, torch.bfloat16)]:
+    n, m = (int(t) for t in pattern.split(":"))
+    rows, cols = 40, 8 * 16 * m + 4 * m  # a tail of mask bytes past the last whole 64 columns
+    w = torch.randn(rows, cols // m, m, generator=g)
+    w[..., n:] = 0
+    p = pack(w.reshape(rows, cols).to(dtype), pattern)
+    values = guarded_values(p.values)
+    for fill in ("ones", "random", "one_extra_bit", "zeros"):
+        mask = p.mask.clone()
+        if fill == "ones":
+            mask.fill_(255)
+        elif fill == "random":
+            mask.copy_(torch.randint(0, 256, mask.shape, generator=g, dtype=torch.uint8))
+        elif fill == "one_extra_bit":
+            byte = int(mask[-1, 0])
+            mask[-1, 0] = byte | (~byte & (byte + 1) & 0xFF)  # its lowest clear bit set
+        else:
+            mask.zero_()
+        for batch in (1, 2, 5, 33):
+            x = torch.randn(batch, cols, generator=g).to(dtype)
+            paths = ["auto"] if isa == "portable" else ["auto", "expand", "panels"]
+            if batch == 1 and (n, m) in _build.SELECT_PATTERNS and isa != "portable":
+                paths.append("select")
+            for path in paths:
+                code = _build.ISA_CODES[isa] | BITS[path]
+                y = torch.ops.nmfx_cpu.nm_gemm(x, values, mask, None, rows, cols, n, m, code)
+                assert y.shape == (batch, rows) and bool(y.float().isfinite().all()), (fill, path)
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_corrupt_mask_never_reads_past_the_values(isa: str) -> None:
+    """Whatever a mask holds (all bits set, random bytes, one extra bit, none), no path reads
+    more than the 16 elements of slack past the packed values (a guard page follows them) and
+    finite inputs give finite outputs. The mask is edited after packing, as a user could."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _GUARDED, isa, "2:4", "1:4", "4:8", "1:8", "3:4", "2:16", "5:16"],
+        capture_output=True, text=True, timeout=300, cwd=REPO,
+    )  # fmt: skip
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), (
+        f"exit {proc.returncode}\n{proc.stdout[-2000:]}\n{proc.stderr[-3000:]}"
+    )

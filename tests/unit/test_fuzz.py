@@ -76,7 +76,7 @@ def values(shape: tuple[int, ...], dtype: torch.dtype, style: str, seed: int) ->
 
 
 def definition_mask(w: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
-    """DESIGN section 3, stated directly: per group of M along ``dim``, keep the N largest |w|;
+    """The mask's definition (nmfx/masks.py), stated directly: per group of M along ``dim``, keep the N largest |w|;
     NaN ranks as +Inf; ties go to the lower index (a stable descending sort)."""
     moved = w.movedim(dim, -1)
     key = moved.reshape(-1, m).double().abs()

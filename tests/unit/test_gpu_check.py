@@ -68,6 +68,25 @@ def test_bad_arguments_exit_2(args, message):
     assert proc.returncode == 2 and message in proc.stderr
 
 
+def test_gpu_linear_degrades_when_nmfx_cannot_import(tmp_path):
+    """A GPU image without one of nmfx's dependencies still gets the torch-only parts, and the
+    output says what was skipped and why."""
+    shim = tmp_path / "shim"
+    shim.mkdir()
+    (shim / "tabulate.py").write_text('raise ImportError("no tabulate here")\n')
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    env["PYTHONPATH"] = os.pathsep.join([str(shim), str(ROOT)])
+    proc = subprocess.run(
+        [sys.executable, "benchmarks/gpu_linear.py", "--dry-run", "--quick", "--out", str(tmp_path)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    payload = json.loads((tmp_path / "gpu_linear.json").read_text())
+    assert any("nmfx does not import (ImportError: no tabulate here)" in s
+               for s in payload["skipped"])  # fmt: skip
+    assert payload["layout"] and all(r["roundtrip_exact"] for r in payload["layout"])
+
+
 # ---- the timed paths on CPU, kernels and timers faked -------------------------------------
 
 

@@ -8,6 +8,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from nmfx import NMPattern, is_nm, nm_mask, parse_pattern
+from nmfx.masks import masked_with_mask
 
 PATTERNS = [(1, 2), (2, 4), (1, 4), (3, 4), (4, 8), (1, 8), (2, 16)]
 
@@ -103,6 +104,23 @@ def test_non_divisible_dim_and_integer_weights_raise():
         nm_mask(torch.randn(3, 30), "2:4")
     with pytest.raises(TypeError, match="floating-point"):
         nm_mask(torch.ones(4, 4, dtype=torch.int32), "2:4")
+
+
+@pytest.mark.parametrize("fn", [nm_mask, is_nm, masked_with_mask], ids=lambda f: f.__name__)
+@pytest.mark.parametrize("dim", [2, 5, -3, 7])
+def test_dim_out_of_range_names_dim_and_ndim(fn, dim):
+    w = torch.randn(8, 16)  # 16 along dim 1: dim % 2 == 1 used to group there silently
+    with pytest.raises(IndexError, match=rf"dim={dim} is out of range for a weight with ndim=2 "
+                       r"\(shape \(8, 16\)\); pass a dim in \[-2, 1\]"):  # fmt: skip
+        fn(w, "2:4", dim=dim)
+
+
+@pytest.mark.parametrize("fn", [nm_mask, is_nm, masked_with_mask], ids=lambda f: f.__name__)
+def test_scalar_and_non_tensor_weights_raise_clearly(fn):
+    with pytest.raises(ValueError, match=r"the weight is a 0-dim tensor \(a scalar\)"):
+        fn(torch.tensor(1.0), "2:4")
+    with pytest.raises(TypeError, match=r"expects a torch\.Tensor weight, got list; wrap it"):
+        fn([[1.0, 0.0, 0.0, 0.0]], "2:4")
 
 
 def test_is_nm():

@@ -8,7 +8,16 @@ import struct
 import pytest
 import torch
 
-from nmfx.packed import FORMAT_VERSION, PackedNM, load_packed, pack, save_packed, unpack
+from nmfx.packed import (
+    FORMAT_VERSION,
+    PackedNM,
+    _mask_problem,
+    check_mask,
+    load_packed,
+    pack,
+    save_packed,
+    unpack,
+)
 from nmfx.pattern import NMPattern
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -202,3 +211,79 @@ def test_foreign_safetensors_file_is_rejected(tmp_path) -> None:
     save_file({"w": torch.zeros(2)}, str(path))
     with pytest.raises(ValueError, match=r"not an nmfx packed file"):
         load_packed(path)
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "1:4", "3:4", "4:8", "1:8", "7:8", "2:16", "12:16"])
+def test_word_mask_check_agrees_with_group_count(pattern: str) -> None:
+    """The 64-bit-word bit count (check_mask) and the per-group count agree on valid masks and
+    on masks with one flipped bit, for odd sizes (not whole words, half-used last bytes)."""
+    n, m = (int(v) for v in pattern.split(":"))
+    g = torch.Generator().manual_seed(m * 31 + n)
+    for trial in range(40):
+        rows = int(torch.randint(1, 6, (1,), generator=g))
+        cols = m * int(torch.randint(1, 19, (1,), generator=g))
+        mask = pack(random_nm(rows, cols, n, m, torch.float32, seed=trial), pattern).mask.clone()
+        assert check_mask(mask, cols, n, m) == ""
+        i = int(torch.randint(0, mask.numel(), (1,), generator=g))
+        mask.view(-1)[i] ^= 1 << int(torch.randint(0, 8, (1,), generator=g))
+        assert check_mask(mask, cols, n, m) == _mask_problem(mask, cols, n, m)
+        assert check_mask(mask, cols, n, m) != ""
+
+
+def _lowered(pattern: str = "2:4", dtype: torch.dtype = torch.float32):
+    from nmfx.lowering.cpu import NMLinear
+
+    n, m = (int(v) for v in pattern.split(":"))
+    w = random_nm(24, 64, n, m, dtype, seed=3)
+    return torch.nn.Sequential(NMLinear(pack(w, pattern), torch.randn(24, dtype=dtype)))
+
+
+def _one_extra_bit(mask: torch.Tensor) -> torch.Tensor:
+    byte = int(mask[5, 3])
+    mask[5, 3] = byte | (~byte & (byte + 1) & 0xFF)  # one group of row 5 keeps 3 of 4
+    return mask
+
+
+@pytest.mark.parametrize(
+    ("key", "edit", "match"),
+    [
+        ("0.mask", lambda t: t.fill_(255), r"0: the packed 2:4 weight \[24, 64\] is invalid: "
+         r"corrupt mask: it does not keep exactly 2 of every 4; the checkpoint is damaged"),
+        ("0.mask", _one_extra_bit, r"corrupt mask"),
+        ("0.mask", lambda t: t[:, :4], r"mask is torch.uint8 \(24, 4\), expected uint8 \(24, 8\)"),
+        ("0.values", lambda t: t[:, :8], r"values is torch.float32 \(24, 8\), expected \(24, 32\)"),
+    ],
+    ids=["all-bits", "one-extra-bit", "mask-shape", "values-shape"],
+)
+def test_lowered_load_state_dict_rejects_corrupt_packed_weights(key, edit, match) -> None:
+    """A checkpoint is untrusted: a bad mask is reported by load_state_dict and the layer keeps
+    its buffers (the kernels would otherwise address the values through it)."""
+    low = _lowered()
+    before = {k: v.clone() for k, v in low.state_dict().items()}
+    sd = {k: v.clone() for k, v in low.state_dict().items()}
+    sd[key] = edit(sd[key]).clone()
+    with pytest.raises(RuntimeError, match=match):
+        low.load_state_dict(sd)
+    for k, v in low.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_lowered_module_with_corrupt_mask_is_rejected_on_unpickling(tmp_path) -> None:
+    import copy
+
+    low = _lowered()
+    torch.save(low, tmp_path / "ok.pt")
+    assert isinstance(torch.load(tmp_path / "ok.pt", weights_only=False), torch.nn.Sequential)
+    low[0].mask[0, 0] = 0xFF  # edited in place after lowering
+    torch.save(low, tmp_path / "bad.pt")
+    with pytest.raises(ValueError, match=r"invalid: corrupt mask"):
+        torch.load(tmp_path / "bad.pt", weights_only=False)
+    with pytest.raises(ValueError, match=r"invalid: corrupt mask"):
+        copy.deepcopy(low)
+
+
+def test_lowered_load_state_dict_accepts_a_valid_other_weight() -> None:
+    low, other = _lowered(), _lowered("2:4")
+    other[0].values.mul_(2)
+    low.load_state_dict(other.state_dict())
+    assert torch.equal(low[0].values, other[0].values)

@@ -1,4 +1,4 @@
-"""SR-STE against a reference written from the equations of DESIGN section 3."""
+"""SR-STE against a reference written from its equations (nmfx/srste.py)."""
 
 from __future__ import annotations
 

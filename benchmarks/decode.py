@@ -1,0 +1,246 @@
+"""LLM decoding with Hugging Face ``generate``: tokens/s of dense vs nmfx, same weights.
+
+A ``LlamaForCausalLM`` with TinyLlama-1.1B's layer sizes (hidden 2048, MLP 5632, 32 heads,
+4 KV heads, vocab 32000; 4 layers by default, ``--layers 22`` for the full depth), random
+init, every Linear pruned 2:4 by magnitude (``sparsify`` + ``finalize``), then run by:
+
+- ``dense``: the pruned model as it is (eager, dense kernels: the baseline);
+- ``nmfx``: ``nmfx.lower(model, "cpu")`` (eager, packed 2:4 kernels);
+- ``nmfx-compile``: ``model.forward = torch.compile(model.forward, backend="nmfx")`` with
+  HF's static KV cache (``cache_implementation="static"``: one compiled decode step);
+- ``inductor``: the same with the default backend on the dense model (the best dense).
+
+Per dtype (fp32, bf16), lm_head (sparse: pruned too; dense: kept dense), batch and prompt
+length, the contenders run interleaved (A B, B A, ...) on one prompt; tokens/s counts the
+new tokens of the whole ``generate`` (prefill included). Greedy tokens are compared with
+``dense`` of the same dtype. Peak RSS is taken per contender in a child process that holds
+only that contender, with the high-water mark reset (``/proc/self/clear_refs``) right
+before ``generate``. ``--profile`` prints where one decode step of the lowered model goes.
+
+    PYTHONPATH=. python benchmarks/decode.py --dtypes fp32 bf16 --batch 1 --prompt 32 \\
+        --new 32 --contenders dense nmfx          # a subset; JSON to out/decode.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _timing
+
+import nmfx
+
+CONTENDERS = ("dense", "nmfx", "nmfx-compile", "inductor")
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+DEFAULT_OUT = Path("out/decode.json")  # untracked (/out/ is git-ignored)
+
+
+def build_pruned(args: Any, lm_head: str) -> torch.nn.Module:
+    """The benchmark model, every Linear 2:4 by magnitude (lm_head too when ``sparse``)."""
+    import transformers as tf
+
+    cfg = tf.LlamaConfig(
+        hidden_size=args.hidden, intermediate_size=args.mlp, num_hidden_layers=args.layers,
+        num_attention_heads=args.heads, num_key_value_heads=args.kv_heads,
+        vocab_size=args.vocab, max_position_embeddings=max(args.prompt) + args.new + 8,
+    )  # fmt: skip
+    with torch.device("meta"):
+        model = tf.LlamaForCausalLM(cfg)
+    model = model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02, generator=gen) if p.dim() > 1 else p.fill_(1.0)
+    model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # to_empty left inv_freq empty
+    nmfx.sparsify(model, keep_output_dense=lm_head == "dense", mask_mode="fixed")
+    return nmfx.finalize(model).eval()
+
+
+def prepare(name: str, pruned: torch.nn.Module, dtype: torch.dtype, inplace: bool = False):
+    """(model, generate kwargs) for contender ``name`` from the pruned model."""
+    model = pruned.to(dtype) if inplace else copy.deepcopy(pruned).to(dtype)
+    extra: dict[str, Any] = {}
+    if name == "nmfx":
+        model = nmfx.lower(model, "cpu", inplace=True)
+    elif name in ("nmfx-compile", "inductor"):
+        backend = "nmfx" if name == "nmfx-compile" else "inductor"
+        model.forward = torch.compile(model.forward, backend=backend)
+        extra["cache_implementation"] = "static"
+    return model.eval(), extra
+
+
+def generate(model: torch.nn.Module, ids: torch.Tensor, new: int, extra: dict) -> torch.Tensor:
+    with torch.no_grad():
+        return model.generate(
+            ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+            pad_token_id=0, **extra,
+        )  # fmt: skip
+
+
+def _vm_hwm_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def child_rss(args: Any) -> None:
+    """Build, keep only one contender, reset the RSS high-water mark, generate once."""
+    dtype_name, lm_head, name = args.child
+    pruned = build_pruned(args, lm_head)
+    model, extra = prepare(name, pruned, DTYPES[dtype_name], inplace=True)
+    del pruned
+    gc.collect()
+    ids = torch.randint(0, args.vocab, (args.batch[0], args.prompt[0]))
+    if name in ("nmfx-compile", "inductor"):
+        generate(model, ids, args.new, extra)  # compile first: not the steady state
+    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
+    generate(model, ids, args.new, extra)
+    print(json.dumps({"peak_rss_mb": _vm_hwm_mb()}))
+
+
+def peak_rss(args: Any, dtype_name: str, lm_head: str, name: str) -> float | None:
+    cmd = [sys.executable, __file__, "--child", dtype_name, lm_head, name,
+           *_shape_flags(args), "--batch", str(args.batch[0]), "--prompt", str(args.prompt[0])]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True)
+    for line in reversed(done.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)["peak_rss_mb"]
+    print(f"  rss child for {name} failed: {done.stderr.strip().splitlines()[-1:]}")
+    return None
+
+
+def _shape_flags(args: Any) -> list[str]:
+    return [
+        "--layers", str(args.layers), "--hidden", str(args.hidden), "--mlp", str(args.mlp),
+        "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--vocab",
+        str(args.vocab), "--new", str(args.new),
+    ]  # fmt: skip
+
+
+def profile_step(model: torch.nn.Module, ids: torch.Tensor, top: int = 25) -> str:
+    """torch.profiler table of one decode step (one token after a prefilled cache)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with torch.no_grad():
+        out = model(ids, use_cache=True)
+        nxt = out.logits[:, -1:].argmax(-1)
+        cache = out.past_key_values
+        model(nxt, past_key_values=cache, use_cache=True)  # warm
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            model(nxt, past_key_values=cache, use_cache=True)
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+
+
+def run_case(args: Any, dtype_name: str, lm_head: str, pruned: torch.nn.Module) -> list[dict]:
+    dtype = DTYPES[dtype_name]
+    models = {name: prepare(name, pruned, dtype) for name in args.contenders}
+    results = []
+    for batch in args.batch:
+        for prompt in args.prompt:
+            ids = torch.randint(
+                0, args.vocab, (batch, prompt), generator=torch.Generator().manual_seed(1)
+            )
+            tokens = {n: generate(m, ids, args.new, x) for n, (m, x) in models.items()}  # + compile
+            fns = {
+                n: (lambda m=m, x=x, ids=ids: generate(m, ids, args.new, x))
+                for n, (m, x) in models.items()
+            }
+            with _timing.LoadMonitor() as load:
+                rounds = _timing.interleaved(fns, repeats=args.repeats, warmup=0)
+            base = tokens.get("dense")
+            row = {"dtype": dtype_name, "lm_head": lm_head, "batch": batch, "prompt": prompt,
+                   "new_tokens": args.new, "load": load.result, "rounds": rounds.as_json()}  # fmt: skip
+            for name, secs in rounds.seconds.items():
+                tps = batch * args.new / statistics.median(secs)
+                same = None if base is None else bool(torch.equal(tokens[name], base))
+                row[name] = {"tokens_per_s": round(tps, 2), "greedy_tokens_match_dense": same}
+            if "dense" in row:
+                for name in rounds.seconds:
+                    ratios = _timing.paired_ratios(rounds.seconds["dense"], rounds.seconds[name])
+                    row[name]["vs_dense"] = round(statistics.median(ratios), 3)
+            if "inductor" in row and "nmfx-compile" in row:
+                r = _timing.paired_ratios(
+                    rounds.seconds["inductor"], rounds.seconds["nmfx-compile"]
+                )
+                row["nmfx-compile"]["vs_inductor"] = round(statistics.median(r), 3)
+            _print_row(row, args.contenders)
+            results.append(row)
+    if args.profile and "nmfx" in models:
+        ids = torch.randint(0, args.vocab, (1, args.prompt[0]))
+        for name in ("dense", "nmfx"):
+            if name in models:
+                print(f"\none decode step, {name}, {dtype_name}, lm_head {lm_head}:")
+                print(profile_step(models[name][0], ids))
+    return results
+
+
+def _print_row(row: dict, contenders: list[str]) -> None:
+    parts = []
+    for name in contenders:
+        r = row[name]
+        vs = f" ({r['vs_dense']:.2f}x dense)" if "vs_dense" in r and name != "dense" else ""
+        same = "" if r["greedy_tokens_match_dense"] in (None, True) else " TOKENS DIFFER"
+        parts.append(f"{name} {r['tokens_per_s']:.1f} tok/s{vs}{same}")
+    share = row["load"].get("others_cpu_share")
+    print(f"{row['dtype']} lm_head {row['lm_head']} batch {row['batch']} prompt {row['prompt']}: "
+          + ", ".join(parts) + (f"  [others' CPU share {share:.0%}]" if share is not None else ""))  # fmt: skip
+
+
+def parse(argv: list[str] | None = None) -> Any:
+    p = _timing.base_parser(__doc__.splitlines()[0])
+    p.set_defaults(out=DEFAULT_OUT)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=2048)
+    p.add_argument("--mlp", type=int, default=5632)
+    p.add_argument("--heads", type=int, default=32)
+    p.add_argument("--kv-heads", type=int, default=4)
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--dtypes", nargs="+", default=list(DTYPES), choices=list(DTYPES))
+    p.add_argument("--lm-head", nargs="+", default=["sparse", "dense"], choices=["sparse", "dense"])
+    p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
+    p.add_argument("--prompt", type=int, nargs="+", default=[32, 256])
+    p.add_argument("--new", type=int, default=32, help="new tokens per generate (default 32)")
+    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
+    p.add_argument("--no-rss", action="store_true", help="skip the per-contender RSS children")
+    p.add_argument("--profile", action="store_true", help="profile one decode step (dense, nmfx)")
+    p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    _timing.setup_threads(args.threads)
+    if args.child:
+        child_rss(args)
+        return
+    results = []
+    for lm_head in args.lm_head:
+        pruned = build_pruned(args, lm_head)
+        for dtype_name in args.dtypes:
+            rows = run_case(args, dtype_name, lm_head, pruned)
+            if not args.no_rss:
+                rss = {n: peak_rss(args, dtype_name, lm_head, n) for n in args.contenders}
+                print(f"  peak RSS during generate (MB, batch {args.batch[0]}, prompt "
+                      f"{args.prompt[0]}): " + ", ".join(f"{n} {v:.0f}" for n, v in rss.items() if v))  # fmt: skip
+                rows[0]["peak_rss_mb"] = rss
+            results += rows
+        del pruned
+        gc.collect()
+    payload = {"machine": _timing.machine_info(), "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}  # fmt: skip
+    print(f"wrote {_timing.write_json('decode', payload, args.out)}")
+
+
+if __name__ == "__main__":
+    main()

@@ -40,8 +40,7 @@ def _value(run: dict[str, Any], metric: str) -> float:
     return float((run.get("metrics") or run["final"])[metric])
 
 
-def one_shot_table(task: dict[str, Any]) -> str:
-    metric = _metric(task)
+def one_shot_table(task: dict[str, Any], metric: str) -> str:
     dense = [_value(r, metric) for r in task["runs"] if r["kind"] == "dense"]
     patterns = sorted({r["pattern"] for r in task["runs"] if r["kind"] == "one_shot"}, key=_pkey)
     rows = [["dense", *[_ms(dense)] * len(patterns)]]
@@ -53,9 +52,9 @@ def one_shot_table(task: dict[str, Any]) -> str:
     return tabulate(rows, headers=[f"one-shot {metric}", *patterns], tablefmt="github")
 
 
-def gap_table(task: dict[str, Any]) -> str:
-    """Share of the magnitude -> dense gap each method closes, per pattern (per seed, then mean)."""
-    metric = _metric(task)
+def gap_table(task: dict[str, Any], metric: str = "loss") -> str:
+    """Share of the magnitude -> dense gap in ``metric`` each method closes, per pattern
+    (per seed, then mean)."""
     patterns = sorted({r["pattern"] for r in task["runs"] if r["kind"] == "one_shot"}, key=_pkey)
     rows = []
     for start in STARTS[1:]:
@@ -71,11 +70,10 @@ def gap_table(task: dict[str, Any]) -> str:
                     shares.append(100 * (get["magnitude"] - get[start]) / gap)
             cells.append(_ms(shares, 1) + (" %" if shares else ""))
         rows.append([start, *cells])
-    return tabulate(rows, headers=["gap to dense closed", *patterns], tablefmt="github")
+    return tabulate(rows, headers=[f"{metric} gap to dense closed", *patterns], tablefmt="github")
 
 
-def finetune_table(task: dict[str, Any]) -> str:
-    metric = _metric(task)
+def finetune_table(task: dict[str, Any], metric: str) -> str:
     runs = [r for r in task["runs"] if r["kind"] == "finetune"]
     keys = sorted({(r["pattern"], r.get("fraction", task["finetune_fraction"])) for r in runs
                    if r["pattern"] is not None},
@@ -95,7 +93,8 @@ def finetune_table(task: dict[str, Any]) -> str:
                      for ft in FINETUNES]  # fmt: skip
             if any(c != "-" for c in cells):
                 rows.append([pattern, f"{100 * frac:.0f}%", start, *cells])
-    return tabulate(rows, headers=["pattern", "budget", "start", *FINETUNES], tablefmt="github")
+    heads = ["pattern", "budget", "start", *(f"{ft} {metric}" for ft in FINETUNES)]
+    return tabulate(rows, headers=heads, tablefmt="github")
 
 
 def permutation_table(task: dict[str, Any]) -> str:
@@ -108,6 +107,14 @@ def permutation_table(task: dict[str, Any]) -> str:
                              f"+{gain:.2f}%" if gain is not None else f"skipped: {g['reason'][:60]}"])  # fmt: skip
     return tabulate(rows, headers=["seed", "pattern", "consumers", "channels", "kept magnitude"],
                     tablefmt="github")  # fmt: skip
+
+
+def _mean(task: dict[str, Any], metric: str, kind: str, start: str, pattern: str,
+          ft: str | None = None) -> float:  # fmt: skip
+    xs = [_value(r, metric) for r in task["runs"] if r["kind"] == kind and r["start"] == start
+          and r["pattern"] == pattern and (ft is None or (r["finetune"] == ft and
+          r.get("fraction", task["finetune_fraction"]) == task["finetune_fraction"]))]  # fmt: skip
+    return statistics.fmean(xs) if xs else float("nan")
 
 
 def _pkey(p: str) -> tuple[int, int]:
@@ -123,31 +130,40 @@ def plot(tasks: dict[str, dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, len(tasks), figsize=(6 * len(tasks), 4), squeeze=False)
     for ax, (name, task) in zip(axes[0], tasks.items(), strict=True):
-        metric = _metric(task)
+        metric = "loss"  # both tasks: accuracy moves by single test images on digits
         patterns = sorted(
             {r["pattern"] for r in task["runs"] if r["kind"] == "one_shot"}, key=_pkey
         )
         width = 0.8 / len(STARTS)
+        values = []
         for i, start in enumerate(STARTS):
-            one = [statistics.fmean([_value(r, metric) for r in task["runs"] if r["kind"] == "one_shot"
-                                     and r["start"] == start and r["pattern"] == p] or [float("nan")])
-                   for p in patterns]  # fmt: skip
-            ft = [statistics.fmean([_value(r, metric) for r in task["runs"] if r["kind"] == "finetune"
-                                    and r["start"] == start and r["pattern"] == p and r["finetune"] == "srste"
-                                    and r.get("fraction", task["finetune_fraction"]) == task["finetune_fraction"]]
-                                   or [float("nan")]) for p in patterns]  # fmt: skip
+            one = [_mean(task, metric, "one_shot", start, p) for p in patterns]
+            ft = [_mean(task, metric, "finetune", start, p, "srste") for p in patterns]
+            values += one + ft
             xs = [j + (i - 1.5) * width for j in range(len(patterns))]
             ax.bar(xs, one, width, label=f"{start}: one-shot", alpha=0.45, color=f"C{i}")
-            ax.scatter(
-                xs, ft, marker="_", s=300, color=f"C{i}", label=f"{start}: + SR-STE fine-tune"
-            )
+            ax.scatter(xs, ft, marker="_", s=300, color=f"C{i}",
+                       label=f"{start}: + SR-STE, {100 * task['finetune_fraction']:.0f}% budget")  # fmt: skip
         dense = statistics.fmean([_value(r, metric) for r in task["runs"] if r["kind"] == "dense"])
-        ax.axhline(dense, color="black", lw=1, ls="--", label="dense")
+        cont = [
+            _value(r, metric)
+            for r in task["runs"]
+            if r["kind"] == "finetune" and r["start"] == "dense"
+        ]
+        ax.axhline(dense, color="black", lw=1, ls="--", label="dense (pretrained)")
+        if cont:
+            ax.axhline(
+                statistics.fmean(cont),
+                color="black",
+                lw=1,
+                ls=":",
+                label="dense, trained on as long",
+            )
+        finite = [v for v in [*values, dense] if v == v]
+        ax.set_ylim(0.97 * min(finite), 1.02 * max(finite))
         ax.set_xticks(range(len(patterns)), patterns)
-        ax.set_ylabel(f"{metric} ({'higher' if metric == 'accuracy' else 'lower'} is better)")
-        ax.set_title(name)
-        if metric == "loss":
-            ax.set_yscale("log")
+        ax.set_ylabel("validation loss" if name == "charlm" else "test loss")
+        ax.set_title(f"{name}: one-shot (bars), after fine-tuning (ticks)")
     axes[0][0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -167,8 +183,12 @@ def render(paths: list[Path], out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     parts = []
     for name, task in tasks.items():
-        parts += [f"## {name}", "", one_shot_table(task), "", gap_table(task), "",
-                  finetune_table(task), "", permutation_table(task), ""]  # fmt: skip
+        metrics = [_metric(task)] + (["loss"] if _metric(task) != "loss" else [])
+        parts += [f"## {name}", ""]
+        parts += [t for m in metrics for t in (one_shot_table(task, m), "")]
+        parts += [gap_table(task, "loss"), ""]
+        parts += [t for m in metrics for t in (finetune_table(task, m), "")]
+        parts += [permutation_table(task), ""]
     (out / "tables.md").write_text("\n".join(parts))
     plot(tasks, out / "oneshot.png")
     print(f"wrote {out / 'tables.md'} and {out / 'oneshot.png'}")

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from nmfx.timing import (  # one implementation of the machine facts and the load probe
+from nmfx.reporting.timing import (  # one implementation of the machine facts and the load probe
     cpu_flags,
     cpu_model,
     parallel_op_latency_us,

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import inspect
+import json
 import sys
 import time
 import traceback
@@ -298,9 +299,11 @@ def gpu_run(args: argparse.Namespace, payload: dict[str, Any]) -> None:
     lowered, payload["lowering"] = lower(model, example, backend, dry_run=False)
     payload["backend"] = backend
     payload["accuracy"] = accuracy(model, lowered, example[:, :512], kind)
+    _partial(args, payload)
     payload["prefill"] = prefill_rows(
         model, lowered, args.prefill, GPU_SIZES["vocab_size"], kind, budget
     )
+    _partial(args, payload)
     if budget.over():
         payload["skipped"].append("decode: time budget spent")
     else:
@@ -313,6 +316,13 @@ def gpu_run(args: argparse.Namespace, payload: dict[str, Any]) -> None:
         "greedy_identical": dec.get("greedy_identical"),
         "decode_speedup": dec.get("speedup"),
     }
+
+
+def _partial(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    """Save what is measured so far: a step killed by its time limit still leaves figures."""
+    out = getattr(args, "out", None)
+    if out is not None and out.is_dir():
+        (out / "gpu_e2e.partial.json").write_text(json.dumps(payload, default=str) + "\n")
 
 
 def render(payload: dict[str, Any]) -> str:

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import sys
 import traceback
 from pathlib import Path
@@ -299,9 +300,17 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         return payload
     budget = Budget(args.budget_s)
     payload["raw"] = raw_cells(p, budget)
+    _partial(args, payload)
     payload["dispatcher"] = dispatcher_cells(p, cuda, budget) if cuda is not None else []
     payload["headline"] = headline(payload["raw"], payload["dispatcher"])
     return payload
+
+
+def _partial(args: argparse.Namespace, payload: dict[str, Any]) -> None:
+    """Save what is measured so far: a step killed by its time limit still leaves figures."""
+    out = getattr(args, "out", None)
+    if out is not None and out.is_dir():
+        (out / "gpu_linear.partial.json").write_text(json.dumps(payload, default=str) + "\n")
 
 
 def render(payload: dict[str, Any]) -> str:

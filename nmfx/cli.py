@@ -167,7 +167,7 @@ def _write_outputs(rep: Any, args: argparse.Namespace) -> None:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from nmfx.report import report
+    from nmfx.reporting import report
 
     model, zoo = load_model_args(args)
     inputs = example_inputs(model, zoo, args.batch, args.seq, args.input_shape, args.input_dtype)
@@ -206,7 +206,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from nmfx.kernels import dispatch_table, nm_linear
     from nmfx.masks import nm_mask
     from nmfx.packed import pack
-    from nmfx.timing import time_interleaved
+    from nmfx.reporting.timing import time_interleaved
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if args.dtype not in dtypes:

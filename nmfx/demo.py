@@ -69,7 +69,7 @@ def accuracy(model: nn.Module, data: tuple[torch.Tensor, ...]) -> float:
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from nmfx.report import report
+    from nmfx.reporting import report
 
     torch.manual_seed(args.seed)
     data = load_digits(args.seed)

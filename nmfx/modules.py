@@ -12,18 +12,27 @@
 from __future__ import annotations
 
 import sys
+import warnings
 import weakref
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch import nn
+from torch import fx, nn
 
 from nmfx.masks import _use_kernel, masked_with_mask, nm_mask
 
-__all__ = ["MHAForward", "NMMasker", "RewrittenForward", "live_maskers", "track"]
+__all__ = [
+    "MHAForward",
+    "NMMasker",
+    "RewrittenForward",
+    "live_maskers",
+    "rewritten_forward",
+    "track",
+]
 
 _LIVE: weakref.WeakSet[NMMasker] = weakref.WeakSet()
+_WARNED_NO_TERM = False  # the "stepped without the SR-STE term" warning is given once
 
 
 def live_maskers() -> list[NMMasker]:
@@ -109,20 +118,38 @@ class NMMasker(nn.Module):
             stored = nm_mask(owner.get_parameter(param_name), (n, m), reduce_dim)
         self.register_buffer("mask", stored, persistent=False)
         # A stored mask is recomputed from the weights at the first forward: DDP does not sync
-        # it (api.ddp_ignore_stored_masks) but replaces the weights with rank 0's when it wraps
+        # it (model_state) but replaces the weights with rank 0's when it wraps
         # the model. For fixed masks that is the same mask (pruned weights are zero by then).
         self._refresh_pending = stored is not None
         self._last: tuple[int, torch.Tensor] | None = None  # (weight version, mask), eager only
+        self._init_step_tracking()
+
+    def _init_step_tracking(self) -> None:
+        # SR-STE term bookkeeping (eager, per process; never pickled):
+        # the gradient that last received the term and its version right after, so the term
+        # goes in once per gradient however many optimizers step this weight;
+        self._term_grad: tuple[weakref.ref, int] | None = None
+        # the weight's version when a backward last reached it, and whether the term has been
+        # added since: a weight that changes after a backward without it was stepped by an
+        # optimizer that nmfx's step hook never saw.
+        self._backward_version: int | None = None
+        self._term_since_backward = False
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state["_last"] = None  # a cache, rebuilt by the next forward
+        for key in ("_term_grad", "_backward_version", "_term_since_backward"):
+            state.pop(key, None)
         return state
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_refresh_pending", False)  # pickled before the attribute existed
         super().__setstate__(state)
+        self._init_step_tracking()
         _LIVE.add(self)  # a copy of an installed masker (deepcopy, pickle, torch.load)
+        from nmfx.srste import ensure_optimizer_hook
+
+        ensure_optimizer_hook()  # a fresh process that only unpickles must train SR-STE too
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
         # Runs after the owner's own parameters were loaded (parents load before children):
@@ -163,6 +190,44 @@ class NMMasker(nn.Module):
         return self.compute_mask(weight)
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        masked = self._masked(weight)
+        if self._tracks_steps(masked):
+            self._check_stepped_with_term(weight)
+            masked.register_hook(self._note_backward)
+        return masked
+
+    def _tracks_steps(self, masked: torch.Tensor) -> bool:
+        return (
+            self.training
+            and masked.requires_grad
+            and self.srste_lambda != 0
+            and self.mask_mode != "fixed"
+            and not torch.compiler.is_compiling()
+        )
+
+    def _note_backward(self, grad: torch.Tensor) -> None:
+        self._backward_version = self.weight._version
+
+    def _check_stepped_with_term(self, weight: torch.Tensor) -> None:
+        """Warn (once per process) when the weight changed after a backward without the term."""
+        global _WARNED_NO_TERM
+        seen = self._backward_version
+        if seen is None or weight._version == seen:
+            return  # no backward yet, or not stepped yet (gradient accumulation)
+        if not self._term_since_backward and not _WARNED_NO_TERM:
+            _WARNED_NO_TERM = True
+            warnings.warn(
+                f"nmfx: {type(self.owner).__name__}.{self.param_name} changed after a backward "
+                f"pass without the SR-STE term (lambda_W={self.srste_lambda:g}): the optimizer "
+                f"that stepped it is not a torch.optim.Optimizer (or bypasses its step hooks), "
+                f"so it trains as plain STE. Call nmfx.add_srste_terms(params) right before "
+                f"that optimizer's step",
+                UserWarning,
+                stacklevel=2,
+            )
+        self._backward_version, self._term_since_backward = None, False
+
+    def _masked(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.stores_mask:
             if not torch.compiler.is_compiling():
                 out: list[torch.Tensor] = []
@@ -184,11 +249,22 @@ class NMMasker(nn.Module):
         return _StraightThroughMask.apply(weight, mask, self.mask_mode == "fixed")
 
     @torch.no_grad()
-    def add_srste_term(self) -> None:
-        """grad += lambda_W * (1 - E) (.) W, on the unscaled gradient, once per optimizer step."""
+    def add_srste_term(self) -> bool:
+        """grad += lambda_W * (1 - E) (.) W, on the unscaled gradient, once per gradient: a
+        second optimizer stepping the same weight on the same gradient adds nothing. Returns
+        whether the term was added."""
         weight = self.weight
         if weight.grad is None or self.srste_lambda == 0:
-            return
+            return False
+        self._term_since_backward = True
+        done = self._term_grad
+        if done is not None and done[0]() is weight.grad and weight.grad._version == done[1]:
+            return False
+        self._apply_term(weight)
+        self._term_grad = (weakref.ref(weight.grad), weight.grad._version)
+        return True
+
+    def _apply_term(self, weight: torch.Tensor) -> None:
         grad, w = weight.grad, weight.detach()
         if _is_dtensor(w):  # FSDP2 / DTensor: work on this rank's shard, no communication
             mask = self._shard_mask(w, grad)
@@ -254,7 +330,7 @@ class RewrittenForward:
     the real module as ``self``, so parameters, buffers and children stay where they were.
     """
 
-    def __init__(self, owner: nn.Module, code: torch.fx.GraphModule) -> None:
+    def __init__(self, owner: nn.Module, code: fx.GraphModule) -> None:
         self._owner = (owner,)
         self._code = (code,)
 
@@ -262,8 +338,55 @@ class RewrittenForward:
         return type(self._code[0]).forward(self._owner[0], *args, **kwargs)
 
     @property
-    def graph(self) -> torch.fx.Graph:
+    def graph(self) -> fx.Graph:
         return self._code[0].graph
+
+
+class _ModeDispatch(RewrittenForward):
+    """RewrittenForward with separate train/eval code (a forward that reads ``self.training``
+    traces to two graphs; the one matching the module's mode runs)."""
+
+    def __init__(self, owner: nn.Module, train: fx.GraphModule, evaluate: fx.GraphModule) -> None:
+        super().__init__(owner, train)
+        self._eval_code = (evaluate,)
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        owner = self._owner[0]
+        code = self._code[0] if owner.training else self._eval_code[0]
+        return type(code).forward(owner, *args, **kwargs)
+
+
+def rewritten_forward(owner: nn.Module, graphs: dict[bool, fx.Graph]) -> RewrittenForward:
+    """The forward to install on ``owner``: one graph, or one per ``training`` mode."""
+    if len(graphs) == 1:
+        return RewrittenForward(owner, _code_module(next(iter(graphs.values()))))
+    return _ModeDispatch(owner, _code_module(graphs[True]), _code_module(graphs[False]))
+
+
+def _stand_ins(graph: fx.Graph) -> dict[str, Any]:
+    """Placeholders for the attributes a graph names: the code runs on the real module."""
+    out: dict[str, Any] = {}
+    for node in graph.nodes:
+        if node.op == "get_attr":
+            out[node.target] = torch.empty(0)
+        elif node.op == "call_module":
+            out[node.target] = nn.Identity()
+    return out
+
+
+_CODE_CACHE: dict[str, fx.GraphModule] = {}
+
+
+def _code_module(graph: fx.Graph) -> fx.GraphModule:
+    """A GraphModule whose only job is its generated forward; shared by every module whose
+    rewritten forward is the same code (e.g. all nn.Linear layers)."""
+    for node in graph.nodes:  # string annotations (postponed) would make the code unpicklable
+        node.type = None
+    src = graph.python_code("self").src
+    code = _CODE_CACHE.get(src)
+    if code is None:
+        code = _CODE_CACHE[src] = fx.GraphModule(_stand_ins(graph), graph)
+    return code
 
 
 class MHAForward:

@@ -2,10 +2,23 @@
 
 ``W <- W - lr * (dL/dW~ + lambda_W * (1 - E) (.) W)``: the straight-through gradient comes
 from autograd (``modules._StraightThroughMask``); the lambda_W term is added to ``.grad``
-by a global optimizer step pre-hook, so it is applied exactly once per step on unscaled
-gradients whatever the number of backward passes (gradient accumulation), the loss scale
-(``GradScaler.step`` unscales before stepping) or the number of DDP ranks (gradients are
-averaged first). Every ``torch.optim.Optimizer`` runs the hook; nothing is patched.
+right before an optimizer steps the weight, by a step pre-hook that every
+``torch.optim.Optimizer`` runs (nothing is patched). Where the term goes, stated:
+
+- **per optimizer**: a step adds the term to the masked weights *that optimizer holds*
+  (its ``param_groups``), on their unscaled, DDP-averaged gradients (``GradScaler.step``
+  unscales before stepping; DDP averages during backward) — whatever the number of
+  backward passes before it (gradient accumulation);
+- **once per gradient**: two optimizers over one parameter, stepping on the same gradient,
+  add it once (the masker remembers the gradient tensor and its version);
+- **never silently skipped**: a masked weight that changes after a backward without having
+  received the term (a hand-written optimizer, not a ``torch.optim.Optimizer``) triggers a
+  warning, once; such optimizers call :func:`add_srste_terms` before their step;
+- **registered where maskers appear**: by ``sparsify`` and when a sparsified model is
+  unpickled (``torch.load`` in a fresh process trains SR-STE too).
+
+The hook is process-wide because optimizers are created after ``sparsify`` (it cannot know
+them); it is a no-op for optimizers that hold no masked weight.
 """
 
 from __future__ import annotations
@@ -24,10 +37,11 @@ _handle: RemovableHandle | None = None
 
 
 def add_srste_terms(params: Any) -> int:
-    """Add lambda_W * (1 - E) (.) W to the ``.grad`` of every sparsified weight in ``params``.
+    """Add lambda_W * (1 - E) (.) W to the ``.grad`` of every sparsified weight in ``params``
+    that has not received it for its current gradient.
 
     Called by the hook for each optimizer step; call it yourself only with an optimizer
-    that is not a ``torch.optim.Optimizer``. Returns how many weights were touched.
+    that is not a ``torch.optim.Optimizer``. Returns how many weights received the term.
     """
     maskers = live_maskers()
     if not maskers:
@@ -41,8 +55,7 @@ def add_srste_terms(params: Any) -> int:
             weight = masker.weight
         except AttributeError:  # owner was finalized
             continue
-        if id(weight) in ids and weight.grad is not None:
-            masker.add_srste_term()
+        if id(weight) in ids and masker.add_srste_term():
             touched += 1
     return touched
 

@@ -30,7 +30,7 @@ while [ $# -gt 0 ]; do
         --wheels) WHEELS="${2:?--wheels needs a directory}"; shift ;;
         --fetch-wheels)
             dest="${2:?--fetch-wheels needs a directory}"
-            exec python3 -m pip download --only-binary=:all: --python-version 3.12 \
+            exec "${PYTHON:-python3}" -m pip download --only-binary=:all: --python-version 3.12 \
                 --platform manylinux2014_x86_64 --platform manylinux_2_17_x86_64 \
                 --platform any -d "$dest" "${PURE_DEPS[@]}" ;;
         -h|--help) usage; exit 0 ;;
@@ -49,7 +49,7 @@ if ! mkdir -p "$OUTDIR" || ! touch "$OUTDIR/.probe"; then
 fi
 rm -f "$OUTDIR/.probe"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
-PY="$(command -v python3 || command -v python)"
+PY="${PYTHON:-$(command -v python3 || command -v python)}"  # $PYTHON picks the interpreter
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export TORCH_EXTENSIONS_DIR="${TORCH_EXTENSIONS_DIR:-/tmp/nmfx-gpu-check/torch_ext}"
 export NMFX_CACHE_DIR="${NMFX_CACHE_DIR:-/tmp/nmfx-gpu-check/cache}"

@@ -57,7 +57,12 @@ def read_json(path: Path) -> dict[str, Any] | None:
 def summarise(out: Path, dry_run: bool, seconds: int) -> dict[str, Any]:
     env = read_json(out / "env.json") or {}
     steps = read_steps(out / "steps.tsv") if (out / "steps.tsv").exists() else []
-    linear, e2e = read_json(out / "gpu_linear.json"), read_json(out / "gpu_e2e.json")
+    partial = []
+    for name in ("gpu_linear", "gpu_e2e"):
+        if not (out / f"{name}.json").exists() and (out / f"{name}.partial.json").exists():
+            partial.append(name)  # the step was killed: use what it saved so far
+    linear, e2e = (read_json(out / f"{n}{'.partial' if n in partial else ''}.json")
+                   for n in ("gpu_linear", "gpu_e2e"))  # fmt: skip
     summary: dict[str, Any] = {
         "dry_run": dry_run,
         "seconds": seconds,
@@ -72,6 +77,7 @@ def summarise(out: Path, dry_run: bool, seconds: int) -> dict[str, Any]:
             "gpu_e2e": (e2e or {}).get("headline"),
         },
         "skipped": [f"{s['step']}: {s['reason']}" for s in steps if s["status"] == "skipped"],
+        "partial_results": partial,
     }
     for name, payload in (("gpu_linear", linear), ("gpu_e2e", e2e)):
         for what in (payload or {}).get("skipped", []):
@@ -104,6 +110,7 @@ def render(s: dict[str, Any]) -> str:
     for name, target in s["targets"].items():
         if target:
             lines.append(f"{name} targets: " + ", ".join(f"{k}={v}" for k, v in target.items()))
+    lines += [f"partial results (step killed): {x}.partial.json" for x in s["partial_results"]]
     lines += [f"skipped: {x}" for x in s["skipped"]]
     lines += [f"ERROR: {x}" for x in s.get("errors", [])]
     return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""Shared test settings: tolerances from one table, seeded RNG, hypothesis profile."""
+"""Shared test settings: the tolerance table (tests/tolerances.py), seeded RNG, hypothesis profile."""
 
 from __future__ import annotations
 
@@ -13,11 +13,15 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
-TOL = {
-    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
-    torch.float16: {"rtol": 1e-3, "atol": 1e-3},
-    torch.bfloat16: {"rtol": 1e-2, "atol": 1e-2},
-}
+# The tolerance table lives in tests/tolerances.py (importable as ``tolerances``: this
+# directory is on sys.path for every test); the ``tol`` fixture hands it to tests too.
+
+
+@pytest.fixture
+def tol():
+    from tolerances import tol as lookup
+
+    return lookup
 
 
 @pytest.fixture(autouse=True)

@@ -246,7 +246,7 @@ def calibrate(force: bool = False) -> dict[str, Any]:
 
 def _parallel_probe_us() -> float:
     """A small parallel op's latency: tens of us idle, thousands when contended."""
-    from nmfx.timing import parallel_op_latency_us
+    from nmfx.reporting.timing import parallel_op_latency_us
 
     return parallel_op_latency_us(calls=30)
 

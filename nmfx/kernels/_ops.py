@@ -1,8 +1,7 @@
-"""The ``nmfx::nm_linear`` custom op: opaque to torch.compile / torch.export, with a fake kernel.
+"""The eager implementation of the ``nmfx::nm_linear`` custom op (registered in ``nmfx.ops``).
 
-The packed weight travels as plain tensors and ints (values, mask, rows, cols, n, m) so graphs
-hold nothing nmfx-specific. The choice sparse vs dense is made inside the op at run time, per
-call shape, so compiled and exported graphs keep it too.
+The choice sparse vs dense is made inside the op at run time, per call shape, so compiled
+and exported graphs keep it too.
 """
 
 from __future__ import annotations
@@ -67,53 +66,9 @@ def compute(
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], rows)
 
 
-@torch.library.custom_op("nmfx::nm_linear", mutates_args=(), device_types="cpu")
-def nm_linear_op(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: int,
-    cols: int,
-    n: int,
-    m: int,
-) -> torch.Tensor:
-    """y = x @ W.T + bias for the packed N:M weight W given as (values, mask, rows, cols, n, m)."""
-    return compute(x, values, mask, bias, rows, cols, n, m)
-
-
-@nm_linear_op.register_fake
-def _nm_linear_fake(
-    x: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    bias: torch.Tensor | None,
-    rows: int,
-    cols: int,
-    n: int,
-    m: int,
-) -> torch.Tensor:
-    torch._check(x.shape[-1] == cols)
-    return x.new_empty((*x.shape[:-1], rows))
-
-
-def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: object) -> None:
-    _x, values, mask, bias, rows, cols, n, m = inputs
-    ctx.save_for_backward(values, mask)
-    ctx.meta = (rows, cols, n, m, bias is not None)
-
-
-def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-    # Gradients reach x and bias only: packed weights are frozen inference artifacts.
-    values, mask = ctx.saved_tensors
-    rows, cols, _n, _m, has_bias = ctx.meta
-    w = unpack_buffers(values, mask, (rows, cols))
-    grad_x = grad @ w
-    grad_bias = grad.reshape(-1, rows).sum(0) if has_bias else None
-    return grad_x, None, None, grad_bias, None, None, None, None
-
-
-nm_linear_op.register_autograd(_backward, setup_context=_setup_context)
+# The op's schema, fake kernel and autograd live in nmfx.ops (registered by ``import nmfx``,
+# no build); its eager implementation is ``compute`` above.
+from nmfx.ops import nm_linear_op  # noqa: E402, F401
 
 
 def eager_fast_path_ok(x: torch.Tensor, bias: torch.Tensor | None) -> bool:

@@ -8,19 +8,20 @@ N:M Linears for nmfx's kernels, ``cuda`` makes semi-structured sparse weights,
 from __future__ import annotations
 
 import copy
+import sys
 from typing import Any
 
 from torch import nn
 
-from nmfx.api import is_sparsified
+from nmfx import model_state
 from nmfx.config import close_match_hint
 from nmfx.finalize import nm_weights
-from nmfx.plan import LayerDecision
+from nmfx.masks import is_nm
+from nmfx.plan import LayerDecision, NMWeight
 
 __all__ = ["TARGETS", "lower", "lowering_decisions"]
 
 TARGETS = ("cpu", "cuda", "tensorrt")
-DECISIONS_ATTR = "_nmfx_lowering"
 
 
 def lower(
@@ -43,7 +44,7 @@ def lower(
         raise ValueError(
             f"target={target!r} is not one of {TARGETS}{close_match_hint(target, TARGETS)}"
         )
-    if is_sparsified(model):
+    if model_state.is_sparsified(model):
         raise ValueError(
             "model still carries SR-STE masks; call nmfx.finalize(model) before nmfx.lower"
         )
@@ -53,6 +54,7 @@ def lower(
             "no N:M weights to lower: sparsify and train the model with nmfx.sparsify, then "
             "nmfx.finalize it (or load an N:M checkpoint)"
         )
+    _check_still_nm(model, record)
     out = model if inplace else copy.deepcopy(model)
     if target == "cpu":
         if options:
@@ -72,13 +74,32 @@ def lower(
                 "target='tensorrt' needs example_inputs=(tensor, ...) to build engines"
             )
         out, decisions = lower_tensorrt(out, record, example_inputs, **options)
-    out.__dict__[DECISIONS_ATTR] = decisions
+    model_state.set_decisions(out, decisions)
     return out
 
 
+def _check_still_nm(model: nn.Module, record: dict[str, NMWeight]) -> None:
+    """Every recorded weight must still be N:M: weights edited after finalize are an error."""
+    for nm in record.values():
+        weight = model.get_parameter(nm.param)
+        if not is_nm(weight, nm.pattern, nm.reduce_dim):
+            raise ValueError(
+                f"{nm.name} ({nm.param}): the weight is no longer {nm.pattern} along dim "
+                f"{nm.reduce_dim}, as nmfx.finalize recorded it: the weights changed after "
+                f"finalize (training, load_state_dict or an in-place edit). Lower the weights "
+                f"finalize produced, or sparsify and finalize the model again; nothing was lowered"
+            )
+
+
 def lowering_decisions(model: nn.Module) -> list[LayerDecision]:
-    """Per-layer verdicts ``nmfx.lower`` recorded on its result."""
-    decisions = model.__dict__.get(DECISIONS_ATTR)
+    """Per-layer verdicts ``nmfx.lower`` recorded on its result, or, for a model compiled
+    with ``backend="nmfx"``, those of every graph compiled so far (by module path)."""
+    decisions = model_state.get_decisions(getattr(model, "_orig_mod", model))
+    if decisions is None and "nmfx.backend" in sys.modules:  # no compiled graph without it
+        decisions = sys.modules["nmfx.backend"].compiled_decisions(model)
     if decisions is None:
-        raise ValueError("model was not produced by nmfx.lower")
-    return list(decisions)
+        raise ValueError(
+            "model was not produced by nmfx.lower, nor compiled with torch.compile(model, "
+            "backend='nmfx') and run once (graphs are lowered on their first call)"
+        )
+    return decisions

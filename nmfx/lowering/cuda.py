@@ -48,11 +48,13 @@ __all__ = [
     "FALLBACK_SHAPE_CONSTRAINTS",
     "CudaOptions",
     "cuda_options",
+    "cuda_weight_decision",
     "cutlass_layout_roundtrip",
     "implies_2_4",
     "lower_cuda",
     "semi_structured_constraint",
     "shape_constraints",
+    "weight_reason",
 ]
 
 log = logging.getLogger("nmfx.lowering")
@@ -413,28 +415,100 @@ def _ineligible(
         )
     if tied_with:
         return f"weight is shared with {', '.join(tied_with)}; converting it would break the tie"
-    if not implies_2_4(nmw.pattern):
+    return weight_reason(param, nmw.pattern, nmw.reduce_dim, backend, cast_dtype)
+
+
+def weight_reason(
+    weight: torch.Tensor,
+    pattern: NMPattern | None,
+    reduce_dim: int,
+    backend: str,
+    cast_dtype: torch.dtype | None = None,
+) -> str | None:
+    """Why an N:M ``[out, in]`` weight stays dense on target 'cuda', or None: the one rule
+    that ``nmfx.lower(..., "cuda")`` and ``backend="nmfx"`` both apply."""
+    if pattern is None:
+        return "weight is not N:M along in_features; semi-structured sparsity needs 2:4"
+    if not implies_2_4(pattern):
         return (
-            f"pattern {nmw.pattern} does not imply 2:4 (4 consecutive weights can hold more than "
-            "2 non-zeros): sparse tensor cores need 2:4; retrain with '2:4' (or 1:4, 2:8, ...)"
+            f"pattern {pattern} does not imply 2:4 (4 consecutive weights can hold more than "
+            "2 non-zeros): sparse tensor cores need 2:4 (semi-structured needs 2:4); retrain "
+            "with '2:4' (or 1:4, 2:8, ...)"
         )
-    if nmw.reduce_dim not in (1, -1):
+    if reduce_dim not in (1, -1):
         return (
-            f"groups run along dim {nmw.reduce_dim}; sparse tensor cores need them along "
+            f"groups run along dim {reduce_dim}; sparse tensor cores need them along "
             "in_features (dim 1)"
         )
-    dtype = cast_dtype or param.dtype
-    reason = semi_structured_constraint(tuple(param.shape), dtype, backend)
+    dtype = cast_dtype or weight.dtype
+    reason = semi_structured_constraint(tuple(weight.shape), dtype, backend)
     if reason is not None:
         return reason
-    if not param.is_contiguous():
+    if not weight.is_contiguous():
         return "weight is not contiguous: call .contiguous() on it first"
-    if not is_nm(param, "2:4", 1):
+    if not is_nm(weight, "2:4", 1):
         return (
-            f"declared {nmw.pattern} but the values are not 2:4 along in_features: some group of "
+            f"declared {pattern} but the values are not 2:4 along in_features: some group of "
             "4 holds 3+ non-zeros; run nmfx.finalize first"
         )
     return None
+
+
+@torch.no_grad()
+def cuda_weight_decision(
+    name: str,
+    param: str,
+    op: str,
+    weight: torch.Tensor,
+    pattern: NMPattern | None,
+    backend: str = "cutlass",
+) -> tuple[LayerDecision, torch.Tensor | None]:
+    """The CUDA conversion of one ``[out, in]`` weight for ``backend="nmfx"``: the same
+    eligibility (``weight_reason``) and output check as ``lower_cuda``; the semi-structured
+    weight when it goes sparse. Not timed: a compiled graph has no per-layer input to time."""
+    decision = LayerDecision(name, param, op, TARGET, DENSE, "")
+    reason = weight_reason(weight, pattern, 1, backend)
+    if reason is None and weight.device.type != "cuda":
+        reason = f"weight on {weight.device}; semi-structured sparse tensors need CUDA"
+    if reason is not None:
+        decision.reason = reason
+        return decision, None
+    with _force_cutlass(backend == "cutlass"):
+        sparse = _checked_conversion(decision, weight, None, None)
+    if sparse is None:
+        return decision, None
+    decision.verdict = SPARSE
+    decision.reason = (
+        f"semi-structured 2:4 ({backend}); not measured (frozen into a compiled graph)"
+    )
+    return decision, sparse
+
+
+def _checked_conversion(
+    decision: LayerDecision, w: torch.Tensor, b: torch.Tensor | None, x: torch.Tensor | None
+) -> torch.Tensor | None:
+    """``to_sparse_semi_structured(w)``, checked against dense on ``x`` (else random rows);
+    None, with the decision made dense and why, when conversion fails or the output differs."""
+    from torch.sparse import to_sparse_semi_structured
+
+    probe = x if x is not None else torch.randn(64, w.shape[1], device=w.device).to(w.dtype)
+    try:
+        sparse_w = to_sparse_semi_structured(w)
+        dense_out = F.linear(probe, w, b)
+        sparse_out = F.linear(probe, sparse_w, b)
+    except (RuntimeError, NotImplementedError, ValueError) as err:
+        decision.verdict, decision.reason = DENSE, f"conversion failed, kept dense: {err}"
+        return None
+    rel = float(
+        (sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm().clamp_min(1e-12)
+    )
+    decision.facts["rel_err"] = rel
+    decision.facts["backend"] = type(sparse_w).__name__
+    if rel > _MAX_REL_ERR.get(w.dtype, 1e-2):
+        decision.verdict = DENSE
+        decision.reason = f"sparse output differs from dense (relative error {rel:.2e}): kept dense"
+        return None
+    return sparse_w
 
 
 def _check_device(weights: Sequence[torch.Tensor], backend: str) -> None:
@@ -529,25 +603,9 @@ def _convert(
 ) -> None:
     """Convert one eligible layer and check it against dense on ``x`` (its real input, else
     random rows); with ``opts.measure`` keep sparse only at the rows buckets where it wins."""
-    from torch.sparse import to_sparse_semi_structured
-
     w, b = linear.weight.detach(), linear.bias
-    probe = x if x is not None else torch.randn(64, w.shape[1], device=w.device).to(w.dtype)
-    try:
-        sparse_w = to_sparse_semi_structured(w)
-        dense_out = F.linear(probe, w, b)
-        sparse_out = F.linear(probe, sparse_w, b)
-    except (RuntimeError, NotImplementedError, ValueError) as err:
-        decision.verdict, decision.reason = DENSE, f"conversion failed, kept dense: {err}"
-        return
-    rel = float(
-        (sparse_out.float() - dense_out.float()).norm() / dense_out.float().norm().clamp_min(1e-12)
-    )
-    decision.facts["rel_err"] = rel
-    decision.facts["backend"] = type(sparse_w).__name__
-    if rel > _MAX_REL_ERR.get(w.dtype, 1e-2):
-        decision.verdict = DENSE
-        decision.reason = f"sparse output differs from dense (relative error {rel:.2e}): kept dense"
+    sparse_w = _checked_conversion(decision, w, b, x)
+    if sparse_w is None:
         return
     if not opts.measure:
         decision.reason += "; not measured (decode-sized inputs can run slower than dense)"

@@ -68,7 +68,7 @@ def dense_reason(cand: Candidate, ctx: PassContext) -> str | None:
 def _is_output(cand: Candidate, ctx: PassContext) -> bool:
     if ctx.whole_model_traced:
         return ctx.facts.is_output_weight(cand.param)
-    return cand.param == ctx.facts.graph.graph.get("last_weight")
+    return cand.param == ctx.last_weight
 
 
 def decide_eligibility(gm: fx.GraphModule, ctx: PassContext) -> PassResult:

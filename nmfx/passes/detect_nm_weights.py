@@ -37,7 +37,7 @@ def detect_pattern(weight: torch.Tensor, reduce_dim: int) -> NMPattern | None:
 def detect_nm_weights(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     """Analysis only: ``cand.facts["nm"]`` = the detected pattern (or the configured one,
     checked) for every candidate with a known reduction dim."""
-    wanted = ctx.facts.graph.graph.get("detect_pattern")
+    wanted = ctx.detect_pattern
     for cand in ctx.candidates:
         cand.facts["nm"] = _detect(gm, cand, wanted)
     log.debug("detect_nm_weights: %s: %d N:M", ctx.fqn or "<root>",

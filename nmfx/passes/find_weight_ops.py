@@ -34,8 +34,7 @@ def find_weight_ops(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         cand.facts["why_unknown"] = use.why_unknown
         cand.facts["uses_in_forward"] = sum(u.target == use.target for u in uses)
         use.node.meta.setdefault("nmfx_candidates", []).append(cand)
-        cand.facts["node"] = use.node.name
-        cand.facts["operand"] = use.operand.name if use.operand is not None else None
+        ctx.sites[id(cand)] = (use.node.name, use.operand.name if use.operand else None)
         ctx.candidates.append(cand)
     log.debug("find_weight_ops: %s: %d weight ops", ctx.fqn or "<root>", len(uses))
     return PassResult(gm, False)

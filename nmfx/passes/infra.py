@@ -11,6 +11,7 @@ from torch.fx.passes.infra.pass_base import PassResult
 
 from nmfx.config import SparsityConfig
 from nmfx.opgraph import ModelFacts
+from nmfx.pattern import NMPattern
 from nmfx.plan import Candidate
 
 __all__ = ["Pass", "PassContext", "PassResult", "run_passes"]
@@ -30,6 +31,10 @@ class PassContext:
     candidates: list[Candidate] = field(default_factory=list)
     maskers: dict[str, nn.Module] = field(default_factory=dict)  # to install on ``module``
     forward_defaults: tuple[str, ...] = ()  # forward parameters that have default values
+    detect_pattern: NMPattern | None = None  # detection: check this pattern, do not search
+    last_weight: str | None = None  # output-layer fallback when the model is not traced whole
+    # Pass scratch, never shown to users: id(candidate) -> (op node name, operand node name)
+    sites: dict[int, tuple[str, str | None]] = field(default_factory=dict)
 
 
 Pass = Callable[[fx.GraphModule, PassContext], PassResult]

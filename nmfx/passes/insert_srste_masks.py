@@ -8,14 +8,26 @@ original parameter, and the parameter keeps its name.
 
 from __future__ import annotations
 
-from torch import fx
+from collections.abc import Mapping
+
+from torch import fx, nn
 
 from nmfx.modules import NMMasker
 from nmfx.passes.infra import PassContext, PassResult, log
 
 
-def masker_name(local_param: str) -> str:
-    return "_nmfx_" + local_param.replace(".", "_")
+def masker_name(module: nn.Module, local_param: str, taken: Mapping[str, NMMasker]) -> str:
+    """The attribute name of ``local_param``'s masker on ``module``: ``_nmfx_<param>`` with
+    dots as underscores, suffixed where that is already another masker's name or an
+    attribute of the module (``ws.0`` of a ParameterList and a parameter ``ws_0``)."""
+    for name, masker in taken.items():
+        if masker.param_name == local_param:
+            return name  # the eval-mode graph of a module reuses the train-mode graph's masker
+    base = name = "_nmfx_" + local_param.replace(".", "_")
+    i = 1
+    while name in taken or hasattr(module, name):
+        name, i = f"{base}_{i}", i + 1
+    return name
 
 
 def insert_srste_masks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -23,14 +35,13 @@ def insert_srste_masks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     nodes = {n.name: n for n in gm.graph.nodes}
     todo = [c for c in ctx.candidates if c.sparse]
     for cand in todo:
-        op_node = nodes[cand.facts["node"]]
-        operand = nodes[cand.facts["operand"]]
+        node_name, operand_name = ctx.sites[id(cand)]
+        op_node, operand = nodes[node_name], nodes[operand_name]
         weight_node = next(
             n for n in gm.graph.nodes if n.op == "get_attr" and n.target == cand.local_param
         )
-        name = masker_name(cand.local_param)
+        name = masker_name(ctx.module, cand.local_param, ctx.maskers)
         cfg = ctx.config
-        # The eval-mode graph of the same module reuses the train-mode graph's masker.
         masker = ctx.maskers.get(name) or NMMasker(
             ctx.module, cand.local_param, cfg.pattern.n, cfg.pattern.m, cand.reduce_dim,
             cfg.srste_lambda, cfg.mask_mode, cfg.mask_interval,

@@ -1,15 +1,22 @@
-"""Backend pass: ``linear(x, W, b)`` with an N:M weight -> ``nmfx::nm_linear`` on packed W.
+"""Backend pass: ``linear(x, W, b)`` with an N:M weight -> the target's sparse form of it.
 
 Runs on the graph Dynamo hands ``backend="nmfx"``. The weight operand may be a parameter
 (a placeholder or get_attr) or any computation on parameters only — e.g. the inlined
 SR-STE masker of a sparsified model — which is folded at compile time. Weights are thus
 frozen into the compiled graph, like inductor's ``freezing``: the pass only runs when
-grad mode is off at compile time (Dynamo guards on it) or the weights do not require grad.
+grad mode is off at compile time (Dynamo guards on it) or the weights do not require grad;
+the backend re-lowers when a frozen weight changes (``ctx.frozen`` lists them).
+
+This pass only finds linears and folds their weights. What a weight becomes on each target
+— eligibility, checks, conversion, the ``LayerDecision`` — is the target's own conversion
+in ``nmfx.lowering`` (``cpu_decision``, ``cuda_weight_decision``), the same code
+``nmfx.lower`` runs, so the two cannot disagree.
 """
 
 from __future__ import annotations
 
 import operator
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,9 +24,11 @@ from typing import Any
 import torch
 from torch import fx, nn
 
+from nmfx.masks import is_nm
 from nmfx.passes.detect_nm_weights import detect_pattern
 from nmfx.passes.infra import PassResult, log
-from nmfx.plan import DENSE, SPARSE, LayerDecision
+from nmfx.pattern import NMPattern
+from nmfx.plan import DENSE, LayerDecision
 
 _LINEAR = torch._C._nn.linear
 _MATMUL = (torch.matmul, operator.matmul, torch.mm)
@@ -52,6 +61,12 @@ class BackendContext:
     cuda_backend: str = "cutlass"  # semi-structured kernels for target "cuda"
     fqn: str = "<dynamo graph>"
     decisions: list[LayerDecision] = field(default_factory=list)
+    # (placeholder index, parameter, its _version) of every weight frozen into the graph
+    frozen: list[tuple[int, torch.Tensor, int]] = field(default_factory=list)
+    # the parameter each decision is about (by decision index), for per-model bookkeeping
+    params: dict[int, torch.Tensor] = field(default_factory=dict)
+    # placeholder name -> parameter FQN, read before Dynamo strips the graph's sources
+    sources: dict[str, str] = field(default_factory=dict)
 
 
 def _leaves(node: fx.Node) -> Iterator[fx.Node]:
@@ -116,6 +131,51 @@ def _fold(node: fx.Node, values: dict[fx.Node, Any], gm: fx.GraphModule) -> torc
     return env[node].detach()
 
 
+_SOURCE_STEPS = re.compile(r"\._(?:modules|parameters|buffers)\['([^']*)'\]|\['([^']*)'\]|\.(\w+)")
+
+
+def _source_fqn(node: fx.Node) -> str | None:
+    """``b.weight`` for a Dynamo placeholder whose source is
+    ``L['self']._modules['b']._parameters['weight']`` (or a get_attr target); else None."""
+    if node.op == "get_attr":
+        return str(node.target)
+    arg = node.meta.get("grapharg")
+    source = getattr(arg, "source", None)
+    if source is None:
+        return None
+    text = source.name if isinstance(source.name, str) else source.name()
+    root = re.match(r"L\['[^']*'\]", text)
+    if root is None:
+        return None
+    parts = [
+        next(g for g in m.groups() if g is not None)
+        for m in _SOURCE_STEPS.finditer(text[root.end() :])
+    ]
+    return ".".join(parts) or None
+
+
+def source_fqns(gm: fx.GraphModule) -> dict[str, str]:
+    """Placeholder name -> parameter FQN for every placeholder Dynamo gave a source."""
+    names = {n.name: _source_fqn(n) for n in gm.graph.nodes if n.op == "placeholder"}
+    return {k: v for k, v in names.items() if v is not None}
+
+
+def _weight_param(
+    w_node: fx.Node, values: dict[fx.Node, Any], sources: dict[str, str]
+) -> tuple[str, str, torch.Tensor | None, int | None]:
+    """``(layer name, weight FQN, parameter, placeholder index)`` of the one parameter a
+    (possibly masked) weight is computed from; the node's own name when it has none."""
+    placeholders = list(values)
+    for leaf in _leaves(w_node):
+        fqn = sources.get(leaf.name) or _source_fqn(leaf)
+        value = values.get(leaf)
+        if fqn is not None and (leaf.op == "get_attr" or isinstance(value, nn.Parameter)):
+            index = placeholders.index(leaf) if leaf in values else None
+            name = fqn[: -len(".weight")] if fqn.endswith(".weight") else fqn
+            return name, fqn, value if isinstance(value, torch.Tensor) else None, index
+    return w_node.name, w_node.name, None, None
+
+
 def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
     """Replace every N:M linear with its sparse form for ``ctx.target``; record a decision
     per linear. cpu: the packed ``nmfx::nm_linear`` op; cuda: ``F.linear`` on a
@@ -135,20 +195,25 @@ def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
                     "weight is computed from activations, not from parameters",
                 ))  # fmt: skip
             continue
-        name = w_node.name
+        name, param, source, index = _weight_param(w_node, values, ctx.sources)
+        if source is not None:
+            ctx.params[len(ctx.decisions)] = source
         if torch.is_grad_enabled() and _needs_grad(w_node, values):
             reason = "grad mode is on and the weight requires grad: not frozen (compile under torch.no_grad())"
-            ctx.decisions.append(LayerDecision(name, name, op, ctx.target, DENSE, reason))
+            ctx.decisions.append(LayerDecision(name, param, op, ctx.target, DENSE, reason))
             continue
         weight = _fold(w_node, values, gm)
         if weight.dim() != 2:
+            ctx.params.pop(len(ctx.decisions), None)
             continue
         if transposed:  # x @ W with W [in, out] is linear(x, W.T)
             weight = weight.t().contiguous()
+        if index is not None:
+            ctx.frozen.append((index, source, source._version))
         build = _sparse_cpu if ctx.target == "cpu" else _sparse_cuda
-        target, constants, extra, reason = build(weight, ctx)
+        decision, target, constants, extra = build(name, param, op, weight, ctx)
+        ctx.decisions.append(decision)
         if target is None:
-            ctx.decisions.append(LayerDecision(name, name, op, ctx.target, DENSE, reason))
             continue
         with gm.graph.inserting_before(node):
             attrs = []
@@ -161,7 +226,6 @@ def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         count += 1
-        ctx.decisions.append(LayerDecision(name, name, op, ctx.target, SPARSE, reason))
     if count:
         gm.graph.eliminate_dead_code()
         gm.recompile()
@@ -169,51 +233,39 @@ def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
     return PassResult(gm, bool(count))
 
 
-def _pattern(weight: torch.Tensor, ctx: BackendContext) -> Any:
-    return detect_pattern(weight, 1) if ctx.pattern is None else ctx.pattern
+def _pattern(weight: torch.Tensor, ctx: BackendContext) -> NMPattern | None:
+    """The weight's N:M pattern along in_features: detected, or ``ctx.pattern`` if it holds."""
+    if ctx.pattern is None:
+        return detect_pattern(weight, 1)
+    return ctx.pattern if is_nm(weight, ctx.pattern, 1) else None
 
 
-def _sparse_cpu(weight: torch.Tensor, ctx: BackendContext) -> tuple[Any, list, tuple, str]:
-    """(op, constants, extra args, reason) for the packed CPU kernel, or (None, ..., why not)."""
-    import nmfx.kernels._ops  # noqa: F401  (registers nmfx::nm_linear; builds nothing)
-    from nmfx.packed import SUPPORTED_DTYPES, SUPPORTED_M, pack
-
-    if weight.dtype not in SUPPORTED_DTYPES:
-        return None, [], (), f"dtype {weight.dtype} has no packed kernel"
-    if weight.device.type != "cpu":
-        return None, [], (), f"weight on {weight.device}; the packed kernel is CPU-only"
-    pattern = _pattern(weight, ctx)
-    if pattern is None or pattern.m not in SUPPORTED_M:
-        return None, [], (), "weight is not N:M along in_features"
-    packed = pack(weight, pattern)
-    share = packed.nbytes / packed.dense_nbytes
-    extra = (*packed.shape, pattern.n, pattern.m)
-    why = f"packed {pattern} ({share:.0%} of dense bytes)"
-    return torch.ops.nmfx.nm_linear.default, [packed.values, packed.mask], extra, why
+Built = tuple[LayerDecision, Any, list, tuple]  # (decision, op or None, constants, extra args)
 
 
-def _sparse_cuda(weight: torch.Tensor, ctx: BackendContext) -> tuple[Any, list, tuple, str]:
-    """(linear, [semi-structured weight], (), reason), or (None, ..., why not)."""
-    from nmfx.lowering.cuda import implies_2_4, semi_structured_constraint
+def _sparse_cpu(name: str, param: str, op: str, weight: torch.Tensor, ctx: BackendContext) -> Built:
+    """nmfx.lower's CPU conversion (``cpu_decision``), as ``nm_linear`` on packed constants."""
+    from nmfx.lowering.cpu import cpu_decision
 
-    pattern = _pattern(weight, ctx)
-    if pattern is None or not implies_2_4(pattern):
-        why = f"weight is not 2:4 along in_features (found {pattern}); semi-structured needs 2:4"
-        return None, [], (), why
-    reason = semi_structured_constraint(tuple(weight.shape), weight.dtype, ctx.cuda_backend)
-    if reason is not None:
-        return None, [], (), reason
-    if weight.device.type != "cuda":
-        return None, [], (), f"weight on {weight.device}; semi-structured sparse tensors need CUDA"
-    from torch.sparse import SparseSemiStructuredTensor, to_sparse_semi_structured
+    decision, packed = cpu_decision(name, param, op, weight, _pattern(weight, ctx))
+    if packed is None:
+        return decision, None, [], ()
+    extra = (*packed.shape, packed.pattern.n, packed.pattern.m)
+    return decision, torch.ops.nmfx.nm_linear.default, [packed.values, packed.mask], extra
 
-    old = SparseSemiStructuredTensor._FORCE_CUTLASS
-    SparseSemiStructuredTensor._FORCE_CUTLASS = ctx.cuda_backend == "cutlass"
-    try:
-        sparse = to_sparse_semi_structured(weight)
-    finally:
-        SparseSemiStructuredTensor._FORCE_CUTLASS = old
-    return _LINEAR, [sparse], (), f"semi-structured 2:4 ({ctx.cuda_backend})"
+
+def _sparse_cuda(
+    name: str, param: str, op: str, weight: torch.Tensor, ctx: BackendContext
+) -> Built:
+    """nmfx.lower's CUDA checks and conversion, as ``linear`` on a semi-structured constant."""
+    from nmfx.lowering.cuda import cuda_weight_decision
+
+    decision, sparse = cuda_weight_decision(
+        name, param, op, weight, _pattern(weight, ctx), ctx.cuda_backend
+    )
+    if sparse is None:
+        return decision, None, [], ()
+    return decision, _LINEAR, [sparse], ()
 
 
 def _add_constant(gm: fx.GraphModule, name: str, tensor: torch.Tensor) -> None:

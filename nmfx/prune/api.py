@@ -17,7 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from nmfx.api import analyse, is_sparsified
+from nmfx import model_state
+from nmfx.analysis import analyse
+from nmfx.model_state import is_sparsified
 from nmfx.passes.decide_eligibility import decide_eligibility
 from nmfx.passes.find_weight_ops import find_weight_ops
 from nmfx.pattern import NMPattern
@@ -33,7 +35,7 @@ from nmfx.prune.sequential import (
     run_stage,
     trace_calls,
 )
-from nmfx.prune.summary import PRUNE_ATTR, LayerPrune, PermutationGroup, PruneSummary, dense_rows
+from nmfx.prune.summary import LayerPrune, PermutationGroup, PruneSummary, dense_rows
 from nmfx.prune.targets import PruneTarget, build_targets
 
 __all__ = ["CalibrationError", "permute_channels", "prune"]
@@ -96,9 +98,8 @@ def prune(
     order = {c.param: i for i, c in enumerate(found.candidates)}
     layers = sorted(rows + dense_rows(found.candidates), key=lambda r: order[r.param])
     how = _schedule_text(schedule)
-    model.__dict__[PRUNE_ATTR] = PruneSummary(
-        str(cfg.pattern), cfg.method, layers, groups, how, _count(batches)
-    )
+    summary = PruneSummary(str(cfg.pattern), cfg.method, layers, groups, how, _count(batches))
+    model_state.set_prune_summary(model, summary)
     log.info("nmfx.prune: %s %s: %d weight ops N:M", cfg.pattern, cfg.method, len(targets))
     return model
 

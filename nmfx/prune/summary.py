@@ -9,9 +9,7 @@ from torch import nn
 
 from nmfx.plan import Candidate
 
-__all__ = ["PRUNE_ATTR", "LayerPrune", "PermutationGroup", "PruneSummary", "prune_summary"]
-
-PRUNE_ATTR = "_nmfx_prune"
+__all__ = ["LayerPrune", "PermutationGroup", "PruneSummary", "prune_summary"]
 
 
 @dataclass
@@ -83,7 +81,9 @@ class PruneSummary:
 
 def prune_summary(model: nn.Module) -> PruneSummary:
     """The record ``nmfx.prune`` left on ``model``."""
-    record = model.__dict__.get(PRUNE_ATTR)
+    from nmfx import model_state
+
+    record = model_state.get_prune_summary(model)
     if record is None:
         raise ValueError("model was not pruned by nmfx.prune; call nmfx.prune(model, ...) first")
     return record

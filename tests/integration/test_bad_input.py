@@ -19,13 +19,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from tolerances import tol
 from torch import nn
 
 import nmfx
 from nmfx.modules import live_maskers
 from nmfx.packed import FORMAT_VERSION, load_packed, pack, save_packed
 
-EQUAL = {"rtol": 0, "atol": 0, "equal_nan": True}
+EQUAL = {**tol("exact"), "equal_nan": True}
 
 
 def mlp(first: int = 16) -> nn.Sequential:
@@ -430,7 +431,7 @@ def test_cpu_without_avx512_runs_the_avx2_or_portable_path(lowered, monkeypatch)
         ref = model(x)
         for isa in [i for i in kernels.available_isas() if i != "avx512"]:
             with kernels.use_isa(isa), kernels.force_dispatch("sparse"):
-                torch.testing.assert_close(fast(x), ref, rtol=1e-4, atol=1e-5)
+                torch.testing.assert_close(fast(x), ref, **tol("lowered_layer"))
     # A CPU without AVX-512 (simulated where the CPU has it): forcing it names what is there.
     without = [i for i in _build.supported_isas() if i != "avx512"]
     monkeypatch.setattr(_build, "supported_isas", lambda: list(without))

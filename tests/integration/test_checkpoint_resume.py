@@ -7,6 +7,8 @@ import sys
 import textwrap
 
 import torch
+from tolerances import tol
+from torch import nn
 
 SCRIPT = textwrap.dedent(
     """
@@ -58,3 +60,74 @@ def test_resume_in_a_fresh_process_is_bit_identical(tmp_path):
     assert full.keys() == resumed.keys()
     for key in full:
         assert torch.equal(full[key], resumed[key]), key
+
+
+UNPICKLE = textwrap.dedent(
+    """
+    import sys, torch
+    from torch import nn
+    m = torch.load(sys.argv[1], weights_only=False)  # nmfx.sparsify is never called here
+    masker = m[0]._nmfx_weight
+    lam = masker.srste_lambda
+    w0 = m[0].weight.detach().clone()
+    e = masker.compute_mask(w0)
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    m(torch.randn(4, 32)).pow(2).sum().backward()
+    grad = m[0].weight.grad.clone()
+    opt.step()
+    expected = w0 - 0.1 * (grad + lam * (~e) * w0)
+    torch.testing.assert_close(m[0].weight.detach(), expected, **TOL)
+    print("srste on")
+    """
+)
+
+
+def test_unpickled_sparsified_model_trains_srste_in_a_fresh_process(tmp_path):
+    """Issue 13 item 4: torch.load of a sparsified model must not train as plain STE."""
+    import nmfx
+
+    torch.manual_seed(0)
+    model = nmfx.sparsify(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)),
+                          srste_lambda=0.5)  # fmt: skip
+    path = tmp_path / "sparsified.pt"
+    torch.save(model, path)
+    script = f"TOL = {tol('step')!r}\n" + UNPICKLE  # the table's tolerance, in the subprocess
+    result = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True,
+                            text=True, timeout=300)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "srste on"
+
+
+NO_NMFX = textwrap.dedent(
+    """
+    import sys, torch
+    class Block:  # nmfx is not installed here: any import of it fails
+        def find_spec(self, name, path=None, target=None):
+            if name == "nmfx" or name.startswith("nmfx."):
+                raise ImportError(f"{name} is not installed")
+    sys.meta_path.insert(0, Block())
+    m = torch.load(sys.argv[1], weights_only=False)
+    out = m(torch.ones(2, 32))
+    assert not any(k.startswith("nmfx") for k in sys.modules)
+    print(type(m[0]).__name__, tuple(out.shape))
+    """
+)
+
+
+def test_finalized_model_loads_where_nmfx_is_not_installed(tmp_path):
+    """Issue 12: a finalized model is plain PyTorch (torch.save / torch.load without nmfx)."""
+    import nmfx
+
+    model = nmfx.sparsify(nn.Sequential(nn.Linear(32, 64), nn.ReLU(), nn.Linear(64, 8)),
+                          mask_mode="fixed")  # fmt: skip
+    model(torch.randn(2, 32)).sum().backward()
+    nmfx.finalize(model)
+    assert nmfx.nm_weights(model)  # the record survives in the process that finalized it
+    path = tmp_path / "finalized.pt"
+    torch.save(model, path)
+    result = subprocess.run([sys.executable, "-c", NO_NMFX, str(path)], capture_output=True,
+                            text=True, timeout=300, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.strip() == "Linear (2, 8)"
+    loaded = torch.load(path, weights_only=False)  # and in a process with nmfx, still known
+    assert nmfx.nm_weights(loaded).keys() == nmfx.nm_weights(model).keys()

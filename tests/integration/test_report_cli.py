@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import nmfx
-from nmfx.report import SCHEMA_VERSION, Report, report
+from nmfx.reporting import SCHEMA_VERSION, Report, report
 
 
 class Tiny(nn.Module):

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+from tolerances import TOL
 from torch import nn
 
 import nmfx
@@ -281,11 +282,7 @@ def test_empty_batch_with_bias_does_not_crash(tmp_path):
 # ---- 4. sparsify -> finalize ------------------------------------------------------------
 
 
-OUT_TOL = {
-    torch.float64: {"rtol": 1e-12, "atol": 1e-12},
-    torch.float32: {"rtol": 1e-5, "atol": 1e-6},
-    torch.bfloat16: {"rtol": 1.6e-2, "atol": 1e-2},
-}
+OUT_TOL = TOL["fuzz"]  # the suite's one tolerance table (tests/tolerances.py)
 
 
 class XW(nn.Module):

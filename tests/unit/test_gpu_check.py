@@ -24,7 +24,8 @@ no_gpu = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU
 
 
 def run_script(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    full_env = {k: v for k, v in os.environ.items() if k != "OUT"} | (env or {})
+    full_env = {k: v for k, v in os.environ.items() if k != "OUT"} | {"PYTHON": sys.executable}
+    full_env |= env or {}
     return subprocess.run(["bash", str(SCRIPT), *args], cwd=ROOT, env=full_env,
                           capture_output=True, text=True, timeout=300)  # fmt: skip
 
@@ -146,7 +147,8 @@ def test_gpu_e2e_timed_path_on_cpu(fake_gpu, monkeypatch):
     pytest.importorskip("transformers")
     monkeypatch.setattr(gpu_e2e, "GPU_SIZES", gpu_e2e.SMALL)
     args = gpu_e2e.parse_args(["--out", "unused", "--layers", "1", "--prefill", "16",
-                               "--decode-tokens", "3", "--backend", "cutlass"])  # fmt: skip
+                               "--decode-tokens", "3", "--backend", "cutlass",
+                               "--budget-s", "3600"])  # fmt: skip
     payload = {"env": {}, "skipped": [], "errors": []}
     gpu_e2e.gpu_run(args, payload)
     low = payload["lowering"]

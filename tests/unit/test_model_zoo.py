@@ -7,6 +7,7 @@ import functools
 import pytest
 import torch
 import torch.fx
+from tolerances import tol
 from torch import nn
 
 import model_zoo
@@ -118,7 +119,7 @@ def test_init_is_deterministic(name: str) -> None:
     b = model_zoo.build(name).state_dict()
     assert a.keys() == b.keys()
     for key in a:
-        torch.testing.assert_close(a[key], b[key], rtol=0, atol=0, msg=key)
+        torch.testing.assert_close(a[key], b[key], **tol("exact"), msg=key)
 
 
 @pytest.mark.parametrize("name", NAMES, ids=NAMES)

@@ -123,7 +123,9 @@ def test_conv_im2col_groups_run_along_input_channels() -> None:
         h = model[1](model[0](torch.cat(x)))
         ref = nn.functional.conv2d(h, w0, conv.bias, stride=2)
         got = conv(h)
-    expected = float(((got - ref) ** 2).sum() / ((ref - conv.bias.view(1, -1, 1, 1)) ** 2).sum())
+        expected = float(
+            ((got - ref) ** 2).sum() / ((ref - conv.bias.view(1, -1, 1, 1)) ** 2).sum()
+        )
     assert prune_summary(model).layers[1].rel_error == pytest.approx(expected, rel=1e-3)
 
 

@@ -69,8 +69,11 @@ def dynamo_like_graph(weight: torch.Tensor):
     ]
 
 
+BIG = (1024, 512)  # at the CPU size floor (MIN_SPARSE_NUMEL): smaller weights stay dense
+
+
 def test_lower_nm_linear_rewrites_nm_weight_and_matches_dense():
-    w = nm((16, 32))
+    w = nm(BIG)
     gm, inputs = dynamo_like_graph(w)
     ctx = BackendContext(inputs)
     result = lower_nm_linear(gm, ctx)
@@ -92,7 +95,7 @@ def test_lower_nm_linear_keeps_dense_weight_and_activation_weights():
 
 
 def test_lower_nm_linear_does_not_freeze_trainable_weights_with_grad_on():
-    gm, inputs = dynamo_like_graph(nm((16, 32)))
+    gm, inputs = dynamo_like_graph(nm(BIG))
     inputs[0].requires_grad_(True)
     ctx = BackendContext(inputs)
     assert not lower_nm_linear(gm, ctx).modified
@@ -103,15 +106,33 @@ def test_lower_nm_linear_does_not_freeze_trainable_weights_with_grad_on():
 
 
 def test_sparsified_model_masker_is_folded():
-    model = nmfx.sparsify(nn.Sequential(nn.Linear(16, 32), nn.ReLU(), nn.Linear(32, 4)))
+    model = nmfx.sparsify(nn.Sequential(nn.Linear(512, 1024), nn.ReLU(), nn.Linear(1024, 4)))
     model.eval()
     torch._dynamo.reset()
-    from nmfx.backend import last_decisions
-
+    compiled = torch.compile(model, backend="nmfx", options={"inner": "eager"})
     with torch.no_grad():
-        out = torch.compile(model, backend="nmfx", options={"inner": "eager"})(torch.randn(2, 16))
+        out = compiled(torch.randn(2, 512))
     assert out.shape == (2, 4)
-    assert [d.verdict for d in last_decisions()] == ["sparse", "dense"]
+    decisions = nmfx.lowering_decisions(compiled)
+    assert [(d.name, d.verdict) for d in decisions] == [("0", "sparse"), ("2", "dense")]
+
+
+def test_lower_nm_linear_applies_the_cpu_size_floor_of_nmfx_lower():
+    """One CPU rule for nmfx.lower and the backend: a small N:M weight stays dense in both."""
+    gm, inputs = dynamo_like_graph(nm((16, 32)))
+    ctx = BackendContext(inputs)
+    assert not lower_nm_linear(gm, ctx).modified
+    from nmfx.lowering.cpu import cpu_reason
+
+    assert ctx.decisions[0].reason == cpu_reason(inputs[0], NMPattern(2, 4))
+    assert "below this size" in ctx.decisions[0].reason
+
+
+def test_lower_nm_linear_checks_a_given_pattern():
+    gm, inputs = dynamo_like_graph(nm(BIG, "2:4"))
+    ctx = BackendContext(inputs, pattern=NMPattern(1, 4))  # 2:4 is not 1:4
+    assert not lower_nm_linear(gm, ctx).modified
+    assert ctx.decisions[0].reason == "weight is not N:M along in_features"
 
 
 @pytest.mark.parametrize(
@@ -135,16 +156,16 @@ def test_lower_nm_linear_cuda_decisions_on_cpu(shape, dtype, pattern, expect):
 
 def test_lower_nm_linear_cuda_rewrites_to_linear_on_semi_structured_weight(monkeypatch):
     """The rewrite itself, with the CUDA-only conversion stood in for by a marker tensor."""
-    import importlib
-
-    pass_module = importlib.import_module("nmfx.passes.lower_nm_linear")  # the module, not the pass
+    from nmfx.lowering import cuda
+    from nmfx.plan import LayerDecision
 
     marker = torch.zeros(1)
 
-    def fake_cuda(weight, ctx):
-        return torch._C._nn.linear, [marker], (), "semi-structured 2:4 (cutlass)"
+    def fake_cuda(name, param, op, weight, pattern, backend):  # nmfx.lower's CUDA conversion
+        decision = LayerDecision(name, param, op, "cuda", "sparse", "semi-structured 2:4 (cutlass)")
+        return decision, marker
 
-    monkeypatch.setattr(pass_module, "_sparse_cuda", fake_cuda)
+    monkeypatch.setattr(cuda, "cuda_weight_decision", fake_cuda)
     gm, inputs = dynamo_like_graph(nm((64, 64)).half())
     ctx = BackendContext(inputs, target="cuda")
     result = lower_nm_linear(gm, ctx)

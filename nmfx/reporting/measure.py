@@ -3,8 +3,8 @@
 Every number in a report is measured in this process: each N:M layer's dense module and
 its lowered form run on the layer's real input (captured from ``example_inputs``),
 interleaved, medians over repeats after warm-up; the whole model likewise, end to end
-(not summed). Layers that stay dense are listed with their reason. Rendering lives in
-``nmfx.report_render``.
+(not summed). Layers that stay dense are listed with their reason. The rows are the
+dataclasses of ``nmfx.reporting.schema``; rendering lives in ``nmfx.reporting.render``.
 """
 
 from __future__ import annotations
@@ -12,112 +12,22 @@ from __future__ import annotations
 import copy
 import logging
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-from nmfx.api import PLAN_ATTR, is_sparsified, sparsify
-from nmfx.finalize import NM_ATTR, detect_nm, finalize, nm_weights, record_nm
+from nmfx import model_state
+from nmfx.api import sparsify
+from nmfx.finalize import detect_nm, finalize, nm_weights
 from nmfx.lowering import lower, lowering_decisions
 from nmfx.plan import DENSE, SPARSE, Candidate, LayerDecision
-from nmfx.timing import Timing, machine_info, time_interleaved
+from nmfx.reporting.schema import Report, ReportRow, ReportTotals
+from nmfx.reporting.timing import Timing, machine_info, time_interleaved
 
-__all__ = ["SCHEMA_VERSION", "Report", "ReportRow", "ReportTotals", "report"]
+__all__ = ["report"]
 
 log = logging.getLogger("nmfx.report")
-SCHEMA_VERSION = 1
-
-
-@dataclass
-class ReportRow:
-    """One weight-consuming layer. Times in milliseconds; None where not measured."""
-
-    name: str
-    param: str  # the weight's FQN
-    op: str
-    weight_shape: list[int]
-    dtype: str
-    pattern: str | None
-    verdict: str
-    reason: str
-    input_shape: list[int] | None = None
-    flops: int | None = None
-    dense_bytes: int | None = None
-    sparse_bytes: int | None = None
-    dense_ms: float | None = None
-    dense_iqr_ms: float | None = None
-    sparse_ms: float | None = None
-    sparse_iqr_ms: float | None = None
-    speedup: float | None = None
-    max_abs_diff: float | None = None
-
-
-@dataclass
-class ReportTotals:
-    """Whole-model figures, measured end to end."""
-
-    dense_ms: float
-    dense_iqr_ms: float
-    sparse_ms: float
-    sparse_iqr_ms: float
-    speedup: float
-    dense_baseline: str  # "eager" or "compiled": the faster dense variant measured
-    sparse_layer_share: float  # Amdahl: share of dense time spent in the layers made sparse
-    dense_weight_bytes: int
-    sparse_weight_bytes: int
-
-    @property
-    def memory_saved_bytes(self) -> int:
-        return self.dense_weight_bytes - self.sparse_weight_bytes
-
-
-@dataclass
-class Report:
-    rows: list[ReportRow]
-    totals: ReportTotals
-    target: str
-    machine: dict[str, Any]
-    settings: dict[str, Any]
-    notes: list[str] = field(default_factory=list)
-    schema_version: int = SCHEMA_VERSION
-
-    def __str__(self) -> str:
-        from nmfx.report_render import render_text
-
-        return render_text(self)
-
-    def to_markdown(self) -> str:
-        from nmfx.report_render import render_markdown
-
-        return render_markdown(self)
-
-    def to_json(self, indent: int | None = 2) -> str:
-        from nmfx.report_render import render_json
-
-        return render_json(self, indent)
-
-    @classmethod
-    def from_json(cls, text: str) -> Report:
-        from nmfx.report_render import parse_json
-
-        return parse_json(text)
-
-    def to_csv(self) -> str:
-        from nmfx.report_render import render_csv
-
-        return render_csv(self)
-
-    def plot(self, path: str) -> str:
-        from nmfx.report_render import render_plot
-
-        return render_plot(self, path)
-
-    def to_dict(self) -> dict[str, Any]:
-        out = asdict(self)
-        out["totals"]["memory_saved_bytes"] = self.totals.memory_saved_bytes
-        return out
 
 
 def _prepare(
@@ -130,22 +40,20 @@ def _prepare(
             "report() needs the model before lowering (dense, sparsified or finalized): it "
             "lowers a copy itself so that dense and sparse run side by side"
         )
-    plan = model.__dict__.get(PLAN_ATTR)
-    if is_sparsified(model):
+    if model_state.is_sparsified(model):
         finalize(model)
-    elif NM_ATTR in model.__dict__:  # finalized: its record is kept
-        return model, (plan.candidates if plan is not None else None)
+    elif model_state.nm_record(model) is not None:  # finalized: its record is kept
+        pass
     elif record := detect_nm(model):
-        record_nm(model, record)  # detected once, here; lower() and the rows reuse it
+        model_state.set_nm_record(model, record)  # detected once, here; lower() reuses it
     else:
         sparsify(model, pattern=pattern)
-        plan = model.__dict__.get(PLAN_ATTR)
         finalize(model)
         notes.append(
             f"the model had no N:M weights: a copy was pruned one-shot to {pattern} by magnitude "
             f"for timing (outputs are not those of a trained sparse model)"
         )
-    return model, (plan.candidates if plan is not None else None)
+    return model, model_state.finalized_layers(model)
 
 
 def _capture_inputs(

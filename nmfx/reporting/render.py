@@ -1,6 +1,6 @@
 """Rendering of ``nmfx.report`` results: terminal, Markdown, JSON (versioned), CSV, PNG.
 
-Computing lives in ``nmfx.report``; nothing here measures anything.
+Computing lives in ``nmfx.reporting.measure``; nothing here measures anything.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 from tabulate import tabulate
 
 if TYPE_CHECKING:
-    from nmfx.report import Report
+    from nmfx.reporting.schema import Report
 
 _COLUMNS = [
     ("layer", "name"), ("op", "op"), ("weight", "weight_shape"), ("dtype", "dtype"),
@@ -91,7 +91,7 @@ def render_json(rep: Report, indent: int | None = 2) -> str:
 
 def parse_json(text: str) -> Report:
     """Rebuild a Report from ``render_json`` output; other schema versions are refused."""
-    from nmfx.report import SCHEMA_VERSION, Report, ReportRow, ReportTotals
+    from nmfx.reporting.schema import SCHEMA_VERSION, Report, ReportRow, ReportTotals
 
     data = json.loads(text)
     version = data.get("schema_version")
@@ -107,7 +107,7 @@ def parse_json(text: str) -> Report:
 
 
 def render_csv(rep: Report) -> str:
-    from nmfx.report import ReportRow
+    from nmfx.reporting.schema import ReportRow
 
     names = [f.name for f in fields(ReportRow)]
     buf = io.StringIO()

@@ -1,0 +1,67 @@
+"""The ``nmfx::nm_linear`` custom op, registered by ``import nmfx`` without building anything.
+
+Graphs saved with ``torch.export`` name the op; a fresh process must resolve it right after
+``import nmfx``, so the schema, the fake (shape) kernel and autograd live here, in a module
+that imports no C++ extension. The eager implementation is looked up on first call in
+``nmfx.kernels._ops`` (which builds the kernels lazily). The packed weight travels as
+plain tensors and ints (values, mask, rows, cols, n, m) so graphs hold nothing nmfx-specific.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from nmfx.packed import unpack_buffers
+
+__all__ = ["nm_linear_op"]
+
+
+@torch.library.custom_op("nmfx::nm_linear", mutates_args=(), device_types="cpu")
+def nm_linear_op(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    cols: int,
+    n: int,
+    m: int,
+) -> torch.Tensor:
+    """y = x @ W.T + bias for the packed N:M weight W given as (values, mask, rows, cols, n, m)."""
+    from nmfx.kernels._ops import compute  # the kernels load (and build) on first call only
+
+    return compute(x, values, mask, bias, rows, cols, n, m)
+
+
+@nm_linear_op.register_fake
+def _nm_linear_fake(
+    x: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    bias: torch.Tensor | None,
+    rows: int,
+    cols: int,
+    n: int,
+    m: int,
+) -> torch.Tensor:
+    torch._check(x.shape[-1] == cols)
+    return x.new_empty((*x.shape[:-1], rows))
+
+
+def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: object) -> None:
+    _x, values, mask, bias, rows, cols, n, m = inputs
+    ctx.save_for_backward(values, mask)
+    ctx.meta = (rows, cols, n, m, bias is not None)
+
+
+def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+    # Gradients reach x and bias only: packed weights are frozen inference artifacts.
+    values, mask = ctx.saved_tensors
+    rows, cols, _n, _m, has_bias = ctx.meta
+    w = unpack_buffers(values, mask, (rows, cols))
+    grad_x = grad @ w
+    grad_bias = grad.reshape(-1, rows).sum(0) if has_bias else None
+    return grad_x, None, None, grad_bias, None, None, None, None
+
+
+nm_linear_op.register_autograd(_backward, setup_context=_setup_context)

@@ -1,6 +1,6 @@
 """Which weights ``nmfx.prune`` makes N:M, and how each one's inputs are captured.
 
-Eligibility is ``sparsify``'s, from the same analysis (``nmfx.api.analyse`` with the
+Eligibility is ``sparsify``'s, from the same analysis (``nmfx.analysis.analyse`` with the
 analysis passes only). Each sparse candidate becomes a ``PruneTarget``: the module whose
 forward consumes it (its *owner*), the 2-D view the methods work on, and where its input
 comes from: the owner's first argument for ``nn.Linear`` / ``nn.ConvNd``, otherwise the

@@ -128,18 +128,41 @@ def _shape_flags(args: Any) -> list[str]:
     ]  # fmt: skip
 
 
-def profile_step(model: torch.nn.Module, ids: torch.Tensor, top: int = 25) -> str:
-    """torch.profiler table of one decode step (one token after a prefilled cache)."""
+_GROUPS = {  # profiler op name -> where the time goes
+    "linear (packed N:M)": ("nmfx",),
+    "linear (dense)": ("aten::mm", "aten::addmm", "aten::linear", "aten::bmm"),
+    "attention": ("scaled_dot_product", "flash_attention"),
+}
+
+
+def profile_step(model: torch.nn.Module, ids: torch.Tensor, top: int = 15) -> dict[str, float]:
+    """Where one decode step (one token after a prefilled cache) goes, in ms: the ops by
+    group (self time on the calling thread) and the rest of the step's wall time, which is
+    Python between ops (HF's modules, cache bookkeeping, nmfx's op wrappers)."""
+    import time
+
     from torch.profiler import ProfilerActivity, profile
 
     with torch.no_grad():
         out = model(ids, use_cache=True)
-        nxt = out.logits[:, -1:].argmax(-1)
-        cache = out.past_key_values
+        nxt, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
         model(nxt, past_key_values=cache, use_cache=True)  # warm
         with profile(activities=[ProfilerActivity.CPU]) as prof:
+            start = time.perf_counter()
             model(nxt, past_key_values=cache, use_cache=True)
-    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top)
+            wall = (time.perf_counter() - start) * 1e3
+    events = prof.key_averages()
+    spent = dict.fromkeys(_GROUPS, 0.0)
+    spent["other ops"] = 0.0
+    for ev in events:
+        group = next((g for g, keys in _GROUPS.items() if any(k in ev.key for k in keys)), None)
+        spent[group or "other ops"] += ev.self_cpu_time_total / 1e3
+    spent["python between ops (HF, wrappers)"] = max(wall - sum(spent.values()), 0.0)
+    spent = {k: round(v, 3) for k, v in spent.items()}
+    print(f"  step wall {wall:.2f} ms (under the profiler): "
+          + ", ".join(f"{k} {v:.2f}" for k, v in spent.items()))  # fmt: skip
+    print(events.table(sort_by="self_cpu_time_total", row_limit=top))
+    return {"wall_ms": round(wall, 3), **spent}
 
 
 def run_case(args: Any, dtype_name: str, lm_head: str, pruned: torch.nn.Module) -> list[dict]:
@@ -176,12 +199,12 @@ def run_case(args: Any, dtype_name: str, lm_head: str, pruned: torch.nn.Module) 
                 row["nmfx-compile"]["vs_inductor"] = round(statistics.median(r), 3)
             _print_row(row, args.contenders)
             results.append(row)
-    if args.profile and "nmfx" in models:
+    if args.profile:
         ids = torch.randint(0, args.vocab, (1, args.prompt[0]))
         for name in ("dense", "nmfx"):
             if name in models:
                 print(f"\none decode step, {name}, {dtype_name}, lm_head {lm_head}:")
-                print(profile_step(models[name][0], ids))
+                results[0].setdefault("profile", {})[name] = profile_step(models[name][0], ids)
     return results
 
 

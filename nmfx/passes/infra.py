@@ -14,7 +14,7 @@ from nmfx.opgraph import ModelFacts
 from nmfx.pattern import NMPattern
 from nmfx.plan import Candidate
 
-__all__ = ["Pass", "PassContext", "PassResult", "run_passes"]
+__all__ = ["Pass", "PassContext", "PassResult", "eliminate_dead_code", "run_passes"]
 
 log = logging.getLogger("nmfx.passes")
 
@@ -57,3 +57,20 @@ def run_passes(gm: fx.GraphModule, passes: Sequence[Pass], ctx: PassContext) -> 
         gm, modified = result.graph_module, modified or result.modified
         done.append(name)
     return PassResult(gm, modified)
+
+
+def _keeps_effect(node: fx.Node) -> bool:
+    """FX's purity check, plus what it misses in Dynamo and FX-traced graphs: in-place
+    Tensor methods (``cache.index_copy_(...)``: HF's static KV cache), in-place torch
+    functions and ``x[i] = v``. Their results are often unused, yet they are the point."""
+    if node.is_impure():
+        return True
+    name = node.target if node.op == "call_method" else getattr(node.target, "__name__", "")
+    if node.op in ("call_method", "call_function") and isinstance(name, str):
+        return (name.endswith("_") and not name.endswith("__")) or name == "setitem"
+    return False
+
+
+def eliminate_dead_code(gm: fx.GraphModule) -> None:
+    """Remove the nodes a rewrite left unused, never one that mutates its input."""
+    gm.graph.eliminate_dead_code(is_impure_node=_keeps_effect)

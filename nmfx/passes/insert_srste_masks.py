@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from torch import fx, nn
 
 from nmfx.modules import NMMasker
-from nmfx.passes.infra import PassContext, PassResult, log
+from nmfx.passes.infra import PassContext, PassResult, eliminate_dead_code, log
 
 
 def masker_name(module: nn.Module, local_param: str, taken: Mapping[str, NMMasker]) -> str:
@@ -54,7 +54,7 @@ def insert_srste_masks(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         # Through a transpose, the transpose now reads the masked weight.
         (operand if operand is not weight_node else op_node).replace_input_with(weight_node, masked)
     if todo:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm)
         gm.recompile()
     log.debug("insert_srste_masks: %s: %d masks inserted", ctx.fqn or "<root>", len(todo))
     return PassResult(gm, bool(todo))

@@ -26,7 +26,7 @@ from torch import fx, nn
 
 from nmfx.masks import is_nm
 from nmfx.passes.detect_nm_weights import detect_pattern
-from nmfx.passes.infra import PassResult, log
+from nmfx.passes.infra import PassResult, eliminate_dead_code, log
 from nmfx.pattern import NMPattern
 from nmfx.plan import DENSE, LayerDecision
 
@@ -227,7 +227,7 @@ def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
         gm.graph.erase_node(node)
         count += 1
     if count:
-        gm.graph.eliminate_dead_code()
+        eliminate_dead_code(gm)
         gm.recompile()
     log.debug("lower_nm_linear: %d linears lowered for %s", count, ctx.target)
     return PassResult(gm, bool(count))

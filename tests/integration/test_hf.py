@@ -205,6 +205,22 @@ def test_trainer_trains_a_sparsified_model(tmp_path):
 
 
 @pytest.mark.slow
+def test_backend_nmfx_with_static_cache_generates_the_eager_tokens():
+    # HF's static cache writes K/V with cache.index_copy_(...) and ignores the result: the
+    # backend's dead-code cleanup once dropped those writes (wrong tokens from the first).
+    model = decoder("llama")
+    nmfx.finalize(nmfx.sparsify(model))
+    prompt = torch.randint(0, VOCAB, (1, 8))
+    with torch.no_grad():
+        ref = model.generate(prompt, max_new_tokens=6, do_sample=False)
+        model.forward = torch.compile(model.forward, backend="nmfx", options={"inner": "eager"})
+        out = model.generate(
+            prompt, max_new_tokens=6, do_sample=False, cache_implementation="static"
+        )
+    assert torch.equal(out, ref)
+
+
+@pytest.mark.slow
 def test_torch_compile_backend_nmfx_on_finalized_llama():
     model = decoder("llama")
     nmfx.sparsify(model)

@@ -58,6 +58,46 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_contend_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--contend", type=int, default=0, metavar="N",
+        help="run N busy-looping processes beside the measurement (stopped at exit, and after "
+        "an hour at most) to see how the kernels degrade when the cores are shared",
+    )  # fmt: skip
+
+
+def _busy_loop(deadline: float) -> None:
+    while time.time() < deadline:
+        pass
+
+
+class Contention:
+    """``n`` busy-looping processes for the duration of the block (bounded by ``max_s``)."""
+
+    def __init__(self, n: int, max_s: float = 3600.0) -> None:
+        if n < 0:
+            raise ValueError(f"--contend {n}: the number of busy processes must be >= 0")
+        self.n, self.max_s = n, max_s
+        self.procs: list[Any] = []
+
+    def __enter__(self) -> Contention:
+        import multiprocessing
+
+        ctx = multiprocessing.get_context("spawn")
+        for _ in range(self.n):
+            proc = ctx.Process(target=_busy_loop, args=(time.time() + self.max_s,), daemon=True)
+            proc.start()
+            self.procs.append(proc)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for proc in self.procs:
+            proc.terminate()
+        for proc in self.procs:
+            proc.join(timeout=5)
+        self.procs.clear()
+
+
 def source_fingerprint() -> dict[str, Any]:
     """Which nmfx code was measured: git HEAD, whether nmfx/ had local edits, a content hash.
 

@@ -37,7 +37,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from _timing import LoadMonitor, describe, interleaved, machine_info
+from _timing import Contention, LoadMonitor, add_contend_arg, describe, interleaved, machine_info
 
 import nmfx.kernels as K
 from nmfx.packed import PackedNM, pack
@@ -424,6 +424,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="restrict the sweep, e.g. --only shapes=1024x1024 --only batches=1,64 "
         "--only patterns=2:4 --only dtypes=float32 (results go to --out)",
     )
+    add_contend_arg(parser)
     return parser
 
 
@@ -454,9 +455,19 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     if not K.kernels_available():
         raise SystemExit(f"nmfx kernels unavailable: {K.build_error()}")
-    table = K.calibrate()
     info = machine_info()
-    with LoadMonitor() as load:
+    print(f"host: {info['cpu_model']}; flags: {' '.join(info['cpu_flags'])}; "
+          f"isas: {K.available_isas()}; threads: {torch.get_num_threads()}")  # fmt: skip
+    t_tune = time.perf_counter()
+    tuned = K.autotune(
+        pack(random_nm(r, c, pt, DTYPES[d]), pt)
+        for r, c in config["shapes"] for d in config["dtypes"] for pt in config["patterns"]
+    )  # fmt: skip
+    tune_s = time.perf_counter() - t_tune
+    print(f"autotuned {len(tuned)} shapes in {tune_s:.1f} s; winning path per bucket of rows:")
+    for key, choices in tuned.items():
+        print(f"  {key}: {', '.join(f'{b}: {c}' for b, c in choices.items())}")
+    with Contention(args.contend), LoadMonitor() as load:
         gib = 0.5 if args.quick else 1.0
         bandwidth = {"before": read_bandwidth(gib)}
         with torch.inference_mode():
@@ -480,8 +491,9 @@ def main(argv: list[str] | None = None) -> None:
     result = {
         "quick": args.quick,
         "argv": sys.argv[1:] if argv is None else argv,
+        "contend": args.contend,
         "machine": {
-            "cpu": table["machine"]["cpu"],
+            "cpu": info["cpu_model"],
             "platform": platform.platform(),
             "threads": torch.get_num_threads(),
             "torch": torch.__version__,
@@ -490,11 +502,8 @@ def main(argv: list[str] | None = None) -> None:
         "machine_info": info,
         "load": load.result,
         "bandwidth": bandwidth,
-        "dispatch_table": {
-            k: "unbounded" if v.get("unbounded") else v["max_sparse_batch"]
-            for k, v in table["entries"].items()
-        },
-        "calibration_s": table.get("seconds"),
+        "dispatch_table": tuned,
+        "autotune_s": tune_s,
         "elapsed_s": elapsed,
         "results": rows,
     }

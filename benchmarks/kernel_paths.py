@@ -27,7 +27,9 @@ if __package__ in (None, ""):
 
 import nmfx.kernels as K
 from benchmarks._timing import (
+    Contention,
     LoadMonitor,
+    add_contend_arg,
     base_parser,
     describe,
     interleaved,
@@ -98,7 +100,9 @@ def case(
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = base_parser(__doc__.split("\n")[0]).parse_args(argv)
+    parser = base_parser(__doc__.split("\n")[0])
+    add_contend_arg(parser)
+    args = parser.parse_args(argv)
     setup_threads(args.threads)
     if "avx2" not in K.available_isas():
         raise SystemExit(f"needs the AVX2 kernels (available: {K.available_isas()})")
@@ -115,7 +119,7 @@ def main(argv: list[str] | None = None) -> None:
     t0 = time.perf_counter()
     info = machine_info()
     results = []
-    with LoadMonitor() as load, torch.inference_mode():
+    with Contention(args.contend), LoadMonitor() as load, torch.inference_mode():
         for rows, cols, dname, pattern, batch, paths in jobs:
             results.append(
                 case(rows, cols, getattr(torch, dname), pattern, batch, paths, repeats, budget_s)

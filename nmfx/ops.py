@@ -26,11 +26,13 @@ def nm_linear_op(
     cols: int,
     n: int,
     m: int,
+    dispatch: int = -1,
 ) -> torch.Tensor:
-    """y = x @ W.T + bias for the packed N:M weight W given as (values, mask, rows, cols, n, m)."""
+    """y = x @ W.T + bias for the packed N:M weight W given as (values, mask, rows, cols, n, m);
+    ``dispatch``: the layer's tuned per-bucket kernel choices (-1: tuned on first call)."""
     from nmfx.kernels._ops import compute  # the kernels load (and build) on first call only
 
-    return compute(x, values, mask, bias, rows, cols, n, m)
+    return compute(x, values, mask, bias, rows, cols, n, m, dispatch)
 
 
 @nm_linear_op.register_fake
@@ -43,13 +45,14 @@ def _nm_linear_fake(
     cols: int,
     n: int,
     m: int,
+    dispatch: int = -1,
 ) -> torch.Tensor:
     torch._check(x.shape[-1] == cols)
     return x.new_empty((*x.shape[:-1], rows))
 
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: object) -> None:
-    _x, values, mask, bias, rows, cols, n, m = inputs
+    _x, values, mask, bias, rows, cols, n, m, *_dispatch = inputs
     ctx.save_for_backward(values, mask)
     ctx.meta = (rows, cols, n, m, bias is not None)
 
@@ -61,7 +64,7 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> t
     w = unpack_buffers(values, mask, (rows, cols))
     grad_x = grad @ w
     grad_bias = grad.reshape(-1, rows).sum(0) if has_bias else None
-    return grad_x, None, None, grad_bias, None, None, None, None
+    return grad_x, None, None, grad_bias, None, None, None, None, None
 
 
 nm_linear_op.register_autograd(_backward, setup_context=_setup_context)

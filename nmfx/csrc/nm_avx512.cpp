@@ -8,6 +8,9 @@
 
 #pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,fma,f16c,popcnt")
 
+#define NMFX_PANELS_AVX512
+#include "nm_panels.h"  // the batched path, compiled here with 16-wide vectors
+
 namespace nmfx {
 namespace {
 
@@ -44,8 +47,9 @@ inline unsigned mask16(const uint8_t* mrow, int64_t kb2, int64_t KB) {
 
 // Software prefetch of the next tile of rows into L2, as in the AVX2 kernel (where it took a
 // batch-1 4096x4096 2:4 fp32 GEMV on one thread from 2.83 to 1.8 ms): a tile's rows are WR short
-// interleaved streams the hardware prefetcher barely ramps up on. Not measured on AVX-512
-// hardware (none available to the project); prefetches never fault, so results cannot change.
+// interleaved streams the hardware prefetcher barely ramps up on. Prefetches never fault, so
+// results cannot change; whether this path or another wins on a host is measured there by the
+// autotuner (nmfx/kernels/_autotune.py).
 template <typename T, int WR, int XB>
 void micro(const NMProblem& p, int64_t r, int64_t b) {
   const T* vp[WR];
@@ -70,7 +74,7 @@ void micro(const NMProblem& p, int64_t r, int64_t b) {
   // row's end; an expand-load there reads at most 16 values into the slack (kValuePad).
   const int64_t per16 = 16 / p.m * p.n;
   for (int64_t kb2 = 0; kb2 < blocks; ++kb2) {
-    if (XB == 1 && (kb2 & 3) == 0) {  // every 64 columns
+    if ((kb2 & 3) == 0) {  // every 64 columns
       for (int i = 0; i < WR; ++i) {
         if (next[i] == nullptr) continue;
         const char* at = next[i] + (vp[i] - row0[i]) * static_cast<int64_t>(sizeof(T));
@@ -98,11 +102,23 @@ void micro(const NMProblem& p, int64_t r, int64_t b) {
   }
 }
 
+// Every row of x in tiles of 4, then one tile of the 1-3 left: each tile reads the weight rows
+// once (2 rows of x had taken two single-row passes, reading W twice: 4096x4096 fp32 2:4 ran
+// 1.94 ms at 2 rows against 0.89 at 1 on an AVX-512 host).
 template <typename T, int WR>
 void all_x_rows(const NMProblem& p, int64_t r) {
   int64_t b = 0;
   for (; b + 4 <= p.B; b += 4) micro<T, WR, 4>(p, r, b);
-  for (; b < p.B; ++b) micro<T, WR, 1>(p, r, b);
+  switch (p.B - b) {
+    case 3:
+      return micro<T, WR, 3>(p, r, b);
+    case 2:
+      return micro<T, WR, 2>(p, r, b);
+    case 1:
+      return micro<T, WR, 1>(p, r, b);
+    default:
+      return;
+  }
 }
 
 template <typename T>
@@ -152,8 +168,8 @@ void expand_rows_avx512(const NMProblem& p, int64_t r0, int64_t r1, void* out, i
 }
 
 void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) {
-  // Many rows of x: the batched AVX2 path (only the kept multiply-adds; see nm_avx2.cpp).
-  if (p.xpanel != nullptr) return nm_gemm_avx2_panels(p, r0, r1);
+  // Many rows of x: the batched path (only the kept multiply-adds; nm_panels.h), 16 wide.
+  if (p.xpanel != nullptr) return run_panels_any<V512>(p, r0, r1);
   // Batch-1 1:4 / 1:8 by default, and every selecting pattern when forced: the AVX2 selecting
   // GEMV (one FMA per 8 kept values), which expanding 16 dense weights per instruction cannot
   // beat at 1:4 / 1:8: it does 2 (1:8) to 4 (1:4) times more FMAs.

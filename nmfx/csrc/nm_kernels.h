@@ -158,7 +158,8 @@ inline const void* row_values(const NMProblem& p, int64_t r, int elem_size) {
 void nm_gemm_portable(const NMProblem& p, int64_t r0, int64_t r1);
 void nm_gemm_avx2(const NMProblem& p, int64_t r0, int64_t r1);
 void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1);
-// The batched path on x panels (p.xpanel set), AVX2 + FMA; the AVX-512 kernel uses it too.
+// The batched path on x panels (p.xpanel set), AVX2 + FMA (nm_panels.h; nm_gemm_avx512 runs
+// the same code with AVX-512 vectors).
 void nm_gemm_avx2_panels(const NMProblem& p, int64_t r0, int64_t r1);
 
 // Rows [r0, r1) of W as dense rows in the values' own dtype, bit for bit (pruned positions +0),

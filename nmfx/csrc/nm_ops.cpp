@@ -125,6 +125,108 @@ void propagate_nonfinite(const float* x, int64_t ldsrc, int64_t B, int64_t cols,
   }
 }
 
+// x -> fp32 [B, ldx], columns past cols zero; plain loops (a TensorIterator copy costs
+// microseconds, which is a lot next to a small GEMV).
+void stage_x(const at::Tensor& x, int64_t cols, int64_t ldx, float* xb) {
+  const int64_t B = x.size(0);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nmfx_stage_x", [&] {
+    const scalar_t* src = x.const_data_ptr<scalar_t>();
+    const int64_t sb = x.stride(0);
+    const int64_t sk = x.stride(1);
+    for (int64_t b = 0; b < B; ++b) {
+      float* dst = xb + b * ldx;
+      const scalar_t* row = src + b * sb;
+      if constexpr (std::is_same_v<scalar_t, float>) {
+        if (sk == 1) {
+          std::memcpy(dst, row, cols * sizeof(float));
+        } else {
+          for (int64_t k = 0; k < cols; ++k) dst[k] = row[k * sk];
+        }
+      } else {
+        for (int64_t k = 0; k < cols; ++k) dst[k] = static_cast<float>(row[k * sk]);
+      }
+      std::fill(dst + cols, dst + ldx, 0.f);
+    }
+  });
+}
+
+// y [B, rows] fp32, every row the bias (or zero): the kernels accumulate into it. With B == 0
+// y has no row to hold the bias.
+at::Tensor init_y(int64_t B, int64_t rows, const std::optional<at::Tensor>& bias) {
+  at::Tensor y = at::empty({B, rows}, at::TensorOptions().dtype(at::kFloat));
+  if (B == 0) return y;
+  float* yp = y.data_ptr<float>();
+  if (bias.has_value() && bias->defined()) {
+    const at::Tensor bc = bias->contiguous();
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bc.scalar_type(), "nmfx_bias", [&] {
+      const scalar_t* bp = bc.const_data_ptr<scalar_t>();
+      for (int64_t r = 0; r < rows; ++r) yp[r] = static_cast<float>(bp[r]);
+    });
+  } else {
+    std::fill(yp, yp + rows, 0.f);
+  }
+  for (int64_t b = 1; b < B; ++b) std::memcpy(yp + b * rows, yp, rows * sizeof(float));
+  return y;
+}
+
+// Runs fn over every weight row (and, on the batched path, every panel of x) on the torch
+// threads. Small problems stay on one thread (a fork costs more than it saves below ~64k
+// multiply-adds). Otherwise threads take work items from a shared counter, so a thread that
+// starts late or is preempted does not hold the others up (static halves would).
+void run_threads(KernelFn fn, const NMProblem& p, int64_t cols) {
+  const int64_t rows = p.R;
+  const int64_t nthreads = at::get_num_threads();
+  const int64_t macs = rows * std::max<int64_t>(cols, 1) * p.B;
+  if (nthreads <= 1 || macs < (int64_t{1} << 16)) return fn(p, 0, rows);
+  int64_t items, rchunk, bchunk = p.nbp, nbc = 1;
+  if (p.xpanel != nullptr) {
+    // The batched path re-reads the x panels for every chunk of weight rows, so chunks are at
+    // least 128 rows; with few weight rows, work is split along x as well (blocks of 32-256
+    // rows of x). 16-row chunks had made 256x4096 at 256-1024 rows of x 0.71-0.78x dense.
+    rchunk = std::max<int64_t>(128, ((rows + nthreads * 4 - 1) / (nthreads * 4) + 7) / 8 * 8);
+    const int64_t nrc = (rows + rchunk - 1) / rchunk;
+    bchunk = 256;
+    while (bchunk > kPanelBatch && nrc * ((p.nbp + bchunk - 1) / bchunk) < 2 * nthreads) {
+      bchunk /= 2;
+    }
+    nbc = (p.nbp + bchunk - 1) / bchunk;
+    items = nrc * nbc;
+  } else {  // chunks of rows, about 8 per thread
+    const int64_t per = (rows + nthreads * 8 - 1) / (nthreads * 8);
+    rchunk = std::max<int64_t>(8, (per + 7) / 8 * 8);
+    items = (rows + rchunk - 1) / rchunk;
+  }
+  std::atomic<int64_t> next{0};
+  at::parallel_for(0, std::min(nthreads, items), 1, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
+        NMProblem q = p;
+        if (p.xpanel != nullptr) {
+          q.pb0 = i % nbc * bchunk;
+          q.pb1 = std::min(p.nbp, q.pb0 + bchunk);
+        }
+        const int64_t r0 = i / nbc * rchunk;
+        fn(q, r0, std::min(rows, r0 + rchunk));
+      }
+    }
+  });
+}
+
+at::Tensor to_dtype(const at::Tensor& y, at::ScalarType dtype) {
+  if (dtype == at::kFloat) return y;
+  const int64_t n = y.numel();
+  const float* yp = y.const_data_ptr<float>();
+  at::Tensor out = at::empty(y.sizes(), y.options().dtype(dtype));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "nmfx_out", [&] {
+    scalar_t* op = out.data_ptr<scalar_t>();
+    for (int64_t i = 0; i < n; ++i) op[i] = static_cast<scalar_t>(yp[i]);
+  });
+  return out;
+}
+
+// nm_gemm: argument checks, staging (x as fp32 rows, regrouped for the 1:4/1:8 GEMV, or as
+// transposed panels for the batched path), the kernel over the threads, then NaN/Inf as in
+// F.linear and the output dtype.
 at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                    const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n,
                    int64_t m, int64_t isa) {
@@ -133,96 +235,50 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   TORCH_CHECK((path & ~kPathBits) == 0 && (path & (path - 1)) == 0, "nmfx: bad path bits ", path,
               " (at most one of PATH_EXPAND, PATH_PANELS, PATH_SELECT)");
   const PackedShape shape = check_packed(x, values, mask, bias, rows, cols, n, m);
-  const int64_t kept = shape.kept;
-  const int64_t KB = shape.KB;
-  const int64_t B = x.size(0);
-  const auto f32 = at::TensorOptions().dtype(at::kFloat);
-
-  const int64_t ldx = std::max<int64_t>(16, (cols + 15) / 16 * 16);
-  // Many rows of x take the batched path (x86 SIMD kernels only), which reads x as transposed
-  // panels: fp32 x with unit column stride is staged into them directly, without this copy.
   const KernelFn fn = select_kernel(isa);
-  TORCH_CHECK(path != kPathSelect || (fn != nm_gemm_portable && x.size(0) == 1 &&
+  const int64_t B = x.size(0);
+  TORCH_CHECK(path != kPathSelect || (fn != nm_gemm_portable && B <= 1 &&
                                       has_select_gemv(static_cast<int>(n), static_cast<int>(m))),
               "nmfx: PATH_SELECT needs an x86 ISA, one row of x and pattern 1:4, 1:8, 2:4 or 4:8; "
-              "got ", x.size(0), " rows, pattern ", n, ":", m);
-  const bool panels = fn != nm_gemm_portable && B > 0 && rows > 0 &&
+              "got ", B, " rows, pattern ", n, ":", m);
+  at::Tensor y = init_y(B, rows, bias);
+  if (B == 0 || rows == 0) return y.to(x.scalar_type());
+
+  // Many rows of x take the batched path (x86 SIMD kernels only), which reads x as transposed
+  // panels: fp32 x with unit column stride is staged into them directly, without the fp32 copy.
+  const int64_t ldx = std::max<int64_t>(16, (cols + 15) / 16 * 16);
+  const bool panels = fn != nm_gemm_portable &&
                       (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
   const bool direct = panels && x.scalar_type() == at::kFloat && x.stride(1) == 1;
-  // Otherwise x -> fp32 [B, ldx], zero padded; plain loops (a TensorIterator copy costs
-  // microseconds, which is a lot next to a small GEMV).
-  at::Tensor xhold;
+  at::Tensor xhold, xsel, xpanel;  // hold per-call buffers only when over the scratch limit
   float* xb = direct ? nullptr : scratch_floats(kScratchX, B * ldx, xhold);
-  if (!direct) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, x.scalar_type(), "nmfx_stage_x", [&] {
-      const scalar_t* src = x.const_data_ptr<scalar_t>();
-      const int64_t sb = x.stride(0);
-      const int64_t sk = x.stride(1);
-      for (int64_t b = 0; b < B; ++b) {
-        float* dst = xb + b * ldx;
-        const scalar_t* row = src + b * sb;
-        if constexpr (std::is_same_v<scalar_t, float>) {
-          if (sk == 1) {
-            std::memcpy(dst, row, cols * sizeof(float));
-          } else {
-            for (int64_t k = 0; k < cols; ++k) dst[k] = row[k * sk];
-          }
-        } else {
-          for (int64_t k = 0; k < cols; ++k) dst[k] = static_cast<float>(row[k * sk]);
-        }
-        std::fill(dst + cols, dst + ldx, 0.f);
-      }
-    });
-  }
-
-  // y starts as the bias (or zero) in a fresh fp32 buffer: the kernels accumulate into it.
-  at::Tensor y = at::empty({B, rows}, f32);
-  float* yp = y.data_ptr<float>();
-  if (B == 0) {
-    // Nothing to compute; y has no row to hold the bias.
-  } else if (bias.has_value() && bias->defined()) {
-    const at::Tensor bc = bias->contiguous();
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, bc.scalar_type(), "nmfx_bias", [&] {
-      const scalar_t* bp = bc.const_data_ptr<scalar_t>();
-      for (int64_t r = 0; r < rows; ++r) yp[r] = static_cast<float>(bp[r]);
-    });
-  } else if (B > 0) {
-    std::fill(yp, yp + rows, 0.f);
-  }
-  for (int64_t b = 1; b < B; ++b) std::memcpy(yp + b * rows, yp, rows * sizeof(float));
-
-  const ValueTail vt = value_tail(values, rows, kept);
-
-  // The batch-1 GEMV for 1:4 and 1:8 reads x regrouped by position within a group.
-  at::Tensor xsel;  // holds a per-call buffer only when over the scratch cache limit
-  float* xsel_p = nullptr;
+  if (!direct) stage_x(x, cols, ldx, xb);
+  float* xsel_p = nullptr;  // the batch-1 GEMV for 1:4 and 1:8 reads x regrouped
   if (!panels && xsel_chunk(B, static_cast<int>(n), static_cast<int>(m)) > 0) {
     xsel_p = scratch_floats(kScratchSel, ldx, xsel);
     stage_xsel(xb, cols, static_cast<int>(m), xsel_p);
   }
-
-  // Many rows of x: stage x as transposed panels for the batched path.
-  at::Tensor xpanel;  // as xsel
+  const float* src = direct ? x.const_data_ptr<float>() : xb;
+  const int64_t ldsrc = direct ? x.stride(0) : ldx;
   float* xp = nullptr;
   const int64_t nbp = (B + kPanelBatch - 1) / kPanelBatch * kPanelBatch;
   if (panels) {
     xp = scratch_floats(kScratchPanels, panel_numel(nbp, ldx), xpanel);
-    const float* src = direct ? x.const_data_ptr<float>() : xb;
-    const int64_t ldsrc = direct ? x.stride(0) : ldx;
     at::parallel_for(0, nbp / kPanelBatch, 1, [&](int64_t blk0, int64_t blk1) {
       stage_panels(src, ldsrc, cols, B, ldx, nbp, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
     });
   }
 
+  const ValueTail vt = value_tail(values, rows, shape.kept);
   NMProblem p{};
   p.x = xb;
   p.xsel = xsel_p;
   p.B = B;
   p.ldx = ldx;
   p.values = values.data_ptr();
-  p.kept = kept;
+  p.kept = shape.kept;
   p.mask = mask.data_ptr<uint8_t>();
-  p.KB = KB;
+  p.KB = shape.KB;
   p.R = rows;
   p.n = static_cast<int>(n);
   p.m = static_cast<int>(m);
@@ -230,72 +286,16 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   p.safe_rows = vt.safe_rows;
   p.tail_values = vt.tail.defined() ? vt.tail.data_ptr() : nullptr;
   p.y = y.data_ptr<float>();
-  p.xpanel = panels ? xp : nullptr;
+  p.xpanel = xp;
   p.nbp = nbp;
   p.pb0 = 0;
   p.pb1 = nbp;
   p.select = path == kPathExpand   ? SelectMode::kNever
              : path == kPathSelect ? SelectMode::kAlways
                                    : SelectMode::kAuto;
-
-  if (B == 0 || rows == 0) return y.to(x.scalar_type());
-  // Small problems stay on one thread (a fork costs more than it saves below ~64k
-  // multiply-adds). Otherwise threads take chunks of 8k rows from a shared counter, so a thread
-  // that starts late or is preempted does not hold the others up (static halves would).
-  const int64_t nthreads = at::get_num_threads();
-  const int64_t macs = rows * std::max<int64_t>(cols, 1) * B;
-  if (nthreads <= 1 || macs < (int64_t{1} << 16)) {
-    fn(p, 0, rows);
-  } else if (panels) {
-    // The batched path re-reads the x panels for every chunk of weight rows, so chunks are at
-    // least 128 rows; with few weight rows, work is split along x as well (blocks of 32-256
-    // rows of x). 16-row chunks had made 256x4096 at 256-1024 rows of x 0.71-0.78x dense.
-    const int64_t rchunk =
-        std::max<int64_t>(128, ((rows + nthreads * 4 - 1) / (nthreads * 4) + 7) / 8 * 8);
-    const int64_t nrc = (rows + rchunk - 1) / rchunk;
-    int64_t bchunk = 256;
-    while (bchunk > kPanelBatch && nrc * ((nbp + bchunk - 1) / bchunk) < 2 * nthreads) {
-      bchunk /= 2;
-    }
-    const int64_t nbc = (nbp + bchunk - 1) / bchunk;
-    const int64_t items = nrc * nbc;
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min(nthreads, items), 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-          NMProblem q = p;
-          q.pb0 = i % nbc * bchunk;
-          q.pb1 = std::min(nbp, q.pb0 + bchunk);
-          const int64_t r0 = i / nbc * rchunk;
-          fn(q, r0, std::min(rows, r0 + rchunk));
-        }
-      }
-    });
-  } else {
-    const int64_t per = (rows + nthreads * 8 - 1) / (nthreads * 8);
-    const int64_t chunk = std::max<int64_t>(8, (per + 7) / 8 * 8);
-    const int64_t nchunks = (rows + chunk - 1) / chunk;
-    std::atomic<int64_t> next{0};
-    at::parallel_for(0, std::min(nthreads, nchunks), 1, [&](int64_t t0, int64_t t1) {
-      for (int64_t t = t0; t < t1; ++t) {
-        for (int64_t c = next.fetch_add(1); c < nchunks; c = next.fetch_add(1)) {
-          fn(p, c * chunk, std::min(rows, (c + 1) * chunk));
-        }
-      }
-    });
-  }
-  if (direct) {
-    propagate_nonfinite(x.const_data_ptr<float>(), x.stride(0), B, cols, p.mask, KB, rows, yp);
-  } else {
-    propagate_nonfinite(xb, ldx, B, cols, p.mask, KB, rows, yp);
-  }
-  if (x.scalar_type() == at::kFloat) return y;
-  at::Tensor out = at::empty({B, rows}, x.options().memory_format(at::MemoryFormat::Contiguous));
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, out.scalar_type(), "nmfx_out", [&] {
-    scalar_t* op = out.data_ptr<scalar_t>();
-    for (int64_t i = 0; i < B * rows; ++i) op[i] = static_cast<scalar_t>(yp[i]);
-  });
-  return out;
+  run_threads(fn, p, cols);
+  propagate_nonfinite(src, ldsrc, B, cols, p.mask, shape.KB, rows, p.y);
+  return to_dtype(y, x.scalar_type());
 }
 
 }  // namespace

@@ -1,34 +1,49 @@
 """CPU execution of packed N:M weights: ``nm_linear`` and its controls.
 
 ``nm_linear(x, p, bias)`` equals ``F.linear(x, unpack(p), bias)`` within dtype tolerance. It runs
-the C++ kernel in ``nmfx/csrc`` (AVX-512, AVX2 or portable, picked at run time; built on first
-use) where that measures faster than dense on this machine, and dense ``F.linear`` on a cached
-dense copy elsewhere (see :func:`dispatch_table`). Importing this module builds nothing.
+one of the C++ kernel paths in ``nmfx/csrc`` (AVX-512, AVX2 or portable; built on first use) or
+the dense branch (W expanded per call, block by block, then torch's GEMM; no dense copy is
+kept), whichever :func:`autotune` measured fastest on this host for the weight's shape and the
+call's rows of x (see :func:`dispatch_table`). Importing this module builds nothing.
 
-Controls: ``NMFX_ISA`` / :func:`use_isa` force an ISA path; ``NMFX_DISPATCH`` /
-:func:`force_dispatch` force sparse or dense; ``NMFX_DISABLE_KERNELS=1`` skips the build.
+Controls: ``NMFX_ISA`` / :func:`use_isa` force an ISA; ``NMFX_DISPATCH`` / :func:`force_dispatch`
+force sparse, dense or one path; ``NMFX_CALIBRATE=0`` skips timing (each ISA's default paths);
+``NMFX_DISABLE_KERNELS=1`` skips the build.
 """
 
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import torch
 
 from nmfx.kernels import _build, _ops
-from nmfx.kernels._dispatch import calibrate, dispatch_table, force_dispatch
+from nmfx.kernels._autotune import BUCKETS, CHOICES, shape_key
+from nmfx.kernels._dispatch import (
+    dispatch_choices,
+    dispatch_summary,
+    dispatch_table,
+    force_dispatch,
+    path_for,
+)
 from nmfx.packed import PackedNM
 
 __all__ = [
+    "BUCKETS",
+    "CHOICES",
+    "autotune",
     "available_isas",
     "build_error",
-    "calibrate",
     "current_isa",
+    "dispatch_choices",
+    "dispatch_summary",
     "dispatch_table",
+    "encode_choices",
     "force_dispatch",
     "kernels_available",
     "nm_linear",
+    "path_for",
     "set_isa",
     "use_isa",
 ]
@@ -62,6 +77,43 @@ def nm_linear(x: torch.Tensor, p: PackedNM, bias: torch.Tensor | None = None) ->
     if _ops.eager_fast_path_ok(x, bias):
         return _ops.compute(x, p.values, p.mask, bias, p.rows, p.cols, n, m)
     return torch.ops.nmfx.nm_linear(x, p.values, p.mask, bias, p.rows, p.cols, n, m)
+
+
+def autotune(weights: Iterable[object], progress: bool = True) -> dict[str, dict[str, str]]:
+    """Tune (or load from the cache) every distinct shape among ``weights`` and return
+    ``{"<rows>x<cols>/<dtype>/<N>:<M>": {bucket of rows of x: choice}}``.
+
+    ``weights``: lowered modules (``NMLinear``; each gets its per-bucket choices as its
+    ``dispatch`` attribute, which travels with it through ``torch.save``, ``deepcopy`` and
+    ``torch.export``) or :class:`PackedNM` weights. A tqdm bar shows when tuning takes over 2 s.
+    """
+    from nmfx.kernels import _autotune
+    from nmfx.kernels.module import PackedLinearBase
+
+    items = list(weights)
+    keys = []
+    for w in items:
+        if isinstance(w, PackedLinearBase):
+            keys.append(shape_key(w.out_features, w.in_features, w.values.dtype, w.n, w.m))
+        elif isinstance(w, PackedNM):
+            keys.append(shape_key(w.rows, w.cols, w.dtype, w.pattern.n, w.pattern.m))
+        else:
+            raise TypeError(f"autotune expects lowered modules or PackedNM, got {type(w).__name__}")
+    entries = _autotune.autotune(keys, progress=progress)
+    for w, key in zip(items, keys, strict=True):
+        if isinstance(w, PackedLinearBase):
+            w.dispatch = _autotune.encode(entries[key]["choices"])
+    labels = _autotune.table()["buckets"]
+    return {
+        str(k): dict(zip(labels, e["choices"], strict=True)) for k, e in entries.items()
+    }
+
+
+def encode_choices(choices: dict[str, str]) -> int:
+    """``{bucket: choice}`` (as :func:`autotune` returns per shape) as a layer's ``dispatch``."""
+    from nmfx.kernels import _autotune
+
+    return _autotune.encode(list(choices.values()))
 
 
 def kernels_available() -> bool:

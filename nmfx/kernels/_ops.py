@@ -1,7 +1,8 @@
 """The eager implementation of the ``nmfx::nm_linear`` custom op (registered in ``nmfx.ops``).
 
-The choice sparse vs dense is made inside the op at run time, per call shape, so compiled
-and exported graphs keep it too.
+The choice of kernel path or dense is made inside the op at run time, per call shape, from the
+layer's tuned per-bucket choices (its ``dispatch`` int argument), so compiled and exported graphs
+keep it too.
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import os
 import torch
 import torch.nn.functional as F
 
-from nmfx.kernels import _build, _dispatch
+from nmfx.kernels import _autotune, _build, _dispatch
+from nmfx.kernels._autotune import UNTUNED
 from nmfx.packed import unpack_buffers
 
 _ISA_ENV = "NMFX_ISA"
@@ -53,17 +55,33 @@ def compute(
     cols: int,
     n: int,
     m: int,
+    dispatch: int = UNTUNED,
 ) -> torch.Tensor:
     """Eager implementation shared by the op and the eager fast path."""
     x2 = x if x.dim() == 2 else x.reshape(-1, cols)
-    mode = _dispatch.choose(x2.shape[0], values.dtype, n, m, rows, cols)
+    choice = _dispatch.choose(x2.shape[0], values.dtype, n, m, rows, cols, dispatch)
     if not _build.extension_available():
         y = F.linear(x2, unpack_buffers(values, mask, (rows, cols)), bias)
-    elif mode == "sparse":
-        y = torch.ops.nmfx_cpu.nm_gemm.default(x2, values, mask, bias, rows, cols, n, m, isa_code())
-    else:  # dense GEMM on W expanded block by block (no resident dense copy)
+    elif choice == "dense":  # dense GEMM on W expanded block by block (no resident dense copy)
         y = torch.ops.nmfx_cpu.nm_dense.default(x2, values, mask, bias, rows, cols, n, m)
+    else:
+        y = torch.ops.nmfx_cpu.nm_gemm.default(
+            x2, values, mask, bias, rows, cols, n, m, _kernel_code(choice)
+        )
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], rows)
+
+
+def _kernel_code(choice: str) -> int:
+    """nm_gemm's ISA | path argument: the choice's, under a forced ISA (NMFX_ISA / use_isa)."""
+    forced = isa_code()
+    if choice == "sparse":
+        return forced
+    code = _autotune.path_code(choice)
+    if forced == 0:
+        return code
+    if forced == _build.ISA_CODES["portable"]:
+        return forced  # one path only
+    return forced | (code & ~0xFF)
 
 
 # The op's schema, fake kernel and autograd live in nmfx.ops (registered by ``import nmfx``,

@@ -26,6 +26,9 @@ class PackedLinearBase(nn.Module):
 
     values: torch.Tensor
     mask: torch.Tensor
+    # Per-bucket kernel choices set by nmfx.kernels.autotune (-1: tuned on first call); a plain
+    # int attribute, so it travels through pickling, deepcopy and torch.export.
+    dispatch: int = -1
 
     def _packed_problem(self, values: torch.Tensor, mask: torch.Tensor) -> str:
         return buffers_problem(values, mask, self.out_features, self.in_features, self.n, self.m)

@@ -1,7 +1,7 @@
 """Lowering to nmfx's CPU kernels: each N:M linear layer (``nn.Linear``, GPT-2 ``Conv1D``)
 becomes an ``NMLinear`` holding the packed weight and calling the ``nmfx::nm_linear`` custom op (traceable by
-``torch.compile`` and ``torch.export``). The op picks sparse kernel or dense per call
-shape from the machine's calibration, so a lowered layer is never slower than dense.
+``torch.compile`` and ``torch.export``). The op runs, per call, the kernel path (or the dense
+branch) that the layer's autotuning measured fastest on this host for the call's rows of x.
 """
 
 from __future__ import annotations
@@ -28,7 +28,9 @@ class NMLinear(PackedLinearBase):
         super().__init__()
         self.out_features, self.in_features = packed.shape
         self.n, self.m = packed.pattern.n, packed.pattern.m
-        self.register_buffer("values", packed.values)
+        # Its own storage, exactly its size (safetensors' save_model refuses a view of a larger
+        # one, e.g. the SIMD slack of PackedNM.values; the kernels pad the last rows per call).
+        self.register_buffer("values", packed.values.clone())
         self.register_buffer("mask", packed.mask)
         self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
@@ -47,6 +49,7 @@ class NMLinear(PackedLinearBase):
             self.in_features,
             self.n,
             self.m,
+            self.dispatch,
         )
         if _ops.eager_fast_path_ok(x, self.bias):
             return _ops.compute(x, *args)
@@ -72,13 +75,6 @@ def cpu_reason(weight: torch.Tensor, pattern: NMPattern | None, reduce_dim: int 
         return f"dtype {weight.dtype} is not one of {sorted(map(str, SUPPORTED_DTYPES))}"
     if weight.device.type != "cpu":
         return f"weight is on {weight.device}; move the model to CPU for target='cpu'"
-    from nmfx.kernels._dispatch import MIN_SPARSE_NUMEL
-
-    if weight.numel() < MIN_SPARSE_NUMEL:
-        return (
-            f"{weight.numel():,} weights < {MIN_SPARSE_NUMEL:,}: below this size the sparse kernel "
-            f"measured slower than dense at some batch sizes; kept as nn.Linear"
-        )
     return None
 
 
@@ -92,11 +88,16 @@ def cpu_decision(
     if reason is not None:
         return LayerDecision(name, param, op, "cpu", DENSE, reason), None
     packed = pack(weight.detach().contiguous(), pattern)
+    # Which kernel path (or dense) runs per rows of x: measured on this host now (or cached),
+    # not in the first forward.
+    from nmfx.kernels import autotune, dispatch_summary, encode_choices
+
+    choices = next(iter(autotune([packed]).values()))
     return LayerDecision(
         name, param, op, "cpu", SPARSE,
-        f"packed {pattern}, {packed.nbytes / packed.dense_nbytes:.0%} of dense bytes "
-        f"(sparse kernel or dense per call shape, as calibrated)",
-        {"packed_bytes": packed.nbytes, "dense_bytes": packed.dense_nbytes},
+        f"packed {pattern}, {packed.nbytes / packed.dense_nbytes:.0%} of dense bytes; runs "
+        f"{dispatch_summary(encode_choices(choices))}",
+        {"packed_bytes": packed.nbytes, "dense_bytes": packed.dense_nbytes, "dispatch": choices},
     ), packed  # fmt: skip
 
 
@@ -155,7 +156,7 @@ def lower_cpu(
 ) -> tuple[nn.Module, list[LayerDecision]]:
     """Swap every eligible N:M linear layer of ``model`` (changed in place) for ``NMLinear``:
     ``nn.Linear`` and layers computing ``x @ W + b`` (GPT-2 ``Conv1D``, op ``addmm``)."""
-    from nmfx.kernels import dispatch_table  # the op and its calibration, loaded lazily
+    from nmfx.kernels import autotune  # the op and its tuning, loaded lazily
 
     decisions, swaps = [], []
     modules = dict(model.named_modules())
@@ -173,7 +174,7 @@ def lower_cpu(
     for fqn, new in swaps:
         parent_fqn, _, attr = fqn.rpartition(".")
         setattr(model.get_submodule(parent_fqn), attr, new)
-    if swaps:
-        dispatch_table()  # calibrate (or load the cached table) now, not in the first forward
+    if swaps:  # each layer carries its tuned choices (tuned in cpu_decision; from memory now)
+        autotune([new for _, new in swaps], progress=False)
     log.info("lower(cpu): %d of %d N:M layers packed", len(swaps), len(nm_weights))
     return model, decisions

@@ -236,6 +236,11 @@ def _measure_row(
     if row.verdict == SPARSE:
         row.sparse_ms, row.sparse_iqr_ms = _ms(t["sparse"])
         row.speedup = row.dense_ms / row.sparse_ms
+        if hasattr(sparse_mod, "dispatch"):  # which kernel path (or dense) ran at these rows
+            from nmfx.kernels import path_for
+
+            rows_x = x.numel() // x.shape[-1]
+            row.reason += f"; ran {path_for(sparse_mod, rows_x)} at {rows_x} rows of x"
         with torch.no_grad():
             row.max_abs_diff = float((sparse_mod(x).float() - dense_mod(x).float()).abs().max())
 

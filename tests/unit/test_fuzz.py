@@ -3,7 +3,9 @@
 1. ``nm_mask`` (C++ kernel and tensor-op paths) equals the mask written from the definition.
 2. ``pack`` -> ``unpack`` is exact, bit for bit, and ``pack`` refuses weights that are not N:M.
 3. ``nm_linear`` (every ISA path, sparse and dense dispatch) equals ``F.linear`` within a
-   bound derived from the dtypes' unit roundoffs (``TOL_OUT`` below).
+   bound derived from the dtypes' unit roundoffs (``TOL_OUT`` below); with NaN/Inf in x, every
+   forced kernel path has F.linear's NaN and Inf; a mask corrupted after packing is refused on
+   entry exactly when it is invalid and never crashes a kernel path.
 4. ``sparsify`` -> train -> ``finalize``: the finalized model's output equals the sparsified
    model's eval output, bit for bit, and its recorded weights are exactly N:M.
 
@@ -30,7 +32,9 @@ from nmfx.masks import masked_with_mask, reference_nm_mask
 from nmfx.packed import PackedNM, pack, unpack
 from nmfx.pattern import NMPattern
 
-DEFAULT_EXAMPLES = {"mask": 150, "pack": 150, "linear": 150, "sparsify": 40}
+DEFAULT_EXAMPLES = {
+    "mask": 150, "pack": 150, "linear": 150, "sparsify": 40, "nonfinite": 40, "corrupt": 40,
+}  # fmt: skip
 
 
 def fuzz(kind: str):
@@ -253,6 +257,125 @@ def test_nm_linear_equals_f_linear(
     err = (y.double() - ref).abs()
     worst = (err - bound).max().item() if err.numel() else 0.0
     assert worst <= 0, f"{isa}/{mode}: error exceeds the bound by {worst:.3g}"
+
+
+def _paths(isa: str, batch: int, n: int, m: int) -> list[str]:
+    """Every kernel path the op can be forced to for this call (PATH_* bits), plus dense."""
+    from nmfx.kernels import _build
+
+    if isa == "portable":
+        return ["auto", "dense"]
+    paths = ["auto", "expand", "panels", "dense"]
+    if batch == 1 and (n, m) in _build.SELECT_PATTERNS:
+        paths.append("select")
+    return paths
+
+
+def _run_path(x, p, bias, isa: str, path: str) -> torch.Tensor:
+    from nmfx.kernels import _build
+
+    n, m = p.pattern.n, p.pattern.m
+    if path == "dense":
+        return torch.ops.nmfx_cpu.nm_dense(x, p.values, p.mask, bias, p.rows, p.cols, n, m)
+    bits = {"auto": 0, "expand": _build.PATH_EXPAND, "panels": _build.PATH_PANELS,
+            "select": _build.PATH_SELECT}[path]  # fmt: skip
+    code = _build.ISA_CODES[isa] | bits
+    return torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, bias, p.rows, p.cols, n, m, code)
+
+
+@fuzz("nonfinite")
+@given(
+    pattern=patterns(ms=(4, 8, 16)),
+    rows=st.integers(1, 48),
+    groups=st.integers(1, 40),
+    batch=st.sampled_from([1, 1, 2, 3, 5, 17, 31, 32, 33, 40]),
+    dtype=st.sampled_from(PACKED_DTYPES),
+    with_bias=st.booleans(),
+    specials=st.lists(st.sampled_from(["nan", "inf", "-inf"]), min_size=1, max_size=4),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_nonfinite_x_gives_the_nan_and_inf_of_f_linear(
+    pattern, rows, groups, batch, dtype, with_bias, specials, seed
+):
+    """NaN/+-Inf in x: every ISA and path (incl. the dense branch) has NaN and Inf exactly
+    where F.linear on the dense weight has them (0 * Inf = NaN at pruned weights), and the
+    finite outputs within the bound of the property above."""
+    from nmfx import kernels
+
+    assert kernels.kernels_available()
+    cols = groups * pattern.m
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g).to(dtype)
+    w = torch.where(nmfx.nm_mask(w, pattern), w, 0)
+    x = torch.randn(batch, cols, generator=g).to(dtype)
+    for special in specials:
+        at = torch.randint(0, x.numel(), (1,), generator=g).item()
+        x.view(-1)[at] = float(special)
+    bias = torch.randn(rows, generator=g).to(dtype) if with_bias else None
+    xd, wd = x.double(), w.double()
+    ref = F.linear(xd, wd, None if bias is None else bias.double())
+    finite = ref.isfinite()
+    scale = F.linear(xd.nan_to_num(0, 0, 0).abs(), wd.abs(), None if bias is None else bias.double().abs())
+    bound = 2 * ((cols + 2) * U32 * scale + TOL_OUT[dtype] * ref.abs()
+                 + TOL_OUT[dtype] * torch.finfo(dtype).smallest_normal)  # fmt: skip
+    p = pack(w, pattern)
+    for isa in kernels.available_isas():
+        for path in _paths(isa, batch, pattern.n, pattern.m):
+            y = _run_path(x, p, bias, isa, path).double()
+            assert torch.equal(y.isnan(), ref.isnan()), f"{isa}/{path}: NaN positions differ"
+            assert torch.equal(y.isinf() & (y > 0), ref.isinf() & (ref > 0)), f"{isa}/{path}: +Inf"
+            assert torch.equal(y.isinf() & (y < 0), ref.isinf() & (ref < 0)), f"{isa}/{path}: -Inf"
+            err = (y - ref).abs()[finite]
+            assert bool((err <= bound[finite]).all()), f"{isa}/{path}: finite outputs off"
+
+
+@fuzz("corrupt")
+@given(
+    pattern=patterns(ms=(4, 8, 16)),
+    rows=st.integers(1, 40),
+    groups=st.integers(1, 40),
+    batch=st.sampled_from([1, 2, 5, 32, 33]),
+    dtype=st.sampled_from(PACKED_DTYPES),
+    edit=st.sampled_from(["random_bytes", "all_ones", "flip_bits", "zeros"]),
+    flips=st.integers(1, 8),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_corrupt_masks_are_refused_on_entry_and_never_crash_the_kernels(
+    pattern, rows, groups, batch, dtype, edit, flips, seed
+):
+    """A mask edited after packing: the entry check (PackedNM, check_mask) refuses it exactly
+    when some group no longer keeps N (compared with a per-group count), and every ISA and
+    path computes it anyway without a crash, giving finite outputs for finite inputs."""
+    from nmfx import kernels
+    from nmfx.packed import _mask_problem, check_mask
+
+    assert kernels.kernels_available()
+    n, m = pattern.n, pattern.m
+    cols = groups * m
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g).to(dtype)
+    p = pack(torch.where(nmfx.nm_mask(w, pattern), w, 0), pattern)
+    mask = p.mask
+    if edit == "random_bytes":
+        mask.copy_(torch.randint(0, 256, mask.shape, generator=g, dtype=torch.uint8))
+    elif edit == "all_ones":
+        mask.fill_(255)
+    elif edit == "zeros":
+        mask.zero_()
+    else:
+        for _ in range(flips):
+            at = torch.randint(0, mask.numel(), (1,), generator=g).item()
+            mask.view(-1)[at] ^= 1 << torch.randint(0, 8, (1,), generator=g).item()
+    problem = _mask_problem(mask, cols, n, m)
+    assert check_mask(mask, cols, n, m) == problem
+    if problem:
+        with pytest.raises(ValueError, match="corrupt mask"):
+            PackedNM(p.values, mask, p.shape, pattern)
+    x = torch.randn(batch, cols, generator=g).to(dtype)
+    for isa in kernels.available_isas():
+        for path in _paths(isa, batch, n, m):
+            y = _run_path(x, p, None, isa, path)
+            assert y.shape == (batch, rows) and bool(y.isfinite().all()), f"{isa}/{path}"
 
 
 EMPTY_BATCH_WITH_BIAS = """

@@ -287,3 +287,16 @@ def test_lowered_load_state_dict_accepts_a_valid_other_weight() -> None:
     other[0].values.mul_(2)
     low.load_state_dict(other.state_dict())
     assert torch.equal(low[0].values, other[0].values)
+
+
+def test_lowered_model_saves_with_safetensors_save_model(tmp_path) -> None:
+    """Issue: save_model failed ("None is covering the entire storage") on the slack view of
+    values; a lowered layer's values own their storage now."""
+    from safetensors.torch import load_model, save_model
+
+    low, other = _lowered(), _lowered()
+    other[0].values.zero_()
+    save_model(low, str(tmp_path / "low.safetensors"))
+    load_model(other, str(tmp_path / "low.safetensors"))
+    x = torch.randn(3, 64)
+    torch.testing.assert_close(other(x), low(x))

@@ -69,7 +69,7 @@ def dynamo_like_graph(weight: torch.Tensor):
     ]
 
 
-BIG = (1024, 512)  # at the CPU size floor (MIN_SPARSE_NUMEL): smaller weights stay dense
+BIG = (1024, 512)
 
 
 def test_lower_nm_linear_rewrites_nm_weight_and_matches_dense():
@@ -117,15 +117,16 @@ def test_sparsified_model_masker_is_folded():
     assert [(d.name, d.verdict) for d in decisions] == [("0", "sparse"), ("2", "dense")]
 
 
-def test_lower_nm_linear_applies_the_cpu_size_floor_of_nmfx_lower():
-    """One CPU rule for nmfx.lower and the backend: a small N:M weight stays dense in both."""
+def test_lower_nm_linear_has_no_size_floor_like_nmfx_lower():
+    """One CPU rule for nmfx.lower and the backend: no size floor; a small N:M weight is packed
+    in both (and runs sparse or dense per rows of x, as tuned)."""
     gm, inputs = dynamo_like_graph(nm((16, 32)))
     ctx = BackendContext(inputs)
-    assert not lower_nm_linear(gm, ctx).modified
+    assert lower_nm_linear(gm, ctx).modified
     from nmfx.lowering.cpu import cpu_reason
 
-    assert ctx.decisions[0].reason == cpu_reason(inputs[0], NMPattern(2, 4))
-    assert "below this size" in ctx.decisions[0].reason
+    assert cpu_reason(inputs[0], NMPattern(2, 4)) is None
+    assert ctx.decisions[0].verdict == "sparse"
 
 
 def test_lower_nm_linear_checks_a_given_pattern():

@@ -1,0 +1,407 @@
+"""Per-layer autotuning: which kernel path (or dense) runs each packed weight, per rows of x.
+
+Crossovers between the sparse paths and dense GEMM depend on the host (AVX2 vs AVX-512, MKL's
+GEMV speed, cache sizes), the weight's shape, dtype and pattern, and the number of rows of x,
+and are not monotone in the rows (an AVX-512 kernel once lost at 2 rows and won at 4). So for
+every distinct (rows, cols, dtype, pattern) that is lowered, :func:`autotune` times every path
+this host supports -- the selecting GEMV (one row), expanding W in registers, the batched path
+on x panels, each ISA's, the portable kernel -- and the dense branch (``nm_dense``: W expanded
+block by block per call, then torch's GEMM), at one probe batch per bucket of rows
+(:data:`BUCKETS`), interleaved, median of at least five rounds, and records the fastest per
+bucket. Every bucket is measured (no stop at the first loss). A candidate more than
+:data:`PRUNE_FACTOR` times slower than the best is not timed at larger buckets (the portable
+kernel, and expanding W once x has many rows); dense never is. Within :data:`NOISE_MARGIN` of the
+fastest, the previous bucket's winner is kept, so noise does not flip neighbouring buckets.
+
+Results are cached on disk (``$NMFX_CACHE_DIR`` or ``~/.cache/nmfx``) in one JSON file per host
+key: CPU model and flags, threads, torch version and a digest of the kernel sources; an entry per
+shape. A corrupt or foreign file is ignored with one warning naming it, re-measured and
+rewritten; an unwritable directory warns once and works from memory. Tuning done while other
+processes hold the cores (a small parallel op takes over :data:`CONTENDED_PROBE_US`) is used by
+this process but not cached.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import statistics
+import threading
+import time
+import warnings
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import torch
+
+from nmfx.kernels import _build
+
+logger = logging.getLogger(__name__)
+
+TABLE_VERSION = 5  # 5: per-shape autotuning (1-4: per-machine thresholds)
+CACHE_ENV = "NMFX_CACHE_DIR"
+CALIBRATE_ENV = "NMFX_CALIBRATE"
+# Buckets of rows of x (inclusive bounds; the last is open) and the batch timed for each.
+BUCKETS: tuple[tuple[int, int | None], ...] = (
+    (1, 1), (2, 2), (3, 4), (5, 8), (9, 16), (17, 32), (33, 64), (65, 128), (129, 256), (257, None),
+)  # fmt: skip
+PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+# Every choice a bucket can hold; the index is its 4-bit code in a module's dispatch code.
+CHOICES = (
+    "dense", "portable", "avx2-expand", "avx2-select", "avx2-panels", "avx512-expand",
+    "avx512-panels",
+)  # fmt: skip
+NOISE_MARGIN = 0.03
+PRUNE_FACTOR = 3.0
+MIN_ROUNDS = 5
+MAX_ROUNDS = 25
+CELL_BUDGET_S = 0.02  # per bucket: rounds continue past MIN_ROUNDS until this much time
+CONTENDED_PROBE_US = 500.0
+UNTUNED = -1  # dispatch code of a weight that was never tuned
+
+
+class ShapeKey(NamedTuple):
+    rows: int
+    cols: int
+    dtype: str
+    n: int
+    m: int
+
+    def __str__(self) -> str:
+        return f"{self.rows}x{self.cols}/{self.dtype}/{self.n}:{self.m}"
+
+
+def shape_key(rows: int, cols: int, dtype: torch.dtype, n: int, m: int) -> ShapeKey:
+    return ShapeKey(int(rows), int(cols), str(dtype).removeprefix("torch."), int(n), int(m))
+
+
+def bucket_of(batch: int) -> int:
+    """Index into :data:`BUCKETS` of a call with ``batch`` rows of x."""
+    for i, (_lo, hi) in enumerate(BUCKETS):
+        if hi is None or batch <= hi:
+            return i
+    return len(BUCKETS) - 1
+
+
+def encode(choices: list[str]) -> int:
+    """Per-bucket choice names -> one int (4 bits per bucket), what a lowered module carries."""
+    return sum(CHOICES.index(c) << (4 * i) for i, c in enumerate(choices))
+
+
+def decode(code: int) -> list[str]:
+    return [CHOICES[(code >> (4 * i)) & 0xF] for i in range(len(BUCKETS))]
+
+
+def choice_at(code: int, bucket: int) -> str:
+    return CHOICES[(code >> (4 * bucket)) & 0xF]
+
+
+def choice_isa(choice: str) -> str | None:
+    """The ISA a choice needs (None for dense)."""
+    return None if choice == "dense" else choice.split("-")[0]
+
+
+def host_choices(n: int, m: int, batch: int) -> list[str]:
+    """The choices this host can run for one call shape (dense first)."""
+    isas = _build.supported_isas()
+    out = ["dense", *(["portable"] if "portable" in isas else [])]
+    for isa in ("avx2", "avx512"):
+        if isa in isas:
+            out += [f"{isa}-expand", f"{isa}-panels"]
+    if "avx2" in isas and batch == 1 and (n, m) in _build.SELECT_PATTERNS:
+        out.append("avx2-select")  # the AVX-512 kernel selects with the same AVX2 code
+    return out
+
+
+def path_code(choice: str) -> int:
+    """``nm_gemm``'s isa argument (ISA code | path bit) for a sparse choice."""
+    isa, _, path = choice.partition("-")
+    bits = {"": 0, "expand": _build.PATH_EXPAND, "select": _build.PATH_SELECT,
+            "panels": _build.PATH_PANELS}[path]  # fmt: skip
+    return _build.ISA_CODES[isa] | bits
+
+
+# ---- host key and cache file ----
+
+
+def _cpuinfo() -> tuple[str, list[str]]:
+    model, flags = "unknown", []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and model == "unknown":
+                    model = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and not flags:
+                    flags = sorted(line.split(":", 1)[1].split())
+    except OSError:
+        import platform
+
+        model = platform.processor() or platform.machine()
+    return model, flags
+
+
+def sources_digest() -> str:
+    h = hashlib.sha256()
+    for path in sorted(_build.CSRC.glob("*")):
+        if path.suffix in (".cpp", ".h"):
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def host_key() -> dict[str, Any]:
+    model, flags = _cpuinfo()
+    return {
+        "cpu": model,
+        "flags": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
+        "threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "isas": _build.supported_isas(),
+        "kernel_sources": sources_digest(),
+    }
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "nmfx")
+
+
+def cache_path(host: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(host, sort_keys=True).encode()).hexdigest()[:12]
+    return cache_dir() / f"autotune-v{TABLE_VERSION}-{digest}.json"
+
+
+_warned: set[str] = set()
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        logger.warning("%s", message)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+def _valid_entry(entry: Any) -> bool:
+    return (
+        isinstance(entry, dict)
+        and isinstance(entry.get("choices"), list)
+        and len(entry["choices"]) == len(BUCKETS)
+        and all(c in CHOICES for c in entry["choices"])
+    )
+
+
+def _read_cache(path: Path, host: dict[str, Any]) -> dict[str, Any]:
+    """The cached entries for this host, or {} (with one warning when the file is bad)."""
+    if not path.exists():
+        return {}
+    try:
+        data = json.loads(path.read_text())
+        if not isinstance(data, dict) or data.get("version") != TABLE_VERSION:
+            raise ValueError(f"version {data.get('version') if isinstance(data, dict) else '?'}")
+        if data.get("host") != host:
+            raise ValueError("written for another host, thread count, torch or kernel build")
+        entries = data.get("entries")
+        if not isinstance(entries, dict) or not all(map(_valid_entry, entries.values())):
+            raise ValueError("malformed entries")
+        return entries
+    except (OSError, ValueError, AttributeError) as exc:
+        _warn_once(
+            f"bad:{path}",
+            f"nmfx: ignoring the autotuning cache {path} ({exc}); re-measuring and rewriting it",
+        )
+        return {}
+
+
+def _write_cache(path: Path, host: dict[str, Any], entries: dict[str, Any]) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"version": TABLE_VERSION, "host": host, "entries": entries}))
+        tmp.replace(path)
+    except OSError as exc:
+        _warn_once(
+            f"unwritable:{path.parent}",
+            f"nmfx: cannot write the autotuning cache in {path.parent} ({exc}); tuning results "
+            f"are kept in memory for this process only (set {CACHE_ENV} to a writable directory)",
+        )
+
+
+# ---- measurement ----
+
+
+def _synthetic(key: ShapeKey) -> tuple[torch.Tensor, torch.Tensor]:
+    """Packed values/mask of the shape (kernel speed depends on neither the values nor, for M
+    in {4, 8, 16}, on where the kept ones sit): the first N of every M kept."""
+    from nmfx.packed import VALUE_SLACK, _mask_bits_to_bytes
+
+    dtype = getattr(torch, key.dtype)
+    keep = torch.zeros(key.rows, key.cols // key.m, key.m, dtype=torch.bool)
+    keep[..., : key.n] = True
+    mask = _mask_bits_to_bytes(keep.reshape(key.rows, key.cols))
+    kept = key.cols // key.m * key.n
+    buf = torch.zeros(key.rows * kept + VALUE_SLACK, dtype=dtype)
+    buf[: key.rows * kept].normal_()
+    return buf[: key.rows * kept].view(key.rows, kept), mask
+
+
+def _runner(key: ShapeKey, choice: str, values, mask, x) -> Callable[[], object]:
+    args = (x, values, mask, None, key.rows, key.cols, key.n, key.m)
+    if choice == "dense":
+        op = torch.ops.nmfx_cpu.nm_dense.default
+        return lambda: op(*args)
+    op, code = torch.ops.nmfx_cpu.nm_gemm.default, path_code(choice)
+    return lambda: op(*args, code)
+
+
+def _time_bucket(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
+    """Median seconds per candidate, interleaved (rotating order), after one warm-up call each."""
+    for fn in fns.values():
+        fn()
+    names = list(fns)
+    samples: dict[str, list[float]] = {name: [] for name in names}
+    start = time.perf_counter()
+    rounds = 0
+    while rounds < MIN_ROUNDS or (
+        rounds < MAX_ROUNDS and time.perf_counter() - start < CELL_BUDGET_S
+    ):
+        order = names[rounds % len(names) :] + names[: rounds % len(names)]
+        for name in order:
+            t0 = time.perf_counter()
+            fns[name]()
+            samples[name].append(time.perf_counter() - t0)
+        rounds += 1
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def measure(key: ShapeKey) -> dict[str, Any]:
+    """Time every choice of this host at each bucket's probe batch; the entry for the cache."""
+    values, mask = _synthetic(key)
+    dtype = getattr(torch, key.dtype)
+    pruned: set[str] = set()
+    choices: list[str] = []
+    timings: list[dict[str, float]] = []
+    with torch.inference_mode():
+        for rows_x in PROBE_ROWS:
+            x = torch.randn(rows_x, key.cols).to(dtype)
+            cands = [c for c in host_choices(key.n, key.m, rows_x) if c not in pruned]
+            med = _time_bucket({c: _runner(key, c, values, mask, x) for c in cands})
+            best = min(med.values())
+            winner = min(med, key=med.__getitem__)
+            if choices and choices[-1] in med and med[choices[-1]] <= best * (1 + NOISE_MARGIN):
+                winner = choices[-1]
+            choices.append(winner)
+            timings.append({c: round(t * 1e3, 4) for c, t in med.items()})
+            pruned |= {c for c, t in med.items() if c != "dense" and t > PRUNE_FACTOR * best}
+    return {"choices": choices, "ms": timings, "probe_rows": list(PROBE_ROWS)}
+
+
+def _contention_probe_us() -> float:
+    from nmfx.reporting.timing import parallel_op_latency_us
+
+    return parallel_op_latency_us(calls=30)
+
+
+# ---- the table ----
+
+_lock = threading.Lock()
+_memory: dict[str, dict[str, Any]] = {}  # str(ShapeKey) -> entry, this process
+_memory_host: list[dict[str, Any] | None] = [None]
+
+
+def tuning_enabled() -> bool:
+    return os.environ.get(CALIBRATE_ENV, "1") != "0" and _build.extension_available()
+
+
+def autotune(shapes: Iterable[ShapeKey], progress: bool = True) -> dict[ShapeKey, dict[str, Any]]:
+    """Per-bucket choices for each shape: from memory, the disk cache, or measured now.
+
+    Returns ``{shape: {"choices": [choice per bucket], "ms": [...], "source": ...}}``; with
+    tuning disabled (``NMFX_CALIBRATE=0`` or no kernels) the entries are the defaults of
+    :func:`default_entry` and nothing is cached.
+    """
+    keys = list(dict.fromkeys(shapes))
+    if not tuning_enabled():
+        return {k: default_entry(k) for k in keys}
+    with _lock:
+        host = host_key()
+        if _memory_host[0] != host:
+            _memory.clear()
+            _memory_host[0] = host
+        path = cache_path(host)
+        missing = [k for k in keys if str(k) not in _memory]
+        if missing:
+            cached = _read_cache(path, host)
+            for k in missing:
+                if str(k) in cached:
+                    _memory[str(k)] = {**cached[str(k)], "source": "cache"}
+            todo = [k for k in missing if str(k) not in _memory]
+            if todo:
+                _measure_and_store(todo, path, host, cached, progress)
+        return {k: _memory[str(k)] for k in keys}
+
+
+def _measure_and_store(
+    todo: list[ShapeKey], path: Path, host: dict[str, Any], cached: dict[str, Any], progress: bool
+) -> None:
+    from tqdm import tqdm
+
+    t0 = time.perf_counter()
+    probe = [_contention_probe_us()]
+    bar = tqdm(todo, desc="nmfx autotune", unit="shape", delay=2.0, disable=not progress)
+    fresh = {}
+    for k in bar:
+        bar.set_postfix_str(str(k), refresh=False)
+        fresh[str(k)] = measure(k)
+    probe.append(_contention_probe_us())
+    contended = max(probe) > CONTENDED_PROBE_US
+    source = "measured-contended" if contended else "measured"
+    for name, entry in fresh.items():
+        _memory[name] = {**entry, "source": source}
+    logger.info("nmfx autotuned %d shapes in %.1f s (%s)", len(todo), time.perf_counter() - t0,
+                source)  # fmt: skip
+    if contended:
+        logger.warning(
+            "nmfx autotuned on a busy machine (a small parallel op took %.0f us); the result "
+            "is used by this process only and measured again next time", max(probe),
+        )  # fmt: skip
+        return
+    _write_cache(path, host, {**cached, **fresh})
+
+
+def default_entry(key: ShapeKey) -> dict[str, Any]:
+    """Untuned: the best ISA's own path choice at every bucket (no timing)."""
+    isas = _build.supported_isas()
+    best = isas[-1] if isas else None
+    if best is None:
+        return {"choices": ["dense"] * len(BUCKETS), "source": "default"}
+    if best == "portable":
+        return {"choices": ["portable"] * len(BUCKETS), "source": "default"}
+    choices = []
+    for rows_x in PROBE_ROWS:
+        if rows_x == 1 and (key.n, key.m) in _build.SELECT_PATTERNS:
+            choices.append("avx2-select")
+        elif rows_x >= 32:
+            choices.append("avx2-panels")
+        else:
+            choices.append(f"{best}-expand")
+    return {"choices": choices, "source": "default"}
+
+
+def table() -> dict[str, Any]:
+    """Every shape tuned in this process, with the host key and cache file."""
+    host = _memory_host[0] or host_key()
+    return {
+        "version": TABLE_VERSION,
+        "host": host,
+        "path": str(cache_path(host)),
+        "buckets": [f"{lo}-{hi}" if hi != lo else str(lo) for lo, hi in BUCKETS[:-1]]
+        + [f"{BUCKETS[-1][0]}+"],
+        "entries": dict(_memory),
+    }
+
+
+def clear_memory() -> None:
+    """Forget this process's tuned shapes (the disk cache stays)."""
+    with _lock:
+        _memory.clear()

@@ -1,0 +1,233 @@
+"""Per-layer autotuning: what is timed, the per-bucket choice, the disk cache and its bad inputs,
+overrides, and the choice travelling with a lowered module. No test depends on which path wins
+on this host: timings are stubbed where a choice is asserted."""
+
+from __future__ import annotations
+
+import copy
+import json
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import nmfx.kernels as K
+from nmfx.kernels import _autotune, _build, _dispatch
+from nmfx.lowering.cpu import NMLinear
+from nmfx.packed import pack
+
+KEY = _autotune.shape_key(24, 64, torch.float32, 2, 4)
+
+
+def random_nm(rows: int, cols: int, n: int, m: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols // m, m, generator=g)
+    idx = w.abs().topk(n, dim=-1).indices
+    return torch.zeros_like(w).scatter_(-1, idx, w.gather(-1, idx)).reshape(rows, cols)
+
+
+@pytest.fixture(autouse=True)
+def _tuning(monkeypatch, tmp_path):
+    """Tuning on, into a private cache; no memory of earlier tests; idle probe."""
+    assert K.kernels_available()
+    monkeypatch.setenv("NMFX_CALIBRATE", "1")
+    monkeypatch.setenv("NMFX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("NMFX_DISPATCH", raising=False)
+    monkeypatch.delenv("NMFX_ISA", raising=False)
+    monkeypatch.setattr(_autotune, "_contention_probe_us", lambda: 40.0)
+    monkeypatch.setattr(_autotune, "_warned", set())
+    monkeypatch.setattr(_dispatch, "_table", None)
+    _autotune.clear_memory()
+    yield
+    _autotune.clear_memory()
+
+
+def _stub_timer(monkeypatch, times_by_batch) -> list[tuple[int, list[str]]]:
+    """Replace the timing: ``times_by_batch(rows_x, choice) -> seconds``; records the calls."""
+    calls: list[tuple[int, list[str]]] = []
+
+    def fake(fns):
+        rows_x = fake.rows_x.pop(0)
+        calls.append((rows_x, list(fns)))
+        return {c: times_by_batch(rows_x, c) for c in fns}
+
+    fake.rows_x = list(_autotune.PROBE_ROWS)
+    monkeypatch.setattr(_autotune, "_time_bucket", fake)
+    return calls
+
+
+def test_every_bucket_and_every_host_choice_is_timed_without_early_stop(monkeypatch) -> None:
+    """Sparse loses at 2 rows and wins again at 4 (non-monotone): later buckets are still
+    measured and chosen on their own times."""
+
+    def times(rows_x, choice):
+        if choice == "dense":
+            return 1.0
+        return 2.0 if rows_x == 2 else 0.5
+
+    calls = _stub_timer(monkeypatch, times)
+    entry = _autotune.measure(KEY)
+    assert [rows for rows, _ in calls] == list(_autotune.PROBE_ROWS)
+    assert set(calls[0][1]) == set(_autotune.host_choices(2, 4, 1))
+    assert calls[0][1].count("dense") == 1
+    assert entry["choices"][1] == "dense"
+    assert all(c != "dense" for i, c in enumerate(entry["choices"]) if i != 1)
+    if "avx2" in _build.supported_isas():
+        assert "avx2-select" in calls[0][1] and all("avx2-select" not in c for _, c in calls[1:])
+
+
+def test_noise_margin_keeps_the_previous_winner_and_slow_paths_are_pruned(monkeypatch) -> None:
+    if "avx2" not in _build.supported_isas():
+        pytest.skip("needs two sparse paths")
+
+    def times(rows_x, choice):
+        base = {"dense": 1.0, "portable": 10.0, "avx2-expand": 0.50, "avx2-panels": 0.51}
+        if rows_x >= 64:
+            base["avx2-panels"] = 0.49  # within 3%: avx2-expand stays
+        return base.get(choice, 0.9)
+
+    calls = _stub_timer(monkeypatch, times)
+    entry = _autotune.measure(KEY)
+    assert entry["choices"][6:] == ["avx2-expand"] * 4
+    assert all("portable" not in cands for _, cands in calls[1:])  # > 3x the best at 1 row
+    assert all("dense" in cands for _, cands in calls)
+
+
+def test_cache_round_trip_and_memory(monkeypatch) -> None:
+    calls = _stub_timer(monkeypatch, lambda rows_x, c: 0.5 if c == "dense" else 1.0)
+    first = _autotune.autotune([KEY])[KEY]
+    assert first["source"] == "measured" and first["choices"] == ["dense"] * 10
+    path = _autotune.cache_path(_autotune.host_key())
+    assert json.loads(path.read_text())["entries"][str(KEY)]["choices"] == ["dense"] * 10
+    _autotune.clear_memory()
+    monkeypatch.setattr(_autotune, "measure", lambda key: pytest.fail("measured again"))
+    again = _autotune.autotune([KEY])[KEY]
+    assert again["source"] == "cache" and again["choices"] == first["choices"]
+    assert len(calls) == len(_autotune.PROBE_ROWS)
+
+
+@pytest.mark.parametrize(
+    "content",
+    ["{not json", json.dumps({"version": 5, "host": {"cpu": "elsewhere"}, "entries": {}}),
+     json.dumps([1, 2]), ""],
+    ids=["corrupt", "foreign-host", "not-a-table", "truncated"],
+)
+def test_bad_cache_file_warns_once_naming_it_and_is_rewritten(monkeypatch, content) -> None:
+    _stub_timer(monkeypatch, lambda rows_x, c: 0.5 if c == "dense" else 1.0)
+    path = _autotune.cache_path(_autotune.host_key())
+    path.parent.mkdir(parents=True)
+    path.write_text(content)
+    with pytest.warns(RuntimeWarning, match=r"ignoring the autotuning cache .*autotune-v5-"):
+        entry = _autotune.autotune([KEY])[KEY]
+    assert entry["source"] == "measured"
+    data = json.loads(path.read_text())
+    assert data["host"] == _autotune.host_key() and str(KEY) in data["entries"]
+
+
+def test_unwritable_cache_dir_works_and_warns_once(monkeypatch, tmp_path) -> None:
+    _stub_timer(monkeypatch, lambda rows_x, c: 0.5 if c == "dense" else 1.0)
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    monkeypatch.setenv("NMFX_CACHE_DIR", str(blocker / "sub"))  # a file in the way
+    other = _autotune.shape_key(8, 16, torch.float32, 2, 4)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _autotune.autotune([KEY])[KEY]["choices"] == ["dense"] * 10
+        monkeypatch.setattr(_autotune, "_time_bucket", lambda fns: dict.fromkeys(fns, 1.0))
+        _autotune.autotune([other])
+    msgs = [str(w.message) for w in caught if "cannot write the autotuning cache" in str(w.message)]
+    assert len(msgs) == 1 and "NMFX_CACHE_DIR" in msgs[0]
+
+
+def test_tuning_under_load_is_used_but_not_cached(monkeypatch) -> None:
+    _stub_timer(monkeypatch, lambda rows_x, c: 0.5 if c == "dense" else 1.0)
+    monkeypatch.setattr(_autotune, "_contention_probe_us", lambda: 8000.0)
+    entry = _autotune.autotune([KEY])[KEY]
+    assert entry["source"] == "measured-contended" and entry["choices"] == ["dense"] * 10
+    assert not _autotune.cache_path(_autotune.host_key()).exists()
+
+
+def test_codes_and_buckets() -> None:
+    choices = list(_autotune.CHOICES) * 2
+    assert _autotune.decode(_autotune.encode(choices[:10])) == choices[:10]
+    assert [_autotune.bucket_of(b) for b in (1, 2, 3, 4, 5, 8, 9, 16, 17, 32, 33, 256, 257, 10**6)] \
+        == [0, 1, 2, 2, 3, 3, 4, 4, 5, 5, 6, 8, 9, 9]  # fmt: skip
+    code = _autotune.encode(["avx2-select", *["dense"] * 9])
+    assert K.dispatch_summary(code) == "avx2-select at 1, dense at 2+ rows of x"
+
+
+@pytest.mark.parametrize(
+    ("env", "value", "match"),
+    [
+        ("NMFX_DISPATCH", "fast", r"NMFX_DISPATCH='fast' is not one of \['auto', 'sparse', 'dense'"),
+        ("NMFX_ISA", "avx9", r"NMFX_ISA='avx9' is not one of \['auto', 'portable', 'avx2'"),
+    ],
+)
+def test_invalid_overrides_name_the_value_and_the_allowed_ones(monkeypatch, env, value, match):
+    p = pack(random_nm(8, 16, 2, 4), "2:4")
+    monkeypatch.setenv(env, value)
+    with pytest.raises(ValueError, match=match):
+        K.nm_linear(torch.randn(1, 16), p)
+
+
+def _host_paths() -> list[str]:
+    return [c for c in _autotune.CHOICES if _autotune.choice_isa(c) in (None, *K.available_isas())]
+
+
+@pytest.mark.parametrize("choice", _host_paths())
+@pytest.mark.parametrize("batch", [1, 3, 40])
+def test_every_host_choice_forced_matches_linear(choice: str, batch: int) -> None:
+    if choice == "avx2-select" and batch != 1:
+        pytest.skip("the selecting GEMV is for one row of x")
+    w = random_nm(40, 96, 2, 4, seed=3)
+    x = torch.randn(batch, 96)
+    with K.force_dispatch(choice):
+        y = K.nm_linear(x, pack(w, "2:4"), None)
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-4)
+
+
+def _module() -> NMLinear:
+    return NMLinear(pack(random_nm(24, 64, 2, 4, seed=4), "2:4"), torch.randn(24))
+
+
+def test_choice_travels_with_the_module(monkeypatch, tmp_path) -> None:
+    _stub_timer(monkeypatch, lambda rows_x, c: 0.5 if c == "dense" else 1.0)
+    layer = _module()
+    table = K.autotune([layer])
+    assert table == {str(KEY): dict.fromkeys(_autotune.table()["buckets"], "dense")}
+    code = layer.dispatch
+    assert code == _autotune.encode(["dense"] * 10)
+    assert K.path_for(layer, 7) == "dense"
+    with K.force_dispatch("sparse"):
+        assert K.path_for(layer, 7) == "sparse"
+    assert copy.deepcopy(layer).dispatch == code
+    torch.save(layer, tmp_path / "m.pt")
+    assert torch.load(tmp_path / "m.pt", weights_only=False).dispatch == code
+    x = torch.randn(3, 64)
+    ep = torch.export.export(layer, (x,))
+    calls = [n for n in ep.graph.nodes if n.target is torch.ops.nmfx.nm_linear.default]
+    assert len(calls) == 1 and code in calls[0].args
+    torch.testing.assert_close(ep.module()(x), layer(x))
+
+
+def test_table_naming_an_isa_this_cpu_lacks_runs_a_supported_path(monkeypatch) -> None:
+    layer = _module()
+    layer.dispatch = _autotune.encode(["avx512-panels"] * 10)
+    monkeypatch.setattr(_build, "supported_isas", lambda: ["portable"])
+    x = torch.randn(2, 64)
+    with pytest.warns(RuntimeWarning, match=r"names 'avx512-panels', which this CPU cannot run"):
+        y = layer(x)
+    w = random_nm(24, 64, 2, 4, seed=4)
+    torch.testing.assert_close(y, F.linear(x, w, layer.bias), rtol=1e-5, atol=1e-4)
+
+
+def test_lowering_tunes_small_layers_too(monkeypatch) -> None:
+    """No size floor: a 64x64 N:M layer is packed and runs where it measured fastest."""
+    import nmfx
+
+    _stub_timer(monkeypatch, lambda rows_x, c: 0.5 if c == "dense" else 1.0)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 4))
+    low = nmfx.lower(nmfx.finalize(nmfx.sparsify(model)), "cpu")
+    assert isinstance(low[0], NMLinear)
+    assert low[0].dispatch == _autotune.encode(["dense"] * 10)

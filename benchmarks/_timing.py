@@ -27,8 +27,12 @@ from typing import Any
 
 import torch
 
-from nmfx.reporting.timing import (  # one implementation of the machine facts and the load probe
+# One implementation of the machine facts and the load probe, shared with nmfx.report;
+# LoadMonitor and parallel_op_latency_us are re-exported to the benchmark scripts.
+from nmfx.reporting.timing import (  # noqa: F401
+    LoadMonitor,
     cpu_flags,
+    cpu_jiffies,
     cpu_model,
     parallel_op_latency_us,
 )
@@ -138,56 +142,6 @@ def machine_info() -> dict[str, Any]:
     }
 
 
-def _jiffies() -> tuple[int, int, int]:
-    """(system busy, system total, this process's CPU time) in clock ticks, from /proc."""
-    with open("/proc/stat") as f:
-        fields = [int(x) for x in f.readline().split()[1:]]
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
-    total = sum(fields[:8])  # guest time is already counted in user
-    with open("/proc/self/stat") as f:
-        stat = f.read().rsplit(")", 1)[1].split()
-    # utime, stime, and cutime, cstime of waited-for children (fields 14-17 of proc(5)):
-    # child processes a benchmark starts count as its own work, not as other load.
-    own = sum(int(x) for x in stat[11:15])
-    return total - idle, total, own
-
-
-class LoadMonitor:
-    """Context manager recording how busy the machine was while a benchmark ran.
-
-    ``others_cpu_share`` is the fraction of all cores' time spent by *other* processes
-    (0 on an idle machine, 0.5 when a single-threaded job kept one of 2 cores busy).
-    """
-
-    def __init__(self) -> None:
-        self.result: dict[str, Any] = {}
-
-    def __enter__(self) -> LoadMonitor:
-        self._probe0 = parallel_op_latency_us()
-        self._load0 = os.getloadavg()
-        self._wall0 = time.perf_counter()
-        try:
-            self._j0: tuple[int, int, int] | None = _jiffies()
-        except (OSError, ValueError, IndexError):
-            self._j0 = None
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.result = {
-            "loadavg_before": list(self._load0),
-            "loadavg_after": list(os.getloadavg()),
-            "wall_s": time.perf_counter() - self._wall0,
-            "parallel_op_us_before": self._probe0,
-            "parallel_op_us_after": parallel_op_latency_us(),
-        }
-        if self._j0 is not None:
-            busy1, total1, own1 = _jiffies()
-            busy0, total0, own0 = self._j0
-            span = max(total1 - total0, 1)
-            self.result["own_cpu_share"] = (own1 - own0) / span
-            self.result["others_cpu_share"] = max(busy1 - busy0 - (own1 - own0), 0) / span
-
-
 def time_once(fn: Callable[[], Any]) -> float:
     """Wall seconds of one call of ``fn`` (CPU only: nothing to synchronise)."""
     start = time.perf_counter()
@@ -219,9 +173,9 @@ class Rounds:
 
 
 def _others_share(before: tuple[int, int, int] | None) -> tuple[float | None, Any]:
-    """CPU share other processes took since ``before`` (a ``_jiffies()``), and a new sample."""
+    """CPU share other processes took since ``before`` (a ``cpu_jiffies()``), and a new sample."""
     try:
-        now = _jiffies()
+        now = cpu_jiffies()
     except (OSError, ValueError, IndexError):
         return None, None
     if before is None:

@@ -19,6 +19,7 @@ from nmfx.lowering import lower, lowering_decisions
 from nmfx.masks import is_nm, nm_mask
 from nmfx.packed import PackedNM, load_packed, pack, save_packed, unpack
 from nmfx.pattern import NMPattern, parse_pattern
+from nmfx.prune import prune
 from nmfx.reporting import Report, report
 from nmfx.srste import add_srste_terms
 from nmfx.stats import mask_snapshot, mask_stats
@@ -47,6 +48,7 @@ __all__ = [
     "nm_weights",
     "pack",
     "parse_pattern",
+    "prune",
     "report",
     "save_packed",
     "sparsify",

@@ -64,6 +64,9 @@ def sparsify(
     config: SparsityConfig | None = None,
     *,
     passes: tuple[Pass, ...] = SPARSIFY_PASSES,
+    init: str | None = None,
+    calibration: Any = None,
+    prune_options: dict[str, Any] | None = None,
     **options: Any,
 ) -> nn.Module:
     """Make ``model`` train N:M sparse with SR-STE; returns the same object, changed in place.
@@ -71,9 +74,17 @@ def sparsify(
     Options are the fields of :class:`SparsityConfig` (``pattern="2:4"``,
     ``srste_lambda=2e-4``, ``exclude=[...]``, ...). Parameter names, shapes and
     ``state_dict`` keys are unchanged. Errors are raised before anything is changed.
+    ``init="sparsegpt"`` (or ``"wanda"``, ``"magnitude"``) first prunes one-shot with
+    ``nmfx.prune(model, pattern, init, calibration=calibration, **prune_options)``.
     """
     cfg = config_from_options(config, options)
     _check_model(model)
+    if init is not None:  # one-shot pruning first; the masks then start from its zeros
+        from nmfx.prune import prune
+
+        prune(model, cfg.pattern, init, calibration=calibration, exclude=cfg.exclude,
+              keep_output_dense=cfg.keep_output_dense, min_weight_numel=cfg.min_weight_numel,
+              **(prune_options or {}))  # fmt: skip
     found = analyse(model, cfg, passes)
     plan = SparsityPlan(
         cfg, found.candidates, found.coverage, found.traced, found.trace_error, found.facts.capture
@@ -176,9 +187,12 @@ def _numel(shape: tuple[int, ...]) -> int:
     return n
 
 
-def summary(model: nn.Module) -> Summary:
-    """The plan ``sparsify`` recorded on ``model``."""
+def summary(model: nn.Module) -> Any:
+    """The plan ``sparsify`` recorded on ``model`` (a ``Summary``), or, for a model only
+    pruned by ``nmfx.prune``, its ``PruneSummary``."""
     plan = model_state.get_plan(model)
+    if plan is None and model_state.get_prune_summary(model) is not None:
+        return model_state.get_prune_summary(model)
     if plan is None:
         raise ValueError(
             "model was not sparsified by nmfx.sparsify; call nmfx.sparsify(model) first"

@@ -33,12 +33,14 @@ __all__ = [
     "finalized_layers",
     "get_decisions",
     "get_plan",
+    "get_prune_summary",
     "install",
     "is_sparsified",
     "maskers",
     "nm_record",
     "set_decisions",
     "set_nm_record",
+    "set_prune_summary",
     "uninstall",
 ]
 
@@ -47,6 +49,7 @@ _RECORD = "_nmfx_nm_record"  # plain data, on the root of a finalized model
 _DECISIONS = "_nmfx_lowering"  # list[LayerDecision], on a lowered model
 _DDP_IGNORE = "_ddp_params_and_buffers_to_ignore"  # DDP's own attribute name
 _RECORD_VERSION = 1
+_PRUNE = "_nmfx_prune"  # PruneSummary of nmfx.prune, on the root; finalize removes it
 
 
 @dataclass
@@ -95,6 +98,7 @@ def uninstall(model: nn.Module) -> None:
         if names or _rewritten(module):
             module.__dict__.pop("forward", None)
         module.__dict__.pop(_PLAN, None)
+        module.__dict__.pop(_PRUNE, None)
         ignored = module.__dict__.get(_DDP_IGNORE)
         if ignored is not None:
             kept = [n for n in ignored if not _is_masker_buffer(n)]
@@ -140,6 +144,16 @@ def _ddp_ignore_stored_masks(model: nn.Module) -> list[str]:
 def get_plan(model: nn.Module) -> SparsityPlan | None:
     """The plan ``sparsify`` recorded on ``model`` (None once finalized, or never sparsified)."""
     return model.__dict__.get(_PLAN)
+
+
+def set_prune_summary(model: nn.Module, summary: Any) -> None:
+    """Keep what ``nmfx.prune`` did (a ``PruneSummary``) on ``model`` for ``nmfx.summary``."""
+    model.__dict__[_PRUNE] = summary
+
+
+def get_prune_summary(model: nn.Module) -> Any:
+    """The ``PruneSummary`` of the last ``nmfx.prune`` on ``model``, or None."""
+    return model.__dict__.get(_PRUNE)
 
 
 # ---- finalize: the plain-data N:M record --------------------------------------------------

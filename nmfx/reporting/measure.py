@@ -23,7 +23,7 @@ from nmfx.finalize import detect_nm, finalize, nm_weights
 from nmfx.lowering import lower, lowering_decisions
 from nmfx.plan import DENSE, SPARSE, Candidate, LayerDecision
 from nmfx.reporting.schema import Report, ReportRow, ReportTotals
-from nmfx.reporting.timing import Timing, machine_info, time_interleaved
+from nmfx.reporting.timing import LoadMonitor, Timing, machine_info, time_interleaved
 
 __all__ = ["report"]
 
@@ -118,6 +118,45 @@ def report(
     rows = _plan_rows(dense, plan, record, decisions)
     dev = "cuda" if target == "cuda" else "cpu"
 
+    with LoadMonitor() as load:
+        totals = _measure(
+            dense, sparse, rows, inputs, warmup, repeats, dev, compile_dense, notes, say
+        )
+    machine = machine_info(dev)
+    machine["load"] = load.result
+    if load.contended:
+        note = _contention_note(load)
+        notes.append(note)
+        log.warning("nmfx.report: %s", note)
+    settings = {"pattern": pattern, "warmup": warmup, "repeats": repeats, "compile_dense": compile_dense,
+                "input_shapes": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]}  # fmt: skip
+    if target == "cpu":
+        from nmfx.kernels import available_isas, current_isa, kernels_available
+
+        isa = "unavailable (dense fallback)"
+        if kernels_available():
+            isa = current_isa()
+            isa = available_isas()[-1] if isa == "auto" else isa  # auto: the best supported
+        machine["nmfx_isa"] = isa
+    return Report(rows, totals, target, machine, settings, notes)
+
+
+def _contention_note(load: LoadMonitor) -> str:
+    share = load.others_share
+    taken = "" if share is None else f"other processes took {share:.0%} of the CPU and "
+    res = load.result
+    return (
+        f"measured under contention: {taken}a small parallel op took "
+        f"{res['parallel_op_us_before']} us before and {res['parallel_op_us_after']} us after "
+        f"(tens of us when idle); times and ratios are unreliable: rerun on a quiet machine"
+    )
+
+
+def _measure(
+    dense: nn.Module, sparse: nn.Module, rows: list[ReportRow], inputs: tuple, warmup: int,
+    repeats: int, dev: str, compile_dense: bool, notes: list[str], say: Callable[[str], None],
+) -> ReportTotals:  # fmt: skip
+    """Time every reached layer, then the whole model; fills ``rows`` in place."""
     module_rows = [r for r in rows if r.verdict == SPARSE or _is_module_layer(dense, r)]
     owners = {r.name: _owner(r.param) for r in module_rows}
     captured = _capture_inputs(dense, list(set(owners.values())), inputs)
@@ -133,19 +172,7 @@ def report(
         )
 
     say("end to end")
-    totals = _measure_model(dense, sparse, inputs, rows, warmup, repeats, dev, compile_dense, notes)
-    settings = {"pattern": pattern, "warmup": warmup, "repeats": repeats, "compile_dense": compile_dense,
-                "input_shapes": [list(t.shape) for t in inputs if isinstance(t, torch.Tensor)]}  # fmt: skip
-    machine = machine_info(dev)
-    if target == "cpu":
-        from nmfx.kernels import available_isas, current_isa, kernels_available
-
-        isa = "unavailable (dense fallback)"
-        if kernels_available():
-            isa = current_isa()
-            isa = available_isas()[-1] if isa == "auto" else isa  # auto: the best supported
-        machine["nmfx_isa"] = isa
-    return Report(rows, totals, target, machine, settings, notes)
+    return _measure_model(dense, sparse, inputs, rows, warmup, repeats, dev, compile_dense, notes)
 
 
 def _positional_inputs(example_inputs: Any, warmup: int, repeats: int) -> tuple:

@@ -13,10 +13,23 @@ import statistics
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ["Timing", "cpu_flags", "cpu_model", "machine_info", "time_interleaved"]
+__all__ = [
+    "CONTENDED_SHARE",
+    "LoadMonitor",
+    "Timing",
+    "cpu_flags",
+    "cpu_jiffies",
+    "cpu_model",
+    "machine_info",
+    "time_interleaved",
+]
+
+# Share of all cores' time taken by other processes above which a measurement is contended.
+CONTENDED_SHARE = 0.10
 
 
 @dataclass(frozen=True)
@@ -102,6 +115,77 @@ def parallel_op_latency_us(numel: int = 1 << 18, calls: int = 50) -> float:
         torch.add(a, b, out=out)
         samples.append(time.perf_counter() - start)
     return round(statistics.median(samples) * 1e6, 1)
+
+
+def cpu_jiffies() -> tuple[int, int, int]:
+    """(system busy, system total, this process's CPU time) in clock ticks, from /proc."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    total = sum(fields[:8])  # guest time is already counted in user
+    with open("/proc/self/stat") as f:
+        stat = f.read().rsplit(")", 1)[1].split()
+    # utime, stime, and cutime, cstime of waited-for children (fields 14-17 of proc(5)):
+    # child processes a benchmark starts count as its own work, not as other load.
+    own = sum(int(x) for x in stat[11:15])
+    return total - idle, total, own
+
+
+class LoadMonitor:
+    """Context manager recording how busy the machine was while something was measured.
+
+    ``result["others_cpu_share"]`` is the fraction of all cores' time spent by *other*
+    processes (0 on an idle machine, 0.5 when a single-threaded job kept one of 2 cores
+    busy); absent where /proc cannot be read. :attr:`contended` says whether that share
+    passed :data:`CONTENDED_SHARE`, or the small parallel op ran 5x slower after than before.
+    """
+
+    def __init__(self) -> None:
+        self.result: dict[str, Any] = {}
+
+    def __enter__(self) -> LoadMonitor:
+        self._probe0 = parallel_op_latency_us()
+        self._load0 = _loadavg()
+        self._wall0 = time.perf_counter()
+        try:
+            self._j0: tuple[int, int, int] | None = cpu_jiffies()
+        except (OSError, ValueError, IndexError):
+            self._j0 = None
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.result = {
+            "loadavg_before": self._load0,
+            "loadavg_after": _loadavg(),
+            "wall_s": time.perf_counter() - self._wall0,
+            "parallel_op_us_before": self._probe0,
+            "parallel_op_us_after": parallel_op_latency_us(),
+        }
+        try:
+            busy1, total1, own1 = cpu_jiffies()
+        except (OSError, ValueError, IndexError):
+            return
+        if self._j0 is not None:
+            busy0, total0, own0 = self._j0
+            span = max(total1 - total0, 1)
+            self.result["own_cpu_share"] = (own1 - own0) / span
+            self.result["others_cpu_share"] = max(busy1 - busy0 - (own1 - own0), 0) / span
+
+    @property
+    def others_share(self) -> float | None:
+        share = self.result.get("others_cpu_share")
+        return None if share is None else float(share)
+
+    @property
+    def contended(self) -> bool:
+        share = self.others_share
+        before = float(self.result.get("parallel_op_us_before") or 0.0)
+        after = float(self.result.get("parallel_op_us_after") or 0.0)
+        return (share is not None and share > CONTENDED_SHARE) or (0 < 5 * before < after)
+
+
+def _loadavg() -> list[float]:
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else []
 
 
 def cpu_model() -> str:

@@ -81,4 +81,23 @@ inline ValueTail value_tail(const at::Tensor& values, int64_t rows, int64_t kept
   return out;
 }
 
+// The weight's half of an NMProblem (values, mask, pattern, tail rows); callers fill x, y and the
+// path fields. `vt` must outlive the problem: tail_values points into its tensor.
+inline NMProblem weight_problem(const at::Tensor& values, const at::Tensor& mask,
+                                const PackedShape& shape, const ValueTail& vt, int64_t rows,
+                                int64_t n, int64_t m) {
+  NMProblem p{};
+  p.values = values.data_ptr();
+  p.kept = shape.kept;
+  p.mask = mask.data_ptr<uint8_t>();
+  p.KB = shape.KB;
+  p.R = rows;
+  p.n = static_cast<int>(n);
+  p.m = static_cast<int>(m);
+  p.vtype = shape.vtype;
+  p.safe_rows = vt.safe_rows;
+  p.tail_values = vt.tail.defined() ? vt.tail.data_ptr() : nullptr;
+  return p;
+}
+
 }  // namespace nmfx

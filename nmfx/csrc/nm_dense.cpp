@@ -29,17 +29,7 @@ at::Tensor nm_dense(const at::Tensor& x, const at::Tensor& values, const at::Ten
   at::Tensor y = at::empty({B, rows}, x.options().memory_format(at::MemoryFormat::Contiguous));
   if (B == 0 || rows == 0) return y;
   const ValueTail vt = value_tail(values, rows, shape.kept);
-  NMProblem p{};
-  p.values = values.data_ptr();
-  p.kept = shape.kept;
-  p.mask = mask.data_ptr<uint8_t>();
-  p.KB = shape.KB;
-  p.R = rows;
-  p.n = static_cast<int>(n);
-  p.m = static_cast<int>(m);
-  p.vtype = shape.vtype;
-  p.safe_rows = vt.safe_rows;
-  p.tail_values = vt.tail.defined() ? vt.tail.data_ptr() : nullptr;
+  const NMProblem p = weight_problem(values, mask, shape, vt, rows, n, m);
   const auto expand = cpu_has_avx512() ? expand_rows_avx512 : expand_rows_portable;
 
   const int64_t esize = values.element_size();

@@ -270,21 +270,11 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   }
 
   const ValueTail vt = value_tail(values, rows, shape.kept);
-  NMProblem p{};
+  NMProblem p = weight_problem(values, mask, shape, vt, rows, n, m);
   p.x = xb;
   p.xsel = xsel_p;
   p.B = B;
   p.ldx = ldx;
-  p.values = values.data_ptr();
-  p.kept = shape.kept;
-  p.mask = mask.data_ptr<uint8_t>();
-  p.KB = shape.KB;
-  p.R = rows;
-  p.n = static_cast<int>(n);
-  p.m = static_cast<int>(m);
-  p.vtype = shape.vtype;
-  p.safe_rows = vt.safe_rows;
-  p.tail_values = vt.tail.defined() ? vt.tail.data_ptr() : nullptr;
   p.y = y.data_ptr<float>();
   p.xpanel = xp;
   p.nbp = nbp;

@@ -20,6 +20,7 @@ from typing import Any
 from tabulate import tabulate
 
 ROOT = Path(__file__).resolve().parents[2]
+DEFAULT_OUT = ROOT / "out" / "oneshot"  # untracked; docs/oneshot only with --out docs/oneshot
 STARTS = ("magnitude", "magnitude+permute", "wanda", "sparsegpt")
 FINETUNES = ("srste", "ste", "fixed")
 
@@ -197,7 +198,7 @@ def render(paths: list[Path], out: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--json", nargs="+", type=Path, required=True)
-    p.add_argument("--out", type=Path, default=ROOT / "docs" / "oneshot")
+    p.add_argument("--out", type=Path, default=DEFAULT_OUT)
     args = p.parse_args(argv)
     render(args.json, args.out)
     return 0

@@ -37,7 +37,7 @@ from benchmarks.accuracy.train import RunRecord, final_checks, train
 from nmfx.prune import prune, prune_summary
 
 ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_OUT = ROOT / "benchmarks" / "results" / "oneshot.json"
+DEFAULT_OUT = ROOT / "out" / "benchmarks" / "oneshot.json"  # untracked; results/ only with --out
 PATTERNS = ("2:4", "4:8", "1:4")
 STARTS = {  # name -> (method, permute)
     "magnitude": ("magnitude", False),

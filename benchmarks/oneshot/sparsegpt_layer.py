@@ -24,7 +24,8 @@ from nmfx.pattern import parse_pattern
 from nmfx.prune import prune
 from nmfx.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune
 
-OUT = Path(__file__).resolve().parents[1] / "results" / "oneshot_sparsegpt_layer.json"
+# untracked by default; benchmarks/results/oneshot_sparsegpt_layer.json only with --out
+OUT = Path(__file__).resolve().parents[2] / "out" / "benchmarks" / "oneshot_sparsegpt_layer.json"
 
 
 def _time(fn) -> tuple[float, object]:  # type: ignore[no-untyped-def]

@@ -24,7 +24,8 @@ import model_zoo
 from benchmarks._timing import LoadMonitor, machine_info
 from nmfx.prune import prune, prune_summary
 
-OUT = Path(__file__).resolve().parents[1] / "results" / "oneshot_tinyllama.json"
+# untracked by default; benchmarks/results/oneshot_tinyllama.json only with --out
+OUT = Path(__file__).resolve().parents[2] / "out" / "benchmarks" / "oneshot_tinyllama.json"
 
 
 def main(argv: list[str] | None = None) -> int:

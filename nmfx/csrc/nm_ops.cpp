@@ -153,7 +153,7 @@ void stage_x(const at::Tensor& x, int64_t cols, int64_t ldx, float* xb) {
 // y [B, rows] fp32, every row the bias (or zero): the kernels accumulate into it. With B == 0
 // y has no row to hold the bias.
 at::Tensor init_y(int64_t B, int64_t rows, const std::optional<at::Tensor>& bias) {
-  at::Tensor y = at::empty({B, rows}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor y = new_buffer({B, rows}, at::TensorOptions().dtype(at::kFloat));
   if (B == 0) return y;
   float* yp = y.data_ptr<float>();
   if (bias.has_value() && bias->defined()) {
@@ -216,7 +216,7 @@ at::Tensor to_dtype(const at::Tensor& y, at::ScalarType dtype) {
   if (dtype == at::kFloat) return y;
   const int64_t n = y.numel();
   const float* yp = y.const_data_ptr<float>();
-  at::Tensor out = at::empty(y.sizes(), y.options().dtype(dtype));
+  at::Tensor out = new_buffer(y.sizes(), y.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "nmfx_out", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     for (int64_t i = 0; i < n; ++i) op[i] = static_cast<scalar_t>(yp[i]);
@@ -224,9 +224,44 @@ at::Tensor to_dtype(const at::Tensor& y, at::ScalarType dtype) {
   return out;
 }
 
-// nm_gemm: argument checks, staging (x as fp32 rows, regrouped for the 1:4/1:8 GEMV, or as
-// transposed panels for the batched path), the kernel over the threads, then NaN/Inf as in
-// F.linear and the output dtype.
+// Rows xs of x (at most a staging block) through the kernel: staged as fp32 rows (regrouped for
+// the 1:4/1:8 GEMV) or as transposed panels for the batched path, the kernel over the threads,
+// then NaN/Inf as in F.linear, into y (the block's first row of the output).
+void run_rows(KernelFn fn, NMProblem p, const at::Tensor& xs, int64_t cols, bool panels,
+              bool direct, float* y) {
+  const int64_t B = xs.size(0);
+  const int64_t ldx = p.ldx;
+  at::Tensor xhold, xsel, xpanel;  // hold per-call buffers only when over the scratch limit
+  float* xb = direct ? nullptr : scratch_floats(kScratchX, B * ldx, xhold);
+  if (!direct) stage_x(xs, cols, ldx, xb);
+  float* xsel_p = nullptr;  // the batch-1 GEMV for 1:4 and 1:8 reads x regrouped
+  if (!panels && xsel_chunk(B, p.n, p.m) > 0) {
+    xsel_p = scratch_floats(kScratchSel, ldx, xsel);
+    stage_xsel(xb, cols, p.m, xsel_p);
+  }
+  const float* src = direct ? xs.const_data_ptr<float>() : xb;
+  const int64_t ldsrc = direct ? xs.stride(0) : ldx;
+  float* xp = nullptr;
+  const int64_t nbp = (B + kPanelBatch - 1) / kPanelBatch * kPanelBatch;
+  if (panels) {
+    xp = scratch_floats(kScratchPanels, panel_numel(nbp, ldx), xpanel);
+    at::parallel_for(0, nbp / kPanelBatch, 1, [&](int64_t blk0, int64_t blk1) {
+      stage_panels(src, ldsrc, cols, B, ldx, nbp, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
+    });
+  }
+  p.x = xb;
+  p.xsel = xsel_p;
+  p.B = B;
+  p.y = y;
+  p.xpanel = xp;
+  p.nbp = nbp;
+  p.pb0 = 0;
+  p.pb1 = nbp;
+  run_threads(fn, p, cols);
+  propagate_nonfinite(src, ldsrc, B, cols, p.mask, p.KB, p.R, p.y);
+}
+
+// nm_gemm: argument checks, the kernel over blocks of rows of x (run_rows), the output dtype.
 at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                    const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n,
                    int64_t m, int64_t isa) {
@@ -250,41 +285,22 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   const bool panels = fn != nm_gemm_portable &&
                       (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
   const bool direct = panels && x.scalar_type() == at::kFloat && x.stride(1) == 1;
-  at::Tensor xhold, xsel, xpanel;  // hold per-call buffers only when over the scratch limit
-  float* xb = direct ? nullptr : scratch_floats(kScratchX, B * ldx, xhold);
-  if (!direct) stage_x(x, cols, ldx, xb);
-  float* xsel_p = nullptr;  // the batch-1 GEMV for 1:4 and 1:8 reads x regrouped
-  if (!panels && xsel_chunk(B, static_cast<int>(n), static_cast<int>(m)) > 0) {
-    xsel_p = scratch_floats(kScratchSel, ldx, xsel);
-    stage_xsel(xb, cols, static_cast<int>(m), xsel_p);
-  }
-  const float* src = direct ? x.const_data_ptr<float>() : xb;
-  const int64_t ldsrc = direct ? x.stride(0) : ldx;
-  float* xp = nullptr;
-  const int64_t nbp = (B + kPanelBatch - 1) / kPanelBatch * kPanelBatch;
-  if (panels) {
-    xp = scratch_floats(kScratchPanels, panel_numel(nbp, ldx), xpanel);
-    at::parallel_for(0, nbp / kPanelBatch, 1, [&](int64_t blk0, int64_t blk1) {
-      stage_panels(src, ldsrc, cols, B, ldx, nbp, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
-    });
-  }
-
   const ValueTail vt = value_tail(values, rows, shape.kept);
   NMProblem p = weight_problem(values, mask, shape, vt, rows, n, m);
-  p.x = xb;
-  p.xsel = xsel_p;
-  p.B = B;
   p.ldx = ldx;
-  p.y = y.data_ptr<float>();
-  p.xpanel = xp;
-  p.nbp = nbp;
-  p.pb0 = 0;
-  p.pb1 = nbp;
   p.select = path == kPathExpand   ? SelectMode::kNever
              : path == kPathSelect ? SelectMode::kAlways
                                    : SelectMode::kAuto;
-  run_threads(fn, p, cols);
-  propagate_nonfinite(src, ldsrc, B, cols, p.mask, shape.KB, rows, p.y);
+  // x is staged a block of rows at a time, so the staging stays in the kept per-thread scratch
+  // (a whole 512x4096 x staged at once had left 8-16 MB resident per slot after the call).
+  const int64_t per_row = (direct ? 0 : ldx * 4) + (panels ? panel_cols(ldx) * 4 : 0);
+  int64_t block = std::max<int64_t>(1, static_cast<int64_t>(kScratchKeepBytes) / per_row);
+  if (panels) block = std::max(kPanelBatch, block / kPanelBatch * kPanelBatch);
+  for (int64_t b0 = 0; b0 < B; b0 += block) {
+    const int64_t bs = std::min(block, B - b0);
+    run_rows(fn, p, bs >= B ? x : x.narrow(0, b0, bs), cols, panels, direct,
+             y.data_ptr<float>() + b0 * rows);
+  }
   return to_dtype(y, x.scalar_type());
 }
 

@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "nm_parallel.h"
+
 #include <cmath>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
@@ -21,6 +23,9 @@
 namespace {
 
 constexpr int64_t kMaxM = 16;
+// Work items of the threads (nm_parallel.h): 8192 groups, 32768 elements of the decay.
+constexpr int64_t kGroupChunk = 8192;
+constexpr int64_t kDecayChunk = 32768;
 
 // ``keep ? v : 0`` as bit arithmetic (all-ones or all-zeros mask): GCC vectorises this but
 // not a select on a bool load. Exact for every value, NaN and Inf included.
@@ -229,20 +234,20 @@ void mask_groups_m(const T* w, bool* out, T* masked, int64_t groups, int64_t n, 
   const int64_t isa = mask_isa();
   if constexpr (M == 4 && (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>)) {
     if (isa == kIsaAvx512) {
-      return at::parallel_for(0, groups, 4096, [=](int64_t begin, int64_t end) {
+      return nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
         mask4_avx512<T>(w, out, masked, begin, end, n);
       });
     }
   }
   if constexpr (std::is_same_v<T, float> && M == 4) {
     if (isa >= kIsaAvx2) {
-      return at::parallel_for(0, groups, 4096, [=](int64_t begin, int64_t end) {
+      return nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
         mask4_avx2(w, out, masked, begin, end, n);
       });
     }
   }
 #endif
-  at::parallel_for(0, groups, 4096, [=](int64_t begin, int64_t end) {
+  nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
     mask_block<T, M>(w, out, masked, begin, end, n, m);
   });
 }
@@ -315,7 +320,7 @@ void srste_decay_(at::Tensor grad, const at::Tensor& w, const at::Tensor& mask, 
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     const scalar_t* x = w.const_data_ptr<scalar_t>();
     const bool* keep = mask.const_data_ptr<bool>();
-    at::parallel_for(0, numel, 16384, [=](int64_t begin, int64_t end) {
+    nmfx::parallel_ranges(numel, kDecayChunk, [=](int64_t begin, int64_t end) {
 #if defined(__x86_64__) || defined(_M_X64)
       if constexpr (std::is_same_v<scalar_t, float>) {
         // casts only satisfy the compiler for the other dtypes: this branch runs for float

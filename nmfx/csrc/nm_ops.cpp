@@ -18,6 +18,7 @@
 
 #include "nm_args.h"
 #include "nm_kernels.h"
+#include "nm_parallel.h"
 #include "nm_scratch.h"
 
 namespace nmfx {
@@ -171,8 +172,8 @@ at::Tensor init_y(int64_t B, int64_t rows, const std::optional<at::Tensor>& bias
 
 // Runs fn over every weight row (and, on the batched path, every panel of x) on the torch
 // threads. Small problems stay on one thread (a fork costs more than it saves below ~64k
-// multiply-adds). Otherwise threads take work items from a shared counter, so a thread that
-// starts late or is preempted does not hold the others up (static halves would).
+// multiply-adds). Otherwise threads take work items from a shared counter (parallel_items,
+// which also stays on one thread for a while after waiting on a descheduled thread).
 void run_threads(KernelFn fn, const NMProblem& p, int64_t cols) {
   const int64_t rows = p.R;
   const int64_t nthreads = at::get_num_threads();
@@ -196,19 +197,14 @@ void run_threads(KernelFn fn, const NMProblem& p, int64_t cols) {
     rchunk = std::max<int64_t>(8, (per + 7) / 8 * 8);
     items = (rows + rchunk - 1) / rchunk;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(nthreads, items), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-        NMProblem q = p;
-        if (p.xpanel != nullptr) {
-          q.pb0 = i % nbc * bchunk;
-          q.pb1 = std::min(p.nbp, q.pb0 + bchunk);
-        }
-        const int64_t r0 = i / nbc * rchunk;
-        fn(q, r0, std::min(rows, r0 + rchunk));
-      }
+  parallel_items(items, nthreads, [&](int64_t i) {
+    NMProblem q = p;
+    if (p.xpanel != nullptr) {
+      q.pb0 = i % nbc * bchunk;
+      q.pb1 = std::min(p.nbp, q.pb0 + bchunk);
     }
+    const int64_t r0 = i / nbc * rchunk;
+    fn(q, r0, std::min(rows, r0 + rchunk));
   });
 }
 
@@ -294,8 +290,11 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   // x is staged a block of rows at a time, so the staging stays in the kept per-thread scratch
   // (a whole 512x4096 x staged at once had left 8-16 MB resident per slot after the call).
   const int64_t per_row = (direct ? 0 : ldx * 4) + (panels ? panel_cols(ldx) * 4 : 0);
-  int64_t block = std::max<int64_t>(1, static_cast<int64_t>(kScratchKeepBytes) / per_row);
-  if (panels) block = std::max(kPanelBatch, block / kPanelBatch * kPanelBatch);
+  // Blocks of equal size (a last block of a few rows would cost a pass over W for little).
+  const int64_t unit = panels ? kPanelBatch : 1;
+  const int64_t most = std::max(unit, static_cast<int64_t>(kScratchKeepBytes) / per_row / unit * unit);
+  const int64_t nblk = (B + most - 1) / most;
+  const int64_t block = std::min(most, ((B + nblk - 1) / nblk + unit - 1) / unit * unit);
   for (int64_t b0 = 0; b0 < B; b0 += block) {
     const int64_t bs = std::min(block, B - b0);
     run_rows(fn, p, bs >= B ? x : x.narrow(0, b0, bs), cols, panels, direct,

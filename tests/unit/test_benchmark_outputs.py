@@ -60,7 +60,7 @@ def test_timing_scripts_take_contend() -> None:
     """Every timing script that compares with dense can run beside N busy-looping processes."""
     import subprocess
 
-    for script in ("cpu_kernels", "kernel_paths", "mask_speed", "srste_step"):
+    for script in ("contention", "cpu_kernels", "kernel_paths", "mask_speed", "srste_step"):
         out = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
             capture_output=True, text=True, check=True, cwd=ROOT,

@@ -87,6 +87,6 @@ def test_srste_decay_equals_portable_bit_for_bit(isa, numel) -> None:
 
 
 def test_set_mask_isa_rejects_unknown_codes() -> None:
-    with pytest.raises(RuntimeError, match="ISA code 7 is not 0 .auto., 1 .portable."):
+    with pytest.raises(RuntimeError, match=r"ISA code 7 is not 0 \(auto\), 1 \(portable\)"):
         torch.ops.nmfx_cpu.set_mask_isa(7)
     assert torch.ops.nmfx_cpu.set_mask_isa(0) == 0

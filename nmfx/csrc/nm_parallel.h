@@ -5,9 +5,10 @@
 // returns only once every thread it started has arrived. When another process holds a core
 // (2-core host, one busy loop beside it), a worker may not run until the scheduler gives it a
 // slice: the caller, done with every item, waits milliseconds for a thread that then finds
-// nothing to do. Each parallel call here measures that wait; one longer than kStallNs spent on
-// a thread that took no item marks the host contended, and calls run on the calling thread
-// alone for the next kSerialNs (then try threads again). Dense torch ops do not pay that wait
+// nothing to do (or was preempted inside its last item). Each parallel call here measures that
+// wait; one longer than kStallNs, on a thread that took no item or longer than four of the
+// caller's items, marks the host contended, and calls run on the calling thread alone for the
+// next kSerialNs (then try threads again). Dense torch ops do not pay that wait
 // for small GEMVs, which MKL runs on one thread.
 #pragma once
 
@@ -61,17 +62,24 @@ void parallel_items(int64_t items, int64_t threads, const Body& body) {
   }
   std::atomic<int64_t> next{0};
   std::atomic<int64_t> idle{0};
-  std::atomic<int64_t> caller_done{0};
+  int64_t caller_items = 0, caller_start = 0, caller_done = 0;  // written by thread 0 only
   at::parallel_for(0, threads, 1, [&](int64_t t0, int64_t t1) {
+    const bool caller = at::get_thread_num() == 0;
+    if (caller) caller_start = steady_ns();
     for (int64_t t = t0; t < t1; ++t) {
       int64_t done = 0;
       for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1), ++done) body(i);
       if (done == 0) idle.fetch_add(1, std::memory_order_relaxed);
-      if (at::get_thread_num() == 0) caller_done.store(steady_ns(), std::memory_order_relaxed);
+      if (caller) caller_items += done;
     }
+    if (caller) caller_done = steady_ns();
   });
-  const int64_t done_ns = caller_done.load(std::memory_order_relaxed);
-  if (done_ns > 0 && idle.load(std::memory_order_relaxed) > 0 && steady_ns() - done_ns > kStallNs) {
+  // The caller waited on the others past kStallNs, and longer than a few of its own items
+  // take: a thread arrived too late to take any item, or was preempted inside one.
+  if (caller_done == 0) return;  // ran nested (serially) inside another parallel region
+  const int64_t wait = steady_ns() - caller_done;
+  const int64_t per_item = (caller_done - caller_start) / std::max<int64_t>(caller_items, 1);
+  if (wait > kStallNs && (idle.load(std::memory_order_relaxed) > 0 || wait > 4 * per_item)) {
     c.stalls.fetch_add(1, std::memory_order_relaxed);
     mark_contended(kSerialNs);
   }

@@ -44,12 +44,17 @@ class Stage:
     targets: list[PruneTarget]
     block: int | None  # index in the block stack, or None: the whole model is run
     stop: nn.Module | None  # the first owner of the next stage (its pre-hook ends the run)
+    # the stage's last owner when every owner of the stage runs once per forward: the run
+    # ends as soon as its input is captured (before it computes: True for a pre-hook)
+    end: nn.Module | None = None
+    end_before: bool = True
 
 
 @dataclass
 class Trace:
     order: list[int] = field(default_factory=list)  # id(owner) in first-call order
     input_keys: dict[int, object] = field(default_factory=dict)
+    calls: dict[int, int] = field(default_factory=dict)  # id(owner): calls on the first batch
     block_calls: list[tuple[int, tuple | None, tuple | None]] = field(default_factory=list)
     replay_ok: bool = False
     replay_note: str = ""
@@ -98,7 +103,10 @@ def trace_calls(model: nn.Module, batches: list[Any], targets: list[PruneTarget]
     owners = {id(t.owner): t.owner for t in targets}
 
     def owner_hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-        if state["batch"] == 0 and not state["replaying"] and id(m) not in trace.input_keys:
+        if state["batch"] != 0 or state["replaying"]:
+            return
+        trace.calls[id(m)] = trace.calls.get(id(m), 0) + 1
+        if id(m) not in trace.input_keys:
             trace.order.append(id(m))
             trace.input_keys[id(m)] = tensor_key(first_tensor(args, kwargs))
 
@@ -201,6 +209,11 @@ def plan_schedule(targets: list[PruneTarget], trace: Trace, blocks: list[nn.Modu
     for cur, nxt in itertools.pairwise(stages):
         if cur.block is None or cur.block == nxt.block:
             cur.stop = owner_of[id(nxt.targets[0].owner)]
+    for stage in stages:
+        if all(trace.calls.get(id(t.owner)) == 1 for t in stage.targets):
+            last = [t for t in stage.targets if t.owner is stage.targets[-1].owner]
+            stage.end = last[0].owner
+            stage.end_before = all(t.node is None for t in last)  # else captured in forward
     return Schedule(stages, blocks, unreached, trace.input_keys, note)
 
 
@@ -242,15 +255,21 @@ class BlockInputs:
 
 def run_stage(stage: Stage, run: Callable[[int], Any], n_items: int,
               input_keys: dict[int, object]) -> dict[tuple, GramStats]:  # fmt: skip
-    """Calibrate one stage: run every item with capture hooks, stopping at ``stage.stop``."""
+    """Calibrate one stage: run every item with capture hooks, stopping once the stage's
+    inputs are captured (``stage.end``) or else at the next stage (``stage.stop``)."""
     stats: dict[tuple, GramStats] = {}
     remove = install_capture(stage.targets, stats, input_keys)
     stop_handle = None
-    if stage.stop is not None:
 
-        def stop(*_: Any) -> None:
-            raise Stop
+    def stop(*_: Any) -> None:
+        raise Stop
 
+    if stage.end is not None:  # registered after the capture hooks, so it runs after them
+        if stage.end_before:
+            stop_handle = stage.end.register_forward_pre_hook(stop)
+        else:
+            stop_handle = stage.end.register_forward_hook(stop)
+    elif stage.stop is not None:
         stop_handle = stage.stop.register_forward_pre_hook(stop)
     try:
         for i in range(n_items):

@@ -47,10 +47,18 @@ def first_tensor(args: Iterable[Any], kwargs: dict[str, Any] | None = None) -> t
 
 
 def tensor_key(x: torch.Tensor | None) -> tuple | None:
-    """Identity of an activation: same storage, offset, shape and strides."""
+    """Identity of an activation: same storage, offset, shape, strides and version (an
+    in-place write in between makes it a different activation). Two keys only say "the same
+    activation" while the first tensor is still alive: a freed activation's memory can come
+    back as another one (a 2048-wide attention output and the norm after it), so callers
+    that compare keys hold a reference to the tensor of the first."""
     if x is None:
         return None
-    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype)
+    try:
+        version = x._version
+    except RuntimeError:  # inference-mode tensors have no version counter
+        version = -1
+    return (x.data_ptr(), tuple(x.shape), tuple(x.stride()), x.dtype, version)
 
 
 _GRAM_SPLIT = 1024  # wider inputs accumulate only the upper block-triangle of X^T X
@@ -69,6 +77,7 @@ class GramStats:
         self.gram = torch.zeros(cols, cols, dtype=torch.float32, device=device)
         self.rows = 0
         self.last: tuple | None = None  # the activation added last (q, k, v add it once)
+        self.last_tensor: torch.Tensor | None = None  # kept alive so its key stays unique
         self.bounds = _block_bounds(cols)
 
     def add(self, rows: torch.Tensor) -> None:
@@ -117,7 +126,7 @@ def _adder(target: PruneTarget, stats: dict[tuple, GramStats], input_key: object
         ident = tensor_key(x)
         if entry.last == ident:  # q, k and v see the same activation: count it once
             return
-        entry.last = ident
+        entry.last, entry.last_tensor = ident, x
         entry.add(input_rows(x, target.cols, target.contract_last, target.geometry))
 
     return add

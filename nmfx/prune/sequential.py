@@ -44,8 +44,8 @@ class Stage:
     targets: list[PruneTarget]
     block: int | None  # index in the block stack, or None: the whole model is run
     stop: nn.Module | None  # the first owner of the next stage (its pre-hook ends the run)
-    # the stage's last owner when every owner of the stage runs once per forward: the run
-    # ends as soon as its input is captured (before it computes: True for a pre-hook)
+    # where the run ends once the stage's input is captured, when every owner of the stage
+    # runs once per forward (see _set_end); end_before: in a pre-hook, else a forward hook
     end: nn.Module | None = None
     end_before: bool = True
 
@@ -107,8 +107,10 @@ def trace_calls(model: nn.Module, batches: list[Any], targets: list[PruneTarget]
             return
         trace.calls[id(m)] = trace.calls.get(id(m), 0) + 1
         if id(m) not in trace.input_keys:
+            x = first_tensor(args, kwargs)
             trace.order.append(id(m))
-            trace.input_keys[id(m)] = tensor_key(first_tensor(args, kwargs))
+            trace.input_keys[id(m)] = tensor_key(x)
+            state["alive"] = x  # until the next layer's key is taken (see tensor_key)
 
     for owner in owners.values():
         handles.append(owner.register_forward_pre_hook(owner_hook, with_kwargs=True))
@@ -134,6 +136,7 @@ def _block_hook(k: int, state: dict, trace: Trace) -> Callable:
         trace.block_calls.append(
             (k, tensor_key(first_tensor(args, kwargs)), tensor_key(_hidden(out)))
         )
+        state["block_out"] = _hidden(out)  # alive until the next block's input key is taken
         if k == 0:
             state["replaying"] = True
             try:
@@ -211,10 +214,19 @@ def plan_schedule(targets: list[PruneTarget], trace: Trace, blocks: list[nn.Modu
             cur.stop = owner_of[id(nxt.targets[0].owner)]
     for stage in stages:
         if all(trace.calls.get(id(t.owner)) == 1 for t in stage.targets):
-            last = [t for t in stage.targets if t.owner is stage.targets[-1].owner]
-            stage.end = last[0].owner
-            stage.end_before = all(t.node is None for t in last)  # else captured in forward
+            _set_end(stage)
     return Schedule(stages, blocks, unreached, trace.input_keys, note)
+
+
+def _set_end(stage: Stage) -> None:
+    """Where a stage's forward can end. Its owners read one activation (that is what makes
+    them a stage), so when all of them capture it in a pre-hook the first owner's hook has
+    it all (q, k and v share one Gram matrix); an owner capturing inside its forward (a
+    functional weight op) ends it after the last owner's forward."""
+    if all(t.node is None for t in stage.targets):
+        stage.end, stage.end_before = stage.targets[0].owner, True
+    else:
+        stage.end, stage.end_before = stage.targets[-1].owner, False
 
 
 class BlockInputs:
@@ -274,7 +286,7 @@ def run_stage(stage: Stage, run: Callable[[int], Any], n_items: int,
     try:
         for i in range(n_items):
             for entry in stats.values():
-                entry.last = None  # a freed activation's address may come back next item
+                entry.last = entry.last_tensor = None  # next item: new activations
             try:
                 run(i)
             except Stop:

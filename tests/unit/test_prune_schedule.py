@@ -66,3 +66,34 @@ def test_wide_gram_matrix_equals_the_full_product() -> None:
     h = stats.hessian()
     torch.testing.assert_close(h, x.t() @ x / 80, rtol=1e-5, atol=1e-5)
     assert torch.equal(h, h.t())
+
+
+class InPlace(nn.Module):
+    """b reads the buffer a read, rewritten in place: same address, a different activation."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(32, 32)
+        self.b = nn.Linear(32, 32)
+        self.head = nn.Linear(32, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = x * 2
+        h = self.a(t)
+        t.copy_(torch.tanh(h) * torch.linspace(0.1, 3.0, 32))
+        return self.head(self.b(t))
+
+
+def test_an_activation_rewritten_in_place_is_a_new_input() -> None:
+    torch.manual_seed(0)
+    model = InPlace()
+    x = torch.randn(64, 32)
+    w_b = model.b.weight.detach().clone()
+    prune(model, "2:4", "wanda", calibration=[x], progress=False)
+    with torch.no_grad():
+        rows = torch.tanh(model.a(x * 2)) * torch.linspace(0.1, 3.0, 32)  # a is pruned now
+        delta = w_b - model.b.weight
+        expected = float(((rows @ delta.t()) ** 2).sum() / ((rows @ w_b.t()) ** 2).sum())
+    row = next(r for r in prune_summary(model).sparse if r.param == "b.weight")
+    assert row.rel_error is not None
+    assert abs(row.rel_error - expected) < 1e-3 * expected

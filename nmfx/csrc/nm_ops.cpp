@@ -35,9 +35,14 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512dq");
 }
+bool cpu_has_avx512bf16() {
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+}
 #else
 bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
+bool cpu_has_avx512bf16() { return false; }
 #endif
 
 namespace {
@@ -46,6 +51,10 @@ constexpr int64_t kIsaAuto = 0;
 constexpr int64_t kIsaPortable = 1;
 constexpr int64_t kIsaAvx2 = 2;
 constexpr int64_t kIsaAvx512 = 3;
+// AVX-512 plus AVX512-BF16: the AVX-512 kernel, except that bf16 weights of the patterns of
+// bf16dot_supports run the dot-product path (nm_bf16dot.cpp) under PATH_PANELS and, without a
+// path bit, from kDotMinBatch rows of x. Never picked by kIsaAuto: the autotuner times it.
+constexpr int64_t kIsaAvx512Bf16 = 4;
 // Path bits above the ISA code (at most one; the autotuner, tests and benchmarks use them to run
 // one path): expanding W in registers at any batch, the batched path on x panels at any batch
 // (nm_avx2.cpp, run_panels), or the selecting GEMV (one row of x, patterns 1:4, 1:8, 2:4, 4:8).
@@ -59,12 +68,14 @@ constexpr int64_t kPathPanels = 1 << 9;
 constexpr int64_t kPathSelect = 1 << 10;
 constexpr int64_t kPathBits = kPathExpand | kPathPanels | kPathSelect;
 constexpr int64_t kPanelMinBatch = 32;
+constexpr int64_t kDotMinBatch = 8;
 
 int64_t isa_support() {
   static const int64_t bits = [] {
     int64_t b = 1 << kIsaPortable;
     if (cpu_has_avx2()) b |= 1 << kIsaAvx2;
     if (cpu_has_avx512()) b |= 1 << kIsaAvx512;
+    if (cpu_has_avx512bf16()) b |= 1 << kIsaAvx512Bf16;
     return b;
   }();
   return bits;
@@ -79,10 +90,12 @@ KernelFn select_kernel(int64_t isa) {
           : (support & (1 << kIsaAvx2)) ? kIsaAvx2
                                           : kIsaPortable;
   }
-  TORCH_CHECK(isa >= kIsaPortable && isa <= kIsaAvx512, "nmfx: unknown ISA code ", isa);
+  TORCH_CHECK(isa >= kIsaPortable && isa <= kIsaAvx512Bf16, "nmfx: unknown ISA code ", isa);
   TORCH_CHECK(support & (1 << isa), "nmfx: ISA code ", isa,
               " is not supported by this CPU (supported bitmask ", support, ")");
   switch (isa) {
+    case kIsaAvx512Bf16:
+      return nm_gemm_avx512bf16;
     case kIsaAvx512:
       return nm_gemm_avx512;
     case kIsaAvx2:
@@ -93,25 +106,30 @@ KernelFn select_kernel(int64_t isa) {
 }
 
 // Rows of x holding a NaN or an Inf: F.linear multiplies them by every weight, the pruned zeros
-// included (0 * Inf = NaN), while the selecting, batched and portable paths multiply only the
-// kept ones. For such a row b, y[b, r] becomes NaN wherever row r of W prunes a column where x is
-// not finite; the kept products are the same on every path, so the results then agree with
-// F.linear in every NaN and Inf. The scan costs one pass over x (small next to the GEMM).
-void propagate_nonfinite(const float* x, int64_t ldsrc, int64_t B, int64_t cols,
+// included (0 * Inf = NaN), while the selecting, batched, dot-product and portable paths multiply
+// only the kept ones. For such a row b, y[b, r] becomes NaN wherever row r of W prunes a column
+// where x is not finite; the kept products are the same on every path, so the results then agree
+// with F.linear in every NaN and Inf. The scan costs one pass over x (small next to the GEMM).
+// x is fp32 (float) or bf16 bits (uint16_t).
+inline bool nonfinite(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return (bits & 0x7f800000u) == 0x7f800000u;
+}
+inline bool nonfinite(uint16_t v) { return (v & 0x7f80u) == 0x7f80u; }
+
+template <typename T>
+void propagate_nonfinite(const T* x, int64_t ldsrc, int64_t B, int64_t cols,
                          const uint8_t* mask, int64_t KB, int64_t R, float* y) {
   std::vector<int64_t> bad;
   for (int64_t b = 0; b < B; ++b) {
-    const float* row = x + b * ldsrc;
+    const T* row = x + b * ldsrc;
     bool any = false;
-    for (int64_t k = 0; k < cols; ++k) {
-      uint32_t bits;
-      std::memcpy(&bits, row + k, 4);
-      any |= (bits & 0x7f800000u) == 0x7f800000u;
-    }
+    for (int64_t k = 0; k < cols; ++k) any |= nonfinite(row[k]);
     if (!any) continue;
     bad.clear();
     for (int64_t k = 0; k < cols; ++k) {
-      if (!std::isfinite(row[k])) bad.push_back(k);
+      if (nonfinite(row[k])) bad.push_back(k);
     }
     for (int64_t r = 0; r < R; ++r) {
       const uint8_t* mrow = mask + r * KB;
@@ -122,6 +140,23 @@ void propagate_nonfinite(const float* x, int64_t ldsrc, int64_t B, int64_t cols,
         }
       }
     }
+  }
+}
+
+// bf16 x -> [B, ldxb] bf16 bits, columns past cols zero (the dot-product path's x).
+void stage_x_bf16(const at::Tensor& x, int64_t cols, int64_t ldxb, uint16_t* out) {
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
+  const int64_t sb = x.stride(0);
+  const int64_t sk = x.stride(1);
+  for (int64_t b = 0; b < x.size(0); ++b) {
+    uint16_t* dst = out + b * ldxb;
+    const uint16_t* row = src + b * sb;
+    if (sk == 1) {
+      std::memcpy(dst, row, cols * sizeof(uint16_t));
+    } else {
+      for (int64_t k = 0; k < cols; ++k) dst[k] = row[k * sk];
+    }
+    std::fill(dst + cols, dst + ldxb, uint16_t{0});
   }
 }
 
@@ -243,18 +278,31 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
               "got ", B, " rows, pattern ", n, ":", m);
   at::Tensor y = init_y(B, rows, bias);
   if (B == 0 || rows == 0) return y.to(x.scalar_type());
+  // bf16 dot products (ISA avx512bf16 only): forced by PATH_PANELS, else from kDotMinBatch rows.
+  const bool dot = fn == nm_gemm_avx512bf16 && shape.vtype == ValueType::kBFloat16 &&
+                   bf16dot_supports(static_cast<int>(n), static_cast<int>(m)) &&
+                   (path == kPathPanels || (path == 0 && B >= kDotMinBatch));
 
   // Many rows of x take the batched path (x86 SIMD kernels only), which reads x as transposed
   // panels: fp32 x with unit column stride is staged into them directly, without the fp32 copy.
   const int64_t ldx = std::max<int64_t>(16, (cols + 15) / 16 * 16);
-  const bool panels = fn != nm_gemm_portable &&
+  const bool panels = !dot && fn != nm_gemm_portable &&
                       (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
   const bool direct = panels && x.scalar_type() == at::kFloat && x.stride(1) == 1;
   at::Tensor xhold, xsel, xpanel;  // hold per-call buffers only when over the scratch limit
-  float* xb = direct ? nullptr : scratch_floats(kScratchX, B * ldx, xhold);
-  if (!direct) stage_x(x, cols, ldx, xb);
+  float* xb = direct || dot ? nullptr : scratch_floats(kScratchX, B * ldx, xhold);
+  if (xb != nullptr) stage_x(x, cols, ldx, xb);
+  uint16_t* xd = nullptr;  // the dot-product path's bf16 x (in the x panels' slot: never both)
+  int64_t ldxb = 0;
+  if (dot) {
+    const int64_t span = 64 * (32 / (64 / m * n));  // columns per vector of 32 kept values
+    ldxb = (cols + span - 1) / span * span;
+    xd = static_cast<uint16_t*>(
+        scratch_bytes(kScratchPanels, static_cast<size_t>(B * ldxb) * sizeof(uint16_t), xpanel));
+    stage_x_bf16(x, cols, ldxb, xd);
+  }
   float* xsel_p = nullptr;  // the batch-1 GEMV for 1:4 and 1:8 reads x regrouped
-  if (!panels && xsel_chunk(B, static_cast<int>(n), static_cast<int>(m)) > 0) {
+  if (xb != nullptr && !panels && xsel_chunk(B, static_cast<int>(n), static_cast<int>(m)) > 0) {
     xsel_p = scratch_floats(kScratchSel, ldx, xsel);
     stage_xsel(xb, cols, static_cast<int>(m), xsel_p);
   }
@@ -280,11 +328,17 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   p.nbp = nbp;
   p.pb0 = 0;
   p.pb1 = nbp;
+  p.xbf16 = xd;
+  p.ldxb = ldxb;
   p.select = path == kPathExpand   ? SelectMode::kNever
              : path == kPathSelect ? SelectMode::kAlways
                                    : SelectMode::kAuto;
   run_threads(fn, p, cols);
-  propagate_nonfinite(src, ldsrc, B, cols, p.mask, shape.KB, rows, p.y);
+  if (dot) {
+    propagate_nonfinite(xd, ldxb, B, cols, p.mask, shape.KB, rows, p.y);
+  } else {
+    propagate_nonfinite(src, ldsrc, B, cols, p.mask, shape.KB, rows, p.y);
+  }
   return to_dtype(y, x.scalar_type());
 }
 

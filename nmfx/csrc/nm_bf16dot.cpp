@@ -4,7 +4,7 @@
 // multiply-adds per instruction of fp32 FMAs; the other nmfx kernels widen bf16 to fp32 and lose
 // to them from a few rows of x on. Here the kept values of a weight row are used as they are
 // packed: 32 kept values (16 pairs) are one vdpbf16ps operand, and the other is x gathered at
-// their columns by one vpermt2w (a 64-column table of x) per 64 columns. 2:4 and 4:8 thus do half
+// their columns by one vpermt2b (a 64-column table of x) per 64 columns. 2:4 and 4:8 thus do half
 // the dot products of dense (1:4 a quarter, plus a blend per extra 64 columns).
 //
 // Per pass the gather indices of a panel of kPanelRows weight rows are decoded once from the
@@ -26,7 +26,8 @@
 
 #include "nm_kernels.h"  // before the target pragma: its inline functions stay baseline x86-64
 
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16,fma,f16c,popcnt")
+#pragma GCC target( \
+    "avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi,avx512vbmi2,avx512bf16,fma,f16c,popcnt")
 
 namespace nmfx {
 namespace {
@@ -95,7 +96,12 @@ void decode_panel(const NMProblem& p, const Geometry& geo, int64_t r, int64_t nr
         iv = _mm512_mask_expand_epi16(iv, lanes_lo, lo);
         iv = _mm512_mask_expand_epi16(iv, lanes_hi, hi);
       }
-      _mm512_storeu_si512(irow + v * 32, iv);
+      // Word index k -> byte indices (2k, 2k + 1): vpermt2b gathers the bf16 words (a byte
+      // permute is one uop where vpermt2w is several on current x86 cores).
+      const __m512i twice = _mm512_slli_epi16(iv, 1);
+      const __m512i bytes = _mm512_add_epi16(_mm512_add_epi16(twice, _mm512_slli_epi16(twice, 8)),
+                                             _mm512_set1_epi16(0x0100));
+      _mm512_storeu_si512(irow + v * 32, bytes);
       const int64_t left = p.kept - v * 32;
       const __mmask32 have = left >= 32 ? ~__mmask32{0} : (__mmask32{1} << left) - 1u;
       _mm512_storeu_si512(wrow + v * 32, _mm512_maskz_loadu_epi16(have, vrow + v * 32));
@@ -151,7 +157,7 @@ void tile(const NMProblem& p, const Geometry& geo, const uint16_t* idx, const ui
         const __m512i x1 = _mm512_loadu_si512(xr + 64 * ch + 32);
         const __mmask32 lanes = ((1ull << (32 / G)) - 1ull) << (ch * (32 / G));
         for (int i = 0; i < WR; ++i) {
-          const __m512i g = _mm512_permutex2var_epi16(x0, iv[i], x1);
+          const __m512i g = _mm512_permutex2var_epi8(x0, iv[i], x1);
           t[i] = ch == 0 ? g : _mm512_mask_mov_epi16(t[i], lanes, g);
         }
       }

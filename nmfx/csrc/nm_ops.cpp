@@ -37,7 +37,8 @@ bool cpu_has_avx512() {
 }
 bool cpu_has_avx512bf16() {
   __builtin_cpu_init();
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512bf16");
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi") &&
+         __builtin_cpu_supports("avx512bf16");
 }
 #else
 bool cpu_has_avx2() { return false; }

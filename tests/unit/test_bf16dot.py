@@ -6,30 +6,21 @@ too (ISA ``avx512bf16``)."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
 import torch.nn.functional as F
+
+# The kernel tests' helpers and their autouse fixture (no calibration, private cache, no
+# overrides from the environment).
+from test_cpu_kernels import _HAS_AVX512BF16, _no_calibration, random_nm, reference  # noqa: F401
 from tolerances import TOL
 
 import nmfx.kernels as K
-from nmfx.kernels import _autotune, _build, _dispatch
+from nmfx.kernels import _autotune, _build
 from nmfx.lowering.cpu import NMLinear
 from nmfx.packed import pack
 
-
-def _has_bf16dot() -> bool:
-    try:
-        text = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    flags = set(line.split(":", 1)[-1].split())
-    return {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2", "avx512_bf16"} <= flags
-
-
-HAS_BF16DOT = _has_bf16dot()
+HAS_BF16DOT = _HAS_AVX512BF16
 needs_bf16dot = pytest.mark.skipif(
     not HAS_BF16DOT, reason="CPU lacks AVX512-BF16 (or AVX-512): the path is built but not run"
 )
@@ -37,25 +28,8 @@ DOT = _build.ISA_CODES["avx512bf16"] | _build.PATH_PANELS
 KTOL = TOL["kernel"][torch.bfloat16]
 
 
-def random_nm(rows: int, cols: int, pattern: str, dtype=torch.bfloat16, seed: int = 0):
-    n, m = (int(v) for v in pattern.split(":"))
-    g = torch.Generator().manual_seed(seed)
-    w = torch.randn(rows, cols // m, m, generator=g)
-    idx = w.abs().topk(n, dim=-1).indices
-    return torch.zeros_like(w).scatter_(-1, idx, w.gather(-1, idx)).reshape(rows, cols).to(dtype)
-
-
-def reference(x, w, bias=None) -> torch.Tensor:
-    return F.linear(x.float(), w.float(), None if bias is None else bias.float())
-
-
 @pytest.fixture(autouse=True)
-def _untuned(monkeypatch, tmp_path):
-    monkeypatch.setenv("NMFX_CALIBRATE", "0")
-    monkeypatch.setenv("NMFX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("NMFX_DISPATCH", raising=False)
-    monkeypatch.delenv("NMFX_ISA", raising=False)
-    monkeypatch.setattr(_dispatch, "_table", None)
+def _fresh_warnings(monkeypatch):
     monkeypatch.setattr(_autotune, "_warned", set())
 
 
@@ -80,7 +54,7 @@ BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 17, 33, 64]
 def test_dot_path_matches_linear(pattern: str, rows: int, cols: int) -> None:
     n, m = (int(v) for v in pattern.split(":"))
     assert _build.bf16dot_supports(n, m)
-    w = random_nm(rows, cols, pattern, seed=rows)
+    w = random_nm(rows, cols, pattern, torch.bfloat16, seed=rows)
     p = pack(w, pattern)
     bias = torch.randn(rows).bfloat16()
     g = torch.Generator().manual_seed(cols)
@@ -96,12 +70,12 @@ def test_dot_path_matches_linear(pattern: str, rows: int, cols: int) -> None:
 def test_dot_path_reads_strided_x_and_threads_split_rows() -> None:
     """x as a column slice of a wider tensor and as a transpose; a weight tall enough that both
     threads take rows (with 2 threads)."""
-    w = random_nm(1000, 320, "2:4", seed=3)
+    w = random_nm(1000, 320, "2:4", torch.bfloat16, seed=3)
     p = pack(w, "2:4")
     wide = torch.randn(40, 330).bfloat16()
     for x in (wide[:, 5:325], torch.randn(320, 12).bfloat16().t()):
         y = torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, None, 1000, 320, 2, 4, DOT)
-        torch.testing.assert_close(y.float(), reference(x, w), **KTOL)
+        torch.testing.assert_close(y.float(), reference(x, w, None), **KTOL)
 
 
 @needs_bf16dot
@@ -127,7 +101,7 @@ def test_forced_path_runs_the_dot_product_instruction() -> None:
 
 @needs_bf16dot
 def test_nonfinite_x_gives_the_nan_and_inf_of_linear() -> None:
-    w = random_nm(45, 256, "2:4", seed=7)
+    w = random_nm(45, 256, "2:4", torch.bfloat16, seed=7)
     p = pack(w, "2:4")
     x = torch.randn(9, 256).bfloat16()
     x[8, 255] = float("inf")  # Inf where kept, NaN where pruned
@@ -144,15 +118,15 @@ def test_nonfinite_x_gives_the_nan_and_inf_of_linear() -> None:
 def test_force_dispatch_and_env_accept_the_path(monkeypatch, dtype: torch.dtype) -> None:
     """bf16 weights run the dot products; other dtypes (and patterns it lacks) run the AVX-512
     batched path, so one override can cover a mixed model."""
-    w = random_nm(24, 128, "2:4", dtype=dtype, seed=1)
+    w = random_nm(24, 128, "2:4", dtype, seed=1)
     p = pack(w, "2:4")
     x = torch.randn(5, 128).to(dtype)
     tol = KTOL if dtype == torch.bfloat16 else TOL["kernel"][dtype]
     with K.force_dispatch("avx512bf16-panels"):
         y = K.nm_linear(x, p)
-    torch.testing.assert_close(y.float(), reference(x, w), **tol)
+    torch.testing.assert_close(y.float(), reference(x, w, None), **tol)
     monkeypatch.setenv("NMFX_DISPATCH", "avx512bf16-panels")
-    torch.testing.assert_close(K.nm_linear(x, p).float(), reference(x, w), **tol)
+    torch.testing.assert_close(K.nm_linear(x, p).float(), reference(x, w, None), **tol)
 
 
 def test_choices_offer_it_for_bf16_and_its_patterns_only(monkeypatch) -> None:
@@ -181,7 +155,7 @@ def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> Non
     real = [i for i in _build.supported_isas() if i != "avx512bf16"]
     monkeypatch.setattr(_build, "supported_isas", lambda: list(real))
     fallback = next((f"{i}-panels" for i in ("avx512", "avx2") if i in real), "portable")
-    w = random_nm(24, 64, "2:4", seed=4)
+    w = random_nm(24, 64, "2:4", torch.bfloat16, seed=4)
     layer = NMLinear(pack(w, "2:4"), torch.randn(24).bfloat16())
     layer.dispatch = _autotune.encode(["avx512bf16-panels"] * len(_autotune.BUCKETS))
     x = torch.randn(9, 64).bfloat16()
@@ -197,7 +171,7 @@ def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> Non
 @pytest.mark.skipif(HAS_BF16DOT, reason="this CPU has AVX512-BF16: the op runs it")
 def test_the_op_refuses_the_isa_where_the_cpu_lacks_it() -> None:
     assert K.kernels_available()
-    p = pack(random_nm(8, 64, "2:4"), "2:4")
+    p = pack(random_nm(8, 64, "2:4", torch.bfloat16), "2:4")
     with pytest.raises(RuntimeError, match="not supported by this CPU"):
         torch.ops.nmfx_cpu.nm_gemm(torch.randn(8, 64).bfloat16(), p.values, p.mask, None, 8, 64,
                                    2, 4, DOT)  # fmt: skip

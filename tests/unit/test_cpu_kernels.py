@@ -32,7 +32,7 @@ def _cpu_flags() -> set[str]:
 _FLAGS = _cpu_flags()
 _HAS_AVX2 = {"avx2", "fma"} <= _FLAGS
 _HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2"} <= _FLAGS
-_HAS_AVX512BF16 = _HAS_AVX512 and "avx512_bf16" in _FLAGS
+_HAS_AVX512BF16 = _HAS_AVX512 and {"avx512vbmi", "avx512_bf16"} <= _FLAGS
 
 ISAS = [
     pytest.param("portable", id="portable"),

@@ -18,6 +18,7 @@
 
 #include "nm_args.h"
 #include "nm_kernels.h"
+#include "nm_parallel.h"
 #include "nm_scratch.h"
 
 namespace nmfx {
@@ -189,7 +190,7 @@ void stage_x(const at::Tensor& x, int64_t cols, int64_t ldx, float* xb) {
 // y [B, rows] fp32, every row the bias (or zero): the kernels accumulate into it. With B == 0
 // y has no row to hold the bias.
 at::Tensor init_y(int64_t B, int64_t rows, const std::optional<at::Tensor>& bias) {
-  at::Tensor y = at::empty({B, rows}, at::TensorOptions().dtype(at::kFloat));
+  at::Tensor y = new_buffer({B, rows}, at::TensorOptions().dtype(at::kFloat));
   if (B == 0) return y;
   float* yp = y.data_ptr<float>();
   if (bias.has_value() && bias->defined()) {
@@ -207,8 +208,8 @@ at::Tensor init_y(int64_t B, int64_t rows, const std::optional<at::Tensor>& bias
 
 // Runs fn over every weight row (and, on the batched path, every panel of x) on the torch
 // threads. Small problems stay on one thread (a fork costs more than it saves below ~64k
-// multiply-adds). Otherwise threads take work items from a shared counter, so a thread that
-// starts late or is preempted does not hold the others up (static halves would).
+// multiply-adds). Otherwise threads take work items from a shared counter (parallel_items,
+// which also stays on one thread for a while after waiting on a descheduled thread).
 void run_threads(KernelFn fn, const NMProblem& p, int64_t cols) {
   const int64_t rows = p.R;
   const int64_t nthreads = at::get_num_threads();
@@ -232,19 +233,14 @@ void run_threads(KernelFn fn, const NMProblem& p, int64_t cols) {
     rchunk = std::max<int64_t>(8, (per + 7) / 8 * 8);
     items = (rows + rchunk - 1) / rchunk;
   }
-  std::atomic<int64_t> next{0};
-  at::parallel_for(0, std::min(nthreads, items), 1, [&](int64_t t0, int64_t t1) {
-    for (int64_t t = t0; t < t1; ++t) {
-      for (int64_t i = next.fetch_add(1); i < items; i = next.fetch_add(1)) {
-        NMProblem q = p;
-        if (p.xpanel != nullptr) {
-          q.pb0 = i % nbc * bchunk;
-          q.pb1 = std::min(p.nbp, q.pb0 + bchunk);
-        }
-        const int64_t r0 = i / nbc * rchunk;
-        fn(q, r0, std::min(rows, r0 + rchunk));
-      }
+  parallel_items(items, nthreads, [&](int64_t i) {
+    NMProblem q = p;
+    if (p.xpanel != nullptr) {
+      q.pb0 = i % nbc * bchunk;
+      q.pb1 = std::min(p.nbp, q.pb0 + bchunk);
     }
+    const int64_t r0 = i / nbc * rchunk;
+    fn(q, r0, std::min(rows, r0 + rchunk));
   });
 }
 
@@ -252,7 +248,7 @@ at::Tensor to_dtype(const at::Tensor& y, at::ScalarType dtype) {
   if (dtype == at::kFloat) return y;
   const int64_t n = y.numel();
   const float* yp = y.const_data_ptr<float>();
-  at::Tensor out = at::empty(y.sizes(), y.options().dtype(dtype));
+  at::Tensor out = new_buffer(y.sizes(), y.options().dtype(dtype));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, dtype, "nmfx_out", [&] {
     scalar_t* op = out.data_ptr<scalar_t>();
     for (int64_t i = 0; i < n; ++i) op[i] = static_cast<scalar_t>(yp[i]);
@@ -260,9 +256,58 @@ at::Tensor to_dtype(const at::Tensor& y, at::ScalarType dtype) {
   return out;
 }
 
-// nm_gemm: argument checks, staging (x as fp32 rows, regrouped for the 1:4/1:8 GEMV, or as
-// transposed panels for the batched path), the kernel over the threads, then NaN/Inf as in
-// F.linear and the output dtype.
+// Rows xs of x (at most a staging block) through the kernel: staged as fp32 rows (regrouped for
+// the 1:4/1:8 GEMV) or as transposed panels for the batched path, the kernel over the threads,
+// then NaN/Inf as in F.linear, into y (the block's first row of the output).
+void run_rows(KernelFn fn, NMProblem p, const at::Tensor& xs, int64_t cols, bool panels,
+              bool direct, float* y) {
+  const int64_t B = xs.size(0);
+  const int64_t ldx = p.ldx;
+  at::Tensor xhold, xsel, xpanel;  // hold per-call buffers only when over the scratch limit
+  float* xb = direct ? nullptr : scratch_floats(kScratchX, B * ldx, xhold);
+  if (!direct) stage_x(xs, cols, ldx, xb);
+  float* xsel_p = nullptr;  // the batch-1 GEMV for 1:4 and 1:8 reads x regrouped
+  if (!panels && xsel_chunk(B, p.n, p.m) > 0) {
+    xsel_p = scratch_floats(kScratchSel, ldx, xsel);
+    stage_xsel(xb, cols, p.m, xsel_p);
+  }
+  const float* src = direct ? xs.const_data_ptr<float>() : xb;
+  const int64_t ldsrc = direct ? xs.stride(0) : ldx;
+  float* xp = nullptr;
+  const int64_t nbp = (B + kPanelBatch - 1) / kPanelBatch * kPanelBatch;
+  if (panels) {
+    xp = scratch_floats(kScratchPanels, panel_numel(nbp, ldx), xpanel);
+    at::parallel_for(0, nbp / kPanelBatch, 1, [&](int64_t blk0, int64_t blk1) {
+      stage_panels(src, ldsrc, cols, B, ldx, nbp, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
+    });
+  }
+  p.x = xb;
+  p.xsel = xsel_p;
+  p.B = B;
+  p.y = y;
+  p.xpanel = xp;
+  p.nbp = nbp;
+  p.pb0 = 0;
+  p.pb1 = nbp;
+  run_threads(fn, p, cols);
+  propagate_nonfinite(src, ldsrc, B, cols, p.mask, p.KB, p.R, p.y);
+}
+
+// The same for the bf16 dot-product path (p.ldxb set): x staged as bf16 rows of ldxb columns.
+void run_rows_dot(KernelFn fn, NMProblem p, const at::Tensor& xs, int64_t cols, float* y) {
+  const int64_t B = xs.size(0);
+  at::Tensor xhold;
+  uint16_t* xd = static_cast<uint16_t*>(
+      scratch_bytes(kScratchX, static_cast<size_t>(B * p.ldxb) * sizeof(uint16_t), xhold));
+  stage_x_bf16(xs, cols, p.ldxb, xd);
+  p.xbf16 = xd;
+  p.B = B;
+  p.y = y;
+  run_threads(fn, p, cols);
+  propagate_nonfinite(xd, p.ldxb, B, cols, p.mask, p.KB, p.R, p.y);
+}
+
+// nm_gemm: argument checks, the kernel over blocks of rows of x (run_rows), the output dtype.
 at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                    const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n,
                    int64_t m, int64_t isa) {
@@ -279,66 +324,44 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
               "got ", B, " rows, pattern ", n, ":", m);
   at::Tensor y = init_y(B, rows, bias);
   if (B == 0 || rows == 0) return y.to(x.scalar_type());
-  // bf16 dot products (ISA avx512bf16 only): forced by PATH_PANELS, else from kDotMinBatch rows.
-  const bool dot = fn == nm_gemm_avx512bf16 && shape.vtype == ValueType::kBFloat16 &&
-                   bf16dot_supports(static_cast<int>(n), static_cast<int>(m)) &&
-                   (path == kPathPanels || (path == 0 && B >= kDotMinBatch));
 
   // Many rows of x take the batched path (x86 SIMD kernels only), which reads x as transposed
   // panels: fp32 x with unit column stride is staged into them directly, without the fp32 copy.
   const int64_t ldx = std::max<int64_t>(16, (cols + 15) / 16 * 16);
+  // bf16 dot products (ISA avx512bf16 only): forced by PATH_PANELS, else from kDotMinBatch rows.
+  const bool dot = fn == nm_gemm_avx512bf16 && shape.vtype == ValueType::kBFloat16 &&
+                   bf16dot_supports(static_cast<int>(n), static_cast<int>(m)) &&
+                   (path == kPathPanels || (path == 0 && B >= kDotMinBatch));
   const bool panels = !dot && fn != nm_gemm_portable &&
                       (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
   const bool direct = panels && x.scalar_type() == at::kFloat && x.stride(1) == 1;
-  at::Tensor xhold, xsel, xpanel;  // hold per-call buffers only when over the scratch limit
-  float* xb = direct || dot ? nullptr : scratch_floats(kScratchX, B * ldx, xhold);
-  if (xb != nullptr) stage_x(x, cols, ldx, xb);
-  uint16_t* xd = nullptr;  // the dot-product path's bf16 x (in the x panels' slot: never both)
-  int64_t ldxb = 0;
-  if (dot) {
-    const int64_t span = 64 * (32 / (64 / m * n));  // columns per vector of 32 kept values
-    ldxb = (cols + span - 1) / span * span;
-    xd = static_cast<uint16_t*>(
-        scratch_bytes(kScratchPanels, static_cast<size_t>(B * ldxb) * sizeof(uint16_t), xpanel));
-    stage_x_bf16(x, cols, ldxb, xd);
-  }
-  float* xsel_p = nullptr;  // the batch-1 GEMV for 1:4 and 1:8 reads x regrouped
-  if (xb != nullptr && !panels && xsel_chunk(B, static_cast<int>(n), static_cast<int>(m)) > 0) {
-    xsel_p = scratch_floats(kScratchSel, ldx, xsel);
-    stage_xsel(xb, cols, static_cast<int>(m), xsel_p);
-  }
-  const float* src = direct ? x.const_data_ptr<float>() : xb;
-  const int64_t ldsrc = direct ? x.stride(0) : ldx;
-  float* xp = nullptr;
-  const int64_t nbp = (B + kPanelBatch - 1) / kPanelBatch * kPanelBatch;
-  if (panels) {
-    xp = scratch_floats(kScratchPanels, panel_numel(nbp, ldx), xpanel);
-    at::parallel_for(0, nbp / kPanelBatch, 1, [&](int64_t blk0, int64_t blk1) {
-      stage_panels(src, ldsrc, cols, B, ldx, nbp, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
-    });
-  }
-
   const ValueTail vt = value_tail(values, rows, shape.kept);
   NMProblem p = weight_problem(values, mask, shape, vt, rows, n, m);
-  p.x = xb;
-  p.xsel = xsel_p;
-  p.B = B;
   p.ldx = ldx;
-  p.y = y.data_ptr<float>();
-  p.xpanel = xp;
-  p.nbp = nbp;
-  p.pb0 = 0;
-  p.pb1 = nbp;
-  p.xbf16 = xd;
-  p.ldxb = ldxb;
+  if (dot) {  // columns of staged x: whole vectors of 32 kept values (64, 128 or 256 columns)
+    const int64_t span = 64 * (32 / (64 / m * n));
+    p.ldxb = (cols + span - 1) / span * span;
+  }
   p.select = path == kPathExpand   ? SelectMode::kNever
              : path == kPathSelect ? SelectMode::kAlways
                                    : SelectMode::kAuto;
-  run_threads(fn, p, cols);
-  if (dot) {
-    propagate_nonfinite(xd, ldxb, B, cols, p.mask, shape.KB, rows, p.y);
-  } else {
-    propagate_nonfinite(src, ldsrc, B, cols, p.mask, shape.KB, rows, p.y);
+  // x is staged a block of rows at a time, so the staging stays in the kept per-thread scratch
+  // (a whole 512x4096 x staged at once had left 8-16 MB resident per slot after the call).
+  const int64_t per_row =
+      dot ? p.ldxb * 2 : (direct ? 0 : ldx * 4) + (panels ? panel_cols(ldx) * 4 : 0);
+  // Blocks of equal size (a last block of a few rows would cost a pass over W for little).
+  const int64_t unit = panels ? kPanelBatch : 1;
+  const int64_t most = std::max(unit, static_cast<int64_t>(kScratchKeepBytes) / per_row / unit * unit);
+  const int64_t nblk = (B + most - 1) / most;
+  const int64_t block = std::min(most, ((B + nblk - 1) / nblk + unit - 1) / unit * unit);
+  for (int64_t b0 = 0; b0 < B; b0 += block) {
+    const int64_t bs = std::min(block, B - b0);
+    const at::Tensor xs = bs >= B ? x : x.narrow(0, b0, bs);
+    if (dot) {
+      run_rows_dot(fn, p, xs, cols, y.data_ptr<float>() + b0 * rows);
+    } else {
+      run_rows(fn, p, xs, cols, panels, direct, y.data_ptr<float>() + b0 * rows);
+    }
   }
   return to_dtype(y, x.scalar_type());
 }

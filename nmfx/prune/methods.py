@@ -20,7 +20,7 @@ from nmfx.prune.wanda import magnitude_prune, wanda_prune
 __all__ = ["HessianCache", "prune_target", "relative_error"]
 
 
-_ERROR_ROWS = 512  # output rows the error is measured on (evenly spaced) in larger layers
+_ERROR_ROWS = 256  # output rows the error is measured on (evenly spaced) in larger layers
 
 
 def relative_error(before: torch.Tensor, after: torch.Tensor, hessian: torch.Tensor) -> float:

@@ -44,12 +44,17 @@ class Stage:
     targets: list[PruneTarget]
     block: int | None  # index in the block stack, or None: the whole model is run
     stop: nn.Module | None  # the first owner of the next stage (its pre-hook ends the run)
+    # where the run ends once the stage's input is captured, when every owner of the stage
+    # runs once per forward (see _set_end); end_before: in a pre-hook, else a forward hook
+    end: nn.Module | None = None
+    end_before: bool = True
 
 
 @dataclass
 class Trace:
     order: list[int] = field(default_factory=list)  # id(owner) in first-call order
     input_keys: dict[int, object] = field(default_factory=dict)
+    calls: dict[int, int] = field(default_factory=dict)  # id(owner): calls on the first batch
     block_calls: list[tuple[int, tuple | None, tuple | None]] = field(default_factory=list)
     replay_ok: bool = False
     replay_note: str = ""
@@ -98,9 +103,14 @@ def trace_calls(model: nn.Module, batches: list[Any], targets: list[PruneTarget]
     owners = {id(t.owner): t.owner for t in targets}
 
     def owner_hook(m: nn.Module, args: tuple, kwargs: dict) -> None:
-        if state["batch"] == 0 and not state["replaying"] and id(m) not in trace.input_keys:
+        if state["batch"] != 0 or state["replaying"]:
+            return
+        trace.calls[id(m)] = trace.calls.get(id(m), 0) + 1
+        if id(m) not in trace.input_keys:
+            x = first_tensor(args, kwargs)
             trace.order.append(id(m))
-            trace.input_keys[id(m)] = tensor_key(first_tensor(args, kwargs))
+            trace.input_keys[id(m)] = tensor_key(x)
+            state["alive"] = x  # until the next layer's key is taken (see tensor_key)
 
     for owner in owners.values():
         handles.append(owner.register_forward_pre_hook(owner_hook, with_kwargs=True))
@@ -126,6 +136,7 @@ def _block_hook(k: int, state: dict, trace: Trace) -> Callable:
         trace.block_calls.append(
             (k, tensor_key(first_tensor(args, kwargs)), tensor_key(_hidden(out)))
         )
+        state["block_out"] = _hidden(out)  # alive until the next block's input key is taken
         if k == 0:
             state["replaying"] = True
             try:
@@ -201,7 +212,21 @@ def plan_schedule(targets: list[PruneTarget], trace: Trace, blocks: list[nn.Modu
     for cur, nxt in itertools.pairwise(stages):
         if cur.block is None or cur.block == nxt.block:
             cur.stop = owner_of[id(nxt.targets[0].owner)]
+    for stage in stages:
+        if all(trace.calls.get(id(t.owner)) == 1 for t in stage.targets):
+            _set_end(stage)
     return Schedule(stages, blocks, unreached, trace.input_keys, note)
+
+
+def _set_end(stage: Stage) -> None:
+    """Where a stage's forward can end. Its owners read one activation (that is what makes
+    them a stage), so when all of them capture it in a pre-hook the first owner's hook has
+    it all (q, k and v share one Gram matrix); an owner capturing inside its forward (a
+    functional weight op) ends it after the last owner's forward."""
+    if all(t.node is None for t in stage.targets):
+        stage.end, stage.end_before = stage.targets[0].owner, True
+    else:
+        stage.end, stage.end_before = stage.targets[-1].owner, False
 
 
 class BlockInputs:
@@ -242,20 +267,26 @@ class BlockInputs:
 
 def run_stage(stage: Stage, run: Callable[[int], Any], n_items: int,
               input_keys: dict[int, object]) -> dict[tuple, GramStats]:  # fmt: skip
-    """Calibrate one stage: run every item with capture hooks, stopping at ``stage.stop``."""
+    """Calibrate one stage: run every item with capture hooks, stopping once the stage's
+    inputs are captured (``stage.end``) or else at the next stage (``stage.stop``)."""
     stats: dict[tuple, GramStats] = {}
     remove = install_capture(stage.targets, stats, input_keys)
     stop_handle = None
-    if stage.stop is not None:
 
-        def stop(*_: Any) -> None:
-            raise Stop
+    def stop(*_: Any) -> None:
+        raise Stop
 
+    if stage.end is not None:  # registered after the capture hooks, so it runs after them
+        if stage.end_before:
+            stop_handle = stage.end.register_forward_pre_hook(stop)
+        else:
+            stop_handle = stage.end.register_forward_hook(stop)
+    elif stage.stop is not None:
         stop_handle = stage.stop.register_forward_pre_hook(stop)
     try:
         for i in range(n_items):
             for entry in stats.values():
-                entry.last = None  # a freed activation's address may come back next item
+                entry.last = entry.last_tensor = None  # next item: new activations
             try:
                 run(i)
             except Stop:

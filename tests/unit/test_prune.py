@@ -173,6 +173,64 @@ def test_sparsegpt_reference_equivalence_on_one_block() -> None:
     torch.testing.assert_close(got, torch.where(expected, w, 0))
 
 
+def _reference_sparsegpt(w: torch.Tensor, hinv: torch.Tensor, n: int, m: int, bs: int):
+    """IST-DASLab/sparsegpt ``fasterprune``'s N:M loop, column by column, on ``[out, cols]``."""
+    w = w.clone()
+    pruned = torch.zeros_like(w, dtype=torch.bool)
+    for i1 in range(0, w.shape[1], bs):
+        i2 = min(i1 + bs, w.shape[1])
+        w1, h1 = w[:, i1:i2].clone(), hinv[i1:i2, i1:i2]
+        q1, err1 = torch.zeros_like(w1), torch.zeros_like(w1)
+        mask1 = torch.zeros_like(w1, dtype=torch.bool)
+        for i in range(i2 - i1):
+            d = h1[i, i]
+            if i % m == 0:
+                score = w1[:, i : i + m] ** 2 / torch.diagonal(h1)[i : i + m].reshape(1, -1) ** 2
+                mask1.scatter_(1, i + torch.topk(score, m - n, dim=1, largest=False)[1], True)
+            q = w1[:, i].clone()
+            q[mask1[:, i]] = 0
+            q1[:, i] = q
+            err = (w1[:, i] - q) / d
+            w1[:, i:] -= err.unsqueeze(1) @ h1[i, i:].unsqueeze(0)
+            err1[:, i] = err
+        w[:, i1:i2], pruned[:, i1:i2] = q1, mask1
+        w[:, i2:] -= err1 @ hinv[i1:i2, i2:]
+    return w, ~pruned
+
+
+@pytest.mark.parametrize("pattern,blocksize", [("2:4", 16), ("4:8", 24), ("1:4", 128)])
+def test_sparsegpt_matches_the_reference_loop(pattern: str, blocksize: int) -> None:
+    x = correlated(96, 64, seed=3)
+    w = torch.randn(24, 64)
+    upper, _ = inverse_hessian_factor(x.t() @ x / 96, 0.01, "ref")
+    p = nmfx.parse_pattern(pattern)
+    expected, expected_keep = _reference_sparsegpt(w, upper, p.n, p.m, blocksize)
+    got, keep = sparsegpt_prune(w.clone(), upper, p, blocksize)
+    assert torch.equal(keep, expected_keep)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+def test_sparsegpt_restores_the_thread_count() -> None:
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        upper, _ = inverse_hessian_factor(torch.eye(16), 0.01, "eye")
+        sparsegpt_prune(torch.randn(8, 16), upper, nmfx.parse_pattern("2:4"), 8)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_inverse_factor_on_a_layer_larger_than_one_leaf() -> None:
+    """The recursive triangular inverse (layers wider than 256 columns) against the reference."""
+    x = torch.randn(400, 300, dtype=torch.float64)
+    h = x.t() @ x
+    upper, _ = inverse_hessian_factor(h, 0.01, "big")
+    damped = h + 0.01 * torch.diagonal(h).mean() * torch.eye(300, dtype=torch.float64)
+    reference = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    torch.testing.assert_close(upper, reference)
+
+
 def test_sparsify_init_starts_srste_from_the_pruned_weights() -> None:
     model = MLP()
     x = batches(correlated(64, 32))

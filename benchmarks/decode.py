@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"llama.cpp contenders skipped: {skip}")
     results = []
     for lm_head in args.lm_head:
-        pruned = build_pruned(args, lm_head)
+        pruned = None if args.rss_only else build_pruned(args, lm_head)  # children build theirs
         gguf = {}
         if wanted and not skip:
             workdir = Path("out") / (f"decode-gguf-{args.layers}L-{args.hidden}-{args.mlp}-"

@@ -8,7 +8,7 @@ elements of a group by comparisons within the group: in one fused C++ pass on ea
 them with ``argsort`` and with ``topk``, the best sort-based alternative, on one 4096x4096
 weight (groups along in_features, dim 1).
 
-    PYTHONPATH=. python benchmarks/mask_speed.py [--quick]
+    PYTHONPATH=. python benchmarks/mask_speed.py [--quick] [--contend N]
 """
 
 from __future__ import annotations
@@ -18,8 +18,10 @@ from typing import Any
 
 import torch
 from _timing import (
+    Contention,
     LoadMonitor,
     Rounds,
+    add_contend_arg,
     base_parser,
     describe,
     interleaved,
@@ -119,6 +121,7 @@ def main() -> None:
     parser = base_parser(__doc__.splitlines()[0])
     parser.add_argument("--size", type=int, default=4096, help="weight is size x size")
     parser.add_argument("--no-compile", action="store_true", help="skip torch.compile'd nm_mask")
+    add_contend_arg(parser)
     args = parser.parse_args()
     setup_threads(args.threads)
     patterns = ("2:4",) if args.quick else PATTERNS
@@ -128,7 +131,7 @@ def main() -> None:
     base = torch.randn(args.size, args.size)
     info = machine_info()
     rows, raw = [], []
-    with LoadMonitor() as load:
+    with Contention(args.contend), LoadMonitor() as load:
         for dtype_name, dtype in DTYPES.items():
             weight = base.to(dtype)
             for pattern in patterns:
@@ -145,12 +148,14 @@ def main() -> None:
         "nm_mask IQR/med", "same mask as argsort",
     ]  # fmt: skip
     print(f"N:M mask of a {args.size}x{args.size} weight, groups along dim 1, "
-          f"median of 3-{repeats} interleaved runs (raw timings in the JSON)")  # fmt: skip
+          f"median of 3-{repeats} interleaved runs (raw timings in the JSON)"
+          + (f", {args.contend} busy-looping processes beside it" if args.contend else ""))  # fmt: skip
     print(tabulate(rows, headers=headers, tablefmt="github"))
     print(describe(info, load.result))
     path = write_json(
         "mask_speed",
-        {"machine": info, "load": load.result, "quick": args.quick, "repeats": repeats,
+        {"machine": info, "load": load.result, "quick": args.quick, "contend": args.contend,
+         "repeats": repeats,
          "headers": headers, "rows": rows, "raw": raw},
         args.out,
     )  # fmt: skip

@@ -9,7 +9,10 @@ the mask alone (``nm_mask`` of every sparse weight), the masker forward (mask + 
 weight) and the SR-STE term of the optimizer hook, also with the mask recomputed as it is
 after a compiled forward; the rest is autograd and dispatch.
 
-    PYTHONPATH=. python benchmarks/srste_step.py [--quick] [--compile none|mlp|all]
+    PYTHONPATH=. python benchmarks/srste_step.py [--quick] [--compile none|mlp|all] [--contend N]
+
+``--contend N`` runs N busy-looping processes beside the measurement (the issue's contended
+target: sparse / dense <= 1.3 with one).
 """
 
 from __future__ import annotations
@@ -23,8 +26,10 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from _timing import (
+    Contention,
     LoadMonitor,
     Rounds,
+    add_contend_arg,
     base_parser,
     describe,
     interleaved,
@@ -207,6 +212,7 @@ def parse_cases() -> tuple[Any, list[Case]]:
         default=None,
         help="which models to also run under torch.compile (default: all; none with --quick)",
     )
+    add_contend_arg(parser)
     args = parser.parse_args()
     which = args.compile or ("none" if args.quick else "all")
     quick = args.quick
@@ -265,14 +271,17 @@ def main() -> None:
     args, cases = parse_cases()
     setup_threads(args.threads)
     info = machine_info()
-    with LoadMonitor() as load:
+    with Contention(args.contend), LoadMonitor() as load:
         rows, breakdown_rows, raw = run(cases)
 
     headers = [
         "model", "batch", "mode", "variant", "rounds", "dense ms", "sparse ms", "sparse/dense",
         "paired ratio", "ratio of minima", f"<= {TARGET}", "dense IQR/med", "sparse IQR/med",
     ]  # fmt: skip
-    print("Training step (fwd + bwd + SGD), 2:4 SR-STE vs dense, medians of interleaved runs")
+    print(
+        "Training step (fwd + bwd + SGD), 2:4 SR-STE vs dense, medians of interleaved runs"
+        + (f", {args.contend} busy-looping processes beside it" if args.contend else "")
+    )
     print(tabulate(rows, headers=headers, tablefmt="github"))
     compile_s = {k: v["compile_s"] for k, v in raw.items() if "compile_s" in v}
     if compile_s:
@@ -285,7 +294,8 @@ def main() -> None:
     print("\n" + describe(info, load.result))
     path = write_json(
         "srste_step",
-        {"machine": info, "load": load.result, "quick": args.quick, "target": TARGET,
+        {"machine": info, "load": load.result, "quick": args.quick, "contend": args.contend,
+         "target": TARGET,
          "srste_lambda": LAMBDA, "cases": [c.__dict__ for c in cases], "headers": headers,
          "rows": rows, "breakdown_headers": b_headers, "breakdown_rows": breakdown_rows,
          "raw": raw},

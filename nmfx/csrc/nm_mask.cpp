@@ -1,14 +1,19 @@
 // N:M mask in one pass over the weight: for each group of m consecutive elements of the
 // last dim, keep the n largest |w|. Same rules as nmfx/masks.py: NaN ranks as +inf, ties go
 // to the lower index, every group keeps exactly n. Used by eager training on CPU.
+// Groups of 4 (2:4, 1:4, 3:4) and the SR-STE decay have AVX2 and AVX-512 kernels, chosen at run
+// time from cpuid (set_mask_isa forces one, for tests); everything else runs portable loops.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
+
+#include "nm_parallel.h"
 
 #include <cmath>
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
@@ -18,6 +23,9 @@
 namespace {
 
 constexpr int64_t kMaxM = 16;
+// Work items of the threads (nm_parallel.h): 8192 groups, 32768 elements of the decay.
+constexpr int64_t kGroupChunk = 8192;
+constexpr int64_t kDecayChunk = 32768;
 
 // ``keep ? v : 0`` as bit arithmetic (all-ones or all-zeros mask): GCC vectorises this but
 // not a select on a bool load. Exact for every value, NaN and Inf included.
@@ -117,25 +125,129 @@ __attribute__((target("avx2"))) void decay_avx2(float* __restrict__ g, const flo
   for (; i < end; ++i) g[i] += keep[i] ? 0.0f : l * x[i];
 }
 
-bool has_avx2() {
+#define NMFX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
+
+// 16 floats of 4 groups of 4 (fp32, or bf16 widened): the keep bits, as mask4_avx2 ranks them
+// (rotations within each 128-bit lane; bits 3, 2-3, 1-3 of a lane have the lower index).
+NMFX_AVX512 inline __mmask16 keep4_avx512(__m512 v, __m512i nvec) {
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512i one = _mm512_set1_epi32(1);
+  __m512 a = _mm512_abs_ps(v);
+  a = _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), inf);  // NaN ranks as +inf
+  const __m512 r1 = _mm512_permute_ps(a, _MM_SHUFFLE(0, 3, 2, 1));
+  const __m512 r2 = _mm512_permute_ps(a, _MM_SHUFFLE(1, 0, 3, 2));
+  const __m512 r3 = _mm512_permute_ps(a, _MM_SHUFFLE(2, 1, 0, 3));
+  const __mmask16 b1 = _mm512_cmp_ps_mask(r1, a, _CMP_GT_OQ) | (0x8888 & _mm512_cmp_ps_mask(r1, a, _CMP_EQ_OQ));
+  const __mmask16 b2 = _mm512_cmp_ps_mask(r2, a, _CMP_GT_OQ) | (0xCCCC & _mm512_cmp_ps_mask(r2, a, _CMP_EQ_OQ));
+  const __mmask16 b3 = _mm512_cmp_ps_mask(r3, a, _CMP_GT_OQ) | (0xEEEE & _mm512_cmp_ps_mask(r3, a, _CMP_EQ_OQ));
+  __m512i rank = _mm512_setzero_si512();
+  rank = _mm512_mask_add_epi32(rank, b1, rank, one);
+  rank = _mm512_mask_add_epi32(rank, b2, rank, one);
+  rank = _mm512_mask_add_epi32(rank, b3, rank, one);
+  return _mm512_cmplt_epi32_mask(rank, nvec);
+}
+
+// Groups of 4 with AVX-512, four groups per iteration: fp32, or bf16 widened to fp32 (exact),
+// the masked weight written in its own dtype. Same ranks and outputs as mask_block.
+template <typename T>
+NMFX_AVX512 void mask4_avx512(const T* __restrict__ w, bool* __restrict__ out, T* __restrict__ mw,
+                              int64_t begin, int64_t end, int64_t n) {
+  const __m512i nvec = _mm512_set1_epi32(static_cast<int>(n));
+  const __m128i ones = _mm_set1_epi8(1);
+  int64_t g = begin;
+  for (; g + 4 <= end; g += 4) {
+    __mmask16 keep;
+    if constexpr (std::is_same_v<T, float>) {
+      const __m512 v = _mm512_loadu_ps(w + g * 4);
+      keep = keep4_avx512(v, nvec);
+      if (mw != nullptr) _mm512_storeu_ps(mw + g * 4, _mm512_maskz_mov_ps(keep, v));
+    } else {
+      const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 4));
+      const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+      keep = keep4_avx512(v, nvec);
+      if (mw != nullptr) {
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(mw + g * 4), _mm256_maskz_mov_epi16(keep, raw));
+      }
+    }
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * 4), _mm_maskz_mov_epi8(keep, ones));
+  }
+  if (g < end) mask_block<T, 4>(w, out, mw, g, end, n, 4);
+}
+
+// decay_avx2 16 at a time: the product only where pruned (zero elsewhere), then the add, so
+// every bit equals decay_avx2's and decay_block's.
+NMFX_AVX512 void decay_avx512(float* __restrict__ g, const float* __restrict__ x,
+                              const bool* __restrict__ keep, float l, int64_t begin,
+                              int64_t end) {
+  const __m512 lv = _mm512_set1_ps(l);
+  int64_t i = begin;
+  for (; i + 16 <= end; i += 16) {
+    const __m128i k = _mm_loadu_si128(reinterpret_cast<const __m128i*>(keep + i));
+    const __mmask16 pruned = _mm_testn_epi8_mask(k, k);
+    const __m512 add = _mm512_maskz_mul_ps(pruned, lv, _mm512_loadu_ps(x + i));
+    _mm512_storeu_ps(g + i, _mm512_add_ps(_mm512_loadu_ps(g + i), add));
+  }
+  for (; i < end; ++i) g[i] += keep[i] ? 0.0f : l * x[i];
+}
+
+#undef NMFX_AVX512
+
+bool cpu_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2");
   return yes;
 }
+
+bool cpu_avx512() {
+  static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
+  return yes;
+}
+#else
+bool cpu_avx2() { return false; }
+bool cpu_avx512() { return false; }
 #endif
+
+// ISA codes as nm_gemm's (nmfx/kernels/_build.py ISA_CODES); 0 = the best this CPU has.
+constexpr int64_t kIsaPortable = 1;
+constexpr int64_t kIsaAvx2 = 2;
+constexpr int64_t kIsaAvx512 = 3;
+std::atomic<int64_t> g_mask_isa{0};  // set_mask_isa: tests run every ISA the host has
+
+int64_t mask_isa() {
+  const int64_t forced = g_mask_isa.load(std::memory_order_relaxed);
+  if (forced != 0) return forced;
+  return cpu_avx512() ? kIsaAvx512 : cpu_avx2() ? kIsaAvx2 : kIsaPortable;
+}
+
+// Forces the mask/decay kernels' ISA (0: back to automatic) and returns the previous setting.
+int64_t set_mask_isa(int64_t isa) {
+  TORCH_CHECK(isa >= 0 && isa <= kIsaAvx512, "set_mask_isa: ISA code ", isa,
+              " is not 0 (auto), 1 (portable), 2 (avx2) or 3 (avx512)");
+  TORCH_CHECK(isa != kIsaAvx2 || cpu_avx2(), "set_mask_isa: this CPU lacks AVX2");
+  TORCH_CHECK(isa != kIsaAvx512 || cpu_avx512(), "set_mask_isa: this CPU lacks AVX-512 F/BW/VL/DQ");
+  return g_mask_isa.exchange(isa);
+}
 
 template <typename T, int M>
 void mask_groups_m(const T* w, bool* out, T* masked, int64_t groups, int64_t n, int64_t m) {
 #if defined(__x86_64__) || defined(_M_X64)
+  const int64_t isa = mask_isa();
+  if constexpr (M == 4 && (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>)) {
+    if (isa == kIsaAvx512) {
+      return nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
+        mask4_avx512<T>(w, out, masked, begin, end, n);
+      });
+    }
+  }
   if constexpr (std::is_same_v<T, float> && M == 4) {
-    if (has_avx2()) {
-      at::parallel_for(0, groups, 4096, [=](int64_t begin, int64_t end) {
+    if (isa >= kIsaAvx2) {
+      return nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
         mask4_avx2(w, out, masked, begin, end, n);
       });
-      return;
     }
   }
 #endif
-  at::parallel_for(0, groups, 4096, [=](int64_t begin, int64_t end) {
+  nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
     mask_block<T, M>(w, out, masked, begin, end, n, m);
   });
 }
@@ -208,11 +320,16 @@ void srste_decay_(at::Tensor grad, const at::Tensor& w, const at::Tensor& mask, 
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     const scalar_t* x = w.const_data_ptr<scalar_t>();
     const bool* keep = mask.const_data_ptr<bool>();
-    at::parallel_for(0, numel, 16384, [=](int64_t begin, int64_t end) {
+    nmfx::parallel_ranges(numel, kDecayChunk, [=](int64_t begin, int64_t end) {
 #if defined(__x86_64__) || defined(_M_X64)
       if constexpr (std::is_same_v<scalar_t, float>) {
         // casts only satisfy the compiler for the other dtypes: this branch runs for float
-        if (has_avx2()) {
+        const int64_t isa = mask_isa();
+        if (isa == kIsaAvx512) {
+          return decay_avx512(reinterpret_cast<float*>(g), reinterpret_cast<const float*>(x),
+                              keep, l, begin, end);
+        }
+        if (isa == kIsaAvx2) {
           return decay_avx2(reinterpret_cast<float*>(g), reinterpret_cast<const float*>(x), keep,
                             l, begin, end);
         }
@@ -229,6 +346,7 @@ TORCH_LIBRARY_FRAGMENT(nmfx_cpu, lib) {
   lib.def("nm_mask(Tensor w, int n, int m) -> Tensor");
   lib.def("nm_mask_apply(Tensor w, int n, int m) -> (Tensor, Tensor)");
   lib.def("srste_decay_(Tensor(a!) grad, Tensor w, Tensor mask, float lam) -> ()");
+  lib.def("set_mask_isa(int isa) -> int", &set_mask_isa);
 }
 
 TORCH_LIBRARY_IMPL(nmfx_cpu, CPU, lib) {

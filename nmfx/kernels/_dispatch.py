@@ -45,7 +45,9 @@ def _forced_mode() -> str:
 def force_dispatch(mode: str) -> Iterator[None]:
     """Within the block, run every nm_linear ``"sparse"``, ``"dense"``, ``"auto"`` or one path
     (``"avx2-expand"``, ``"avx2-select"``, ``"avx2-panels"``, ``"avx512-expand"``,
-    ``"portable"``; one this CPU lacks is an error at the call)."""
+    ``"avx512-panels"``, ``"avx512bf16-panels"`` (bf16 dot products for bf16 weights; other
+    weights run ``"avx512-panels"``), ``"portable"``; one this CPU lacks is an error at the
+    call)."""
     if mode not in _MODE_SET:
         raise ValueError(f"dispatch mode {mode!r} is not one of {list(MODES)}")
     previous = getattr(_local, "mode", None)
@@ -105,7 +107,11 @@ def _runnable(choice: str) -> str:
     if isa is None or isa in _build.supported_isas():
         return choice
     path = choice.partition("-")[2]
-    fallback = f"avx2-{path}" if "avx2" in _build.supported_isas() else "portable"
+    fallback = next(
+        (f"{other}-{path}" for other in ("avx512", "avx2")
+         if other in _build.supported_isas() and f"{other}-{path}" in CHOICES),
+        "portable",
+    )  # fmt: skip
     _autotune._warn_once(
         f"isa:{choice}",
         f"nmfx: this module's dispatch table names {choice!r}, which this CPU cannot run "

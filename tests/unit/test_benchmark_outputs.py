@@ -54,3 +54,15 @@ def test_render_reprints_the_committed_result(capsys):
     committed = ROOT / "benchmarks" / "results" / "cpu_kernels.json"
     cpu_kernels.main(["--render", str(committed)])
     assert "2:4" in capsys.readouterr().out
+
+
+def test_timing_scripts_take_contend() -> None:
+    """Every timing script that compares with dense can run beside N busy-looping processes."""
+    import subprocess
+
+    for script in ("contention", "cpu_kernels", "kernel_paths", "mask_speed", "srste_step"):
+        out = subprocess.run(
+            [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
+            capture_output=True, text=True, check=True, cwd=ROOT,
+        ).stdout  # fmt: skip
+        assert "--contend N" in out, script

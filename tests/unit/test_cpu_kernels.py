@@ -32,6 +32,7 @@ def _cpu_flags() -> set[str]:
 _FLAGS = _cpu_flags()
 _HAS_AVX2 = {"avx2", "fma"} <= _FLAGS
 _HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2"} <= _FLAGS
+_HAS_AVX512BF16 = _HAS_AVX512 and {"avx512vbmi", "avx512_bf16"} <= _FLAGS
 
 ISAS = [
     pytest.param("portable", id="portable"),
@@ -44,6 +45,17 @@ ISAS = [
         marks=pytest.mark.skipif(
             not _HAS_AVX512,
             reason="CPU lacks AVX-512 F/BW/VL/DQ/VBMI2: the AVX-512 path is built but not run",
+        ),
+    ),
+    # The AVX-512 kernels plus bf16 dot products: bf16 weights of its patterns take the
+    # dot-product path under PATH_PANELS and from 8 rows of x; everything else as "avx512".
+    pytest.param(
+        "avx512bf16",
+        id="avx512bf16",
+        marks=pytest.mark.skipif(
+            not _HAS_AVX512BF16,
+            reason="CPU lacks AVX512-BF16 (or AVX-512): the bf16 dot-product path is built but "
+            "not run",
         ),
     ),
 ]
@@ -102,6 +114,7 @@ def test_kernels_build_and_report_isas() -> None:
     assert isas[0] == "portable"
     assert ("avx2" in isas) == _HAS_AVX2
     assert ("avx512" in isas) == _HAS_AVX512
+    assert ("avx512bf16" in isas) == _HAS_AVX512BF16
 
 
 @pytest.mark.parametrize("isa", ISAS)

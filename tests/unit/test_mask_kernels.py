@@ -1,0 +1,92 @@
+"""The C++ mask and SR-STE decay kernels on every ISA this host has, against the portable loops.
+
+``nmfx_cpu::set_mask_isa`` forces one ISA (the default picks the best by cpuid), so the AVX2
+and AVX-512 kernels are each checked bit for bit against the portable reference here; an ISA
+the CPU lacks is skipped with the reason.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+import torch
+
+import nmfx.kernels as K
+from nmfx import NMPattern
+from nmfx.masks import reference_nm_mask
+
+ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3}
+VECTOR_ISAS = ["avx2", "avx512"]
+
+
+@pytest.fixture(autouse=True)
+def _kernels() -> Iterator[None]:
+    if not K.kernels_available():
+        pytest.skip(f"the C++ kernels did not build here: {K.build_error()}")
+    yield
+    torch.ops.nmfx_cpu.set_mask_isa(0)
+
+
+def use(isa: str) -> None:
+    if isa not in K.available_isas():
+        pytest.skip(f"this CPU lacks {isa} (runs: {K.available_isas()})")
+    torch.ops.nmfx_cpu.set_mask_isa(ISA_CODES[isa])
+
+
+def weight(dtype: torch.dtype, groups: int, m: int, special: bool) -> torch.Tensor:
+    g = torch.Generator().manual_seed(groups)
+    w = torch.randint(-3, 4, (37, groups * m), generator=g).to(dtype)  # many ties
+    w[::3] = torch.randn(w[::3].shape, generator=g).to(dtype)
+    if special:
+        w.view(-1)[::7] = float("nan")
+        w.view(-1)[3::11] = float("inf")
+        w.view(-1)[5::13] = float("-inf")
+        w.view(-1)[6::17] = -0.0
+    return w
+
+
+@pytest.mark.parametrize("isa", VECTOR_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 4), (4, 8)], ids=str)
+@pytest.mark.parametrize("groups", [1, 3, 67, 1000])  # tails after 2 and 4 groups; threads
+@pytest.mark.parametrize("special", [False, True])
+def test_mask_kernels_equal_portable(isa, dtype, nm, groups, special) -> None:
+    w = weight(dtype, groups, nm[1], special)
+    torch.ops.nmfx_cpu.set_mask_isa(ISA_CODES["portable"])
+    ref_mask, ref_masked = torch.ops.nmfx_cpu.nm_mask_apply(w, *nm)
+    use(isa)
+    mask = torch.ops.nmfx_cpu.nm_mask(w, *nm)
+    mask2, masked = torch.ops.nmfx_cpu.nm_mask_apply(w, *nm)
+    assert torch.equal(mask, ref_mask) and torch.equal(mask2, ref_mask)
+    assert torch.equal(mask.view(torch.uint8).max(), torch.tensor(1, dtype=torch.uint8))
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(masked.view(bits), ref_masked.view(bits))  # NaN, Inf and -0.0 kept as is
+    assert torch.equal(ref_mask, reference_nm_mask(w, NMPattern(*nm), 1))
+
+
+@pytest.mark.parametrize("isa", ["portable", *VECTOR_ISAS])
+@pytest.mark.parametrize("numel", [1, 15, 16, 17, 40_000])
+def test_srste_decay_equals_portable_bit_for_bit(isa, numel) -> None:
+    g = torch.Generator().manual_seed(numel)
+    w = torch.randn(numel, generator=g)
+    w[::5] = float("nan")
+    w[1::7] = float("inf")
+    grad = torch.randn(numel, generator=g)
+    grad[2::9] = -0.0
+    keep = torch.rand(numel, generator=g) < 0.5
+    expected = grad + torch.where(keep, 0.0, 2e-4 * w)  # grad + lam * (1 - mask) * w
+    torch.ops.nmfx_cpu.set_mask_isa(ISA_CODES["portable"])
+    ref = grad.clone()
+    torch.ops.nmfx_cpu.srste_decay_(ref, w, keep, 2e-4)
+    use(isa)
+    out = grad.clone()
+    torch.ops.nmfx_cpu.srste_decay_(out, w, keep, 2e-4)
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
+
+
+def test_set_mask_isa_rejects_unknown_codes() -> None:
+    with pytest.raises(RuntimeError, match=r"ISA code 7 is not 0 \(auto\), 1 \(portable\)"):
+        torch.ops.nmfx_cpu.set_mask_isa(7)
+    assert torch.ops.nmfx_cpu.set_mask_isa(0) == 0

@@ -13,9 +13,9 @@ from pathlib import Path
 
 from benchmarks.accuracy import render as accuracy_render
 from benchmarks.accuracy import run as accuracy_run
+from benchmarks.oneshot import permutation_search, sparsegpt_layer, tinyllama, wanda_check
 from benchmarks.oneshot import render as oneshot_render
 from benchmarks.oneshot import run as oneshot_run
-from benchmarks.oneshot import permutation_search, sparsegpt_layer, tinyllama, wanda_check
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their helpers as top-level

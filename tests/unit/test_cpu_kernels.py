@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import warnings
@@ -251,6 +252,24 @@ def test_isa_errors(monkeypatch) -> None:
     assert K.current_isa() == "auto"
     monkeypatch.setenv("NMFX_ISA", "portable")
     assert K.current_isa() == "portable"
+
+
+def test_per_call_env_reads_follow_os_environ(monkeypatch) -> None:
+    """The per-call reads of NMFX_DISPATCH / NMFX_ISA skip os.environ.get's cost, not its
+    answers: set, changed, removed, and set by assigning os.environ directly."""
+    monkeypatch.delenv(_dispatch.DISPATCH_ENV, raising=False)
+    assert _dispatch.env(_dispatch.DISPATCH_ENV) is None
+    monkeypatch.setenv(_dispatch.DISPATCH_ENV, "dense")
+    assert _dispatch.env(_dispatch.DISPATCH_ENV) == "dense"
+    monkeypatch.setitem(os.environ, _dispatch.DISPATCH_ENV, "sparse")
+    assert _dispatch.env(_dispatch.DISPATCH_ENV) == "sparse"
+    p = pack(random_nm(8, 16, "2:4", torch.float32), "2:4")
+    with pytest.raises(ValueError, match="'bogus' is not one of"):  # read per call by the op
+        monkeypatch.setenv(_dispatch.DISPATCH_ENV, "bogus")
+        K.nm_linear(torch.ones(1, 16), p)
+    monkeypatch.delenv(_dispatch.DISPATCH_ENV)
+    assert _dispatch.env(_dispatch.DISPATCH_ENV) is None
+    K.nm_linear(torch.ones(1, 16), p)
 
 
 def test_fallback_without_kernels(monkeypatch) -> None:

@@ -10,12 +10,17 @@ init, every Linear pruned 2:4 by magnitude (``sparsify`` + ``finalize``), then r
   HF's static KV cache (``cache_implementation="static"``: one compiled decode step);
 - ``inductor``: the same with the default backend on the dense model (the best dense).
 
+Where ``llama-cpp-python`` is installed and a llama.cpp source tree is given (``--llama-cpp-dir``;
+see ``_llamacpp.py``), the same pruned weights converted by llama.cpp's converter run beside
+them at batch 1 as ``llama.cpp-F32``, ``-F16``, ``-BF16``, ``-Q8_0`` (``--gguf``), same token
+ids, same threads, with the F32 logits checked against HF's; otherwise the script says why not.
+
 Per dtype (fp32, bf16), lm_head (sparse: pruned too; dense: kept dense), batch and prompt
 length, the contenders run interleaved (A B, B A, ...) on one prompt; tokens/s counts the
 new tokens of the whole ``generate`` (prefill included). Greedy tokens are compared with
 ``dense`` of the same dtype. Peak RSS is taken per contender in a child process that holds
-only that contender, with the high-water mark reset (``/proc/self/clear_refs``) right
-before ``generate``. ``--profile`` prints where one decode step of the lowered model goes.
+only that contender, with what the build freed handed back (``malloc_trim``) and the
+high-water mark reset (``/proc/self/clear_refs``) right before ``generate``. ``--profile`` prints where one decode step of the lowered model goes.
 
     PYTHONPATH=. python benchmarks/decode.py --dtypes fp32 bf16 --batch 1 --prompt 32 \\
         --new 32 --contenders dense nmfx          # a subset; JSON to out/decode.json
@@ -36,9 +41,11 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _llamacpp
 import _timing
 
 import nmfx
+from nmfx.lowering.memory import release_freed_memory
 
 CONTENDERS = ("dense", "nmfx", "nmfx-compile", "inductor")
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -104,18 +111,35 @@ def child_rss(args: Any) -> None:
     ids = torch.randint(0, args.vocab, (args.batch[0], args.prompt[0]))
     if name in ("nmfx-compile", "inductor"):
         generate(model, ids, args.new, extra)  # compile first: not the steady state
+    # What building and pruning freed (the fp32 model before a cast, masks) stays resident
+    # in glibc's heap until trimmed (nmfx.lower trims too); trimmed for every contender alike.
+    release_freed_memory()
     Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
     generate(model, ids, args.new, extra)
-    print(json.dumps({"peak_rss_mb": _vm_hwm_mb()}))
+    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
+               for t in [*model.parameters(), *model.buffers()]}  # fmt: skip
+    print(json.dumps({"peak_rss_mb": _vm_hwm_mb(), "weights_mb": sum(tensors.values()) / 2**20}))
 
 
-def peak_rss(args: Any, dtype_name: str, lm_head: str, name: str) -> float | None:
+def _rss_cells(args: Any, dtype_name: str, lm_head: str) -> dict[str, dict]:
+    rss = {n: peak_rss(args, dtype_name, lm_head, n) for n in args.contenders}
+    rss = {n: v for n, v in rss.items() if v}
+    base = rss.get("dense", {}).get("peak_rss_mb")
+    print(f"  peak RSS during generate (MB; weights MB), batch {args.batch[0]}, prompt "
+          f"{args.prompt[0]}: " + ", ".join(
+              f"{n} {v['peak_rss_mb']:.0f} ({v['weights_mb']:.0f})"
+              + (f" {v['peak_rss_mb'] / base:.2f}x dense" if base and n != "dense" else "")
+              for n, v in rss.items()))  # fmt: skip
+    return rss
+
+
+def peak_rss(args: Any, dtype_name: str, lm_head: str, name: str) -> dict | None:
     cmd = [sys.executable, __file__, "--child", dtype_name, lm_head, name,
            *_shape_flags(args), "--batch", str(args.batch[0]), "--prompt", str(args.prompt[0])]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True)
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
-            return json.loads(line)["peak_rss_mb"]
+            return json.loads(line)
     print(f"  rss child for {name} failed: {done.stderr.strip().splitlines()[-1:]}")
     return None
 
@@ -165,7 +189,11 @@ def profile_step(model: torch.nn.Module, ids: torch.Tensor, top: int = 15) -> di
     return {"wall_ms": round(wall, 3), **spent}
 
 
-def run_case(args: Any, dtype_name: str, lm_head: str, pruned: torch.nn.Module) -> list[dict]:
+def run_case(
+    args: Any, dtype_name: str, lm_head: str, pruned: torch.nn.Module, gguf: dict[str, Any]
+) -> list[dict]:
+    """One dtype and lm_head: every batch and prompt, the contenders interleaved (llama.cpp's,
+    ``gguf``, at batch 1 only: llama-cpp-python decodes one sequence)."""
     dtype = DTYPES[dtype_name]
     models = {name: prepare(name, pruned, dtype) for name in args.contenders}
     results = []
@@ -179,6 +207,10 @@ def run_case(args: Any, dtype_name: str, lm_head: str, pruned: torch.nn.Module) 
                 n: (lambda m=m, x=x, ids=ids: generate(m, ids, args.new, x))
                 for n, (m, x) in models.items()
             }
+            for name, runner in gguf.items() if batch == 1 else ():
+                new = torch.tensor([runner.generate(ids[0].tolist(), args.new)])
+                tokens[name] = torch.cat([ids, new], dim=1)
+                fns[name] = lambda r=runner, ids=ids: r.generate(ids[0].tolist(), args.new)
             with _timing.LoadMonitor() as load:
                 rounds = _timing.interleaved(fns, repeats=args.repeats, warmup=0)
             base = tokens.get("dense")
@@ -197,7 +229,11 @@ def run_case(args: Any, dtype_name: str, lm_head: str, pruned: torch.nn.Module) 
                     rounds.seconds["inductor"], rounds.seconds["nmfx-compile"]
                 )
                 row["nmfx-compile"]["vs_inductor"] = round(statistics.median(r), 3)
-            _print_row(row, args.contenders)
+            if batch == 1 and "llama.cpp-F32" in gguf and dtype == torch.float32:
+                row["llama.cpp-F32"]["logits_vs_hf_fp32"] = _llamacpp.logits_check(
+                    models.get("dense", (pruned,))[0], gguf["llama.cpp-F32"], ids
+                )
+            _print_row(row, list(rounds.seconds))
             results.append(row)
     if args.profile:
         ids = torch.randint(0, args.vocab, (1, args.prompt[0]))
@@ -237,7 +273,13 @@ def parse(argv: list[str] | None = None) -> Any:
     p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-contender RSS children")
+    p.add_argument("--rss-only", action="store_true", help="only the per-contender RSS children")
     p.add_argument("--profile", action="store_true", help="profile one decode step (dense, nmfx)")
+    p.add_argument("--gguf", nargs="*", default=list(_llamacpp.FORMATS),
+                   choices=_llamacpp.FORMATS, help="llama.cpp formats beside (batch 1; none: "
+                   "skip llama.cpp)")  # fmt: skip
+    p.add_argument("--llama-cpp-dir", help="llama.cpp source tree (convert_hf_to_gguf.py), "
+                   f"default ${_llamacpp.DIR_ENV}")  # fmt: skip
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -248,18 +290,28 @@ def main(argv: list[str] | None = None) -> None:
     if args.child:
         child_rss(args)
         return
+    llama_dir = _llamacpp.converter_dir(args.llama_cpp_dir)
+    skip = _llamacpp.unavailable(llama_dir) if args.gguf and 1 in args.batch else None
+    if skip:
+        print(f"llama.cpp contenders skipped: {skip}")
     results = []
     for lm_head in args.lm_head:
         pruned = build_pruned(args, lm_head)
+        gguf = {}
+        if args.gguf and 1 in args.batch and not skip and not args.rss_only:
+            workdir = Path("out") / (f"decode-gguf-{args.layers}L-{args.hidden}-{args.mlp}-"
+                                     f"{args.vocab}-lm_head-{lm_head}")  # untracked, reused
+            n_ctx = max(args.prompt) + args.new + 8
+            gguf = _llamacpp.contenders(pruned, workdir, llama_dir, args.gguf,
+                                        torch.get_num_threads(), n_ctx)  # fmt: skip
         for dtype_name in args.dtypes:
-            rows = run_case(args, dtype_name, lm_head, pruned)
+            rows = [] if args.rss_only else run_case(args, dtype_name, lm_head, pruned, gguf)
             if not args.no_rss:
-                rss = {n: peak_rss(args, dtype_name, lm_head, n) for n in args.contenders}
-                print(f"  peak RSS during generate (MB, batch {args.batch[0]}, prompt "
-                      f"{args.prompt[0]}): " + ", ".join(f"{n} {v:.0f}" for n, v in rss.items() if v))  # fmt: skip
-                rows[0]["peak_rss_mb"] = rss
+                rss = _rss_cells(args, dtype_name, lm_head)
+                rows = rows or [{"dtype": dtype_name, "lm_head": lm_head}]
+                rows[0]["peak_rss"] = rss
             results += rows
-        del pruned
+        del pruned, gguf
         gc.collect()
     payload = {"machine": _timing.machine_info(), "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": results}  # fmt: skip
     print(f"wrote {_timing.write_json('decode', payload, args.out)}")

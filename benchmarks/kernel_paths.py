@@ -1,6 +1,7 @@
 """Which of nmfx's AVX2 kernel paths wins where: expanding W vs selecting x at one row of x, and
 expanding W vs the batched (x panel) path at many rows, with dense ``F.linear`` in the same
-rounds.
+rounds. On a CPU with AVX512-BF16, bf16 weights also compare the batched path with the bf16
+dot-product path (``avx512bf16-panels``, nm_bf16dot.cpp) from 8 rows of x.
 
 The op's default picks one path per call (see ``nmfx/csrc/nm_ops.cpp``); ``nm_gemm``'s path
 bits force the others, so each pair runs interleaved in one process. Prints a table of
@@ -50,6 +51,7 @@ FULL = {
     "gemv_patterns": ["2:4", "4:8", "1:4", "1:8"],
     "batched_patterns": ["2:4", "4:8", "1:4", "1:8"],
     "batches": [64, 256],
+    "bf16dot_batches": [8, 64, 256],
 }
 QUICK = {
     "shapes": [(4096, 4096)],
@@ -57,12 +59,14 @@ QUICK = {
     "gemv_patterns": ["2:4", "1:4"],
     "batched_patterns": ["2:4"],
     "batches": [256],
+    "bf16dot_batches": [64],
 }
-# (rows of x, the two paths compared), each forced with its path bit.
-PATH_BITS = {
-    "expand": _build.PATH_EXPAND,
-    "panels": _build.PATH_PANELS,
-    "select": _build.PATH_SELECT,
+# The paths compared, each forced with its ISA code and path bit.
+PATH_CODES = {
+    "expand": _build.ISA_CODES["avx2"] | _build.PATH_EXPAND,
+    "panels": _build.ISA_CODES["avx2"] | _build.PATH_PANELS,
+    "select": _build.ISA_CODES["avx2"] | _build.PATH_SELECT,
+    "bf16dot": _build.ISA_CODES["avx512bf16"] | _build.PATH_PANELS,
 }
 
 
@@ -74,13 +78,12 @@ def case(
     w = random_nm(rows, cols, pattern, dtype)
     p = pack(w, pattern)
     x = torch.randn(batch, cols, dtype=dtype)
-    isa = _build.ISA_CODES["avx2"]
     op = torch.ops.nmfx_cpu.nm_gemm.default
 
-    def run(bits: int):
-        return lambda: op(x, p.values, p.mask, None, rows, cols, n, m, isa | bits)
+    def run(code: int):
+        return lambda: op(x, p.values, p.mask, None, rows, cols, n, m, code)
 
-    fns = {"dense": lambda: F.linear(x, w), **{name: run(PATH_BITS[name]) for name in paths}}
+    fns = {"dense": lambda: F.linear(x, w), **{name: run(PATH_CODES[name]) for name in paths}}
     rounds = interleaved(fns, repeats=repeats, warmup=2, budget_s=budget_s, min_repeats=9)
     seconds, used = rounds.pick()
     med = {k: statistics.median(v) for k, v in seconds.items()}
@@ -108,6 +111,7 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(f"needs the AVX2 kernels (available: {K.available_isas()})")
     config = QUICK if args.quick else FULL
     repeats, budget_s = (15, 0.3) if args.quick else (31, 1.0)
+    dot = "avx512bf16" in K.available_isas()
     jobs = []
     for rows, cols in config["shapes"]:
         for dname in config["dtypes"]:
@@ -116,6 +120,10 @@ def main(argv: list[str] | None = None) -> None:
             for pattern in config["batched_patterns"]:
                 for batch in config["batches"]:
                     jobs.append((rows, cols, dname, pattern, batch, ("expand", "panels")))
+                n, m = (int(v) for v in pattern.split(":"))
+                if dname == "bfloat16" and dot and _build.bf16dot_supports(n, m):
+                    for batch in config["bf16dot_batches"]:
+                        jobs.append((rows, cols, dname, pattern, batch, ("panels", "bf16dot")))
     t0 = time.perf_counter()
     info = machine_info()
     results = []
@@ -130,11 +138,11 @@ def main(argv: list[str] | None = None) -> None:
         label = b
         table.append([
             r["shape"], r["dtype"], r["pattern"], r["batch"], f"{r['median_ms']['dense']:.3f}",
-            f"{r['median_ms'][a]:.3f}", f"{r['median_ms'][b]:.3f}", label,
+            f"{r['median_ms'][a]:.3f} ({a})", f"{r['median_ms'][b]:.3f}", label,
             f"{r[f'{b}_vs_{a}_paired']:.2f}x", f"{r[f'{b}_vs_dense_paired']:.2f}x",
         ])  # fmt: skip
-    headers = ["weight", "dtype", "N:M", "rows of x", "dense ms", "expand W ms", "other ms",
-               "other path", "other vs expand", "other vs dense"]  # fmt: skip
+    headers = ["weight", "dtype", "N:M", "rows of x", "dense ms", "first path ms", "other ms",
+               "other path", "other vs first", "other vs dense"]  # fmt: skip
     print(tabulate(table, headers=headers, tablefmt="github"))
     print("(ratios: medians of per-round ratios; all three contenders interleaved)")
     print(describe(info, load.result))

@@ -25,6 +25,14 @@ inline bool has_select_gemv(int n, int m) {
   return (n == 1 && (m == 4 || m == 8)) || (n == 2 && m == 4) || (n == 4 && m == 8);
 }
 
+// Patterns of the AVX512-BF16 dot-product path (nm_bf16dot.cpp): M divides 32 and every 64
+// columns keep 8, 16 or 32 values (N/M = 1/8, 1/4 or 1/2: 2:4, 4:8, 8:16, 1:4, 2:8, 1:8, ...).
+inline bool bf16dot_supports(int n, int m) {
+  if (m <= 0 || n <= 0 || 32 % m != 0) return false;
+  const int kept64 = 64 / m * n;
+  return kept64 == 8 || kept64 == 16 || kept64 == 32;
+}
+
 struct NMProblem {
   const float* x;          // [B, ldx], zero padded past K
   int64_t B;
@@ -59,6 +67,11 @@ struct NMProblem {
   // ISA's kernel pick, kNever expands W (nm_gemm's PATH_EXPAND bit), kAlways selects
   // (PATH_SELECT; nm_gemm checks B == 1 and the pattern first).
   SelectMode select;
+  // Optional (may be null): x as bf16 [B, ldxb], zero past K, for the AVX512-BF16 dot-product
+  // path (nm_bf16dot.cpp); set only for bf16 values, a pattern of bf16dot_supports and a CPU
+  // with avx512_bf16. ldxb (a multiple of 64) covers every column the path reads.
+  const uint16_t* xbf16;
+  int64_t ldxb;
 };
 
 // Rows of x per panel, and columns per slice of a panel, of the batched path.
@@ -158,6 +171,9 @@ inline const void* row_values(const NMProblem& p, int64_t r, int elem_size) {
 void nm_gemm_portable(const NMProblem& p, int64_t r0, int64_t r1);
 void nm_gemm_avx2(const NMProblem& p, int64_t r0, int64_t r1);
 void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1);
+// The AVX-512 kernel with bf16 dot products: the dot-product path where p.xbf16 is set,
+// nm_gemm_avx512 otherwise.
+void nm_gemm_avx512bf16(const NMProblem& p, int64_t r0, int64_t r1);
 // The batched path on x panels (p.xpanel set), AVX2 + FMA (nm_panels.h; nm_gemm_avx512 runs
 // the same code with AVX-512 vectors).
 void nm_gemm_avx2_panels(const NMProblem& p, int64_t r0, int64_t r1);
@@ -170,5 +186,6 @@ void expand_rows_avx512(const NMProblem& p, int64_t r0, int64_t r1, void* out, i
 
 bool cpu_has_avx2();
 bool cpu_has_avx512();
+bool cpu_has_avx512bf16();
 
 }  // namespace nmfx

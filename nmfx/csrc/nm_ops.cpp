@@ -36,9 +36,15 @@ bool cpu_has_avx512() {
          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512dq");
 }
+bool cpu_has_avx512bf16() {
+  __builtin_cpu_init();
+  return cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi") &&
+         __builtin_cpu_supports("avx512bf16");
+}
 #else
 bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
+bool cpu_has_avx512bf16() { return false; }
 #endif
 
 namespace {
@@ -47,6 +53,10 @@ constexpr int64_t kIsaAuto = 0;
 constexpr int64_t kIsaPortable = 1;
 constexpr int64_t kIsaAvx2 = 2;
 constexpr int64_t kIsaAvx512 = 3;
+// AVX-512 plus AVX512-BF16: the AVX-512 kernel, except that bf16 weights of the patterns of
+// bf16dot_supports run the dot-product path (nm_bf16dot.cpp) under PATH_PANELS and, without a
+// path bit, from kDotMinBatch rows of x. Never picked by kIsaAuto: the autotuner times it.
+constexpr int64_t kIsaAvx512Bf16 = 4;
 // Path bits above the ISA code (at most one; the autotuner, tests and benchmarks use them to run
 // one path): expanding W in registers at any batch, the batched path on x panels at any batch
 // (nm_avx2.cpp, run_panels), or the selecting GEMV (one row of x, patterns 1:4, 1:8, 2:4, 4:8).
@@ -60,12 +70,14 @@ constexpr int64_t kPathPanels = 1 << 9;
 constexpr int64_t kPathSelect = 1 << 10;
 constexpr int64_t kPathBits = kPathExpand | kPathPanels | kPathSelect;
 constexpr int64_t kPanelMinBatch = 32;
+constexpr int64_t kDotMinBatch = 8;
 
 int64_t isa_support() {
   static const int64_t bits = [] {
     int64_t b = 1 << kIsaPortable;
     if (cpu_has_avx2()) b |= 1 << kIsaAvx2;
     if (cpu_has_avx512()) b |= 1 << kIsaAvx512;
+    if (cpu_has_avx512bf16()) b |= 1 << kIsaAvx512Bf16;
     return b;
   }();
   return bits;
@@ -80,10 +92,12 @@ KernelFn select_kernel(int64_t isa) {
           : (support & (1 << kIsaAvx2)) ? kIsaAvx2
                                           : kIsaPortable;
   }
-  TORCH_CHECK(isa >= kIsaPortable && isa <= kIsaAvx512, "nmfx: unknown ISA code ", isa);
+  TORCH_CHECK(isa >= kIsaPortable && isa <= kIsaAvx512Bf16, "nmfx: unknown ISA code ", isa);
   TORCH_CHECK(support & (1 << isa), "nmfx: ISA code ", isa,
               " is not supported by this CPU (supported bitmask ", support, ")");
   switch (isa) {
+    case kIsaAvx512Bf16:
+      return nm_gemm_avx512bf16;
     case kIsaAvx512:
       return nm_gemm_avx512;
     case kIsaAvx2:
@@ -94,25 +108,30 @@ KernelFn select_kernel(int64_t isa) {
 }
 
 // Rows of x holding a NaN or an Inf: F.linear multiplies them by every weight, the pruned zeros
-// included (0 * Inf = NaN), while the selecting, batched and portable paths multiply only the
-// kept ones. For such a row b, y[b, r] becomes NaN wherever row r of W prunes a column where x is
-// not finite; the kept products are the same on every path, so the results then agree with
-// F.linear in every NaN and Inf. The scan costs one pass over x (small next to the GEMM).
-void propagate_nonfinite(const float* x, int64_t ldsrc, int64_t B, int64_t cols,
+// included (0 * Inf = NaN), while the selecting, batched, dot-product and portable paths multiply
+// only the kept ones. For such a row b, y[b, r] becomes NaN wherever row r of W prunes a column
+// where x is not finite; the kept products are the same on every path, so the results then agree
+// with F.linear in every NaN and Inf. The scan costs one pass over x (small next to the GEMM).
+// x is fp32 (float) or bf16 bits (uint16_t).
+inline bool nonfinite(float v) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, 4);
+  return (bits & 0x7f800000u) == 0x7f800000u;
+}
+inline bool nonfinite(uint16_t v) { return (v & 0x7f80u) == 0x7f80u; }
+
+template <typename T>
+void propagate_nonfinite(const T* x, int64_t ldsrc, int64_t B, int64_t cols,
                          const uint8_t* mask, int64_t KB, int64_t R, float* y) {
   std::vector<int64_t> bad;
   for (int64_t b = 0; b < B; ++b) {
-    const float* row = x + b * ldsrc;
+    const T* row = x + b * ldsrc;
     bool any = false;
-    for (int64_t k = 0; k < cols; ++k) {
-      uint32_t bits;
-      std::memcpy(&bits, row + k, 4);
-      any |= (bits & 0x7f800000u) == 0x7f800000u;
-    }
+    for (int64_t k = 0; k < cols; ++k) any |= nonfinite(row[k]);
     if (!any) continue;
     bad.clear();
     for (int64_t k = 0; k < cols; ++k) {
-      if (!std::isfinite(row[k])) bad.push_back(k);
+      if (nonfinite(row[k])) bad.push_back(k);
     }
     for (int64_t r = 0; r < R; ++r) {
       const uint8_t* mrow = mask + r * KB;
@@ -123,6 +142,23 @@ void propagate_nonfinite(const float* x, int64_t ldsrc, int64_t B, int64_t cols,
         }
       }
     }
+  }
+}
+
+// bf16 x -> [B, ldxb] bf16 bits, columns past cols zero (the dot-product path's x).
+void stage_x_bf16(const at::Tensor& x, int64_t cols, int64_t ldxb, uint16_t* out) {
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(x.const_data_ptr<at::BFloat16>());
+  const int64_t sb = x.stride(0);
+  const int64_t sk = x.stride(1);
+  for (int64_t b = 0; b < x.size(0); ++b) {
+    uint16_t* dst = out + b * ldxb;
+    const uint16_t* row = src + b * sb;
+    if (sk == 1) {
+      std::memcpy(dst, row, cols * sizeof(uint16_t));
+    } else {
+      for (int64_t k = 0; k < cols; ++k) dst[k] = row[k * sk];
+    }
+    std::fill(dst + cols, dst + ldxb, uint16_t{0});
   }
 }
 
@@ -257,6 +293,20 @@ void run_rows(KernelFn fn, NMProblem p, const at::Tensor& xs, int64_t cols, bool
   propagate_nonfinite(src, ldsrc, B, cols, p.mask, p.KB, p.R, p.y);
 }
 
+// The same for the bf16 dot-product path (p.ldxb set): x staged as bf16 rows of ldxb columns.
+void run_rows_dot(KernelFn fn, NMProblem p, const at::Tensor& xs, int64_t cols, float* y) {
+  const int64_t B = xs.size(0);
+  at::Tensor xhold;
+  uint16_t* xd = static_cast<uint16_t*>(
+      scratch_bytes(kScratchX, static_cast<size_t>(B * p.ldxb) * sizeof(uint16_t), xhold));
+  stage_x_bf16(xs, cols, p.ldxb, xd);
+  p.xbf16 = xd;
+  p.B = B;
+  p.y = y;
+  run_threads(fn, p, cols);
+  propagate_nonfinite(xd, p.ldxb, B, cols, p.mask, p.KB, p.R, p.y);
+}
+
 // nm_gemm: argument checks, the kernel over blocks of rows of x (run_rows), the output dtype.
 at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                    const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n,
@@ -278,18 +328,27 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   // Many rows of x take the batched path (x86 SIMD kernels only), which reads x as transposed
   // panels: fp32 x with unit column stride is staged into them directly, without the fp32 copy.
   const int64_t ldx = std::max<int64_t>(16, (cols + 15) / 16 * 16);
-  const bool panels = fn != nm_gemm_portable &&
+  // bf16 dot products (ISA avx512bf16 only): forced by PATH_PANELS, else from kDotMinBatch rows.
+  const bool dot = fn == nm_gemm_avx512bf16 && shape.vtype == ValueType::kBFloat16 &&
+                   bf16dot_supports(static_cast<int>(n), static_cast<int>(m)) &&
+                   (path == kPathPanels || (path == 0 && B >= kDotMinBatch));
+  const bool panels = !dot && fn != nm_gemm_portable &&
                       (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
   const bool direct = panels && x.scalar_type() == at::kFloat && x.stride(1) == 1;
   const ValueTail vt = value_tail(values, rows, shape.kept);
   NMProblem p = weight_problem(values, mask, shape, vt, rows, n, m);
   p.ldx = ldx;
+  if (dot) {  // columns of staged x: whole vectors of 32 kept values (64, 128 or 256 columns)
+    const int64_t span = 64 * (32 / (64 / m * n));
+    p.ldxb = (cols + span - 1) / span * span;
+  }
   p.select = path == kPathExpand   ? SelectMode::kNever
              : path == kPathSelect ? SelectMode::kAlways
                                    : SelectMode::kAuto;
   // x is staged a block of rows at a time, so the staging stays in the kept per-thread scratch
   // (a whole 512x4096 x staged at once had left 8-16 MB resident per slot after the call).
-  const int64_t per_row = (direct ? 0 : ldx * 4) + (panels ? panel_cols(ldx) * 4 : 0);
+  const int64_t per_row =
+      dot ? p.ldxb * 2 : (direct ? 0 : ldx * 4) + (panels ? panel_cols(ldx) * 4 : 0);
   // Blocks of equal size (a last block of a few rows would cost a pass over W for little).
   const int64_t unit = panels ? kPanelBatch : 1;
   const int64_t most = std::max(unit, static_cast<int64_t>(kScratchKeepBytes) / per_row / unit * unit);
@@ -297,8 +356,12 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   const int64_t block = std::min(most, ((B + nblk - 1) / nblk + unit - 1) / unit * unit);
   for (int64_t b0 = 0; b0 < B; b0 += block) {
     const int64_t bs = std::min(block, B - b0);
-    run_rows(fn, p, bs >= B ? x : x.narrow(0, b0, bs), cols, panels, direct,
-             y.data_ptr<float>() + b0 * rows);
+    const at::Tensor xs = bs >= B ? x : x.narrow(0, b0, bs);
+    if (dot) {
+      run_rows_dot(fn, p, xs, cols, y.data_ptr<float>() + b0 * rows);
+    } else {
+      run_rows(fn, p, xs, cols, panels, direct, y.data_ptr<float>() + b0 * rows);
+    }
   }
   return to_dtype(y, x.scalar_type());
 }

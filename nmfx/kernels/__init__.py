@@ -127,7 +127,8 @@ def build_error() -> BaseException | None:
 
 
 def available_isas() -> list[str]:
-    """ISA paths runnable here, from ``"portable"``, ``"avx2"``, ``"avx512"`` (builds first)."""
+    """ISA paths runnable here, from ``"portable"``, ``"avx2"``, ``"avx512"``, ``"avx512bf16"``
+    (AVX-512 plus the bf16 dot-product path; never picked by ``"auto"``) (builds first)."""
     return _build.supported_isas()
 
 

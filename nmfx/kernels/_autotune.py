@@ -41,7 +41,8 @@ from nmfx.kernels import _build
 
 logger = logging.getLogger(__name__)
 
-TABLE_VERSION = 6  # 5-6: per-shape autotuning (6: batched paths never pruned); 1-4: thresholds
+# 5-7: per-shape autotuning (6: batched paths never pruned; 7: avx512bf16-panels); 1-4: thresholds
+TABLE_VERSION = 7
 CACHE_ENV = "NMFX_CACHE_DIR"
 CALIBRATE_ENV = "NMFX_CALIBRATE"
 # Buckets of rows of x (inclusive bounds; the last is open) and the batch timed for each.
@@ -52,7 +53,7 @@ PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Every choice a bucket can hold; the index is its 4-bit code in a module's dispatch code.
 CHOICES = (
     "dense", "portable", "avx2-expand", "avx2-select", "avx2-panels", "avx512-expand",
-    "avx512-panels",
+    "avx512-panels", "avx512bf16-panels",
 )  # fmt: skip
 NOISE_MARGIN = 0.03
 PRUNE_FACTOR = 3.0
@@ -104,8 +105,9 @@ def choice_isa(choice: str) -> str | None:
     return None if choice == "dense" else choice.split("-")[0]
 
 
-def host_choices(n: int, m: int, batch: int) -> list[str]:
-    """The choices this host can run for one call shape (dense first)."""
+def host_choices(n: int, m: int, batch: int, dtype: str = "float32") -> list[str]:
+    """The choices this host can run for one call shape (dense first); ``dtype`` as in
+    :class:`ShapeKey` (the bf16 dot-product path is timed for bf16 weights only)."""
     isas = _build.supported_isas()
     out = ["dense", *(["portable"] if "portable" in isas else [])]
     for isa in ("avx2", "avx512"):
@@ -113,6 +115,8 @@ def host_choices(n: int, m: int, batch: int) -> list[str]:
             out += [f"{isa}-expand", f"{isa}-panels"]
     if "avx2" in isas and batch == 1 and (n, m) in _build.SELECT_PATTERNS:
         out.append("avx2-select")  # the AVX-512 kernel selects with the same AVX2 code
+    if "avx512bf16" in isas and dtype == "bfloat16" and _build.bf16dot_supports(n, m):
+        out.append("avx512bf16-panels")
     return out
 
 
@@ -290,7 +294,7 @@ def measure(key: ShapeKey) -> dict[str, Any]:
     with torch.inference_mode():
         for rows_x in PROBE_ROWS:
             x = torch.randn(rows_x, key.cols).to(dtype)
-            cands = [c for c in host_choices(key.n, key.m, rows_x) if c not in pruned]
+            cands = [c for c in host_choices(key.n, key.m, rows_x, key.dtype) if c not in pruned]
             med = _time_bucket({c: _runner(key, c, values, mask, x) for c in cands})
             best = min(med.values())
             winner = min(med, key=med.__getitem__)
@@ -384,7 +388,7 @@ def _measure_and_store(
 
 def default_entry(key: ShapeKey) -> dict[str, Any]:
     """Untuned: the best ISA's own path choice at every bucket (no timing)."""
-    isas = _build.supported_isas()
+    isas = [i for i in _build.supported_isas() if i != "avx512bf16"]  # timed, never a default
     best = isas[-1] if isas else None
     if best is None:
         return {"choices": ["dense"] * len(BUCKETS), "source": "default"}

@@ -25,13 +25,16 @@ SOURCES = (
     "nm_portable.cpp",
     "nm_avx2.cpp",
     "nm_avx512.cpp",
+    "nm_bf16dot.cpp",
     "nm_mask.cpp",
 )
 EXTENSION_NAME = "nmfx_cpu_kernels"
 # Setting this to 1 skips the build (as if no compiler were present); for tests and debugging.
 DISABLE_ENV = "NMFX_DISABLE_KERNELS"
 
-ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3}
+# "avx512bf16": the AVX-512 kernels plus, for bf16 weights, the AVX512-BF16 dot-product path
+# (nm_bf16dot.cpp) under PATH_PANELS; only where cpuid reports avx512_bf16, never picked by "auto".
+ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4}
 # Bits above the ISA code of ``nm_gemm``'s ``isa`` argument (at most one) that force the x86
 # kernels' path: expanding W in registers (any batch), the batched path on x panels (any batch),
 # or the selecting GEMV (one row of x, patterns in SELECT_PATTERNS; anything else is an error).
@@ -40,6 +43,12 @@ PATH_EXPAND = 1 << 8
 PATH_PANELS = 1 << 9
 PATH_SELECT = 1 << 10
 SELECT_PATTERNS = frozenset({(1, 4), (1, 8), (2, 4), (4, 8)})
+
+
+def bf16dot_supports(n: int, m: int) -> bool:
+    """Patterns of the bf16 dot-product path: M divides 32 and 64 columns keep 8, 16 or 32
+    values (2:4, 4:8, 8:16, 1:4, 2:8, 1:8, ...); mirrors nm_kernels.h."""
+    return 0 < n < m and 32 % m == 0 and 64 // m * n in (8, 16, 32)
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None}

@@ -20,20 +20,44 @@ from typing import Any
 import torch
 
 from nmfx.kernels import _autotune, _build
-from nmfx.kernels._autotune import CHOICES, UNTUNED, ShapeKey
+from nmfx.kernels._autotune import BUCKETS, CHOICES, UNTUNED, ShapeKey
 
 MODES = ("auto", "sparse", *CHOICES)
 _MODE_SET = frozenset(MODES)
 DISPATCH_ENV = "NMFX_DISPATCH"
 
 _local = threading.local()
+# The choice and bucket lookups below run on every eager call (dozens per decoded token), so
+# they are table lookups: bucket by rows of x up to the last bucket's start, ISA by choice.
+_BUCKET_BY_ROWS = tuple(_autotune.bucket_of(rows) for rows in range(BUCKETS[-1][0] + 1))
+_LAST_BUCKET = len(BUCKETS) - 1
+_CHOICE_ISA = {c: _autotune.choice_isa(c) for c in CHOICES}
 # Per-call memo of tuned choices by shape, for weights called without a dispatch code
 # (``None``: rebuilt on demand; tests reset it).
 _table: dict[ShapeKey, list[str]] | None = None
 
 
+def env(name: str) -> str | None:
+    """``os.environ.get(name)`` without its cost on a missing name (a raised and caught
+    KeyError, microseconds; read per call here). Same result: CPython's ``os.environ`` writes
+    through to ``_data``, keyed by the encoded name."""
+    if _ENV_DATA is None:
+        return os.environ.get(name)
+    key = _ENV_KEYS.get(name)
+    if key is None:
+        key = _ENV_KEYS[name] = os.environ.encodekey(name)  # type: ignore[attr-defined]
+    raw = _ENV_DATA.get(key)
+    return None if raw is None else os.environ.decodevalue(raw)  # type: ignore[attr-defined]
+
+
+_ENV_DATA = getattr(os.environ, "_data", None)
+if not isinstance(_ENV_DATA, dict) or not hasattr(os.environ, "encodekey"):
+    _ENV_DATA = None
+_ENV_KEYS: dict[str, object] = {}
+
+
 def _forced_mode() -> str:
-    mode = getattr(_local, "mode", None) or os.environ.get(DISPATCH_ENV) or "auto"
+    mode = getattr(_local, "mode", None) or env(DISPATCH_ENV) or "auto"
     if mode not in _MODE_SET:
         raise ValueError(
             f"{DISPATCH_ENV}={mode!r} is not one of {list(MODES)}; unset it or pick one"
@@ -45,7 +69,9 @@ def _forced_mode() -> str:
 def force_dispatch(mode: str) -> Iterator[None]:
     """Within the block, run every nm_linear ``"sparse"``, ``"dense"``, ``"auto"`` or one path
     (``"avx2-expand"``, ``"avx2-select"``, ``"avx2-panels"``, ``"avx512-expand"``,
-    ``"portable"``; one this CPU lacks is an error at the call)."""
+    ``"avx512-panels"``, ``"avx512bf16-panels"`` (bf16 dot products for bf16 weights; other
+    weights run ``"avx512-panels"``), ``"portable"``; one this CPU lacks is an error at the
+    call)."""
     if mode not in _MODE_SET:
         raise ValueError(f"dispatch mode {mode!r} is not one of {list(MODES)}")
     previous = getattr(_local, "mode", None)
@@ -101,11 +127,15 @@ def _untuned_choices(key: ShapeKey) -> list[str]:
 
 def _runnable(choice: str) -> str:
     """``choice``, or the nearest one this CPU runs (a table tuned on another host)."""
-    isa = _autotune.choice_isa(choice)
+    isa = _CHOICE_ISA[choice]
     if isa is None or isa in _build.supported_isas():
         return choice
     path = choice.partition("-")[2]
-    fallback = f"avx2-{path}" if "avx2" in _build.supported_isas() else "portable"
+    fallback = next(
+        (f"{other}-{path}" for other in ("avx512", "avx2")
+         if other in _build.supported_isas() and f"{other}-{path}" in CHOICES),
+        "portable",
+    )  # fmt: skip
     _autotune._warn_once(
         f"isa:{choice}",
         f"nmfx: this module's dispatch table names {choice!r}, which this CPU cannot run "
@@ -130,7 +160,7 @@ def choose(
                 f"lacks (supported: {_build.supported_isas()}); use 'auto' or another path"
             )
         return mode
-    bucket = _autotune.bucket_of(batch)
+    bucket = _BUCKET_BY_ROWS[batch] if batch < len(_BUCKET_BY_ROWS) else _LAST_BUCKET
     if code == UNTUNED:
         choice = _untuned_choices(_autotune.shape_key(rows, cols, dtype, n, m))[bucket]
     else:

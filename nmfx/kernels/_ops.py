@@ -7,8 +7,6 @@ keep it too.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import torch.nn.functional as F
 
@@ -22,7 +20,7 @@ _isa_override: list[str | None] = [None]
 
 def current_isa() -> str:
     """The ISA path the next call will use ("auto" picks the best supported)."""
-    return _isa_override[0] or os.environ.get(_ISA_ENV) or "auto"
+    return _isa_override[0] or _dispatch.env(_ISA_ENV) or "auto"
 
 
 def isa_code() -> int:
@@ -70,6 +68,7 @@ def compute(
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], rows)
 
 
+_PATH_CODES: dict[str, int] = {}
 _op_cache: dict[str, torch._ops.OpOverload] = {}
 
 
@@ -86,7 +85,9 @@ def _kernel_code(choice: str) -> int:
     forced = isa_code()
     if choice == "sparse":
         return forced
-    code = _autotune.path_code(choice)
+    code = _PATH_CODES.get(choice)
+    if code is None:
+        code = _PATH_CODES[choice] = _autotune.path_code(choice)
     if forced == 0:
         return code
     if forced == _build.ISA_CODES["portable"]:

@@ -60,8 +60,10 @@ def lower(
         if options:
             raise TypeError(f"target='cpu' takes no options, got {sorted(options)}")
         from nmfx.lowering.cpu import lower_cpu
+        from nmfx.lowering.memory import release_freed_memory
 
         out, decisions = lower_cpu(out, record)
+        release_freed_memory()  # the dense weights lower_cpu freed, else still resident
     elif target == "cuda":
         from nmfx.lowering.cuda import lower_cuda
 

@@ -7,8 +7,9 @@ group h. Removing column a from a group leaves M-1 values whose top-N sum ``S`` 
 largest value ``t`` give the kept magnitude after any column v comes in:
 ``S + relu(v - t)``. So all M*M swaps of a pair of groups are scored from ``S``, ``t`` and
 the columns alone. Each round scores all pairs (small C) or a random pairing of the groups
-(large C), then applies the best improving swaps on disjoint groups; it stops when a round
-finds nothing, or at the round / time bound.
+(large C), then applies the best improving swaps on disjoint groups, until a round finds
+nothing; then it escapes the local optimum a bounded number of times (random swaps, search
+again, keep the better), all within the round / time bound.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import torch
 __all__ = ["kept_magnitude", "search_permutation"]
 
 _PAIR_BUDGET = 1 << 24  # scored elements per chunk (pairs x rows x M x M)
+_KICK_SWAPS = 2  # random swaps per escape from a local optimum
 
 
 def kept_magnitude(a: torch.Tensor, n: int, m: int, perm: torch.Tensor | None = None) -> float:
@@ -62,21 +64,57 @@ def _pairs(n_groups: int, rows: int, m: int, gen: torch.Generator) -> torch.Tens
 
 
 def search_permutation(
-    a: torch.Tensor, n: int, m: int, rounds: int = 200, time_s: float = 30.0, seed: int = 0
-) -> torch.Tensor:
+    a: torch.Tensor, n: int, m: int, rounds: int = 200, time_s: float = 30.0, seed: int = 0,
+    escapes: int = 20,
+) -> torch.Tensor:  # fmt: skip
     """A permutation ``perm`` of the columns of ``a`` (``a[:, perm]`` keeps more magnitude
-    under N:M than ``a``, or ``perm`` is the identity)."""
-    rows, cols = a.shape
-    n_groups = cols // m
+    under N:M than ``a``, or ``perm`` is the identity).
+
+    The greedy swap search stops in a local optimum; then up to ``escapes`` times (ASP's
+    escape from local minima) the best permutation so far is kicked by two random swaps
+    between groups and searched again from there, kept when it keeps more. ``rounds`` and
+    ``time_s`` bound the whole search."""
+    cols = a.shape[1]
     perm = torch.arange(cols)
-    if n_groups < 2:
+    if cols // m < 2:
         return perm
     gen = torch.Generator().manual_seed(seed)
-    start = time.perf_counter()
-    stale = 0
-    for _ in range(rounds):
-        if time.perf_counter() - start > time_s:
+    deadline = time.perf_counter() + time_s
+    budget = [rounds]
+    best = _greedy(a, n, m, perm, gen, deadline, budget)
+    best_kept = kept_magnitude(a, n, m, best)
+    for _ in range(escapes):
+        if budget[0] <= 0 or time.perf_counter() > deadline:
             break
+        cand = best.clone()
+        for _ in range(_KICK_SWAPS):
+            x, y = _random_cross_pair(cols, m, gen)
+            cand[[x, y]] = cand[[y, x]]
+        cand = _greedy(a, n, m, cand, gen, deadline, budget)
+        kept = kept_magnitude(a, n, m, cand)
+        if kept > best_kept:
+            best, best_kept = cand, kept
+    return best
+
+
+def _random_cross_pair(cols: int, m: int, gen: torch.Generator) -> tuple[int, int]:
+    """Two columns in different groups of M."""
+    x = int(torch.randint(0, cols, (1,), generator=gen))
+    y = int(torch.randint(0, cols - m, (1,), generator=gen))
+    if y >= x // m * m:
+        y += m  # skip x's own group
+    return x, y
+
+
+def _greedy(a: torch.Tensor, n: int, m: int, perm: torch.Tensor, gen: torch.Generator,
+            deadline: float, budget: list[int]) -> torch.Tensor:  # fmt: skip
+    """Best-improvement swap rounds from ``perm`` (changed in place) until none improves,
+    or the deadline / round budget (``budget[0]``, decremented) runs out."""
+    rows, cols = a.shape
+    n_groups = cols // m
+    stale = 0
+    while budget[0] > 0 and time.perf_counter() <= deadline:
+        budget[0] -= 1
         groups = a[:, perm].reshape(rows, n_groups, m)
         s_rest, t_rest = _rests(groups, n)
         s_sum = s_rest.sum(0)  # [G, m]

@@ -136,7 +136,8 @@ def report(
         isa = "unavailable (dense fallback)"
         if kernels_available():
             isa = current_isa()
-            isa = available_isas()[-1] if isa == "auto" else isa  # auto: the best supported
+            best = [i for i in available_isas() if i != "avx512bf16"][-1]  # what "auto" picks
+            isa = best if isa == "auto" else isa
         machine["nmfx_isa"] = isa
     return Report(rows, totals, target, machine, settings, notes)
 

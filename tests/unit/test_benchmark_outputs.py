@@ -13,9 +13,9 @@ from pathlib import Path
 
 from benchmarks.accuracy import render as accuracy_render
 from benchmarks.accuracy import run as accuracy_run
+from benchmarks.oneshot import permutation_search, sparsegpt_layer, tinyllama, wanda_check
 from benchmarks.oneshot import render as oneshot_render
 from benchmarks.oneshot import run as oneshot_run
-from benchmarks.oneshot import sparsegpt_layer, tinyllama
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their helpers as top-level
@@ -36,7 +36,7 @@ def test_default_outputs_are_untracked():
     defaults.append(cpu_kernels.build_parser().parse_args([]).out)
     defaults += [accuracy_run.DEFAULT_OUT, accuracy_run.TUNE_OUT, accuracy_render.DEFAULT_OUT]
     defaults += [oneshot_run.DEFAULT_OUT, oneshot_render.DEFAULT_OUT, sparsegpt_layer.OUT]
-    defaults.append(tinyllama.OUT)
+    defaults += [tinyllama.OUT, permutation_search.OUT, wanda_check.OUT]
     for path in defaults:
         assert _untracked(path), path
         assert "results" not in path.parts and "docs" not in path.parts, path

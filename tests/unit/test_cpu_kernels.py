@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gc
+import os
 import subprocess
 import sys
 import warnings
@@ -32,6 +33,7 @@ def _cpu_flags() -> set[str]:
 _FLAGS = _cpu_flags()
 _HAS_AVX2 = {"avx2", "fma"} <= _FLAGS
 _HAS_AVX512 = {"avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_vbmi2"} <= _FLAGS
+_HAS_AVX512BF16 = _HAS_AVX512 and {"avx512vbmi", "avx512_bf16"} <= _FLAGS
 
 ISAS = [
     pytest.param("portable", id="portable"),
@@ -44,6 +46,17 @@ ISAS = [
         marks=pytest.mark.skipif(
             not _HAS_AVX512,
             reason="CPU lacks AVX-512 F/BW/VL/DQ/VBMI2: the AVX-512 path is built but not run",
+        ),
+    ),
+    # The AVX-512 kernels plus bf16 dot products: bf16 weights of its patterns take the
+    # dot-product path under PATH_PANELS and from 8 rows of x; everything else as "avx512".
+    pytest.param(
+        "avx512bf16",
+        id="avx512bf16",
+        marks=pytest.mark.skipif(
+            not _HAS_AVX512BF16,
+            reason="CPU lacks AVX512-BF16 (or AVX-512): the bf16 dot-product path is built but "
+            "not run",
         ),
     ),
 ]
@@ -102,6 +115,7 @@ def test_kernels_build_and_report_isas() -> None:
     assert isas[0] == "portable"
     assert ("avx2" in isas) == _HAS_AVX2
     assert ("avx512" in isas) == _HAS_AVX512
+    assert ("avx512bf16" in isas) == _HAS_AVX512BF16
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -238,6 +252,24 @@ def test_isa_errors(monkeypatch) -> None:
     assert K.current_isa() == "auto"
     monkeypatch.setenv("NMFX_ISA", "portable")
     assert K.current_isa() == "portable"
+
+
+def test_per_call_env_reads_follow_os_environ(monkeypatch) -> None:
+    """The per-call reads of NMFX_DISPATCH / NMFX_ISA skip os.environ.get's cost, not its
+    answers: set, changed, removed, and set by assigning os.environ directly."""
+    monkeypatch.delenv(_dispatch.DISPATCH_ENV, raising=False)
+    assert _dispatch.env(_dispatch.DISPATCH_ENV) is None
+    monkeypatch.setenv(_dispatch.DISPATCH_ENV, "dense")
+    assert _dispatch.env(_dispatch.DISPATCH_ENV) == "dense"
+    monkeypatch.setitem(os.environ, _dispatch.DISPATCH_ENV, "sparse")
+    assert _dispatch.env(_dispatch.DISPATCH_ENV) == "sparse"
+    p = pack(random_nm(8, 16, "2:4", torch.float32), "2:4")
+    with pytest.raises(ValueError, match="'bogus' is not one of"):  # read per call by the op
+        monkeypatch.setenv(_dispatch.DISPATCH_ENV, "bogus")
+        K.nm_linear(torch.ones(1, 16), p)
+    monkeypatch.delenv(_dispatch.DISPATCH_ENV)
+    assert _dispatch.env(_dispatch.DISPATCH_ENV) is None
+    K.nm_linear(torch.ones(1, 16), p)
 
 
 def test_fallback_without_kernels(monkeypatch) -> None:

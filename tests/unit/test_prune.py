@@ -77,6 +77,19 @@ def test_calibrated_methods_beat_magnitude_on_correlated_inputs() -> None:
     assert errors["sparsegpt"] < 0.8 * errors["wanda"]
 
 
+def test_wanda_matches_the_reference_formula() -> None:
+    """locuslab/wanda: score |W_ij| * ||X_j||_2 over all calibration tokens, the N best of
+    every M consecutive input columns of each output row kept, kept weights unchanged."""
+    model = nn.Sequential(nn.Linear(32, 16, bias=False))
+    x = correlated(3 * 40, 32, seed=5).reshape(3, 40, 32)  # 3 batches of 40 "tokens"
+    w = model[0].weight.detach().clone()
+    prune(model, "2:4", "wanda", calibration=list(x), keep_output_dense=False, progress=False)
+    score = w.abs() * x.reshape(-1, 32).norm(dim=0).reshape(1, -1)
+    drop = score.reshape(16, 8, 4).topk(2, dim=-1, largest=False).indices
+    mask = torch.ones(16, 8, 4, dtype=torch.bool).scatter_(-1, drop, False).reshape(16, 32)
+    assert torch.equal(model[0].weight, torch.where(mask, w, 0))
+
+
 def test_calibration_is_sequential() -> None:
     """fc2's reported error is measured on inputs from the already-pruned fc1."""
     model = MLP()

@@ -291,14 +291,15 @@ def main(argv: list[str] | None = None) -> None:
         child_rss(args)
         return
     llama_dir = _llamacpp.converter_dir(args.llama_cpp_dir)
-    skip = _llamacpp.unavailable(llama_dir) if args.gguf and 1 in args.batch else None
+    wanted = args.gguf and 1 in args.batch and not args.rss_only
+    skip = _llamacpp.unavailable(llama_dir) if wanted else None
     if skip:
         print(f"llama.cpp contenders skipped: {skip}")
     results = []
     for lm_head in args.lm_head:
-        pruned = build_pruned(args, lm_head)
+        pruned = None if args.rss_only else build_pruned(args, lm_head)  # children build theirs
         gguf = {}
-        if args.gguf and 1 in args.batch and not skip and not args.rss_only:
+        if wanted and not skip:
             workdir = Path("out") / (f"decode-gguf-{args.layers}L-{args.hidden}-{args.mlp}-"
                                      f"{args.vocab}-lm_head-{lm_head}")  # untracked, reused
             n_ctx = max(args.prompt) + args.new + 8

@@ -6,6 +6,7 @@
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <ATen/ThreadLocalState.h>
+#include <omp.h>
 #include <torch/library.h>
 
 #include <cstring>
@@ -38,7 +39,32 @@ void sgemm_(const char* ta, const char* tb, const int* m, const int* n, const in
 void sgemv_(const char* t, const int* m, const int* n, const float* alpha, const float* a,
             const int* lda, const float* x, const int* incx, const float* beta, float* y,
             const int* incy) __attribute__((weak));
+// MKL's C entry point (mkl_service.h maps mkl_set_num_threads_local to it; the lowercase symbol
+// exported beside it is the Fortran one, which takes a pointer).
+int MKL_Set_Num_Threads_Local(int n) __attribute__((weak));
 }
+
+// MKL on one thread, on the calling thread, for the scope: the blocks are the parallel work.
+// Run serially (after a stall, see nm_parallel.h), each block's BLAS call would otherwise start
+// MKL's own threads, a barrier per block that waits for the descheduled thread (beside one
+// busy process, 1024x1024 at 8 rows: worst call 89 ms). MKL's local setting also sets this
+// thread's OpenMP thread count (torch.get_num_threads reads it), so both are put back.
+class OneBlasThread {
+ public:
+  OneBlasThread()
+      : omp_(omp_get_max_threads()),
+        prev_(MKL_Set_Num_Threads_Local ? MKL_Set_Num_Threads_Local(1) : -1) {}
+  ~OneBlasThread() {
+    if (prev_ >= 0) MKL_Set_Num_Threads_Local(prev_);
+    omp_set_num_threads(omp_);
+  }
+  OneBlasThread(const OneBlasThread&) = delete;
+  OneBlasThread& operator=(const OneBlasThread&) = delete;
+
+ private:
+  int omp_;
+  int prev_;
+};
 
 // y[:, r0:r0+nr] (row stride ldy) = x [B, cols] (row stride ldx) @ wb[nr, cols]^T (row stride
 // ldo), + y where `accumulate` (y holds the bias).
@@ -115,6 +141,7 @@ at::Tensor nm_dense(const at::Tensor& x, const at::Tensor& values, const at::Ten
   // thread-local state (inference mode, autograd and dispatch keys), which OpenMP workers do
   // not inherit.
   const at::ThreadLocalState caller;
+  const OneBlasThread one_blas_thread;
   parallel_items(nblocks, nthreads, [&](int64_t blk) {
     if (blas) return run_block(blk);
     const at::ThreadLocalStateGuard guard(caller);

@@ -60,3 +60,15 @@ def test_calls_after_a_stall_run_on_one_thread_and_stay_correct() -> None:
         g, torch.ones(1 << 17), torch.zeros(1 << 17, dtype=torch.bool), 0.5
     )
     assert torch.equal(g, torch.full((1 << 17,), 0.5))
+
+
+def test_calls_leave_the_thread_count_alone() -> None:
+    """No path changes torch's (OpenMP's) thread count behind the caller's back."""
+    w = torch.randn(4096, 64, 4)
+    w[..., 2:] = 0
+    p = pack(w.reshape(4096, 256), "2:4")
+    for mode in ("dense", "sparse"):
+        for batch in (1, 2, 40):
+            with K.force_dispatch(mode):
+                K.nm_linear(torch.randn(batch, 256), p)
+            assert torch.get_num_threads() == 2, (mode, batch)

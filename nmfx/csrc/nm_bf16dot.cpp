@@ -57,44 +57,45 @@ Geometry geometry(const NMProblem& p) {
 inline uint64_t mask64(const uint8_t* mrow, int64_t chunk, int64_t KB) {
   const int64_t b0 = chunk * 8;
   uint64_t bits = 0;
-  if (b0 < KB) std::memcpy(&bits, mrow + b0, static_cast<size_t>(std::min<int64_t>(8, KB - b0)));
+  if (b0 + 8 <= KB) {
+    std::memcpy(&bits, mrow + b0, 8);  // one load (a variable-length copy was a libc call)
+  } else {
+    for (int64_t b = b0; b < KB; ++b) bits |= static_cast<uint64_t>(mrow[b]) << (8 * (b - b0));
+  }
   return bits;
 }
 
-inline __m512i iota16(int base) {
-  alignas(64) uint16_t v[32];
-  for (int i = 0; i < 32; ++i) v[i] = static_cast<uint16_t>(base + i);
-  return _mm512_load_si512(v);
-}
-
 // Rows [r, r + nr) into the panel scratch: per vector, 32 gather indices (column within its
-// 64-column chunk) and the 32 kept values. Chunk i of a vector owns lanes [i*c, (i+1)*c): the
-// first c/2 from the chunk's low 32 columns, the rest from its high 32 (exact for a valid mask,
-// as M divides 32). Whatever the mask holds, every index is in [0, 64) and values are read by
-// the pattern's constant count (masked loads), so nothing is read out of bounds; lanes a mask
-// leaves unfilled point at column 63 of their chunk, which holds zero past the last column.
+// 64-column chunk, as the byte pair of its bf16 word for vpermt2b) and the 32 kept values.
+// Chunk i of a vector owns lanes [i*c, (i+1)*c): one vpcompressb of the column numbers by the
+// chunk's 64 mask bits lists its kept columns in order. Whatever the mask holds, every index is
+// in [0, 64) and values are read by the pattern's constant count (masked loads), so nothing is
+// read out of bounds; lanes a mask leaves unfilled point at column 63 of their chunk, which
+// holds zero past the last column.
 void decode_panel(const NMProblem& p, const Geometry& geo, int64_t r, int64_t nr, uint16_t* idx,
                   uint16_t* vals) {
-  const __m512i lo_cols = iota16(0);
-  const __m512i hi_cols = iota16(32);
-  const __m512i fill = _mm512_set1_epi16(63);
-  const int h = geo.c / 2;
+  alignas(64) uint8_t iota[64];
+  for (int i = 0; i < 64; ++i) iota[i] = static_cast<uint8_t>(i);
+  const __m512i cols = _mm512_load_si512(iota);
+  const __m512i fill = _mm512_set1_epi8(63);
+  const __m512i fill16 = _mm512_set1_epi16(63);
   for (int64_t i = 0; i < nr; ++i) {
     const uint8_t* mrow = p.mask + (r + i) * p.KB;
     const uint16_t* vrow = static_cast<const uint16_t*>(row_values(p, r + i, 2));
     uint16_t* irow = idx + i * geo.nvec * 32;
     uint16_t* wrow = vals + i * geo.nvec * 32;
     for (int64_t v = 0; v < geo.nvec; ++v) {
-      __m512i iv = fill;
+      __m512i iv = fill16;
       for (int ch = 0; ch < geo.g; ++ch) {
-        const uint64_t bits = mask64(mrow, v * geo.g + ch, p.KB);
-        const __mmask32 lanes_lo = ((1u << h) - 1u) << (ch * geo.c);
-        const __mmask32 lanes_hi = lanes_lo << h;
-        const __m512i lo = _mm512_mask_compress_epi16(fill, static_cast<__mmask32>(bits), lo_cols);
-        const __m512i hi =
-            _mm512_mask_compress_epi16(fill, static_cast<__mmask32>(bits >> 32), hi_cols);
-        iv = _mm512_mask_expand_epi16(iv, lanes_lo, lo);
-        iv = _mm512_mask_expand_epi16(iv, lanes_hi, hi);
+        const __mmask64 bits = mask64(mrow, v * geo.g + ch, p.KB);
+        const __m512i kept = _mm512_mask_compress_epi8(fill, bits, cols);
+        const __m512i words = _mm512_cvtepu8_epi16(_mm512_castsi512_si256(kept));
+        if (geo.g == 1) {
+          iv = words;
+        } else {
+          const __mmask32 lanes = ((1u << geo.c) - 1u) << (ch * geo.c);
+          iv = _mm512_mask_expand_epi16(iv, lanes, words);
+        }
       }
       // Word index k -> byte indices (2k, 2k + 1): vpermt2b gathers the bf16 words (a byte
       // permute is one uop where vpermt2w is several on current x86 cores).

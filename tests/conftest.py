@@ -34,3 +34,16 @@ def _no_kernel_timing(monkeypatch) -> None:
     """Lowering does not time kernels in tests (each ISA's default paths run): no test depends
     on which path the autotuner would pick here. tests/unit/test_autotune.py turns it on."""
     monkeypatch.setenv("NMFX_CALIBRATE", "0")
+
+
+@pytest.fixture
+def kernel_defaults(monkeypatch, tmp_path) -> None:
+    """The kernels' built-in default paths: no calibration, a private autotune cache, no
+    dispatch/ISA override from the environment, the per-process shape table rebuilt."""
+    from nmfx.kernels import _dispatch
+
+    monkeypatch.setenv("NMFX_CALIBRATE", "0")
+    monkeypatch.setenv("NMFX_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("NMFX_DISPATCH", raising=False)
+    monkeypatch.delenv("NMFX_ISA", raising=False)
+    monkeypatch.setattr(_dispatch, "_table", None)

@@ -91,13 +91,8 @@ def reference(x: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None) -> to
 
 
 @pytest.fixture(autouse=True)
-def _no_calibration(monkeypatch, tmp_path):
+def _no_calibration(kernel_defaults):
     """Tests never calibrate: the dispatch table is the built-in default in a private cache."""
-    monkeypatch.setenv("NMFX_CALIBRATE", "0")
-    monkeypatch.setenv("NMFX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("NMFX_DISPATCH", raising=False)
-    monkeypatch.delenv("NMFX_ISA", raising=False)
-    monkeypatch.setattr(_dispatch, "_table", None)
 
 
 def test_import_does_not_build() -> None:

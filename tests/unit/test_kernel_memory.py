@@ -13,7 +13,6 @@ import torch.nn.functional as F
 from tolerances import TOL as TOLERANCES
 
 import nmfx.kernels as K
-from nmfx.kernels import _dispatch
 from nmfx.packed import pack
 
 TOL = TOLERANCES["kernel"]
@@ -22,12 +21,7 @@ MAPPED_BYTES = 16 << 20  # outputs from this size on are mapped per call (nm_scr
 
 
 @pytest.fixture(autouse=True)
-def _no_calibration(monkeypatch, tmp_path):
-    monkeypatch.setenv("NMFX_CALIBRATE", "0")
-    monkeypatch.setenv("NMFX_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.delenv("NMFX_DISPATCH", raising=False)
-    monkeypatch.delenv("NMFX_ISA", raising=False)
-    monkeypatch.setattr(_dispatch, "_table", None)
+def _no_calibration(kernel_defaults):
     if not K.kernels_available():
         pytest.skip(f"the C++ kernels did not build here: {K.build_error()}")
 

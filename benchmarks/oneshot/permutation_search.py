@@ -18,7 +18,7 @@ from pathlib import Path
 
 import torch
 
-from benchmarks._timing import LoadMonitor, machine_info
+from benchmarks._timing import LoadMonitor, machine_info, write_json
 from benchmarks.accuracy.tasks import SPECS, build_task
 from benchmarks.oneshot.run import pretrained
 from nmfx.prune.permute_search import kept_magnitude, search_permutation
@@ -69,8 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"script": "benchmarks/oneshot/permutation_search.py",
                "argv": sys.argv[1:] if argv is None else argv, "rows": rows,
                "machine": machine_info(), "load": load.result}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    write_json("permutation_search", payload, args.out)
     print(f"wrote {args.out}")
     return 0
 

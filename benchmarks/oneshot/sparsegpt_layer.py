@@ -11,7 +11,6 @@ is recorded with the numbers.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from benchmarks._timing import LoadMonitor, machine_info
+from benchmarks._timing import LoadMonitor, machine_info, write_json
 from nmfx.pattern import parse_pattern
 from nmfx.prune import prune
 from nmfx.prune.sparsegpt import inverse_hessian_factor, sparsegpt_prune
@@ -79,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         "machine": machine,
         "load": load.result,
     }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    write_json("sparsegpt_layer", payload, args.out)
     print(f"wrote {args.out}")
     return 0
 

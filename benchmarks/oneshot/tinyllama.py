@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 import model_zoo
-from benchmarks._timing import LoadMonitor, machine_info
+from benchmarks._timing import LoadMonitor, machine_info, write_json
 from nmfx.prune import prune, prune_summary
 
 # untracked by default; benchmarks/results/oneshot_tinyllama.json only with --out
@@ -121,8 +121,7 @@ def main(argv: list[str] | None = None) -> int:
         "load": load.result,
     }
     print(json.dumps({k: v for k, v in payload.items() if k not in ("machine", "load")}, indent=1))
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    write_json("tinyllama", payload, args.out)
     return 0
 
 

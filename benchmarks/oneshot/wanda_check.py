@@ -27,7 +27,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from benchmarks._timing import LoadMonitor, machine_info
+from benchmarks._timing import LoadMonitor, machine_info, write_json
 from benchmarks.accuracy.tasks import SPECS, build_task
 from benchmarks.oneshot.run import calibration, pretrained
 from nmfx.prune import prune, prune_summary
@@ -108,8 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"script": "benchmarks/oneshot/wanda_check.py",
                "argv": sys.argv[1:] if argv is None else argv, "results": results,
                "machine": machine_info(), "load": load.result}  # fmt: skip
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(payload, indent=1) + "\n")
+    write_json("wanda_check", payload, args.out)
     print(f"wrote {args.out}")
     return 0
 

@@ -18,6 +18,7 @@
 #include <cstring>
 #include <type_traits>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 namespace {
@@ -26,6 +27,8 @@ constexpr int64_t kMaxM = 16;
 // Work items of the threads (nm_parallel.h): 8192 groups, 32768 elements of the decay.
 constexpr int64_t kGroupChunk = 8192;
 constexpr int64_t kDecayChunk = 32768;
+// Elements per work item of srste_decay_nm_ (its mask, on the stack: one bool each).
+constexpr int64_t kTermChunk = 16384;
 
 // ``keep ? v : 0`` as bit arithmetic (all-ones or all-zeros mask): GCC vectorises this but
 // not a select on a bool load. Exact for every value, NaN and Inf included.
@@ -49,9 +52,9 @@ void mask_block(const T* __restrict__ w, bool* __restrict__ out, T* __restrict__
                 int64_t end, int64_t n, int64_t m_rt) {
   const int64_t m = M > 0 ? M : m_rt;
   float mag[kMaxM];
+  bool keep[kMaxM];
   for (int64_t g = begin; g < end; ++g) {
     const T* src = w + g * m;
-    bool* dst = out + g * m;
     for (int64_t i = 0; i < m; ++i) {
       const float v = std::fabs(static_cast<float>(src[i]));
       mag[i] = v != v ? std::numeric_limits<float>::infinity() : v;  // NaN ranks as +inf
@@ -60,11 +63,15 @@ void mask_block(const T* __restrict__ w, bool* __restrict__ out, T* __restrict__
       int64_t rank = 0;
       for (int64_t j = 0; j < i; ++j) rank += mag[j] >= mag[i];
       for (int64_t j = i + 1; j < m; ++j) rank += mag[j] > mag[i];
-      dst[i] = rank < n;
+      keep[i] = rank < n;
+    }
+    if (out != nullptr) {
+      bool* dst = out + g * m;
+      for (int64_t i = 0; i < m; ++i) dst[i] = keep[i];
     }
     if (mw != nullptr) {
       T* dst_w = mw + g * m;
-      for (int64_t i = 0; i < m; ++i) dst_w[i] = keep_or_zero(src[i], dst[i]);
+      for (int64_t i = 0; i < m; ++i) dst_w[i] = keep_or_zero(src[i], keep[i]);
     }
   }
 }
@@ -100,6 +107,7 @@ __attribute__((target("avx2"))) void mask4_avx2(const float* __restrict__ w, boo
     rank = _mm256_sub_epi32(rank, _mm256_castps_si256(b3));
     const __m256i keep = _mm256_cmpgt_epi32(nvec, rank);  // rank < n
     if (mw != nullptr) _mm256_storeu_ps(mw + g * 4, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
+    if (out == nullptr) continue;
     const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(keep));
     for (int i = 0; i < 8; ++i) out[g * 4 + i] = (bits >> i) & 1;
   }
@@ -169,7 +177,9 @@ NMFX_AVX512 void mask4_avx512(const T* __restrict__ w, bool* __restrict__ out, T
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(mw + g * 4), _mm256_maskz_mov_epi16(keep, raw));
       }
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * 4), _mm_maskz_mov_epi8(keep, ones));
+    if (out != nullptr) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * 4), _mm_maskz_mov_epi8(keep, ones));
+    }
   }
   if (g < end) mask_block<T, 4>(w, out, mw, g, end, n, 4);
 }
@@ -228,31 +238,30 @@ int64_t set_mask_isa(int64_t isa) {
   return g_mask_isa.exchange(isa);
 }
 
+// Groups [begin, end) on the calling thread, with the kernel of ``isa`` where it has one.
 template <typename T, int M>
-void mask_groups_m(const T* w, bool* out, T* masked, int64_t groups, int64_t n, int64_t m) {
+void mask_range(int64_t isa, const T* w, bool* out, T* masked, int64_t begin, int64_t end,
+                int64_t n, int64_t m) {
 #if defined(__x86_64__) || defined(_M_X64)
-  const int64_t isa = mask_isa();
   if constexpr (M == 4 && (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>)) {
-    if (isa == kIsaAvx512) {
-      return nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
-        mask4_avx512<T>(w, out, masked, begin, end, n);
-      });
-    }
+    if (isa == kIsaAvx512) return mask4_avx512<T>(w, out, masked, begin, end, n);
   }
   if constexpr (std::is_same_v<T, float> && M == 4) {
-    if (isa >= kIsaAvx2) {
-      return nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
-        mask4_avx2(w, out, masked, begin, end, n);
-      });
-    }
+    if (isa >= kIsaAvx2) return mask4_avx2(w, out, masked, begin, end, n);
   }
 #endif
+  mask_block<T, M>(w, out, masked, begin, end, n, m);
+}
+
+template <typename T, int M>
+void mask_groups_m(const T* w, bool* out, T* masked, int64_t groups, int64_t n, int64_t m) {
+  const int64_t isa = mask_isa();
   nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
-    mask_block<T, M>(w, out, masked, begin, end, n, m);
+    mask_range<T, M>(isa, w, out, masked, begin, end, n, m);
   });
 }
 
-// Writes the mask, and the masked weight where ``masked`` is not null.
+// Writes the mask where ``out`` is not null, and the masked weight where ``masked`` is not null.
 template <typename T>
 void mask_groups(const T* w, bool* out, T* masked, int64_t groups, int64_t n, int64_t m) {
   switch (m) {
@@ -271,6 +280,19 @@ void decay_block(T* __restrict__ g, const T* __restrict__ x, const bool* __restr
     const float add = keep_or_zero(l * static_cast<float>(x[i]), !keep[i]);
     g[i] = static_cast<T>(static_cast<float>(g[i]) + add);
   }
+}
+
+// decay over [begin, end) on the calling thread, with the kernel of ``isa`` where it has one.
+template <typename T>
+void decay_range(int64_t isa, T* g, const T* x, const bool* keep, float l, int64_t begin,
+                 int64_t end) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if constexpr (std::is_same_v<T, float>) {
+    if (isa == kIsaAvx512) return decay_avx512(g, x, keep, l, begin, end);
+    if (isa == kIsaAvx2) return decay_avx2(g, x, keep, l, begin, end);
+  }
+#endif
+  decay_block<T>(g, x, keep, l, begin, end);
 }
 
 void check_args(const at::Tensor& w, int64_t n, int64_t m) {
@@ -316,27 +338,70 @@ void srste_decay_(at::Tensor grad, const at::Tensor& w, const at::Tensor& mask, 
               "srste_decay_: dtypes");
   const int64_t numel = w.numel();
   const float l = static_cast<float>(lam);
+  const int64_t isa = mask_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "srste_decay_", [&] {
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     const scalar_t* x = w.const_data_ptr<scalar_t>();
     const bool* keep = mask.const_data_ptr<bool>();
     nmfx::parallel_ranges(numel, kDecayChunk, [=](int64_t begin, int64_t end) {
-#if defined(__x86_64__) || defined(_M_X64)
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        // casts only satisfy the compiler for the other dtypes: this branch runs for float
-        const int64_t isa = mask_isa();
-        if (isa == kIsaAvx512) {
-          return decay_avx512(reinterpret_cast<float*>(g), reinterpret_cast<const float*>(x),
-                              keep, l, begin, end);
-        }
-        if (isa == kIsaAvx2) {
-          return decay_avx2(reinterpret_cast<float*>(g), reinterpret_cast<const float*>(x), keep,
-                            l, begin, end);
-        }
-      }
-#endif
-      decay_block<scalar_t>(g, x, keep, l, begin, end);
+      decay_range<scalar_t>(isa, g, x, keep, l, begin, end);
     });
+  });
+}
+
+// The same term with the mask recomputed from ``w`` (groups of m along its last dim) chunk by
+// chunk into a buffer on the stack that stays in L1: no mask tensor is read or written, so
+// the SR-STE hook needs nothing from the forward (eager or compiled). Bit for bit the result
+// of srste_decay_(grad, w, nm_mask(w, n, m), lam) on every ISA.
+void srste_decay_nm_(at::Tensor grad, const at::Tensor& w, int64_t n, int64_t m, double lam) {
+  check_args(w, n, m);
+  TORCH_CHECK(grad.is_contiguous() && w.is_contiguous(),
+              "srste_decay_nm_: grad and weight must be contiguous");
+  TORCH_CHECK(grad.sizes() == w.sizes(), "srste_decay_nm_: grad ", grad.sizes(),
+              " and weight ", w.sizes(), " differ in shape");
+  TORCH_CHECK(grad.scalar_type() == w.scalar_type(), "srste_decay_nm_: grad is ",
+              grad.scalar_type(), " but the weight is ", w.scalar_type());
+  const int64_t groups = w.numel() / m;
+  const float l = static_cast<float>(lam);
+  const int64_t isa = mask_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "srste_decay_nm_", [&] {
+    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+    const scalar_t* x = w.const_data_ptr<scalar_t>();
+    nmfx::parallel_ranges(groups, kTermChunk / m, [=](int64_t begin, int64_t end) {
+      bool keep[kTermChunk];
+      const int64_t off = begin * m;
+      const int64_t len = (end - begin) * m;
+      switch (m) {
+        case 4: mask_range<scalar_t, 4>(isa, x + off, keep, nullptr, 0, end - begin, n, m); break;
+        case 8: mask_range<scalar_t, 8>(isa, x + off, keep, nullptr, 0, end - begin, n, m); break;
+        case 16: mask_range<scalar_t, 16>(isa, x + off, keep, nullptr, 0, end - begin, n, m); break;
+        default: mask_range<scalar_t, 0>(isa, x + off, keep, nullptr, 0, end - begin, n, m);
+      }
+      decay_range<scalar_t>(isa, g + off, x + off, keep, l, 0, len);
+    });
+  });
+}
+
+// (mask, where(mask, w, 0)) written into ``mask`` (when given) and ``masked``: the SR-STE
+// forward of a weight whose groups run along its last dim, into buffers the caller reuses
+// across steps (fresh multi-MB outputs are page-faulted in again on every step).
+void nm_mask_apply_out(const at::Tensor& w, int64_t n, int64_t m, const std::optional<at::Tensor>& mask,
+                       at::Tensor masked) {
+  check_args(w, n, m);
+  TORCH_CHECK(w.is_contiguous() && masked.is_contiguous(),
+              "nm_mask_apply_out: weight and masked must be contiguous");
+  TORCH_CHECK(masked.sizes() == w.sizes() && masked.scalar_type() == w.scalar_type(),
+              "nm_mask_apply_out: masked ", masked.sizes(), " ", masked.scalar_type(),
+              " does not match the weight ", w.sizes(), " ", w.scalar_type());
+  bool* keep = nullptr;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->is_contiguous() && mask->sizes() == w.sizes() && mask->scalar_type() == at::kBool,
+                "nm_mask_apply_out: mask must be a contiguous bool tensor shaped like the weight");
+    keep = mask->mutable_data_ptr<bool>();
+  }
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "nm_mask_apply_out", [&] {
+    mask_groups<scalar_t>(w.const_data_ptr<scalar_t>(), keep, masked.mutable_data_ptr<scalar_t>(),
+                          w.numel() / m, n, m);
   });
 }
 
@@ -346,6 +411,8 @@ TORCH_LIBRARY_FRAGMENT(nmfx_cpu, lib) {
   lib.def("nm_mask(Tensor w, int n, int m) -> Tensor");
   lib.def("nm_mask_apply(Tensor w, int n, int m) -> (Tensor, Tensor)");
   lib.def("srste_decay_(Tensor(a!) grad, Tensor w, Tensor mask, float lam) -> ()");
+  lib.def("srste_decay_nm_(Tensor(a!) grad, Tensor w, int n, int m, float lam) -> ()");
+  lib.def("nm_mask_apply_out(Tensor w, int n, int m, Tensor(a!)? mask, Tensor(b!) masked) -> ()");
   lib.def("set_mask_isa(int isa) -> int", &set_mask_isa);
 }
 
@@ -353,4 +420,6 @@ TORCH_LIBRARY_IMPL(nmfx_cpu, CPU, lib) {
   lib.impl("nm_mask", &nm_mask);
   lib.impl("nm_mask_apply", &nm_mask_apply);
   lib.impl("srste_decay_", &srste_decay_);
+  lib.impl("srste_decay_nm_", &srste_decay_nm_);
+  lib.impl("nm_mask_apply_out", &nm_mask_apply_out);
 }

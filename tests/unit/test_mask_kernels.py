@@ -90,3 +90,53 @@ def test_set_mask_isa_rejects_unknown_codes() -> None:
     with pytest.raises(RuntimeError, match=r"ISA code 7 is not 0 \(auto\), 1 \(portable\)"):
         torch.ops.nmfx_cpu.set_mask_isa(7)
     assert torch.ops.nmfx_cpu.set_mask_isa(0) == 0
+
+
+@pytest.mark.parametrize("isa", ["portable", *VECTOR_ISAS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=str)
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (4, 8), (2, 5), (8, 16)], ids=str)
+@pytest.mark.parametrize("rows", [3, 200])  # 200 rows: several work items of 16384 elements
+def test_srste_decay_nm_equals_decay_with_the_mask_bit_for_bit(isa, dtype, nm, rows) -> None:
+    """The hook's term after a compiled forward (mask recomputed chunk by chunk, never stored)
+    is the term with the stored mask, bit for bit, NaN/Inf/-0.0 and ties included."""
+    use(isa)
+    w = weight(dtype, 23, nm[1], special=True)[:1].expand(rows, -1).contiguous()
+    w[::2] = weight(dtype, 23, nm[1], special=False)[0]
+    grad = torch.randn(w.shape, generator=torch.Generator().manual_seed(rows)).to(dtype)
+    grad.view(-1)[2::9] = -0.0
+    expected = grad.clone()
+    torch.ops.nmfx_cpu.srste_decay_(expected, w, torch.ops.nmfx_cpu.nm_mask(w, *nm), 2e-4)
+    out = grad.clone()
+    torch.ops.nmfx_cpu.srste_decay_nm_(out, w, *nm, 2e-4)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(out.view(bits), expected.view(bits))
+    assert not torch.equal(out.view(bits), grad.view(bits))  # the term was added
+
+
+@pytest.mark.parametrize("isa", ["portable", *VECTOR_ISAS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("nm", [(2, 4), (4, 8)], ids=str)
+def test_mask_apply_out_writes_what_mask_apply_returns(isa, dtype, nm) -> None:
+    use(isa)
+    w = weight(dtype, 1000, nm[1], special=True)
+    ref_mask, ref_masked = torch.ops.nmfx_cpu.nm_mask_apply(w, *nm)
+    mask = torch.zeros(w.shape, dtype=torch.bool)
+    masked, masked_only = torch.full_like(w, 7), torch.full_like(w, 7)
+    torch.ops.nmfx_cpu.nm_mask_apply_out(w, *nm, mask, masked)
+    torch.ops.nmfx_cpu.nm_mask_apply_out(w, *nm, None, masked_only)  # no mask written
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    assert torch.equal(mask, ref_mask)
+    assert torch.equal(masked.view(bits), ref_masked.view(bits))
+    assert torch.equal(masked_only.view(bits), ref_masked.view(bits))
+
+
+def test_out_kernels_reject_mismatched_buffers() -> None:
+    w, g = torch.randn(8, 16), torch.randn(8, 12)
+    with pytest.raises(RuntimeError, match=r"srste_decay_nm_: grad \[8, 12\] and weight \[8, 16\]"):
+        torch.ops.nmfx_cpu.srste_decay_nm_(g, w, 2, 4, 1e-3)
+    with pytest.raises(RuntimeError, match="srste_decay_nm_: grad and weight must be contiguous"):
+        torch.ops.nmfx_cpu.srste_decay_nm_(torch.randn(16, 8).t(), w, 2, 4, 1e-3)
+    with pytest.raises(RuntimeError, match="does not match the weight"):
+        torch.ops.nmfx_cpu.nm_mask_apply_out(w, 2, 4, None, torch.empty(8, 16, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="mask must be a contiguous bool tensor"):
+        torch.ops.nmfx_cpu.nm_mask_apply_out(w, 2, 4, torch.empty(8, 16), torch.empty(8, 16))

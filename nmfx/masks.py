@@ -87,6 +87,13 @@ def kernel_supports(w: torch.Tensor, m: int) -> bool:
         return False
     if w.dtype not in _KERNEL_DTYPES:  # the kernel ranks in fp32: fp64 ties would be lost
         return False
+    return _kernels_built()
+
+
+@torch.compiler.assume_constant_result
+def _kernels_built() -> bool:
+    """Build/load the kernels; under torch.compile, called once while tracing (its lock would
+    otherwise break the graph) and the answer baked into the graph."""
     from nmfx.kernels import _build
 
     return _build.extension_available()
@@ -177,15 +184,14 @@ class MaskOutputs:
     """The reused (mask, masked weight) outputs of one weight's fused mask pass."""
 
     def __init__(self) -> None:
-        self.mask, self.masked, self.source = ReusedTensor(), ReusedTensor(), ReusedTensor()
+        self.mask, self.masked = ReusedTensor(), ReusedTensor()
 
-    def fill(self, w: torch.Tensor, n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``nm_mask_apply(w, n, m)`` (groups along the last dim) into reused buffers."""
-        if not w.is_contiguous():  # a conv weight grouped along its input channels
-            w = self.source.take(w.shape, w.dtype).copy_(w)
+    def fill(self, w: torch.Tensor, n: int, m: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``masked_with_mask(w, (n, m), dim)`` of a contiguous ``w``, into reused buffers
+        laid out like ``w`` (a conv weight's groups run along its input channels in place)."""
         mask = self.mask.take(w.shape, torch.bool)
         masked = self.masked.take(w.shape, w.dtype)
-        torch.ops.nmfx_cpu.nm_mask_apply_out(w, n, m, mask, masked)
+        torch.ops.nmfx_cpu.nm_mask_apply_out(w, n, m, dim, mask, masked)
         return mask, masked
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from nmfx.masks import MaskOutputs, _use_kernel, nm_mask
+from nmfx.masks import MaskOutputs, _use_kernel, masked_with_mask, nm_mask
 from nmfx.ops import compiled_mask_op_applies, srste_masked_op
 
 __all__ = [
@@ -243,12 +243,12 @@ class NMMasker(nn.Module):
         self._backward_version, self._term_since_backward = None, False
 
     def _fused_forward(self, weight: torch.Tensor) -> torch.Tensor:
-        dim, w = self.reduce_dim % weight.dim(), weight.detach()
-        last = dim == w.dim() - 1
+        w = weight.detach()
         object.__setattr__(self, "_last", None)  # frees the mask buffer for reuse
-        mask, masked = self._outputs.fill(w if last else w.movedim(dim, -1), self.n, self.m)
-        if not last:
-            mask, masked = mask.movedim(-1, dim), masked.movedim(-1, dim)
+        if w.is_contiguous():
+            mask, masked = self._outputs.fill(w, self.n, self.m, self.reduce_dim)
+        else:  # a transposed or sliced parameter: fresh outputs
+            mask, masked = masked_with_mask(w, (self.n, self.m), self.reduce_dim)
         object.__setattr__(self, "_last", (weight._version, mask))  # skips Module.__setattr__
         return masked
 
@@ -259,9 +259,7 @@ class NMMasker(nn.Module):
                 self._last = (weight._version, mask)
                 return _StraightThroughMask.apply(weight, mask, False)
             if compiled_mask_op_applies(weight, self.n, self.m, self.reduce_dim):
-                return srste_masked_op(weight.movedim(self.reduce_dim, -1), self.n, self.m).movedim(
-                    -1, self.reduce_dim
-                )
+                return srste_masked_op(weight, self.n, self.m, self.reduce_dim)
             mask = self.compute_mask(weight)
         else:
             refresh = self._refresh_pending
@@ -297,13 +295,12 @@ class NMMasker(nn.Module):
             grad, w = grad.to_local(), w.to_local()
         elif self.mask is None and self._cached_mask(w) is None:
             # no mask from this weight's forward (a compiled one): recompute it on the fly
-            g_moved, w_moved = grad.movedim(self.reduce_dim, -1), w.movedim(self.reduce_dim, -1)
             if (
-                g_moved.is_contiguous() and w_moved.is_contiguous()
+                grad.is_contiguous() and w.is_contiguous()
                 and grad.dtype == w.dtype and _use_kernel(w, self.m)
             ):  # fmt: skip
                 torch.ops.nmfx_cpu.srste_decay_nm_(
-                    g_moved, w_moved, self.n, self.m, self.srste_lambda
+                    grad, w, self.n, self.m, self.reduce_dim, self.srste_lambda
                 )
                 return
             mask = self.compute_mask(w)

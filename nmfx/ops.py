@@ -77,30 +77,26 @@ nm_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @torch.library.custom_op("nmfx::srste_masked", mutates_args=(), device_types="cpu")
-def srste_masked_op(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    """``where(E, weight, 0)``, E the N:M mask of groups of ``m`` along the last dim."""
+def srste_masked_op(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    """``where(E, weight, 0)``, E the N:M mask of groups of ``m`` along ``dim`` (contiguous)."""
     from nmfx.kernels import _build
     from nmfx.masks import nm_mask
 
-    out = torch.empty_like(weight)
+    w = weight.contiguous()
     if not _build.extension_available():  # a compiled graph loaded where the kernels fail
-        return out.copy_(torch.where(nm_mask(weight, (n, m)), weight, 0))
-    dst = (
-        out
-        if out.is_contiguous()
-        else torch.empty_like(weight, memory_format=torch.contiguous_format)
-    )
-    torch.ops.nmfx_cpu.nm_mask_apply_out(weight.contiguous(), n, m, None, dst)
-    return out if dst is out else out.copy_(dst)
+        return torch.where(nm_mask(w, (n, m), dim), w, 0)
+    out = torch.empty_like(w)
+    torch.ops.nmfx_cpu.nm_mask_apply_out(w, n, m, dim, None, out)
+    return out
 
 
 @srste_masked_op.register_fake
-def _srste_masked_fake(weight: torch.Tensor, n: int, m: int) -> torch.Tensor:
-    return torch.empty_like(weight)
+def _srste_masked_fake(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
 
 
 def _srste_masked_backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
-    return grad, None, None  # straight-through: every weight gets the gradient
+    return grad, None, None, None  # straight-through: every weight gets the gradient
 
 
 srste_masked_op.register_autograd(_srste_masked_backward)

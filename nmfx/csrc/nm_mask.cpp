@@ -13,6 +13,7 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
@@ -295,6 +296,126 @@ void decay_range(int64_t isa, T* g, const T* x, const bool* keep, float l, int64
   decay_block<T>(g, x, keep, l, begin, end);
 }
 
+// Groups of m along the middle dim of a contiguous [outer, K, inner] tensor, inner > 1: a
+// conv weight [out, in, *k] grouped along its input channels (inner = prod(k)), or a
+// [in, out] weight used as x @ W (outer = 1). Blocks [begin, end) index (outer, group); the
+// m rows of a block are compared 16 inner positions at a time, so the compiler vectorises
+// across positions (same ranks as mask_block: larger wins, ties to the lower index, NaN as
+// +inf). Writes the mask (``out``), the masked weight (``mw``) and/or the SR-STE term into
+// ``g`` (as decay_block), each where not null. Instantiated per ISA below; no FMA contraction
+// can change a bit (ISO C++ build: -ffp-contract=off; the term is masked between mul and add).
+template <typename T, int M>
+inline __attribute__((always_inline)) void strided_body(
+    const T* __restrict__ w, bool* __restrict__ out, T* __restrict__ mw, T* __restrict__ g,
+    float l, int64_t K, int64_t inner, int64_t n, int64_t m_rt, int64_t begin, int64_t end) {
+  constexpr int64_t kTile = 16;
+  const int64_t m = M > 0 ? M : m_rt;
+  const int32_t n32 = static_cast<int32_t>(n);
+  const int64_t per_row = K / m;
+  const float inf = std::numeric_limits<float>::infinity();
+  float mag[kMaxM][kTile];
+  int32_t rank[kMaxM][kTile];
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t base = (b / per_row) * K * inner + (b % per_row) * m * inner;
+    for (int64_t j0 = 0; j0 < inner; j0 += kTile) {
+      const int64_t jn = std::min(kTile, inner - j0);
+      for (int64_t t = 0; t < m; ++t) {
+        const T* src = w + base + t * inner + j0;
+        if (jn == kTile) {
+          for (int64_t jj = 0; jj < kTile; ++jj) mag[t][jj] = std::fabs(static_cast<float>(src[jj]));
+        } else {
+          for (int64_t jj = 0; jj < kTile; ++jj) mag[t][jj] = 0.0f;
+          for (int64_t jj = 0; jj < jn; ++jj) mag[t][jj] = std::fabs(static_cast<float>(src[jj]));
+        }
+        for (int64_t jj = 0; jj < kTile; ++jj) {
+          mag[t][jj] = mag[t][jj] != mag[t][jj] ? inf : mag[t][jj];  // NaN ranks as +inf
+          rank[t][jj] = 0;
+        }
+      }
+      for (int64_t t = 0; t < m; ++t) {  // only rank[t] written: the jj loops vectorise
+        for (int64_t u = 0; u < t; ++u) {  // u has the lower index: it wins ties
+          for (int64_t jj = 0; jj < kTile; ++jj) rank[t][jj] += mag[u][jj] >= mag[t][jj];
+        }
+        for (int64_t u = t + 1; u < m; ++u) {
+          for (int64_t jj = 0; jj < kTile; ++jj) rank[t][jj] += mag[u][jj] > mag[t][jj];
+        }
+      }
+      for (int64_t t = 0; t < m; ++t) {
+        const int64_t at = base + t * inner + j0;
+        if (mw != nullptr) {
+          for (int64_t jj = 0; jj < jn; ++jj) mw[at + jj] = keep_or_zero(w[at + jj], rank[t][jj] < n32);
+        }
+        if (out != nullptr) {
+          for (int64_t jj = 0; jj < jn; ++jj) out[at + jj] = rank[t][jj] < n32;
+        }
+        if (g != nullptr) {
+          for (int64_t jj = 0; jj < jn; ++jj) {
+            const float add = keep_or_zero(l * static_cast<float>(w[at + jj]), rank[t][jj] >= n32);
+            g[at + jj] = static_cast<T>(static_cast<float>(g[at + jj]) + add);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int M>
+void strided_portable(const T* w, bool* out, T* mw, T* g, float l, int64_t K, int64_t inner,
+                      int64_t n, int64_t m, int64_t begin, int64_t end) {
+  strided_body<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+template <typename T, int M>
+__attribute__((target("avx2"))) void strided_avx2(const T* w, bool* out, T* mw, T* g, float l,
+                                                  int64_t K, int64_t inner, int64_t n, int64_t m,
+                                                  int64_t begin, int64_t end) {
+  strided_body<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+}
+
+template <typename T, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void strided_avx512(
+    const T* w, bool* out, T* mw, T* g, float l, int64_t K, int64_t inner, int64_t n, int64_t m,
+    int64_t begin, int64_t end) {
+  strided_body<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+}
+#endif
+
+template <typename T, int M>
+void strided_m(const T* w, bool* out, T* mw, T* g, float l, int64_t outer, int64_t K,
+               int64_t inner, int64_t n, int64_t m) {
+  const int64_t isa = mask_isa();
+  const int64_t blocks = outer * (K / m);
+  // work items of about kGroupChunk * 4 elements
+  const int64_t chunk = std::max<int64_t>(1, kGroupChunk * 4 / (m * inner));
+  nmfx::parallel_ranges(blocks, chunk, [=](int64_t begin, int64_t end) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (isa == kIsaAvx512) return strided_avx512<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+    if (isa == kIsaAvx2) return strided_avx2<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+#endif
+    strided_portable<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+  });
+}
+
+template <typename T>
+void strided(const T* w, bool* out, T* mw, T* g, float l, int64_t outer, int64_t K, int64_t inner,
+             int64_t n, int64_t m) {
+  switch (m) {
+    case 4: return strided_m<T, 4>(w, out, mw, g, l, outer, K, inner, n, m);
+    case 8: return strided_m<T, 8>(w, out, mw, g, l, outer, K, inner, n, m);
+    case 16: return strided_m<T, 16>(w, out, mw, g, l, outer, K, inner, n, m);
+    default: return strided_m<T, 0>(w, out, mw, g, l, outer, K, inner, n, m);
+  }
+}
+
+// [outer, K, inner] of a contiguous tensor grouped along ``dim`` (K = its size).
+std::tuple<int64_t, int64_t, int64_t> split_at(const at::Tensor& w, int64_t dim) {
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= w.size(d);
+  for (int64_t d = dim + 1; d < w.dim(); ++d) inner *= w.size(d);
+  return {outer, w.size(dim), inner};
+}
+
 void check_args(const at::Tensor& w, int64_t n, int64_t m) {
   TORCH_CHECK(w.device().is_cpu(), "nm_mask: weight must be on CPU, got ", w.device());
   TORCH_CHECK(m >= 2 && m <= kMaxM, "nm_mask: M=", m, " must be in [2, ", kMaxM, "]");
@@ -349,25 +470,42 @@ void srste_decay_(at::Tensor grad, const at::Tensor& w, const at::Tensor& mask, 
   });
 }
 
-// The same term with the mask recomputed from ``w`` (groups of m along its last dim) chunk by
-// chunk into a buffer on the stack that stays in L1: no mask tensor is read or written, so
-// the SR-STE hook needs nothing from the forward (eager or compiled). Bit for bit the result
-// of srste_decay_(grad, w, nm_mask(w, n, m), lam) on every ISA.
-void srste_decay_nm_(at::Tensor grad, const at::Tensor& w, int64_t n, int64_t m, double lam) {
-  check_args(w, n, m);
-  TORCH_CHECK(grad.is_contiguous() && w.is_contiguous(),
-              "srste_decay_nm_: grad and weight must be contiguous");
-  TORCH_CHECK(grad.sizes() == w.sizes(), "srste_decay_nm_: grad ", grad.sizes(),
-              " and weight ", w.sizes(), " differ in shape");
-  TORCH_CHECK(grad.scalar_type() == w.scalar_type(), "srste_decay_nm_: grad is ",
-              grad.scalar_type(), " but the weight is ", w.scalar_type());
-  const int64_t groups = w.numel() / m;
+// The checks of the ops that take a weight grouped along ``dim``; returns dim in [0, ndim).
+int64_t check_dim_args(const char* op, const at::Tensor& w, int64_t n, int64_t m, int64_t dim,
+                       const at::Tensor& other, const char* other_name) {
+  TORCH_CHECK(w.device().is_cpu(), op, ": weight must be on CPU, got ", w.device());
+  TORCH_CHECK(m >= 2 && m <= kMaxM, op, ": M=", m, " must be in [2, ", kMaxM, "]");
+  TORCH_CHECK(n > 0 && n < m, op, ": need 0 < N < M, got ", n, ":", m);
+  TORCH_CHECK(w.dim() >= 1 && dim >= -w.dim() && dim < w.dim(), op, ": dim ", dim,
+              " is out of range for a weight of shape ", w.sizes());
+  dim = dim < 0 ? dim + w.dim() : dim;
+  TORCH_CHECK(w.size(dim) % m == 0, op, ": dim ", dim, " has size ", w.size(dim),
+              ", not a multiple of M=", m);
+  TORCH_CHECK(other.sizes() == w.sizes(), op, ": ", other_name, " ", other.sizes(), " and weight ",
+              w.sizes(), " differ in shape");
+  TORCH_CHECK(other.scalar_type() == w.scalar_type(), op, ": ", other_name, " is ",
+              other.scalar_type(), " but the weight is ", w.scalar_type());
+  TORCH_CHECK(other.is_contiguous() && w.is_contiguous(), op, ": ", other_name,
+              " and weight must be contiguous");
+  return dim;
+}
+
+// grad += lam * (1 - E) * w, E the N:M mask of ``w`` along ``dim``, recomputed on the fly:
+// no mask tensor is read or written, so the SR-STE hook needs nothing from the forward (a
+// compiled one caches none). Groups along the last dim: chunk by chunk, the mask into a
+// buffer on the stack that stays in L1, then the decay kernel; otherwise the strided kernel.
+// Bit for bit srste_decay_(grad, w, nm_mask(w along dim), lam) on every ISA.
+void srste_decay_nm_(at::Tensor grad, const at::Tensor& w, int64_t n, int64_t m, int64_t dim,
+                     double lam) {
+  dim = check_dim_args("srste_decay_nm_", w, n, m, dim, grad, "grad");
+  const auto [outer, K, inner] = split_at(w, dim);
   const float l = static_cast<float>(lam);
   const int64_t isa = mask_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "srste_decay_nm_", [&] {
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     const scalar_t* x = w.const_data_ptr<scalar_t>();
-    nmfx::parallel_ranges(groups, kTermChunk / m, [=](int64_t begin, int64_t end) {
+    if (inner > 1) return strided<scalar_t>(x, nullptr, nullptr, g, l, outer, K, inner, n, m);
+    nmfx::parallel_ranges(w.numel() / m, kTermChunk / m, [=](int64_t begin, int64_t end) {
       bool keep[kTermChunk];
       const int64_t off = begin * m;
       const int64_t len = (end - begin) * m;
@@ -382,26 +520,25 @@ void srste_decay_nm_(at::Tensor grad, const at::Tensor& w, int64_t n, int64_t m,
   });
 }
 
-// (mask, where(mask, w, 0)) written into ``mask`` (when given) and ``masked``: the SR-STE
-// forward of a weight whose groups run along its last dim, into buffers the caller reuses
-// across steps (fresh multi-MB outputs are page-faulted in again on every step).
-void nm_mask_apply_out(const at::Tensor& w, int64_t n, int64_t m, const std::optional<at::Tensor>& mask,
-                       at::Tensor masked) {
-  check_args(w, n, m);
-  TORCH_CHECK(w.is_contiguous() && masked.is_contiguous(),
-              "nm_mask_apply_out: weight and masked must be contiguous");
-  TORCH_CHECK(masked.sizes() == w.sizes() && masked.scalar_type() == w.scalar_type(),
-              "nm_mask_apply_out: masked ", masked.sizes(), " ", masked.scalar_type(),
-              " does not match the weight ", w.sizes(), " ", w.scalar_type());
+// (mask, where(mask, w, 0)) of ``w`` grouped along ``dim``, written into ``mask`` (when given)
+// and ``masked`` in w's own layout: the SR-STE forward into buffers the caller reuses across
+// steps (fresh multi-MB outputs are page-faulted in again on every step), and a conv weight
+// needs no transposed copy.
+void nm_mask_apply_out(const at::Tensor& w, int64_t n, int64_t m, int64_t dim,
+                       const std::optional<at::Tensor>& mask, at::Tensor masked) {
+  dim = check_dim_args("nm_mask_apply_out", w, n, m, dim, masked, "masked");
   bool* keep = nullptr;
   if (mask.has_value()) {
     TORCH_CHECK(mask->is_contiguous() && mask->sizes() == w.sizes() && mask->scalar_type() == at::kBool,
                 "nm_mask_apply_out: mask must be a contiguous bool tensor shaped like the weight");
     keep = mask->mutable_data_ptr<bool>();
   }
+  const auto [outer, K, inner] = split_at(w, dim);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "nm_mask_apply_out", [&] {
-    mask_groups<scalar_t>(w.const_data_ptr<scalar_t>(), keep, masked.mutable_data_ptr<scalar_t>(),
-                          w.numel() / m, n, m);
+    const scalar_t* x = w.const_data_ptr<scalar_t>();
+    scalar_t* mw = masked.mutable_data_ptr<scalar_t>();
+    if (inner > 1) return strided<scalar_t>(x, keep, mw, nullptr, 0.0f, outer, K, inner, n, m);
+    mask_groups<scalar_t>(x, keep, mw, w.numel() / m, n, m);
   });
 }
 
@@ -411,8 +548,8 @@ TORCH_LIBRARY_FRAGMENT(nmfx_cpu, lib) {
   lib.def("nm_mask(Tensor w, int n, int m) -> Tensor");
   lib.def("nm_mask_apply(Tensor w, int n, int m) -> (Tensor, Tensor)");
   lib.def("srste_decay_(Tensor(a!) grad, Tensor w, Tensor mask, float lam) -> ()");
-  lib.def("srste_decay_nm_(Tensor(a!) grad, Tensor w, int n, int m, float lam) -> ()");
-  lib.def("nm_mask_apply_out(Tensor w, int n, int m, Tensor(a!)? mask, Tensor(b!) masked) -> ()");
+  lib.def("srste_decay_nm_(Tensor(a!) grad, Tensor w, int n, int m, int dim, float lam) -> ()");
+  lib.def("nm_mask_apply_out(Tensor w, int n, int m, int dim, Tensor(a!)? mask, Tensor(b!) masked) -> ()");
   lib.def("set_mask_isa(int isa) -> int", &set_mask_isa);
 }
 

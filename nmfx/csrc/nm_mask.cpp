@@ -84,33 +84,39 @@ void mask_block(const T* __restrict__ w, bool* __restrict__ out, T* __restrict__
 __attribute__((target("avx2"))) void mask4_avx2(const float* __restrict__ w, bool* __restrict__ out,
                                                float* __restrict__ mw, int64_t begin, int64_t end,
                                                int64_t n) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-  // lower-index masks per rotation k (1, 2, 3), for positions 0..3 of each lane
-  const __m256 low1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, -1, 0, 0, 0, -1));
-  const __m256 low2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
-  const __m256 low3 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, -1, -1, 0, -1, -1, -1));
-  const __m256i nvec = _mm256_set1_epi32(static_cast<int>(n));
+  // Integer keys and the "+1 turns > into >=" trick of keep4_avx512 (keys < 2^31, so the
+  // signed compare orders them); the third rotation is ~b1 rotated, the rank is bit logic.
+  const __m256i abs_bits = _mm256_set1_epi32(0x7fffffff);
+  const __m256i inf_key = _mm256_set1_epi32(0x7f800000);
+  const __m256i low1 = _mm256_setr_epi32(0, 0, 0, 1, 0, 0, 0, 1);
+  const __m256i low2 = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
+  const __m256i ones = _mm256_set1_epi32(-1);
   int64_t g = begin;
   for (; g + 2 <= end; g += 2) {  // two groups of 4 per iteration
     const __m256 v = _mm256_loadu_ps(w + g * 4);
-    __m256 a = _mm256_andnot_ps(sign, v);
-    a = _mm256_blendv_ps(a, inf, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
-    __m256i rank = _mm256_setzero_si256();
-    const __m256 r1 = _mm256_permute_ps(a, _MM_SHUFFLE(0, 3, 2, 1));
-    const __m256 r2 = _mm256_permute_ps(a, _MM_SHUFFLE(1, 0, 3, 2));
-    const __m256 r3 = _mm256_permute_ps(a, _MM_SHUFFLE(2, 1, 0, 3));
-    const __m256 b1 = _mm256_or_ps(_mm256_cmp_ps(r1, a, _CMP_GT_OQ), _mm256_and_ps(low1, _mm256_cmp_ps(r1, a, _CMP_EQ_OQ)));
-    const __m256 b2 = _mm256_or_ps(_mm256_cmp_ps(r2, a, _CMP_GT_OQ), _mm256_and_ps(low2, _mm256_cmp_ps(r2, a, _CMP_EQ_OQ)));
-    const __m256 b3 = _mm256_or_ps(_mm256_cmp_ps(r3, a, _CMP_GT_OQ), _mm256_and_ps(low3, _mm256_cmp_ps(r3, a, _CMP_EQ_OQ)));
-    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(b1));  // all-ones == -1
-    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(b2));
-    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(b3));
-    const __m256i keep = _mm256_cmpgt_epi32(nvec, rank);  // rank < n
+    const __m256i key = _mm256_min_epu32(_mm256_and_si256(_mm256_castps_si256(v), abs_bits), inf_key);
+    const __m256i r1 = _mm256_add_epi32(_mm256_shuffle_epi32(key, _MM_SHUFFLE(0, 3, 2, 1)), low1);
+    const __m256i r2 = _mm256_add_epi32(_mm256_shuffle_epi32(key, _MM_SHUFFLE(1, 0, 3, 2)), low2);
+    const __m256i b1 = _mm256_cmpgt_epi32(r1, key);  // (i+1)%4 beats i
+    const __m256i b2 = _mm256_cmpgt_epi32(r2, key);  // (i+2)%4 beats i
+    // (i+3)%4 beats i == i does not beat (i+3)%4 == !b1[(i+3)%4]
+    const __m256i b3 = _mm256_xor_si256(_mm256_shuffle_epi32(b1, _MM_SHUFFLE(2, 1, 0, 3)), ones);
+    __m256i keep;
+    if (n == 1) {
+      keep = _mm256_xor_si256(_mm256_or_si256(_mm256_or_si256(b1, b2), b3), ones);
+    } else if (n == 2) {
+      const __m256i two = _mm256_or_si256(_mm256_and_si256(b1, _mm256_or_si256(b2, b3)), _mm256_and_si256(b2, b3));
+      keep = _mm256_xor_si256(two, ones);
+    } else {
+      keep = _mm256_xor_si256(_mm256_and_si256(_mm256_and_si256(b1, b2), b3), ones);
+    }
     if (mw != nullptr) _mm256_storeu_ps(mw + g * 4, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
     if (out == nullptr) continue;
-    const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(keep));
-    for (int i = 0; i < 8; ++i) out[g * 4 + i] = (bits >> i) & 1;
+    // 8 keep lanes -> 8 bytes of 0/1: pack the lanes' low bytes together
+    const __m256i b = _mm256_and_si256(keep, _mm256_set1_epi32(1));
+    const __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+    const __m128i packed = _mm_packus_epi16(_mm_packus_epi32(lo, hi), _mm_setzero_si128());
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + g * 4), packed);
   }
   if (g < end) mask_block<float, 4>(w, out, mw, g, end, n, 4);
 }
@@ -136,24 +142,32 @@ __attribute__((target("avx2"))) void decay_avx2(float* __restrict__ g, const flo
 
 #define NMFX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
-// 16 floats of 4 groups of 4 (fp32, or bf16 widened): the keep bits, as mask4_avx2 ranks them
-// (rotations within each 128-bit lane; bits 3, 2-3, 1-3 of a lane have the lower index).
-NMFX_AVX512 inline __mmask16 keep4_avx512(__m512 v, __m512i nvec) {
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  const __m512i one = _mm512_set1_epi32(1);
-  __m512 a = _mm512_abs_ps(v);
-  a = _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), inf);  // NaN ranks as +inf
-  const __m512 r1 = _mm512_permute_ps(a, _MM_SHUFFLE(0, 3, 2, 1));
-  const __m512 r2 = _mm512_permute_ps(a, _MM_SHUFFLE(1, 0, 3, 2));
-  const __m512 r3 = _mm512_permute_ps(a, _MM_SHUFFLE(2, 1, 0, 3));
-  const __mmask16 b1 = _mm512_cmp_ps_mask(r1, a, _CMP_GT_OQ) | (0x8888 & _mm512_cmp_ps_mask(r1, a, _CMP_EQ_OQ));
-  const __mmask16 b2 = _mm512_cmp_ps_mask(r2, a, _CMP_GT_OQ) | (0xCCCC & _mm512_cmp_ps_mask(r2, a, _CMP_EQ_OQ));
-  const __mmask16 b3 = _mm512_cmp_ps_mask(r3, a, _CMP_GT_OQ) | (0xEEEE & _mm512_cmp_ps_mask(r3, a, _CMP_EQ_OQ));
-  __m512i rank = _mm512_setzero_si512();
-  rank = _mm512_mask_add_epi32(rank, b1, rank, one);
-  rank = _mm512_mask_add_epi32(rank, b2, rank, one);
-  rank = _mm512_mask_add_epi32(rank, b3, rank, one);
-  return _mm512_cmplt_epi32_mask(rank, nvec);
+// Keep bits of groups of 4 from "beats" bits, 4 bits per group (bit i: element i), for
+// 16-bit masks of four groups. b1[i]: element (i+1)%4 beats element i; b2[i]: (i+2)%4 beats i.
+// Every pair has exactly one winner (ties go to the lower index), so "(i+3)%4 beats i" is
+// "i does not beat (i+3)%4": b3 = ~rotate(b1). rank = b1 + b2 + b3; keep = rank < n.
+inline uint32_t keep4_from_beats(uint32_t b1, uint32_t b2, int64_t n) {
+  const uint32_t b3 = ~(((b1 << 1) & 0xEEEEu) | ((b1 >> 3) & 0x1111u)) & 0xFFFFu;
+  if (n == 1) return ~(b1 | b2 | b3) & 0xFFFFu;                         // rank 0
+  if (n == 2) return ~((b1 & b2) | (b1 & b3) | (b2 & b3)) & 0xFFFFu;    // rank <= 1
+  return ~(b1 & b2 & b3) & 0xFFFFu;                                     // n == 3: rank <= 2
+}
+
+// 16 floats of 4 groups of 4 (fp32, or bf16 widened): the keep bits. |v| as integer keys
+// (order-preserving for non-negative floats; NaN clamped to +inf's key, so it ranks as +inf);
+// "beats" of rotation k is key[(i+k)%4] > key[i], or >= where (i+k)%4 is the lower index
+// (i >= 4-k): adding 1 to the rotated key there turns > into >= (keys <= 0x7f800000: no
+// overflow). Two compares per 16 elements; the third rotation and the ranks are bit logic.
+NMFX_AVX512 inline __mmask16 keep4_avx512(__m512 v, int64_t n) {
+  const __m512i key = _mm512_min_epu32(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)),
+                                       _mm512_set1_epi32(0x7f800000));
+  const __m512i low1 = _mm512_setr_epi32(0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1);
+  const __m512i low2 = _mm512_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1);
+  const __m512i r1 = _mm512_add_epi32(_mm512_shuffle_epi32(key, _MM_PERM_ADCB), low1);
+  const __m512i r2 = _mm512_add_epi32(_mm512_shuffle_epi32(key, _MM_PERM_BADC), low2);
+  const uint32_t b1 = _mm512_cmpgt_epu32_mask(r1, key);
+  const uint32_t b2 = _mm512_cmpgt_epu32_mask(r2, key);
+  return static_cast<__mmask16>(keep4_from_beats(b1, b2, n));
 }
 
 // Groups of 4 with AVX-512, four groups per iteration: fp32, or bf16 widened to fp32 (exact),
@@ -161,19 +175,18 @@ NMFX_AVX512 inline __mmask16 keep4_avx512(__m512 v, __m512i nvec) {
 template <typename T>
 NMFX_AVX512 void mask4_avx512(const T* __restrict__ w, bool* __restrict__ out, T* __restrict__ mw,
                               int64_t begin, int64_t end, int64_t n) {
-  const __m512i nvec = _mm512_set1_epi32(static_cast<int>(n));
   const __m128i ones = _mm_set1_epi8(1);
   int64_t g = begin;
   for (; g + 4 <= end; g += 4) {
     __mmask16 keep;
     if constexpr (std::is_same_v<T, float>) {
       const __m512 v = _mm512_loadu_ps(w + g * 4);
-      keep = keep4_avx512(v, nvec);
+      keep = keep4_avx512(v, n);
       if (mw != nullptr) _mm512_storeu_ps(mw + g * 4, _mm512_maskz_mov_ps(keep, v));
     } else {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 4));
       const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      keep = keep4_avx512(v, nvec);
+      keep = keep4_avx512(v, n);
       if (mw != nullptr) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(mw + g * 4), _mm256_maskz_mov_epi16(keep, raw));
       }

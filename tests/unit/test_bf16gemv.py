@@ -105,7 +105,9 @@ def test_gemv_runs_dot_products_forced_and_by_default_below_8_rows() -> None:
     x, p = _subnormal_case()
     assert x[0, 0].item() == 2.0**-130
     expand = _build.ISA_CODES["avx512"] | _build.PATH_EXPAND
-    assert torch.equal(_gemm(x, p, None, 8, 64, "2:4", expand).float(), torch.full((1, 8), 2.0**-30))
+    assert torch.equal(
+        _gemm(x, p, None, 8, 64, "2:4", expand).float(), torch.full((1, 8), 2.0**-30)
+    )
     for code in (GEMV, _build.ISA_CODES["avx512bf16"]):  # forced; the ISA's pick at one row
         assert torch.equal(_gemm(x, p, None, 8, 64, "2:4", code).float(), torch.zeros(1, 8))
 
@@ -153,7 +155,7 @@ def test_path_bits_stay_exclusive() -> None:
     assert K.kernels_available()
     p = pack(random_nm(4, 64, "2:4", torch.bfloat16), "2:4")
     both = _build.ISA_CODES["portable"] | _build.PATH_GEMV | _build.PATH_PANELS
-    with pytest.raises(RuntimeError, match="bad path bits .*PATH_GEMV"):
+    with pytest.raises(RuntimeError, match=r"bad path bits .*PATH_GEMV"):
         _gemm(torch.randn(1, 64).bfloat16(), p, None, 4, 64, "2:4", both)
 
 
@@ -161,10 +163,10 @@ def test_choices_offer_it_for_bf16_its_patterns_and_few_rows(monkeypatch) -> Non
     monkeypatch.setattr(
         _build, "supported_isas", lambda: ["portable", "avx2", "avx512", "avx512bf16"]
     )
-    for batch in (1, 2, 8):
+    for batch in (1, 2, 8, _autotune.GEMV_MAX_ROWS):
         assert "avx512bf16-gemv" in _autotune.host_choices(2, 4, batch, "bfloat16")
     assert "avx512bf16-gemv" in _autotune.host_choices(1, 8, 1, "bfloat16")
-    assert "avx512bf16-gemv" not in _autotune.host_choices(2, 4, 16, "bfloat16")
+    assert "avx512bf16-gemv" not in _autotune.host_choices(2, 4, 64, "bfloat16")
     assert "avx512bf16-gemv" not in _autotune.host_choices(2, 4, 1, "float32")
     assert "avx512bf16-gemv" not in _autotune.host_choices(3, 4, 1, "bfloat16")
     assert _autotune.path_code("avx512bf16-gemv") == GEMV
@@ -191,9 +193,9 @@ def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> Non
         y = layer(x)
     torch.testing.assert_close(y.float(), reference(x, w, layer.bias), **KTOL)
     assert K.dispatch_summary(layer.dispatch) == "avx512bf16-gemv at 1+ rows of x"
-    with pytest.raises(ValueError, match=r"'avx512bf16-gemv' needs ISA 'avx512bf16'"):
-        with K.force_dispatch("avx512bf16-gemv"):
-            K.nm_linear(x, pack(w, "2:4"))
+    needs = r"'avx512bf16-gemv' needs ISA 'avx512bf16'"
+    with pytest.raises(ValueError, match=needs), K.force_dispatch("avx512bf16-gemv"):
+        K.nm_linear(x, pack(w, "2:4"))
 
 
 @needs_bf16dot

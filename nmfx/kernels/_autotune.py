@@ -6,8 +6,9 @@ and are not monotone in the rows (an AVX-512 kernel once lost at 2 rows and won 
 every distinct (rows, cols, dtype, pattern) that is lowered, :func:`autotune` times every path
 this host supports -- the selecting GEMV (one row), expanding W in registers, the batched path
 on x panels, each ISA's, the bf16 dot-product panels and GEMV (up to :data:`GEMV_MAX_ROWS` rows),
-the portable kernel -- and the dense branch (``nm_dense``: W expanded
-block by block per call, then torch's GEMM), at one probe batch per bucket of rows
+the portable kernel -- and the dense branch (``nm_dense``: W expanded block by block per call,
+then torch's GEMM; at 1-2 rows of x the AVX2 kernel expanding W in registers), at one probe
+batch per bucket of rows
 (:data:`BUCKETS`), interleaved, median of at least five rounds, and records the fastest per
 bucket. Every bucket is measured (no stop at the first loss). A candidate more than
 :data:`PRUNE_FACTOR` times slower than the best is not timed at larger buckets (the portable

@@ -8,7 +8,10 @@ init, every Linear pruned 2:4 by magnitude (``sparsify`` + ``finalize``), then r
 - ``nmfx``: ``nmfx.lower(model, "cpu")`` (eager, packed 2:4 kernels);
 - ``nmfx-compile``: ``model.forward = torch.compile(model.forward, backend="nmfx")`` with
   HF's static KV cache (``cache_implementation="static"``: one compiled decode step);
-- ``inductor``: the same with the default backend on the dense model (the best dense).
+- ``inductor``: the same with the default backend on the dense model (the best dense);
+- ``nmfx-compile-unfused`` (not run by default): ``nmfx-compile`` with
+  ``options={"fuse_linears": False}``: every linear its own packed call (q/k/v and gate/up
+  are otherwise one call each).
 
 Where ``llama-cpp-python`` is installed and a llama.cpp source tree is given (``--llama-cpp-dir``;
 see ``_llamacpp.py``), the same pruned weights converted by llama.cpp's converter run beside
@@ -20,7 +23,7 @@ length, the contenders run interleaved (A B, B A, ...) on one prompt; tokens/s c
 new tokens of the whole ``generate`` (prefill included). Greedy tokens are compared with
 ``dense`` of the same dtype. Peak RSS is taken per contender in a child process that holds
 only that contender, with what the build freed handed back (``malloc_trim``) and the
-high-water mark reset (``/proc/self/clear_refs``) right before ``generate``. ``--profile`` prints where one decode step of the lowered model goes.
+high-water mark reset (``/proc/self/clear_refs``) right before ``generate``. ``--profile`` measures where one decode token of each contender goes (``_decode_profile``).
 
     PYTHONPATH=. python benchmarks/decode.py --dtypes fp32 bf16 --batch 1 --prompt 32 \\
         --new 32 --contenders dense nmfx          # a subset; JSON to out/decode.json
@@ -41,13 +44,15 @@ from typing import Any
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _decode_profile
 import _llamacpp
 import _timing
 
 import nmfx
 from nmfx.lowering.memory import release_freed_memory
 
-CONTENDERS = ("dense", "nmfx", "nmfx-compile", "inductor")
+CONTENDERS = ("dense", "nmfx", "nmfx-compile", "inductor", "nmfx-compile-unfused")
+DEFAULT_CONTENDERS = CONTENDERS[:4]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_OUT = Path("out/decode.json")  # untracked (/out/ is git-ignored)
 
@@ -79,9 +84,10 @@ def prepare(name: str, pruned: torch.nn.Module, dtype: torch.dtype, inplace: boo
     extra: dict[str, Any] = {}
     if name == "nmfx":
         model = nmfx.lower(model, "cpu", inplace=True)
-    elif name in ("nmfx-compile", "inductor"):
-        backend = "nmfx" if name == "nmfx-compile" else "inductor"
-        model.forward = torch.compile(model.forward, backend=backend)
+    elif name in ("nmfx-compile", "inductor", "nmfx-compile-unfused"):
+        backend = "inductor" if name == "inductor" else "nmfx"
+        options = {"fuse_linears": False} if name == "nmfx-compile-unfused" else None
+        model.forward = torch.compile(model.forward, backend=backend, options=options)
         extra["cache_implementation"] = "static"
     return model.eval(), extra
 
@@ -109,7 +115,7 @@ def child_rss(args: Any) -> None:
     del pruned
     gc.collect()
     ids = torch.randint(0, args.vocab, (args.batch[0], args.prompt[0]))
-    if name in ("nmfx-compile", "inductor"):
+    if extra:
         generate(model, ids, args.new, extra)  # compile first: not the steady state
     # What building and pruning freed (the fp32 model before a cast, masks) stays resident
     # in glibc's heap until trimmed (nmfx.lower trims too); trimmed for every contender alike.
@@ -150,43 +156,6 @@ def _shape_flags(args: Any) -> list[str]:
         "--heads", str(args.heads), "--kv-heads", str(args.kv_heads), "--vocab",
         str(args.vocab), "--new", str(args.new),
     ]  # fmt: skip
-
-
-_GROUPS = {  # profiler op name -> where the time goes
-    "linear (packed N:M)": ("nmfx",),
-    "linear (dense)": ("aten::mm", "aten::addmm", "aten::linear", "aten::bmm"),
-    "attention": ("scaled_dot_product", "flash_attention"),
-}
-
-
-def profile_step(model: torch.nn.Module, ids: torch.Tensor, top: int = 15) -> dict[str, float]:
-    """Where one decode step (one token after a prefilled cache) goes, in ms: the ops by
-    group (self time on the calling thread) and the rest of the step's wall time, which is
-    Python between ops (HF's modules, cache bookkeeping, nmfx's op wrappers)."""
-    import time
-
-    from torch.profiler import ProfilerActivity, profile
-
-    with torch.no_grad():
-        out = model(ids, use_cache=True)
-        nxt, cache = out.logits[:, -1:].argmax(-1), out.past_key_values
-        model(nxt, past_key_values=cache, use_cache=True)  # warm
-        with profile(activities=[ProfilerActivity.CPU]) as prof:
-            start = time.perf_counter()
-            model(nxt, past_key_values=cache, use_cache=True)
-            wall = (time.perf_counter() - start) * 1e3
-    events = prof.key_averages()
-    spent = dict.fromkeys(_GROUPS, 0.0)
-    spent["other ops"] = 0.0
-    for ev in events:
-        group = next((g for g, keys in _GROUPS.items() if any(k in ev.key for k in keys)), None)
-        spent[group or "other ops"] += ev.self_cpu_time_total / 1e3
-    spent["python between ops (HF, wrappers)"] = max(wall - sum(spent.values()), 0.0)
-    spent = {k: round(v, 3) for k, v in spent.items()}
-    print(f"  step wall {wall:.2f} ms (under the profiler): "
-          + ", ".join(f"{k} {v:.2f}" for k, v in spent.items()))  # fmt: skip
-    print(events.table(sort_by="self_cpu_time_total", row_limit=top))
-    return {"wall_ms": round(wall, 3), **spent}
 
 
 def run_case(
@@ -237,10 +206,15 @@ def run_case(
             results.append(row)
     if args.profile:
         ids = torch.randint(0, args.vocab, (1, args.prompt[0]))
-        for name in ("dense", "nmfx"):
-            if name in models:
-                print(f"\none decode step, {name}, {dtype_name}, lm_head {lm_head}:")
-                results[0].setdefault("profile", {})[name] = profile_step(models[name][0], ids)
+        print(f"\nwhere one decode token goes, {dtype_name}, lm_head {lm_head}, batch 1, "
+              f"prompt {args.prompt[0]}, {torch.get_num_threads()} thread(s):")  # fmt: skip
+        same_linears = {"nmfx-compile": "nmfx", "nmfx-compile-unfused": "nmfx", "inductor": "dense"}
+        results[0]["profile"] = {
+            name: _decode_profile.profile(
+                name, m, x, dtype, ids, models.get(same_linears.get(name, name), (None,))[0]
+            )
+            for name, (m, x) in models.items()
+        }
     return results
 
 
@@ -270,11 +244,13 @@ def parse(argv: list[str] | None = None) -> Any:
     p.add_argument("--batch", type=int, nargs="+", default=[1, 4])
     p.add_argument("--prompt", type=int, nargs="+", default=[32, 256])
     p.add_argument("--new", type=int, default=32, help="new tokens per generate (default 32)")
-    p.add_argument("--contenders", nargs="+", default=list(CONTENDERS), choices=CONTENDERS)
+    p.add_argument("--contenders", nargs="+", default=list(DEFAULT_CONTENDERS), choices=CONTENDERS)
     p.add_argument("--repeats", type=int, default=5, help="interleaved rounds (default 5)")
     p.add_argument("--no-rss", action="store_true", help="skip the per-contender RSS children")
     p.add_argument("--rss-only", action="store_true", help="only the per-contender RSS children")
-    p.add_argument("--profile", action="store_true", help="profile one decode step (dense, nmfx)")
+    p.add_argument(
+        "--profile", action="store_true", help="where one decode token goes, per contender"
+    )
     p.add_argument("--gguf", nargs="*", default=list(_llamacpp.FORMATS),
                    choices=_llamacpp.FORMATS, help="llama.cpp formats beside (batch 1; none: "
                    "skip llama.cpp)")  # fmt: skip
@@ -300,8 +276,10 @@ def main(argv: list[str] | None = None) -> None:
         pruned = None if args.rss_only else build_pruned(args, lm_head)  # children build theirs
         gguf = {}
         if wanted and not skip:
-            workdir = Path("out") / (f"decode-gguf-{args.layers}L-{args.hidden}-{args.mlp}-"
-                                     f"{args.vocab}-lm_head-{lm_head}")  # untracked, reused
+            workdir = Path("out") / (
+                f"decode-gguf-{args.layers}L-{args.hidden}-{args.mlp}-"
+                f"{args.vocab}-lm_head-{lm_head}"
+            )  # untracked, reused
             n_ctx = max(args.prompt) + args.new + 8
             gguf = _llamacpp.contenders(pruned, workdir, llama_dir, args.gguf,
                                         torch.get_num_threads(), n_ctx)  # fmt: skip

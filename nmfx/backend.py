@@ -8,7 +8,9 @@ Registered through the ``torch_dynamo_backends`` entry point, so it works withou
   (``cuda_backend="cutlass"`` or ``"cusparselt"``);
 - ``inner``: the backend the rewritten graph goes to: ``"inductor"`` (default),
   ``"eager"``, ``"aot_eager"`` or ``"tensorrt"``;
-- ``pattern``: check one N:M pattern instead of detecting.
+- ``pattern``: check one N:M pattern instead of detecting;
+- ``fuse_linears`` (default True): on CPU, packed linears that read the same input (q/k/v,
+  gate/up) run as one packed call (``nmfx.passes.fuse_shared_input_linears``).
 
 The graph's N:M linears (finalized weights, or the SR-STE masked weights of a
 sparsified model in eval under ``no_grad``) are frozen into packed ``nmfx::nm_linear``
@@ -39,7 +41,7 @@ __all__ = ["BACKEND_OPTIONS", "compiled_decisions", "nmfx_backend"]
 
 log = logging.getLogger("nmfx.backend")
 
-BACKEND_OPTIONS = ("target", "inner", "pattern", "cuda_backend")
+BACKEND_OPTIONS = ("target", "inner", "pattern", "cuda_backend", "fuse_linears")
 INNER = ("inductor", "eager", "aot_eager", "tensorrt")
 
 
@@ -60,6 +62,8 @@ def _check(options: dict[str, Any]) -> dict[str, Any]:
             f"target={target!r} is not 'cpu' or 'cuda'{close_match_hint(target, ('cpu', 'cuda'))}; "
             f"for TensorRT use inner='tensorrt' or nmfx.lower(model, target='tensorrt')"
         )
+    if not isinstance(options.get("fuse_linears", True), bool):
+        raise TypeError(f"fuse_linears={options['fuse_linears']!r} must be True or False")
     if options.get("cuda_backend", "cutlass") not in ("cutlass", "cusparselt"):
         raise ValueError(
             f"cuda_backend={options['cuda_backend']!r} is not 'cutlass' or 'cusparselt'"
@@ -105,7 +109,7 @@ class _Lowered:
         options = self._options
         ctx = BackendContext(
             example_inputs, self._target, cuda_backend=options.get("cuda_backend", "cutlass"),
-            sources=self._sources,
+            sources=self._sources, fuse_linears=options.get("fuse_linears", True),
         )  # fmt: skip
         if "pattern" in options:
             ctx.pattern = parse_pattern(options["pattern"])

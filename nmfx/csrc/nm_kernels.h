@@ -174,6 +174,9 @@ void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1);
 // The AVX-512 kernel with bf16 dot products: the dot-product path where p.xbf16 is set,
 // nm_gemm_avx512 otherwise.
 void nm_gemm_avx512bf16(const NMProblem& p, int64_t r0, int64_t r1);
+// The bf16 dot-product GEMV for one to a few rows of x (nm_bf16gemv.cpp): no panel scratch, the
+// packed rows read once per 4 rows of x. Needs p.xbf16 (nm_gemm_avx512 otherwise).
+void nm_gemv_avx512bf16(const NMProblem& p, int64_t r0, int64_t r1);
 // The batched path on x panels (p.xpanel set), AVX2 + FMA (nm_panels.h; nm_gemm_avx512 runs
 // the same code with AVX-512 vectors).
 void nm_gemm_avx2_panels(const NMProblem& p, int64_t r0, int64_t r1);

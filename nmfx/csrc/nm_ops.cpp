@@ -54,8 +54,10 @@ constexpr int64_t kIsaPortable = 1;
 constexpr int64_t kIsaAvx2 = 2;
 constexpr int64_t kIsaAvx512 = 3;
 // AVX-512 plus AVX512-BF16: the AVX-512 kernel, except that bf16 weights of the patterns of
-// bf16dot_supports run the dot-product path (nm_bf16dot.cpp) under PATH_PANELS and, without a
-// path bit, from kDotMinBatch rows of x. Never picked by kIsaAuto: the autotuner times it.
+// bf16dot_supports run dot products: the panel path (nm_bf16dot.cpp) under PATH_PANELS and,
+// without a path bit, from kDotMinBatch rows of x; the GEMV (nm_bf16gemv.cpp) under PATH_GEMV
+// and, without a path bit, below kDotMinBatch rows. Never picked by kIsaAuto: the autotuner
+// times it.
 constexpr int64_t kIsaAvx512Bf16 = 4;
 // Path bits above the ISA code (at most one; the autotuner, tests and benchmarks use them to run
 // one path): expanding W in registers at any batch, the batched path on x panels at any batch
@@ -63,12 +65,16 @@ constexpr int64_t kIsaAvx512Bf16 = 4;
 // A forced path runs that path on every x86 ISA or fails; the portable ISA has one path and
 // ignores PATH_EXPAND / PATH_PANELS. Without a bit, the ISA's kernel picks: the AVX2 one selects
 // at one row where the pattern allows, the AVX-512 one only for 1:4 and 1:8 (it expands 2:4 and
-// 4:8); fewer than kPanelMinBatch rows expand W, and more take the batched path.
+// 4:8); fewer than kPanelMinBatch rows expand W, and more take the batched path. PATH_GEMV (the
+// bf16 dot-product GEMV, any rows of x) applies to ISA avx512bf16, bf16 weights and the
+// patterns of bf16dot_supports; anywhere else it means no bit (the ISA's own pick), so a table
+// naming it still runs on a host or weight without it.
 constexpr int64_t kIsaMask = 0xff;
 constexpr int64_t kPathExpand = 1 << 8;
 constexpr int64_t kPathPanels = 1 << 9;
 constexpr int64_t kPathSelect = 1 << 10;
-constexpr int64_t kPathBits = kPathExpand | kPathPanels | kPathSelect;
+constexpr int64_t kPathGemv = 1 << 11;
+constexpr int64_t kPathBits = kPathExpand | kPathPanels | kPathSelect | kPathGemv;
 constexpr int64_t kPanelMinBatch = 32;
 constexpr int64_t kDotMinBatch = 8;
 
@@ -311,10 +317,10 @@ void run_rows_dot(KernelFn fn, NMProblem p, const at::Tensor& xs, int64_t cols, 
 at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                    const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n,
                    int64_t m, int64_t isa) {
-  const int64_t path = isa & ~kIsaMask;
+  int64_t path = isa & ~kIsaMask;
   isa &= kIsaMask;
   TORCH_CHECK((path & ~kPathBits) == 0 && (path & (path - 1)) == 0, "nmfx: bad path bits ", path,
-              " (at most one of PATH_EXPAND, PATH_PANELS, PATH_SELECT)");
+              " (at most one of PATH_EXPAND, PATH_PANELS, PATH_SELECT, PATH_GEMV)");
   const PackedShape shape = check_packed(x, values, mask, bias, rows, cols, n, m);
   const KernelFn fn = select_kernel(isa);
   const int64_t B = x.size(0);
@@ -328,17 +334,20 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   // Many rows of x take the batched path (x86 SIMD kernels only), which reads x as transposed
   // panels: fp32 x with unit column stride is staged into them directly, without the fp32 copy.
   const int64_t ldx = std::max<int64_t>(16, (cols + 15) / 16 * 16);
-  // bf16 dot products (ISA avx512bf16 only): forced by PATH_PANELS, else from kDotMinBatch rows.
-  const bool dot = fn == nm_gemm_avx512bf16 && shape.vtype == ValueType::kBFloat16 &&
-                   bf16dot_supports(static_cast<int>(n), static_cast<int>(m)) &&
-                   (path == kPathPanels || (path == 0 && B >= kDotMinBatch));
-  const bool panels = !dot && fn != nm_gemm_portable &&
+  // bf16 dot products (ISA avx512bf16 only): the panel path forced by PATH_PANELS, else from
+  // kDotMinBatch rows; the GEMV forced by PATH_GEMV, else below kDotMinBatch rows.
+  const bool dot_ok = fn == nm_gemm_avx512bf16 && shape.vtype == ValueType::kBFloat16 &&
+                      bf16dot_supports(static_cast<int>(n), static_cast<int>(m));
+  if (path == kPathGemv && !dot_ok) path = 0;  // not this ISA, dtype or pattern: the ISA's pick
+  const bool gemv = dot_ok && (path == kPathGemv || (path == 0 && B < kDotMinBatch));
+  const bool dot = dot_ok && !gemv && (path == kPathPanels || (path == 0 && B >= kDotMinBatch));
+  const bool panels = !dot && !gemv && fn != nm_gemm_portable &&
                       (path == kPathPanels || (path == 0 && B >= kPanelMinBatch));
   const bool direct = panels && x.scalar_type() == at::kFloat && x.stride(1) == 1;
   const ValueTail vt = value_tail(values, rows, shape.kept);
   NMProblem p = weight_problem(values, mask, shape, vt, rows, n, m);
   p.ldx = ldx;
-  if (dot) {  // columns of staged x: whole vectors of 32 kept values (64, 128 or 256 columns)
+  if (dot || gemv) {  // columns of staged x: whole vectors of 32 kept values (64-256 columns)
     const int64_t span = 64 * (32 / (64 / m * n));
     p.ldxb = (cols + span - 1) / span * span;
   }
@@ -348,7 +357,7 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   // x is staged a block of rows at a time, so the staging stays in the kept per-thread scratch
   // (a whole 512x4096 x staged at once had left 8-16 MB resident per slot after the call).
   const int64_t per_row =
-      dot ? p.ldxb * 2 : (direct ? 0 : ldx * 4) + (panels ? panel_cols(ldx) * 4 : 0);
+      dot || gemv ? p.ldxb * 2 : (direct ? 0 : ldx * 4) + (panels ? panel_cols(ldx) * 4 : 0);
   // Blocks of equal size (a last block of a few rows would cost a pass over W for little).
   const int64_t unit = panels ? kPanelBatch : 1;
   const int64_t most = std::max(unit, static_cast<int64_t>(kScratchKeepBytes) / per_row / unit * unit);
@@ -357,8 +366,8 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   for (int64_t b0 = 0; b0 < B; b0 += block) {
     const int64_t bs = std::min(block, B - b0);
     const at::Tensor xs = bs >= B ? x : x.narrow(0, b0, bs);
-    if (dot) {
-      run_rows_dot(fn, p, xs, cols, y.data_ptr<float>() + b0 * rows);
+    if (dot || gemv) {
+      run_rows_dot(gemv ? nm_gemv_avx512bf16 : fn, p, xs, cols, y.data_ptr<float>() + b0 * rows);
     } else {
       run_rows(fn, p, xs, cols, panels, direct, y.data_ptr<float>() + b0 * rows);
     }

@@ -5,8 +5,10 @@ GEMV speed, cache sizes), the weight's shape, dtype and pattern, and the number 
 and are not monotone in the rows (an AVX-512 kernel once lost at 2 rows and won at 4). So for
 every distinct (rows, cols, dtype, pattern) that is lowered, :func:`autotune` times every path
 this host supports -- the selecting GEMV (one row), expanding W in registers, the batched path
-on x panels, each ISA's, the portable kernel -- and the dense branch (``nm_dense``: W expanded
-block by block per call, then torch's GEMM), at one probe batch per bucket of rows
+on x panels, each ISA's, the bf16 dot-product panels and GEMV (up to :data:`GEMV_MAX_ROWS` rows),
+the portable kernel -- and the dense branch (``nm_dense``: W expanded block by block per call,
+then torch's GEMM; at 1-2 rows of x the AVX2 kernel expanding W in registers), at one probe
+batch per bucket of rows
 (:data:`BUCKETS`), interleaved, median of at least five rounds, and records the fastest per
 bucket. Every bucket is measured (no stop at the first loss). A candidate more than
 :data:`PRUNE_FACTOR` times slower than the best is not timed at larger buckets (the portable
@@ -41,8 +43,9 @@ from nmfx.kernels import _build
 
 logger = logging.getLogger(__name__)
 
-# 5-7: per-shape autotuning (6: batched paths never pruned; 7: avx512bf16-panels); 1-4: thresholds
-TABLE_VERSION = 7
+# 5-8: per-shape autotuning (6: batched paths never pruned; 7: avx512bf16-panels; 8:
+# avx512bf16-gemv); 1-4: thresholds
+TABLE_VERSION = 8
 CACHE_ENV = "NMFX_CACHE_DIR"
 CALIBRATE_ENV = "NMFX_CALIBRATE"
 # Buckets of rows of x (inclusive bounds; the last is open) and the batch timed for each.
@@ -53,8 +56,11 @@ PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Every choice a bucket can hold; the index is its 4-bit code in a module's dispatch code.
 CHOICES = (
     "dense", "portable", "avx2-expand", "avx2-select", "avx2-panels", "avx512-expand",
-    "avx512-panels", "avx512bf16-panels",
+    "avx512-panels", "avx512bf16-panels", "avx512bf16-gemv",
 )  # fmt: skip
+# Rows of x up to which the bf16 dot-product GEMV is timed: it reads W once per 4 rows of x, yet
+# beat the panel path and dense up to 16 rows (4096x2048 2:4, one thread, Zen 4).
+GEMV_MAX_ROWS = 32
 NOISE_MARGIN = 0.03
 PRUNE_FACTOR = 3.0
 MIN_ROUNDS = 5
@@ -117,6 +123,8 @@ def host_choices(n: int, m: int, batch: int, dtype: str = "float32") -> list[str
         out.append("avx2-select")  # the AVX-512 kernel selects with the same AVX2 code
     if "avx512bf16" in isas and dtype == "bfloat16" and _build.bf16dot_supports(n, m):
         out.append("avx512bf16-panels")
+        if batch <= GEMV_MAX_ROWS:
+            out.append("avx512bf16-gemv")
     return out
 
 
@@ -124,7 +132,7 @@ def path_code(choice: str) -> int:
     """``nm_gemm``'s isa argument (ISA code | path bit) for a sparse choice."""
     isa, _, path = choice.partition("-")
     bits = {"": 0, "expand": _build.PATH_EXPAND, "select": _build.PATH_SELECT,
-            "panels": _build.PATH_PANELS}[path]  # fmt: skip
+            "panels": _build.PATH_PANELS, "gemv": _build.PATH_GEMV}[path]  # fmt: skip
     return _build.ISA_CODES[isa] | bits
 
 

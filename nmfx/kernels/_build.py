@@ -26,6 +26,7 @@ SOURCES = (
     "nm_avx2.cpp",
     "nm_avx512.cpp",
     "nm_bf16dot.cpp",
+    "nm_bf16gemv.cpp",
     "nm_mask.cpp",
 )
 EXTENSION_NAME = "nmfx_cpu_kernels"
@@ -42,6 +43,9 @@ ISA_CODES = {"portable": 1, "avx2": 2, "avx512": 3, "avx512bf16": 4}
 PATH_EXPAND = 1 << 8
 PATH_PANELS = 1 << 9
 PATH_SELECT = 1 << 10
+# The bf16 dot-product GEMV (nm_bf16gemv.cpp) under ISA avx512bf16, for bf16 weights of the
+# patterns of bf16dot_supports at any rows of x (made for 1-8); elsewhere it means no bit.
+PATH_GEMV = 1 << 11
 SELECT_PATTERNS = frozenset({(1, 4), (1, 8), (2, 4), (4, 8)})
 
 

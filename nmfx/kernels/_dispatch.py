@@ -70,8 +70,9 @@ def force_dispatch(mode: str) -> Iterator[None]:
     """Within the block, run every nm_linear ``"sparse"``, ``"dense"``, ``"auto"`` or one path
     (``"avx2-expand"``, ``"avx2-select"``, ``"avx2-panels"``, ``"avx512-expand"``,
     ``"avx512-panels"``, ``"avx512bf16-panels"`` (bf16 dot products for bf16 weights; other
-    weights run ``"avx512-panels"``), ``"portable"``; one this CPU lacks is an error at the
-    call)."""
+    weights run ``"avx512-panels"``), ``"avx512bf16-gemv"`` (the bf16 dot-product GEMV for bf16
+    weights; other weights run the AVX-512 kernel's own pick), ``"portable"``; one this CPU lacks
+    is an error at the call)."""
     if mode not in _MODE_SET:
         raise ValueError(f"dispatch mode {mode!r} is not one of {list(MODES)}")
     previous = getattr(_local, "mode", None)
@@ -131,10 +132,12 @@ def _runnable(choice: str) -> str:
     if isa is None or isa in _build.supported_isas():
         return choice
     path = choice.partition("-")[2]
+    # The same path on the best ISA that has it, else the best ISA's own pick ("sparse"; e.g.
+    # for the bf16 dot-product GEMV, which no other ISA has).
     fallback = next(
         (f"{other}-{path}" for other in ("avx512", "avx2")
          if other in _build.supported_isas() and f"{other}-{path}" in CHOICES),
-        "portable",
+        "sparse",
     )  # fmt: skip
     _autotune._warn_once(
         f"isa:{choice}",

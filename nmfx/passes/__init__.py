@@ -11,6 +11,7 @@ from __future__ import annotations
 from nmfx.passes.decide_eligibility import decide_eligibility
 from nmfx.passes.detect_nm_weights import detect_nm_weights
 from nmfx.passes.find_weight_ops import find_weight_ops
+from nmfx.passes.fuse_shared_input_linears import fuse_shared_input_linears
 from nmfx.passes.infra import Pass, PassContext, PassResult, run_passes
 from nmfx.passes.insert_srste_masks import insert_srste_masks
 from nmfx.passes.lower_nm_linear import lower_nm_linear
@@ -28,6 +29,7 @@ DETECT_PASSES: tuple[Pass, ...] = (
 
 BACKEND_PASSES: tuple[Pass, ...] = (
     lower_nm_linear,  # rewrite: N:M linear (weights frozen at compile time) -> packed op
+    fuse_shared_input_linears,  # rewrite: packed ops sharing an input -> one; needs them packed
 )
 
 __all__ = [
@@ -40,6 +42,7 @@ __all__ = [
     "decide_eligibility",
     "detect_nm_weights",
     "find_weight_ops",
+    "fuse_shared_input_linears",
     "insert_srste_masks",
     "lower_nm_linear",
     "run_passes",

@@ -67,6 +67,7 @@ class BackendContext:
     params: dict[int, torch.Tensor] = field(default_factory=dict)
     # placeholder name -> parameter FQN, read before Dynamo strips the graph's sources
     sources: dict[str, str] = field(default_factory=dict)
+    fuse_linears: bool = True  # fuse_shared_input_linears: one packed call per shared input
 
 
 def _leaves(node: fx.Node) -> Iterator[fx.Node]:
@@ -223,6 +224,7 @@ def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
             # cpu: nm_linear(x, values, mask, b, rows, cols, n, m); cuda: linear(x, W_sparse, b)
             new = gm.graph.call_function(target, (x, *attrs, bias, *extra))
         new.meta = dict(node.meta)
+        new.meta["nmfx_decision"] = len(ctx.decisions) - 1  # for later passes' notes
         node.replace_all_uses_with(new)
         gm.graph.erase_node(node)
         count += 1

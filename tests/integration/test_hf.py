@@ -218,6 +218,12 @@ def test_backend_nmfx_with_static_cache_generates_the_eager_tokens():
             prompt, max_new_tokens=6, do_sample=False, cache_implementation="static"
         )
     assert torch.equal(out, ref)
+    # q/k/v and gate/up ran as one packed call each (fuse_shared_input_linears)
+    reasons = {d.name: d.reason for d in nmfx.lowering_decisions(model)}
+    assert (
+        "fused with model.layers.0.self_attn.k_proj" in reasons["model.layers.0.self_attn.q_proj"]
+    )
+    assert "fused with model.layers.0.mlp.gate_proj" in reasons["model.layers.0.mlp.up_proj"]
 
 
 @pytest.mark.slow

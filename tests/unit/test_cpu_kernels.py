@@ -432,6 +432,7 @@ PATH_BITS = {
     "expand": _build.PATH_EXPAND,
     "panels": _build.PATH_PANELS,
     "select": _build.PATH_SELECT,
+    "gemv": _build.PATH_GEMV,  # the bf16 dot-product GEMV under avx512bf16; elsewhere "auto"
 }
 
 
@@ -497,7 +498,7 @@ def _paths_for(isa: str, batch: int, pattern: str) -> list[str]:
     if isa == "portable":
         return ["auto"]
     n, m = (int(v) for v in pattern.split(":"))
-    paths = ["auto", "expand", "panels"]
+    paths = ["auto", "expand", "panels", "gemv"]
     if batch == 1 and (n, m) in _build.SELECT_PATTERNS:
         paths.append("select")
     return paths
@@ -564,7 +565,7 @@ def guarded_values(v):
 
 
 BITS = {"auto": 0, "expand": _build.PATH_EXPAND, "panels": _build.PATH_PANELS,
-        "select": _build.PATH_SELECT}
+        "select": _build.PATH_SELECT, "gemv": _build.PATH_GEMV}
 isa = sys.argv[1]
 g = torch.Generator().manual_seed(0)
 for pattern, dtype in [(pt, dt) for pt in sys.argv[2:] for dt in (torch.float32, torch.bfloat16)]:
@@ -587,7 +588,7 @@ for pattern, dtype in [(pt, dt) for pt in sys.argv[2:] for dt in (torch.float32,
             mask.zero_()
         for batch in (1, 2, 5, 33):
             x = torch.randn(batch, cols, generator=g).to(dtype)
-            paths = ["auto"] if isa == "portable" else ["auto", "expand", "panels"]
+            paths = ["auto"] if isa == "portable" else ["auto", "expand", "panels", "gemv"]
             if batch == 1 and (n, m) in _build.SELECT_PATTERNS and isa != "portable":
                 paths.append("select")
             for path in paths:

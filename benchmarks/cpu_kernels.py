@@ -8,6 +8,8 @@ enough, else of all rounds):
 * the same linear under ``torch.compile`` (inductor), compiled once per weight and batch; the baseline of every ratio is the faster of the two dense forms,
 * the sparse kernel (dispatch forced to sparse, best ISA),
 * ``nmfx.kernels.nm_linear`` as shipped (the dispatcher picks sparse or dense),
+* the best sparse path alone (the fastest sparse choice the autotuner measured at that batch),
+  forced, where it is not the one ``nm_linear`` runs,
 
 and prints a table, the sparse GEMV's effective weight bandwidth next to this machine's
 measured read bandwidth, and writes everything (with the machine's load during the run) to
@@ -16,6 +18,10 @@ replaces the committed result the README quotes).
 
     python benchmarks/cpu_kernels.py            # full sweep (< 15 min on 2 cores)
     python benchmarks/cpu_kernels.py --quick    # < 1 min
+
+The summary checks issue 14's targets: ``nm_linear`` >= 0.97x the best dense at every point,
+median >= 1.2x, within 5% of the best sparse path wherever that path beats dense by >= 1.1x,
+and the dense branch (forced) at most 3 us over ``F.linear`` at 1024x1024, 1-2 rows of x.
 """
 
 from __future__ import annotations
@@ -143,9 +149,24 @@ def paired_speedup(base: list[float], other: list[float]) -> float:
     return statistics.median(b / o for b, o in zip(base, other, strict=True))
 
 
+def best_sparse(entry: dict[str, Any], batch: int) -> tuple[str, float] | None:
+    """The fastest sparse choice the autotuner timed at ``batch`` rows of x, and its ms (None
+    when the entry holds no timing at that batch, e.g. loaded from an older cache)."""
+    probes, timings = entry.get("probe_rows"), entry.get("ms")
+    if not probes or not timings or batch not in probes:
+        return None
+    ms = {c: t for c, t in timings[probes.index(batch)].items() if c != "dense"}
+    if not ms:
+        return None
+    choice = min(ms, key=ms.__getitem__)
+    return choice, ms[choice]
+
+
 def run(
     config: dict[str, Any], budget_s: float, max_reps: int, min_reps: int = 5
 ) -> list[dict[str, Any]]:
+    from nmfx.kernels import _autotune
+
     rows_out = []
     for rows, cols in config["shapes"]:
         for dtype_name in config["dtypes"]:
@@ -167,6 +188,16 @@ def run(
                         return F.linear(x, w)
 
                     fns = {"dense": dense, "sparse": sparse, "dispatched": dispatched}
+                    choice = K._dispatch.choose(batch, dtype, p.pattern.n, p.pattern.m, rows, cols)
+                    key = _autotune.shape_key(rows, cols, dtype, p.pattern.n, p.pattern.m)
+                    tuned = best_sparse(_autotune.table()["entries"].get(str(key), {}), batch)
+                    if tuned is not None and tuned[0] != choice:
+
+                        def forced(x=x, p=p, path=tuned[0]) -> torch.Tensor:
+                            with K.force_dispatch(path):
+                                return K.nm_linear(x, p)
+
+                        fns["best_sparse"] = forced
                     if config.get("compiled", True):
                         fns["dense_compiled"] = compiled_dense(w, x)
                     probes = probe_read_GBps() if batch == 1 else []
@@ -177,7 +208,8 @@ def run(
                         "dense_compiled" if t.get("dense_compiled", 1e9) < t["dense"] else "dense"
                     )
                     base = t[best]
-                    choice = K._dispatch.choose(batch, dtype, p.pattern.n, p.pattern.m, rows, cols)
+                    # Where nm_linear runs the best sparse path itself, that is its time.
+                    best_sparse_s = t.get("best_sparse", t["dispatched"])
                     row = {
                         "shape": f"{rows}x{cols}",
                         "dtype": dtype_name,
@@ -200,6 +232,9 @@ def run(
                             per_round[best], per_round["dispatched"]
                         ),
                         "choice": choice,
+                        "best_sparse_choice": tuned[0] if tuned else None,
+                        "best_sparse_ms": best_sparse_s * 1e3 if tuned else None,
+                        "best_sparse_speedup": base / best_sparse_s if tuned else None,
                         "sparse_weight_GBps": p.nbytes / t["sparse"] / 1e9,
                         "dense_weight_GBps": p.dense_nbytes / t["dense"] / 1e9,
                         "packed_bytes": p.nbytes,
@@ -390,7 +425,96 @@ def readme_summary(result: dict[str, Any]) -> str:
             f"worst {worst[key]:.2f}x ({worst['shape']} {worst['dtype']} "
             f"{worst['pattern']} batch {worst['batch']}, dispatch {worst['choice']})"
         )
+    lines += issue14_targets(all_rows, result.get("dense_branch_overhead"))
     return "\n".join(lines)
+
+
+def issue14_targets(rows: list[dict[str, Any]], overhead: list[dict[str, Any]] | None) -> list[str]:
+    """Issue 14's verdicts on a sweep: >= 0.97x at every point, median >= 1.2x, within 5% of
+    the best sparse path where it beats dense by >= 1.1x, dense branch <= 3 us over F.linear."""
+    ratios = [r["dispatched_speedup"] for r in rows]
+    below = [r for r in rows if r["dispatched_speedup"] < 0.97]
+    median = statistics.median(ratios)
+    lines = [
+        f"- nm_linear >= 0.97x the best dense at all {len(rows)} points: "
+        f"**{'met' if not below else 'not met'}** ({len(below)} below)"
+        + "".join(f"\n  - {describe_point(r)}" for r in below),
+        f"- median >= 1.2x: **{'met' if median >= 1.2 else 'not met'}** ({median:.2f}x)",
+    ]
+    fast = [r for r in rows if (r.get("best_sparse_speedup") or 0) >= 1.1]
+    missed = [r for r in fast if r["dispatched_ms"] > 1.05 * r["best_sparse_ms"]]
+    lines.append(
+        f"- within 5% of the best sparse path where it beats dense by >= 1.1x ({len(fast)} "
+        f"points): **{'met' if not missed else 'not met'}** ({len(missed)} missed)"
+        + "".join(
+            f"\n  - {describe_point(r)}; best sparse {r['best_sparse_choice']} "
+            f"{r['best_sparse_speedup']:.2f}x"
+            for r in missed
+        )
+    )
+    if overhead:
+        worst = max(overhead, key=lambda o: o["overhead_us"])
+        lines.append(
+            f"- dense branch <= 3 us over F.linear (1024x1024, 1-2 rows, forced dense): "
+            f"**{'met' if worst['overhead_us'] <= 3 else 'not met'}** ("
+            + ", ".join(
+                f"{o['dtype']} {o['batch']} row(s) {o['overhead_us']:+.1f} us" for o in overhead
+            )
+            + ")"
+        )
+    return lines
+
+
+def describe_point(r: dict[str, Any]) -> str:
+    return (
+        f"{r['shape']} {r['dtype']} {r['pattern']} batch {r['batch']}: "
+        f"{r['dispatched_speedup']:.2f}x, dispatch {r['choice']}"
+    )
+
+
+def wins_table(rows: list[dict[str, Any]]) -> str:
+    """Which path nm_linear ran, by dtype and rows of x (counts over shapes and patterns), and
+    the median ratio to the best dense there: the README's "which path wins where"."""
+    cells: dict[tuple[str, int], list[dict[str, Any]]] = {}
+    for r in rows:
+        cells.setdefault((r["dtype"], r["batch"]), []).append(r)
+    table = []
+    for (dtype, batch), rs in sorted(cells.items()):
+        counts: dict[str, int] = {}
+        for r in rs:
+            counts[r["choice"]] = counts.get(r["choice"], 0) + 1
+        paths = ", ".join(f"{c} {n}" for c, n in sorted(counts.items(), key=lambda kv: -kv[1]))
+        ratios = [r["dispatched_speedup"] for r in rs]
+        table.append([
+            dtype, batch, paths, f"{statistics.median(ratios):.2f}x", f"{min(ratios):.2f}x"
+        ])  # fmt: skip
+    headers = ["dtype", "rows of x", "nm_linear ran (points)", "median vs best dense", "worst"]
+    return tabulate(table, headers=headers, tablefmt="github")
+
+
+def dense_branch_overhead(reps: int = 400) -> list[dict[str, Any]]:
+    """nm_linear forced to its dense branch against F.linear, 1024x1024 2:4 at 1 and 2 rows of x,
+    fp32 and bf16, interleaved single calls: the median difference in microseconds."""
+    out = []
+    for dtype_name in ("float32", "bfloat16"):
+        dtype = DTYPES[dtype_name]
+        w = random_nm(1024, 1024, "2:4", dtype)
+        p = pack(w, "2:4")
+        for batch in (1, 2):
+            x = torch.randn(batch, 1024, dtype=dtype)
+
+            def forced(x: torch.Tensor = x, p: PackedNM = p) -> torch.Tensor:
+                with K.force_dispatch("dense"):
+                    return K.nm_linear(x, p)
+
+            fns = {"F.linear": lambda x=x, w=w: F.linear(x, w), "dense branch": forced}
+            t, *_ = measure(fns, budget_s=1.0, max_reps=reps, min_reps=50)
+            out.append({
+                "dtype": dtype_name, "batch": batch,
+                "linear_us": t["F.linear"] * 1e6, "dense_branch_us": t["dense branch"] * 1e6,
+                "overhead_us": (t["dense branch"] - t["F.linear"]) * 1e6,
+            })  # fmt: skip
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -431,7 +555,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if args.render is not None:
-        print(readme_summary(json.loads(args.render.read_text())))
+        saved = json.loads(args.render.read_text())
+        print(f"{readme_summary(saved)}\n\n{wins_table(saved['results'])}")
         return
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING)
     if args.threads:
@@ -472,6 +597,7 @@ def main(argv: list[str] | None = None) -> None:
         bandwidth = {"before": read_bandwidth(gib)}
         with torch.inference_mode():
             rows = run(config, budget_s, max(max_reps, args.min_rounds), args.min_rounds)
+            overhead = dense_branch_overhead(100 if args.quick else 400)
         bandwidth["after"] = read_bandwidth(gib)
         _read_probe.clear()
         # The sweep's figure: the best run before or after (what the machine can do).
@@ -505,10 +631,12 @@ def main(argv: list[str] | None = None) -> None:
         "dispatch_table": tuned,
         "autotune_s": tune_s,
         "elapsed_s": elapsed,
+        "dispatch_ms": {k: v.get("ms") for k, v in K.dispatch_table()["entries"].items()},
+        "dense_branch_overhead": overhead,
         "results": rows,
     }
     args.out.write_text(json.dumps(result, indent=1))
-    print(f"wrote {args.out}\n\n{readme_summary(result)}")
+    print(f"wrote {args.out}\n\n{readme_summary(result)}\n\n{wins_table(rows)}")
 
 
 if __name__ == "__main__":

@@ -169,12 +169,12 @@ def mlp_breakdown(
 
     def srste_terms() -> None:  # the hook's work, with the forward's mask cached as in a step
         for mk, last in zip(maskers, cached, strict=True):
-            mk._last = last
+            mk._last, mk._term_grad = last, None  # a new gradient: the term goes in again
             mk.add_srste_term()
 
     def srste_terms_uncached() -> None:  # what the hook does after a compiled forward
         for mk in maskers:
-            mk._last = None  # a compiled forward does not cache its mask on the masker
+            mk._last, mk._term_grad = None, None  # a compiled forward caches no mask
             mk.add_srste_term()
 
     parts = {

@@ -14,11 +14,13 @@ Ties and non-finite values, the documented rules:
 
 from __future__ import annotations
 
+import threading
+
 import torch
 
 from nmfx.pattern import NMPattern, parse_pattern
 
-__all__ = ["is_nm", "masked_with_mask", "nm_mask"]
+__all__ = ["MaskOutputs", "ReusedTensor", "is_nm", "masked_with_mask", "nm_mask"]
 
 
 def _group_view(weight: torch.Tensor, m: int, dim: int) -> torch.Tensor:
@@ -79,18 +81,30 @@ def _keep_from_magnitudes(mag: torch.Tensor, n: int) -> torch.Tensor:
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _use_kernel(w: torch.Tensor, m: int) -> bool:
-    """Eager CPU masks go to the fused C++ kernel (one pass); under torch.compile and FX
-    tracing, and where the kernels cannot be built, the comparisons below run instead."""
-    if w.device.type != "cpu" or m > 16 or torch.compiler.is_compiling():
+def kernel_supports(w: torch.Tensor, m: int) -> bool:
+    """The C++ mask kernels take ``w`` (CPU, dtype, M, at least 4096 elements) and built."""
+    if w.device.type != "cpu" or m > 16 or w.numel() < 4096:
         return False
     if w.dtype not in _KERNEL_DTYPES:  # the kernel ranks in fp32: fp64 ties would be lost
         return False
-    if torch.fx._symbolic_trace.is_fx_symbolic_tracing() or w.numel() < 4096:
-        return False
+    return _kernels_built()
+
+
+@torch.compiler.assume_constant_result
+def _kernels_built() -> bool:
+    """Build/load the kernels; under torch.compile, called once while tracing (its lock would
+    otherwise break the graph) and the answer baked into the graph."""
     from nmfx.kernels import _build
 
     return _build.extension_available()
+
+
+def _use_kernel(w: torch.Tensor, m: int) -> bool:
+    """Eager CPU masks go to the fused C++ kernel (one pass); under torch.compile and FX
+    tracing, and where the kernels cannot be built, the comparisons below run instead."""
+    if torch.compiler.is_compiling() or torch.fx._symbolic_trace.is_fx_symbolic_tracing():
+        return False
+    return kernel_supports(w, m)
 
 
 def nm_mask(
@@ -124,6 +138,61 @@ def masked_with_mask(
         return mask.movedim(-1, dim), masked.movedim(-1, dim)
     mask = nm_mask(w, p, dim)
     return mask, torch.where(mask, w, 0)
+
+
+def _storage_users(t: torch.Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+class ReusedTensor:
+    """An output tensor handed out again by the next call once nothing else holds its storage.
+
+    A training step's masked weight is saved by autograd until the backward frees the graph;
+    the next forward then writes into the same memory instead of a fresh multi-MB allocation
+    (which glibc returns to the OS and page-faults in again, every step). Whoever still holds
+    the last one (a retained graph, a second call in one forward, the user) keeps it: a new
+    tensor is allocated instead. Thread-safe.
+    """
+
+    def __init__(self) -> None:
+        self._tensor: torch.Tensor | None = None
+        self._idle_users = 0  # storage users of the buffer when only this object holds it
+        self._lock = threading.Lock()
+
+    def take(self, shape: torch.Size, dtype: torch.dtype) -> torch.Tensor:
+        """A tensor of ``shape`` and ``dtype`` that no one else holds (contents undefined)."""
+        with self._lock:
+            t = self._tensor
+            if (
+                t is None
+                or t.shape != shape
+                or t.dtype != dtype
+                or (_storage_users(t) != self._idle_users)
+            ):
+                t = self._tensor = torch.empty(shape, dtype=dtype)
+                self._idle_users = _storage_users(t)
+            return t.detach()  # an alias: while the caller holds it, the storage is busy
+
+    def __getstate__(self) -> dict:
+        return {}  # a cache: copies start empty
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+
+class MaskOutputs:
+    """The reused (mask, masked weight) outputs of one weight's fused mask pass."""
+
+    def __init__(self) -> None:
+        self.mask, self.masked = ReusedTensor(), ReusedTensor()
+
+    def fill(self, w: torch.Tensor, n: int, m: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``masked_with_mask(w, (n, m), dim)`` of a contiguous ``w``, into reused buffers
+        laid out like ``w`` (a conv weight's groups run along its input channels in place)."""
+        mask = self.mask.take(w.shape, torch.bool)
+        masked = self.masked.take(w.shape, w.dtype)
+        torch.ops.nmfx_cpu.nm_mask_apply_out(w, n, m, dim, mask, masked)
+        return mask, masked
 
 
 def reference_nm_mask(w: torch.Tensor, p: NMPattern, dim: int) -> torch.Tensor:

@@ -20,7 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from nmfx.masks import _use_kernel, masked_with_mask, nm_mask
+from nmfx.masks import MaskOutputs, _use_kernel, masked_with_mask, nm_mask
+from nmfx.ops import compiled_mask_op_applies, srste_masked_op
 
 __all__ = [
     "MHAForward",
@@ -49,18 +50,21 @@ def track(masker: NMMasker) -> None:
 
 class _StraightThroughMask(torch.autograd.Function):
     """Forward ``where(mask, w, 0)``; backward passes the gradient to *all* weights (STE),
-    or only to kept ones when ``block_pruned`` (fixed-mask fine-tuning)."""
+    or only to kept ones when ``block_pruned`` (fixed-mask fine-tuning).
+
+    Both Functions here define ``forward(ctx, ...)`` (no ``setup_context``): that style skips
+    the ``inspect.signature`` binding ``Function.apply`` does on every call otherwise
+    (~20 us a weight a step). No functorch transform runs them.
+    """
 
     @staticmethod
-    def forward(weight: torch.Tensor, mask: torch.Tensor, block_pruned: bool) -> torch.Tensor:
-        return torch.where(mask, weight, 0)
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        _, mask, block_pruned = inputs
+    def forward(
+        ctx: Any, weight: torch.Tensor, mask: torch.Tensor, block_pruned: bool
+    ) -> torch.Tensor:
         ctx.block_pruned = block_pruned
         if block_pruned:
             ctx.save_for_backward(mask)
+        return torch.where(mask, weight, 0)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
@@ -72,21 +76,20 @@ class _StraightThroughMask(torch.autograd.Function):
 
 class _FusedStraightThroughMask(torch.autograd.Function):
     """Eager-CPU twin of ``_StraightThroughMask`` (dynamic masks): the mask and the masked
-    weight come from one fused kernel pass; the mask is handed back through ``out``."""
+    weight come from one fused kernel pass into the masker's reused buffers, and the masker
+    keeps the mask for the SR-STE term of this step. ``tracks``: the backward tells the
+    masker it ran (the check for optimizers that skip the term), instead of a tensor hook."""
 
     @staticmethod
-    def forward(weight: torch.Tensor, n: int, m: int, dim: int, out: list) -> torch.Tensor:
-        mask, masked = masked_with_mask(weight, (n, m), dim)
-        out.append(mask)
-        return masked
-
-    @staticmethod
-    def setup_context(ctx: Any, inputs: tuple, output: torch.Tensor) -> None:
-        pass
+    def forward(ctx: Any, weight: torch.Tensor, masker: NMMasker, tracks: bool) -> torch.Tensor:
+        ctx.masker = masker if tracks else None
+        return masker._fused_forward(weight)
 
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple:
-        return grad, None, None, None, None
+        if ctx.masker is not None:
+            ctx.masker._note_backward(grad)
+        return grad, None, None
 
 
 class NMMasker(nn.Module):
@@ -122,6 +125,7 @@ class NMMasker(nn.Module):
         # the model. For fixed masks that is the same mask (pruned weights are zero by then).
         self._refresh_pending = stored is not None
         self._last: tuple[int, torch.Tensor] | None = None  # (weight version, mask), eager only
+        self._outputs = MaskOutputs()  # the fused forward's reused output buffers (eager CPU)
         self._init_step_tracking()
 
     def _init_step_tracking(self) -> None:
@@ -144,6 +148,7 @@ class NMMasker(nn.Module):
 
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_refresh_pending", False)  # pickled before the attribute existed
+        state.setdefault("_outputs", MaskOutputs())
         super().__setstate__(state)
         self._init_step_tracking()
         _LIVE.add(self)  # a copy of an installed masker (deepcopy, pickle, torch.load)
@@ -179,6 +184,11 @@ class NMMasker(nn.Module):
         if self.mask is not None:
             return self.mask
         weight = self.weight
+        cached = self._cached_mask(weight)
+        return cached if cached is not None else self.compute_mask(weight)
+
+    def _cached_mask(self, weight: torch.Tensor) -> torch.Tensor | None:
+        """The mask the last eager forward computed, if ``weight`` has not changed since."""
         last = self._last
         if (
             last is not None
@@ -187,19 +197,24 @@ class NMMasker(nn.Module):
             and last[1].shape == weight.shape
         ):
             return last[1]
-        return self.compute_mask(weight)
+        return None
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        masked = self._masked(weight)
-        if self._tracks_steps(masked):
+        tracks = self._tracks_steps(weight)
+        if tracks:
             self._check_stepped_with_term(weight)
+        if not self.stores_mask and _use_kernel(weight, self.m):  # eager CPU, dynamic mask
+            return _FusedStraightThroughMask.apply(weight, self, tracks)
+        masked = self._masked(weight)
+        if tracks:
             masked.register_hook(self._note_backward)
         return masked
 
-    def _tracks_steps(self, masked: torch.Tensor) -> bool:
+    def _tracks_steps(self, weight: torch.Tensor) -> bool:
         return (
             self.training
-            and masked.requires_grad
+            and weight.requires_grad
+            and torch.is_grad_enabled()
             and self.srste_lambda != 0
             and self.mask_mode != "fixed"
             and not torch.compiler.is_compiling()
@@ -227,15 +242,24 @@ class NMMasker(nn.Module):
             )
         self._backward_version, self._term_since_backward = None, False
 
+    def _fused_forward(self, weight: torch.Tensor) -> torch.Tensor:
+        w = weight.detach()
+        object.__setattr__(self, "_last", None)  # frees the mask buffer for reuse
+        if w.is_contiguous():
+            mask, masked = self._outputs.fill(w, self.n, self.m, self.reduce_dim)
+        else:  # a transposed or sliced parameter: fresh outputs
+            mask, masked = masked_with_mask(w, (self.n, self.m), self.reduce_dim)
+        object.__setattr__(self, "_last", (weight._version, mask))  # skips Module.__setattr__
+        return masked
+
     def _masked(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.stores_mask:
-            if not torch.compiler.is_compiling():
-                out: list[torch.Tensor] = []
-                masked = _FusedStraightThroughMask.apply(
-                    weight, self.n, self.m, self.reduce_dim, out
-                )
-                self._last = (weight._version, out[0])
-                return masked
+            if not torch.compiler.is_compiling():  # no kernel here: the comparisons
+                mask = self.compute_mask(weight)
+                self._last = (weight._version, mask)
+                return _StraightThroughMask.apply(weight, mask, False)
+            if compiled_mask_op_applies(weight, self.n, self.m, self.reduce_dim):
+                return srste_masked_op(weight, self.n, self.m, self.reduce_dim)
             mask = self.compute_mask(weight)
         else:
             refresh = self._refresh_pending
@@ -269,6 +293,17 @@ class NMMasker(nn.Module):
         if _is_dtensor(w):  # FSDP2 / DTensor: work on this rank's shard, no communication
             mask = self._shard_mask(w, grad)
             grad, w = grad.to_local(), w.to_local()
+        elif self.mask is None and self._cached_mask(w) is None:
+            # no mask from this weight's forward (a compiled one): recompute it on the fly
+            if (
+                grad.is_contiguous() and w.is_contiguous()
+                and grad.dtype == w.dtype and _use_kernel(w, self.m)
+            ):  # fmt: skip
+                torch.ops.nmfx_cpu.srste_decay_nm_(
+                    grad, w, self.n, self.m, self.reduce_dim, self.srste_lambda
+                )
+                return
+            mask = self.compute_mask(w)
         else:
             mask = self.current_mask()
         if (

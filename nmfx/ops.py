@@ -1,10 +1,16 @@
-"""The ``nmfx::nm_linear`` custom op, registered by ``import nmfx`` without building anything.
+"""The ``nmfx::nm_linear`` and ``nmfx::srste_masked`` custom ops, registered by ``import nmfx``
+without building anything.
 
 Graphs saved with ``torch.export`` name the op; a fresh process must resolve it right after
 ``import nmfx``, so the schema, the fake (shape) kernel and autograd live here, in a module
 that imports no C++ extension. The eager implementation is looked up on first call in
 ``nmfx.kernels._ops`` (which builds the kernels lazily). The packed weight travels as
 plain tensors and ints (values, mask, rows, cols, n, m) so graphs hold nothing nmfx-specific.
+
+``nmfx::srste_masked`` is the SR-STE masked weight under ``torch.compile``: one opaque call
+to the fused C++ mask kernel (mask + masked weight in one pass) with an identity
+(straight-through) backward, where the comparisons of ``nmfx.masks`` would be decomposed by
+inductor into many small kernels.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ import torch
 
 from nmfx.packed import unpack_buffers
 
-__all__ = ["nm_linear_op"]
+__all__ = ["compiled_mask_op_applies", "nm_linear_op", "srste_masked_op"]
 
 
 @torch.library.custom_op("nmfx::nm_linear", mutates_args=(), device_types="cpu")
@@ -68,3 +74,36 @@ def _backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> t
 
 
 nm_linear_op.register_autograd(_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("nmfx::srste_masked", mutates_args=(), device_types="cpu")
+def srste_masked_op(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    """``where(E, weight, 0)``, E the N:M mask of groups of ``m`` along ``dim`` (contiguous)."""
+    from nmfx.kernels import _build
+    from nmfx.masks import nm_mask
+
+    w = weight.contiguous()
+    if not _build.extension_available():  # a compiled graph loaded where the kernels fail
+        return torch.where(nm_mask(w, (n, m), dim), w, 0)
+    out = torch.empty_like(w)
+    torch.ops.nmfx_cpu.nm_mask_apply_out(w, n, m, dim, None, out)
+    return out
+
+
+@srste_masked_op.register_fake
+def _srste_masked_fake(weight: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+    return torch.empty_like(weight, memory_format=torch.contiguous_format)
+
+
+def _srste_masked_backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple:
+    return grad, None, None, None  # straight-through: every weight gets the gradient
+
+
+srste_masked_op.register_autograd(_srste_masked_backward)
+
+
+def compiled_mask_op_applies(weight: torch.Tensor, n: int, m: int, dim: int) -> bool:
+    """Whether a compiled SR-STE forward masks ``weight`` with ``nmfx::srste_masked``."""
+    from nmfx.masks import kernel_supports
+
+    return weight.shape[dim] % m == 0 and kernel_supports(weight, m)

@@ -13,11 +13,13 @@
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>
 #endif
+#include <algorithm>
 #include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <type_traits>
 #include <limits>
+#include <optional>
 #include <tuple>
 
 namespace {
@@ -26,6 +28,8 @@ constexpr int64_t kMaxM = 16;
 // Work items of the threads (nm_parallel.h): 8192 groups, 32768 elements of the decay.
 constexpr int64_t kGroupChunk = 8192;
 constexpr int64_t kDecayChunk = 32768;
+// Elements per work item of srste_decay_nm_ (its mask, on the stack: one bool each).
+constexpr int64_t kTermChunk = 16384;
 
 // ``keep ? v : 0`` as bit arithmetic (all-ones or all-zeros mask): GCC vectorises this but
 // not a select on a bool load. Exact for every value, NaN and Inf included.
@@ -49,9 +53,9 @@ void mask_block(const T* __restrict__ w, bool* __restrict__ out, T* __restrict__
                 int64_t end, int64_t n, int64_t m_rt) {
   const int64_t m = M > 0 ? M : m_rt;
   float mag[kMaxM];
+  bool keep[kMaxM];
   for (int64_t g = begin; g < end; ++g) {
     const T* src = w + g * m;
-    bool* dst = out + g * m;
     for (int64_t i = 0; i < m; ++i) {
       const float v = std::fabs(static_cast<float>(src[i]));
       mag[i] = v != v ? std::numeric_limits<float>::infinity() : v;  // NaN ranks as +inf
@@ -60,11 +64,15 @@ void mask_block(const T* __restrict__ w, bool* __restrict__ out, T* __restrict__
       int64_t rank = 0;
       for (int64_t j = 0; j < i; ++j) rank += mag[j] >= mag[i];
       for (int64_t j = i + 1; j < m; ++j) rank += mag[j] > mag[i];
-      dst[i] = rank < n;
+      keep[i] = rank < n;
+    }
+    if (out != nullptr) {
+      bool* dst = out + g * m;
+      for (int64_t i = 0; i < m; ++i) dst[i] = keep[i];
     }
     if (mw != nullptr) {
       T* dst_w = mw + g * m;
-      for (int64_t i = 0; i < m; ++i) dst_w[i] = keep_or_zero(src[i], dst[i]);
+      for (int64_t i = 0; i < m; ++i) dst_w[i] = keep_or_zero(src[i], keep[i]);
     }
   }
 }
@@ -76,32 +84,39 @@ void mask_block(const T* __restrict__ w, bool* __restrict__ out, T* __restrict__
 __attribute__((target("avx2"))) void mask4_avx2(const float* __restrict__ w, bool* __restrict__ out,
                                                float* __restrict__ mw, int64_t begin, int64_t end,
                                                int64_t n) {
-  const __m256 sign = _mm256_set1_ps(-0.0f);
-  const __m256 inf = _mm256_set1_ps(std::numeric_limits<float>::infinity());
-  // lower-index masks per rotation k (1, 2, 3), for positions 0..3 of each lane
-  const __m256 low1 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, 0, -1, 0, 0, 0, -1));
-  const __m256 low2 = _mm256_castsi256_ps(_mm256_setr_epi32(0, 0, -1, -1, 0, 0, -1, -1));
-  const __m256 low3 = _mm256_castsi256_ps(_mm256_setr_epi32(0, -1, -1, -1, 0, -1, -1, -1));
-  const __m256i nvec = _mm256_set1_epi32(static_cast<int>(n));
+  // Integer keys and the "+1 turns > into >=" trick of keep4_avx512 (keys < 2^31, so the
+  // signed compare orders them); the third rotation is ~b1 rotated, the rank is bit logic.
+  const __m256i abs_bits = _mm256_set1_epi32(0x7fffffff);
+  const __m256i inf_key = _mm256_set1_epi32(0x7f800000);
+  const __m256i low1 = _mm256_setr_epi32(0, 0, 0, 1, 0, 0, 0, 1);
+  const __m256i low2 = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
+  const __m256i ones = _mm256_set1_epi32(-1);
   int64_t g = begin;
   for (; g + 2 <= end; g += 2) {  // two groups of 4 per iteration
     const __m256 v = _mm256_loadu_ps(w + g * 4);
-    __m256 a = _mm256_andnot_ps(sign, v);
-    a = _mm256_blendv_ps(a, inf, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
-    __m256i rank = _mm256_setzero_si256();
-    const __m256 r1 = _mm256_permute_ps(a, _MM_SHUFFLE(0, 3, 2, 1));
-    const __m256 r2 = _mm256_permute_ps(a, _MM_SHUFFLE(1, 0, 3, 2));
-    const __m256 r3 = _mm256_permute_ps(a, _MM_SHUFFLE(2, 1, 0, 3));
-    const __m256 b1 = _mm256_or_ps(_mm256_cmp_ps(r1, a, _CMP_GT_OQ), _mm256_and_ps(low1, _mm256_cmp_ps(r1, a, _CMP_EQ_OQ)));
-    const __m256 b2 = _mm256_or_ps(_mm256_cmp_ps(r2, a, _CMP_GT_OQ), _mm256_and_ps(low2, _mm256_cmp_ps(r2, a, _CMP_EQ_OQ)));
-    const __m256 b3 = _mm256_or_ps(_mm256_cmp_ps(r3, a, _CMP_GT_OQ), _mm256_and_ps(low3, _mm256_cmp_ps(r3, a, _CMP_EQ_OQ)));
-    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(b1));  // all-ones == -1
-    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(b2));
-    rank = _mm256_sub_epi32(rank, _mm256_castps_si256(b3));
-    const __m256i keep = _mm256_cmpgt_epi32(nvec, rank);  // rank < n
+    const __m256i key = _mm256_min_epu32(_mm256_and_si256(_mm256_castps_si256(v), abs_bits), inf_key);
+    const __m256i r1 = _mm256_add_epi32(_mm256_shuffle_epi32(key, _MM_SHUFFLE(0, 3, 2, 1)), low1);
+    const __m256i r2 = _mm256_add_epi32(_mm256_shuffle_epi32(key, _MM_SHUFFLE(1, 0, 3, 2)), low2);
+    const __m256i b1 = _mm256_cmpgt_epi32(r1, key);  // (i+1)%4 beats i
+    const __m256i b2 = _mm256_cmpgt_epi32(r2, key);  // (i+2)%4 beats i
+    // (i+3)%4 beats i == i does not beat (i+3)%4 == !b1[(i+3)%4]
+    const __m256i b3 = _mm256_xor_si256(_mm256_shuffle_epi32(b1, _MM_SHUFFLE(2, 1, 0, 3)), ones);
+    __m256i keep;
+    if (n == 1) {
+      keep = _mm256_xor_si256(_mm256_or_si256(_mm256_or_si256(b1, b2), b3), ones);
+    } else if (n == 2) {
+      const __m256i two = _mm256_or_si256(_mm256_and_si256(b1, _mm256_or_si256(b2, b3)), _mm256_and_si256(b2, b3));
+      keep = _mm256_xor_si256(two, ones);
+    } else {
+      keep = _mm256_xor_si256(_mm256_and_si256(_mm256_and_si256(b1, b2), b3), ones);
+    }
     if (mw != nullptr) _mm256_storeu_ps(mw + g * 4, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
-    const int bits = _mm256_movemask_ps(_mm256_castsi256_ps(keep));
-    for (int i = 0; i < 8; ++i) out[g * 4 + i] = (bits >> i) & 1;
+    if (out == nullptr) continue;
+    // 8 keep lanes -> 8 bytes of 0/1: pack the lanes' low bytes together
+    const __m256i b = _mm256_and_si256(keep, _mm256_set1_epi32(1));
+    const __m128i lo = _mm256_castsi256_si128(b), hi = _mm256_extracti128_si256(b, 1);
+    const __m128i packed = _mm_packus_epi16(_mm_packus_epi32(lo, hi), _mm_setzero_si128());
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + g * 4), packed);
   }
   if (g < end) mask_block<float, 4>(w, out, mw, g, end, n, 4);
 }
@@ -127,24 +142,32 @@ __attribute__((target("avx2"))) void decay_avx2(float* __restrict__ g, const flo
 
 #define NMFX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
 
-// 16 floats of 4 groups of 4 (fp32, or bf16 widened): the keep bits, as mask4_avx2 ranks them
-// (rotations within each 128-bit lane; bits 3, 2-3, 1-3 of a lane have the lower index).
-NMFX_AVX512 inline __mmask16 keep4_avx512(__m512 v, __m512i nvec) {
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  const __m512i one = _mm512_set1_epi32(1);
-  __m512 a = _mm512_abs_ps(v);
-  a = _mm512_mask_mov_ps(a, _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q), inf);  // NaN ranks as +inf
-  const __m512 r1 = _mm512_permute_ps(a, _MM_SHUFFLE(0, 3, 2, 1));
-  const __m512 r2 = _mm512_permute_ps(a, _MM_SHUFFLE(1, 0, 3, 2));
-  const __m512 r3 = _mm512_permute_ps(a, _MM_SHUFFLE(2, 1, 0, 3));
-  const __mmask16 b1 = _mm512_cmp_ps_mask(r1, a, _CMP_GT_OQ) | (0x8888 & _mm512_cmp_ps_mask(r1, a, _CMP_EQ_OQ));
-  const __mmask16 b2 = _mm512_cmp_ps_mask(r2, a, _CMP_GT_OQ) | (0xCCCC & _mm512_cmp_ps_mask(r2, a, _CMP_EQ_OQ));
-  const __mmask16 b3 = _mm512_cmp_ps_mask(r3, a, _CMP_GT_OQ) | (0xEEEE & _mm512_cmp_ps_mask(r3, a, _CMP_EQ_OQ));
-  __m512i rank = _mm512_setzero_si512();
-  rank = _mm512_mask_add_epi32(rank, b1, rank, one);
-  rank = _mm512_mask_add_epi32(rank, b2, rank, one);
-  rank = _mm512_mask_add_epi32(rank, b3, rank, one);
-  return _mm512_cmplt_epi32_mask(rank, nvec);
+// Keep bits of groups of 4 from "beats" bits, 4 bits per group (bit i: element i), for
+// 16-bit masks of four groups. b1[i]: element (i+1)%4 beats element i; b2[i]: (i+2)%4 beats i.
+// Every pair has exactly one winner (ties go to the lower index), so "(i+3)%4 beats i" is
+// "i does not beat (i+3)%4": b3 = ~rotate(b1). rank = b1 + b2 + b3; keep = rank < n.
+inline uint32_t keep4_from_beats(uint32_t b1, uint32_t b2, int64_t n) {
+  const uint32_t b3 = ~(((b1 << 1) & 0xEEEEu) | ((b1 >> 3) & 0x1111u)) & 0xFFFFu;
+  if (n == 1) return ~(b1 | b2 | b3) & 0xFFFFu;                         // rank 0
+  if (n == 2) return ~((b1 & b2) | (b1 & b3) | (b2 & b3)) & 0xFFFFu;    // rank <= 1
+  return ~(b1 & b2 & b3) & 0xFFFFu;                                     // n == 3: rank <= 2
+}
+
+// 16 floats of 4 groups of 4 (fp32, or bf16 widened): the keep bits. |v| as integer keys
+// (order-preserving for non-negative floats; NaN clamped to +inf's key, so it ranks as +inf);
+// "beats" of rotation k is key[(i+k)%4] > key[i], or >= where (i+k)%4 is the lower index
+// (i >= 4-k): adding 1 to the rotated key there turns > into >= (keys <= 0x7f800000: no
+// overflow). Two compares per 16 elements; the third rotation and the ranks are bit logic.
+NMFX_AVX512 inline __mmask16 keep4_avx512(__m512 v, int64_t n) {
+  const __m512i key = _mm512_min_epu32(_mm512_and_si512(_mm512_castps_si512(v), _mm512_set1_epi32(0x7fffffff)),
+                                       _mm512_set1_epi32(0x7f800000));
+  const __m512i low1 = _mm512_setr_epi32(0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1, 0, 0, 0, 1);
+  const __m512i low2 = _mm512_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1, 0, 0, 1, 1);
+  const __m512i r1 = _mm512_add_epi32(_mm512_shuffle_epi32(key, _MM_PERM_ADCB), low1);
+  const __m512i r2 = _mm512_add_epi32(_mm512_shuffle_epi32(key, _MM_PERM_BADC), low2);
+  const uint32_t b1 = _mm512_cmpgt_epu32_mask(r1, key);
+  const uint32_t b2 = _mm512_cmpgt_epu32_mask(r2, key);
+  return static_cast<__mmask16>(keep4_from_beats(b1, b2, n));
 }
 
 // Groups of 4 with AVX-512, four groups per iteration: fp32, or bf16 widened to fp32 (exact),
@@ -152,24 +175,25 @@ NMFX_AVX512 inline __mmask16 keep4_avx512(__m512 v, __m512i nvec) {
 template <typename T>
 NMFX_AVX512 void mask4_avx512(const T* __restrict__ w, bool* __restrict__ out, T* __restrict__ mw,
                               int64_t begin, int64_t end, int64_t n) {
-  const __m512i nvec = _mm512_set1_epi32(static_cast<int>(n));
   const __m128i ones = _mm_set1_epi8(1);
   int64_t g = begin;
   for (; g + 4 <= end; g += 4) {
     __mmask16 keep;
     if constexpr (std::is_same_v<T, float>) {
       const __m512 v = _mm512_loadu_ps(w + g * 4);
-      keep = keep4_avx512(v, nvec);
+      keep = keep4_avx512(v, n);
       if (mw != nullptr) _mm512_storeu_ps(mw + g * 4, _mm512_maskz_mov_ps(keep, v));
     } else {
       const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(w + g * 4));
       const __m512 v = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-      keep = keep4_avx512(v, nvec);
+      keep = keep4_avx512(v, n);
       if (mw != nullptr) {
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(mw + g * 4), _mm256_maskz_mov_epi16(keep, raw));
       }
     }
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * 4), _mm_maskz_mov_epi8(keep, ones));
+    if (out != nullptr) {
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(out + g * 4), _mm_maskz_mov_epi8(keep, ones));
+    }
   }
   if (g < end) mask_block<T, 4>(w, out, mw, g, end, n, 4);
 }
@@ -228,31 +252,30 @@ int64_t set_mask_isa(int64_t isa) {
   return g_mask_isa.exchange(isa);
 }
 
+// Groups [begin, end) on the calling thread, with the kernel of ``isa`` where it has one.
 template <typename T, int M>
-void mask_groups_m(const T* w, bool* out, T* masked, int64_t groups, int64_t n, int64_t m) {
+void mask_range(int64_t isa, const T* w, bool* out, T* masked, int64_t begin, int64_t end,
+                int64_t n, int64_t m) {
 #if defined(__x86_64__) || defined(_M_X64)
-  const int64_t isa = mask_isa();
   if constexpr (M == 4 && (std::is_same_v<T, float> || std::is_same_v<T, at::BFloat16>)) {
-    if (isa == kIsaAvx512) {
-      return nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
-        mask4_avx512<T>(w, out, masked, begin, end, n);
-      });
-    }
+    if (isa == kIsaAvx512) return mask4_avx512<T>(w, out, masked, begin, end, n);
   }
   if constexpr (std::is_same_v<T, float> && M == 4) {
-    if (isa >= kIsaAvx2) {
-      return nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
-        mask4_avx2(w, out, masked, begin, end, n);
-      });
-    }
+    if (isa >= kIsaAvx2) return mask4_avx2(w, out, masked, begin, end, n);
   }
 #endif
+  mask_block<T, M>(w, out, masked, begin, end, n, m);
+}
+
+template <typename T, int M>
+void mask_groups_m(const T* w, bool* out, T* masked, int64_t groups, int64_t n, int64_t m) {
+  const int64_t isa = mask_isa();
   nmfx::parallel_ranges(groups, kGroupChunk, [=](int64_t begin, int64_t end) {
-    mask_block<T, M>(w, out, masked, begin, end, n, m);
+    mask_range<T, M>(isa, w, out, masked, begin, end, n, m);
   });
 }
 
-// Writes the mask, and the masked weight where ``masked`` is not null.
+// Writes the mask where ``out`` is not null, and the masked weight where ``masked`` is not null.
 template <typename T>
 void mask_groups(const T* w, bool* out, T* masked, int64_t groups, int64_t n, int64_t m) {
   switch (m) {
@@ -271,6 +294,139 @@ void decay_block(T* __restrict__ g, const T* __restrict__ x, const bool* __restr
     const float add = keep_or_zero(l * static_cast<float>(x[i]), !keep[i]);
     g[i] = static_cast<T>(static_cast<float>(g[i]) + add);
   }
+}
+
+// decay over [begin, end) on the calling thread, with the kernel of ``isa`` where it has one.
+template <typename T>
+void decay_range(int64_t isa, T* g, const T* x, const bool* keep, float l, int64_t begin,
+                 int64_t end) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if constexpr (std::is_same_v<T, float>) {
+    if (isa == kIsaAvx512) return decay_avx512(g, x, keep, l, begin, end);
+    if (isa == kIsaAvx2) return decay_avx2(g, x, keep, l, begin, end);
+  }
+#endif
+  decay_block<T>(g, x, keep, l, begin, end);
+}
+
+// Groups of m along the middle dim of a contiguous [outer, K, inner] tensor, inner > 1: a
+// conv weight [out, in, *k] grouped along its input channels (inner = prod(k)), or a
+// [in, out] weight used as x @ W (outer = 1). Blocks [begin, end) index (outer, group); the
+// m rows of a block are compared 16 inner positions at a time, so the compiler vectorises
+// across positions (same ranks as mask_block: larger wins, ties to the lower index, NaN as
+// +inf). Writes the mask (``out``), the masked weight (``mw``) and/or the SR-STE term into
+// ``g`` (as decay_block), each where not null. Instantiated per ISA below; no FMA contraction
+// can change a bit (ISO C++ build: -ffp-contract=off; the term is masked between mul and add).
+template <typename T, int M>
+inline __attribute__((always_inline)) void strided_body(
+    const T* __restrict__ w, bool* __restrict__ out, T* __restrict__ mw, T* __restrict__ g,
+    float l, int64_t K, int64_t inner, int64_t n, int64_t m_rt, int64_t begin, int64_t end) {
+  constexpr int64_t kTile = 16;
+  const int64_t m = M > 0 ? M : m_rt;
+  const int32_t n32 = static_cast<int32_t>(n);
+  const int64_t per_row = K / m;
+  const float inf = std::numeric_limits<float>::infinity();
+  float mag[kMaxM][kTile];
+  int32_t rank[kMaxM][kTile];
+  for (int64_t b = begin; b < end; ++b) {
+    const int64_t base = (b / per_row) * K * inner + (b % per_row) * m * inner;
+    for (int64_t j0 = 0; j0 < inner; j0 += kTile) {
+      const int64_t jn = std::min(kTile, inner - j0);
+      for (int64_t t = 0; t < m; ++t) {
+        const T* src = w + base + t * inner + j0;
+        if (jn == kTile) {
+          for (int64_t jj = 0; jj < kTile; ++jj) mag[t][jj] = std::fabs(static_cast<float>(src[jj]));
+        } else {
+          for (int64_t jj = 0; jj < kTile; ++jj) mag[t][jj] = 0.0f;
+          for (int64_t jj = 0; jj < jn; ++jj) mag[t][jj] = std::fabs(static_cast<float>(src[jj]));
+        }
+        for (int64_t jj = 0; jj < kTile; ++jj) {
+          mag[t][jj] = mag[t][jj] != mag[t][jj] ? inf : mag[t][jj];  // NaN ranks as +inf
+          rank[t][jj] = 0;
+        }
+      }
+      for (int64_t t = 0; t < m; ++t) {  // only rank[t] written: the jj loops vectorise
+        for (int64_t u = 0; u < t; ++u) {  // u has the lower index: it wins ties
+          for (int64_t jj = 0; jj < kTile; ++jj) rank[t][jj] += mag[u][jj] >= mag[t][jj];
+        }
+        for (int64_t u = t + 1; u < m; ++u) {
+          for (int64_t jj = 0; jj < kTile; ++jj) rank[t][jj] += mag[u][jj] > mag[t][jj];
+        }
+      }
+      for (int64_t t = 0; t < m; ++t) {
+        const int64_t at = base + t * inner + j0;
+        if (mw != nullptr) {
+          for (int64_t jj = 0; jj < jn; ++jj) mw[at + jj] = keep_or_zero(w[at + jj], rank[t][jj] < n32);
+        }
+        if (out != nullptr) {
+          for (int64_t jj = 0; jj < jn; ++jj) out[at + jj] = rank[t][jj] < n32;
+        }
+        if (g != nullptr) {
+          for (int64_t jj = 0; jj < jn; ++jj) {
+            const float add = keep_or_zero(l * static_cast<float>(w[at + jj]), rank[t][jj] >= n32);
+            g[at + jj] = static_cast<T>(static_cast<float>(g[at + jj]) + add);
+          }
+        }
+      }
+    }
+  }
+}
+
+template <typename T, int M>
+void strided_portable(const T* w, bool* out, T* mw, T* g, float l, int64_t K, int64_t inner,
+                      int64_t n, int64_t m, int64_t begin, int64_t end) {
+  strided_body<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+}
+
+#if defined(__x86_64__) || defined(_M_X64)
+template <typename T, int M>
+__attribute__((target("avx2"))) void strided_avx2(const T* w, bool* out, T* mw, T* g, float l,
+                                                  int64_t K, int64_t inner, int64_t n, int64_t m,
+                                                  int64_t begin, int64_t end) {
+  strided_body<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+}
+
+template <typename T, int M>
+__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq"))) void strided_avx512(
+    const T* w, bool* out, T* mw, T* g, float l, int64_t K, int64_t inner, int64_t n, int64_t m,
+    int64_t begin, int64_t end) {
+  strided_body<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+}
+#endif
+
+template <typename T, int M>
+void strided_m(const T* w, bool* out, T* mw, T* g, float l, int64_t outer, int64_t K,
+               int64_t inner, int64_t n, int64_t m) {
+  const int64_t isa = mask_isa();
+  const int64_t blocks = outer * (K / m);
+  // work items of about kGroupChunk * 4 elements
+  const int64_t chunk = std::max<int64_t>(1, kGroupChunk * 4 / (m * inner));
+  nmfx::parallel_ranges(blocks, chunk, [=](int64_t begin, int64_t end) {
+#if defined(__x86_64__) || defined(_M_X64)
+    if (isa == kIsaAvx512) return strided_avx512<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+    if (isa == kIsaAvx2) return strided_avx2<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+#endif
+    strided_portable<T, M>(w, out, mw, g, l, K, inner, n, m, begin, end);
+  });
+}
+
+template <typename T>
+void strided(const T* w, bool* out, T* mw, T* g, float l, int64_t outer, int64_t K, int64_t inner,
+             int64_t n, int64_t m) {
+  switch (m) {
+    case 4: return strided_m<T, 4>(w, out, mw, g, l, outer, K, inner, n, m);
+    case 8: return strided_m<T, 8>(w, out, mw, g, l, outer, K, inner, n, m);
+    case 16: return strided_m<T, 16>(w, out, mw, g, l, outer, K, inner, n, m);
+    default: return strided_m<T, 0>(w, out, mw, g, l, outer, K, inner, n, m);
+  }
+}
+
+// [outer, K, inner] of a contiguous tensor grouped along ``dim`` (K = its size).
+std::tuple<int64_t, int64_t, int64_t> split_at(const at::Tensor& w, int64_t dim) {
+  int64_t outer = 1, inner = 1;
+  for (int64_t d = 0; d < dim; ++d) outer *= w.size(d);
+  for (int64_t d = dim + 1; d < w.dim(); ++d) inner *= w.size(d);
+  return {outer, w.size(dim), inner};
 }
 
 void check_args(const at::Tensor& w, int64_t n, int64_t m) {
@@ -316,27 +472,86 @@ void srste_decay_(at::Tensor grad, const at::Tensor& w, const at::Tensor& mask, 
               "srste_decay_: dtypes");
   const int64_t numel = w.numel();
   const float l = static_cast<float>(lam);
+  const int64_t isa = mask_isa();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "srste_decay_", [&] {
     scalar_t* g = grad.mutable_data_ptr<scalar_t>();
     const scalar_t* x = w.const_data_ptr<scalar_t>();
     const bool* keep = mask.const_data_ptr<bool>();
     nmfx::parallel_ranges(numel, kDecayChunk, [=](int64_t begin, int64_t end) {
-#if defined(__x86_64__) || defined(_M_X64)
-      if constexpr (std::is_same_v<scalar_t, float>) {
-        // casts only satisfy the compiler for the other dtypes: this branch runs for float
-        const int64_t isa = mask_isa();
-        if (isa == kIsaAvx512) {
-          return decay_avx512(reinterpret_cast<float*>(g), reinterpret_cast<const float*>(x),
-                              keep, l, begin, end);
-        }
-        if (isa == kIsaAvx2) {
-          return decay_avx2(reinterpret_cast<float*>(g), reinterpret_cast<const float*>(x), keep,
-                            l, begin, end);
-        }
-      }
-#endif
-      decay_block<scalar_t>(g, x, keep, l, begin, end);
+      decay_range<scalar_t>(isa, g, x, keep, l, begin, end);
     });
+  });
+}
+
+// The checks of the ops that take a weight grouped along ``dim``; returns dim in [0, ndim).
+int64_t check_dim_args(const char* op, const at::Tensor& w, int64_t n, int64_t m, int64_t dim,
+                       const at::Tensor& other, const char* other_name) {
+  TORCH_CHECK(w.device().is_cpu(), op, ": weight must be on CPU, got ", w.device());
+  TORCH_CHECK(m >= 2 && m <= kMaxM, op, ": M=", m, " must be in [2, ", kMaxM, "]");
+  TORCH_CHECK(n > 0 && n < m, op, ": need 0 < N < M, got ", n, ":", m);
+  TORCH_CHECK(w.dim() >= 1 && dim >= -w.dim() && dim < w.dim(), op, ": dim ", dim,
+              " is out of range for a weight of shape ", w.sizes());
+  dim = dim < 0 ? dim + w.dim() : dim;
+  TORCH_CHECK(w.size(dim) % m == 0, op, ": dim ", dim, " has size ", w.size(dim),
+              ", not a multiple of M=", m);
+  TORCH_CHECK(other.sizes() == w.sizes(), op, ": ", other_name, " ", other.sizes(), " and weight ",
+              w.sizes(), " differ in shape");
+  TORCH_CHECK(other.scalar_type() == w.scalar_type(), op, ": ", other_name, " is ",
+              other.scalar_type(), " but the weight is ", w.scalar_type());
+  TORCH_CHECK(other.is_contiguous() && w.is_contiguous(), op, ": ", other_name,
+              " and weight must be contiguous");
+  return dim;
+}
+
+// grad += lam * (1 - E) * w, E the N:M mask of ``w`` along ``dim``, recomputed on the fly:
+// no mask tensor is read or written, so the SR-STE hook needs nothing from the forward (a
+// compiled one caches none). Groups along the last dim: chunk by chunk, the mask into a
+// buffer on the stack that stays in L1, then the decay kernel; otherwise the strided kernel.
+// Bit for bit srste_decay_(grad, w, nm_mask(w along dim), lam) on every ISA.
+void srste_decay_nm_(at::Tensor grad, const at::Tensor& w, int64_t n, int64_t m, int64_t dim,
+                     double lam) {
+  dim = check_dim_args("srste_decay_nm_", w, n, m, dim, grad, "grad");
+  const auto [outer, K, inner] = split_at(w, dim);
+  const float l = static_cast<float>(lam);
+  const int64_t isa = mask_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "srste_decay_nm_", [&] {
+    scalar_t* g = grad.mutable_data_ptr<scalar_t>();
+    const scalar_t* x = w.const_data_ptr<scalar_t>();
+    if (inner > 1) return strided<scalar_t>(x, nullptr, nullptr, g, l, outer, K, inner, n, m);
+    nmfx::parallel_ranges(w.numel() / m, kTermChunk / m, [=](int64_t begin, int64_t end) {
+      bool keep[kTermChunk];
+      const int64_t off = begin * m;
+      const int64_t len = (end - begin) * m;
+      switch (m) {
+        case 4: mask_range<scalar_t, 4>(isa, x + off, keep, nullptr, 0, end - begin, n, m); break;
+        case 8: mask_range<scalar_t, 8>(isa, x + off, keep, nullptr, 0, end - begin, n, m); break;
+        case 16: mask_range<scalar_t, 16>(isa, x + off, keep, nullptr, 0, end - begin, n, m); break;
+        default: mask_range<scalar_t, 0>(isa, x + off, keep, nullptr, 0, end - begin, n, m);
+      }
+      decay_range<scalar_t>(isa, g + off, x + off, keep, l, 0, len);
+    });
+  });
+}
+
+// (mask, where(mask, w, 0)) of ``w`` grouped along ``dim``, written into ``mask`` (when given)
+// and ``masked`` in w's own layout: the SR-STE forward into buffers the caller reuses across
+// steps (fresh multi-MB outputs are page-faulted in again on every step), and a conv weight
+// needs no transposed copy.
+void nm_mask_apply_out(const at::Tensor& w, int64_t n, int64_t m, int64_t dim,
+                       const std::optional<at::Tensor>& mask, at::Tensor masked) {
+  dim = check_dim_args("nm_mask_apply_out", w, n, m, dim, masked, "masked");
+  bool* keep = nullptr;
+  if (mask.has_value()) {
+    TORCH_CHECK(mask->is_contiguous() && mask->sizes() == w.sizes() && mask->scalar_type() == at::kBool,
+                "nm_mask_apply_out: mask must be a contiguous bool tensor shaped like the weight");
+    keep = mask->mutable_data_ptr<bool>();
+  }
+  const auto [outer, K, inner] = split_at(w, dim);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "nm_mask_apply_out", [&] {
+    const scalar_t* x = w.const_data_ptr<scalar_t>();
+    scalar_t* mw = masked.mutable_data_ptr<scalar_t>();
+    if (inner > 1) return strided<scalar_t>(x, keep, mw, nullptr, 0.0f, outer, K, inner, n, m);
+    mask_groups<scalar_t>(x, keep, mw, w.numel() / m, n, m);
   });
 }
 
@@ -346,6 +561,8 @@ TORCH_LIBRARY_FRAGMENT(nmfx_cpu, lib) {
   lib.def("nm_mask(Tensor w, int n, int m) -> Tensor");
   lib.def("nm_mask_apply(Tensor w, int n, int m) -> (Tensor, Tensor)");
   lib.def("srste_decay_(Tensor(a!) grad, Tensor w, Tensor mask, float lam) -> ()");
+  lib.def("srste_decay_nm_(Tensor(a!) grad, Tensor w, int n, int m, int dim, float lam) -> ()");
+  lib.def("nm_mask_apply_out(Tensor w, int n, int m, int dim, Tensor(a!)? mask, Tensor(b!) masked) -> ()");
   lib.def("set_mask_isa(int isa) -> int", &set_mask_isa);
 }
 
@@ -353,4 +570,6 @@ TORCH_LIBRARY_IMPL(nmfx_cpu, CPU, lib) {
   lib.impl("nm_mask", &nm_mask);
   lib.impl("nm_mask_apply", &nm_mask_apply);
   lib.impl("srste_decay_", &srste_decay_);
+  lib.impl("srste_decay_nm_", &srste_decay_nm_);
+  lib.impl("nm_mask_apply_out", &nm_mask_apply_out);
 }

@@ -1,0 +1,183 @@
+"""The SR-STE step's fast paths give the update of the equations (nmfx/modules.py, nmfx/ops.py).
+
+- Eager CPU: the masked weight and mask are written into buffers each masker reuses across
+  steps; a buffer still held (a retained graph, a second call in one forward, a caller) is
+  never overwritten.
+- Compiled: the masked weight is one ``nmfx::srste_masked`` op; the optimizer hook then adds
+  the term with the mask recomputed in cache (``srste_decay_nm_``); the result equals eager.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from tolerances import tol
+from torch import nn
+
+import nmfx
+import nmfx.kernels as K
+from nmfx import nm_mask
+
+LAM, LR = 0.2, 0.1  # a large lambda_W makes the term visible in every check
+
+pytestmark = pytest.mark.skipif(
+    not K.kernels_available(), reason="the fused mask kernels did not build here"
+)
+
+
+def mlp() -> nn.Sequential:  # 256 x 128 weights: above the fused kernel's 4096-element floor
+    torch.manual_seed(3)
+    return nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
+                         nn.Linear(128, 4))  # fmt: skip
+
+
+def masker_of(layer: nn.Module) -> nmfx.modules.NMMasker:
+    return layer._nmfx_weight
+
+
+def test_masked_weight_memory_is_reused_once_released_and_never_while_held():
+    model = nmfx.sparsify(mlp(), srste_lambda=LAM)
+    masker, w = masker_of(model[0]), model[0].weight
+    first = masker(w)
+    ptr, expected = first.data_ptr(), first.detach().clone()
+    held = masker(w)  # `first` is still held: a new buffer
+    assert held.data_ptr() != ptr
+    with torch.no_grad():
+        w.mul_(-1)  # another mask and masked weight
+    again = masker(w)
+    again_ptr = again.data_ptr()
+    assert again_ptr not in (ptr, held.data_ptr())  # both are held
+    assert torch.equal(first, expected)  # never overwritten while held
+    del first, held, again
+    for _ in range(2):  # released: the same memory, call after call
+        out = masker(w)
+        assert out.data_ptr() == again_ptr
+        torch.testing.assert_close(out, w * nm_mask(w, "2:4"), **tol("exact"))
+        del out
+
+
+def reference_step(model: nn.Module, x: torch.Tensor, y: torch.Tensor, calls: int) -> dict:
+    """Layer 0's SGD step from the equations, applied ``calls`` times (weight sharing)."""
+    ref = copy.deepcopy(model)
+    w0, w2 = ref[0].weight.detach().clone(), ref[2].weight.detach()
+    e = nm_mask(w0, "2:4")
+    w_tilde = (w0 * e).requires_grad_()
+    h = x
+    for _ in range(calls):
+        h = torch.relu(F.linear(h, w_tilde, ref[0].bias))
+    h = torch.relu(F.linear(h, w2 * nm_mask(w2, "2:4"), ref[2].bias))
+    F.mse_loss(ref[4](h), y).backward()
+    return {"grad": w_tilde.grad, "weight": w0 - LR * (w_tilde.grad + LAM * (~e) * w0)}
+
+
+class Twice(nn.Module):
+    """Calls its first layer twice in one forward: two masked weights alive at once."""
+
+    def __init__(self, seq: nn.Sequential) -> None:
+        super().__init__()
+        self.seq = seq
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        first = self.seq[0]
+        h = torch.relu(first(torch.relu(first(x))))
+        return self.seq[4](torch.relu(self.seq[2](h)))
+
+
+def test_layer_called_twice_in_one_forward_gets_the_exact_srste_update():
+    seq = nn.Sequential(nn.Linear(128, 128), nn.ReLU(), nn.Linear(128, 128), nn.ReLU(),
+                        nn.Linear(128, 4))  # fmt: skip
+    x, y = torch.randn(6, 128), torch.randn(6, 4)
+    expected = reference_step(seq, x, y, calls=2)
+    model = nmfx.sparsify(Twice(seq), srste_lambda=LAM)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for _ in range(2):  # the second step runs on reused buffers
+        trial = copy.deepcopy(model)
+        opt_t = torch.optim.SGD(trial.parameters(), lr=LR)
+        F.mse_loss(trial(x), y).backward()
+        torch.testing.assert_close(trial.seq[0].weight.grad, expected["grad"], **tol("step"))
+        opt_t.step()
+        torch.testing.assert_close(trial.seq[0].weight.detach(), expected["weight"], **tol("step"))
+        F.mse_loss(model(x), y).backward()
+        opt.zero_grad()
+    del opt
+
+
+def test_retained_graph_backward_sees_its_own_masked_weight():
+    model = nmfx.sparsify(mlp(), srste_lambda=LAM)
+    x, y = torch.randn(6, 128), torch.randn(6, 4)
+    expected = reference_step(model, x, y, calls=1)["grad"]
+    loss = F.mse_loss(model(x), y)
+    loss.backward(retain_graph=True)
+    with torch.no_grad():  # layer 0's gradient depends on layer 2's masked weight
+        model[2].weight.mul_(-1)  # changed, and a new forward before the second backward
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "changed after a backward without the term": meant
+        F.mse_loss(model(x), y).backward()
+    model[0].weight.grad = None
+    loss.backward()  # the first graph: its masked weight must be the one it was built with
+    torch.testing.assert_close(model[0].weight.grad, expected, **tol("step"))
+
+
+def test_conv_weight_grouped_along_input_channels_gets_the_exact_update():
+    torch.manual_seed(4)
+    conv = nn.Sequential(nn.Conv2d(64, 32, 3), nn.ReLU(), nn.Flatten(), nn.Linear(32 * 16, 3))
+    ref = copy.deepcopy(conv)
+    model = nmfx.sparsify(conv, srste_lambda=LAM)
+    x, y = torch.randn(2, 64, 6, 6), torch.randn(2, 3)
+    w0 = ref[0].weight.detach().clone()
+    e = nm_mask(w0, "2:4", dim=1)  # groups of 4 input channels at each kernel position
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for step in range(2):
+        opt.zero_grad()
+        F.mse_loss(model(x), y).backward()
+        if step == 0:
+            w_tilde = (w0 * e).requires_grad_()
+            out = F.conv2d(x, w_tilde, ref[0].bias)
+            F.mse_loss(ref[3](torch.relu(out).flatten(1)), y).backward()
+            torch.testing.assert_close(model[0].weight.grad, w_tilde.grad, **tol("step"))
+            opt.step()
+            expected = w0 - LR * (w_tilde.grad + LAM * (~e) * w0)
+            torch.testing.assert_close(model[0].weight.detach(), expected, **tol("step"))
+        else:
+            opt.step()  # a second step through the reused buffers stays finite and masked
+    assert torch.isfinite(model[0].weight).all()
+
+
+def test_deepcopy_gets_its_own_buffers():
+    model = nmfx.sparsify(mlp(), srste_lambda=LAM)
+    F.mse_loss(model(torch.randn(2, 128)), torch.randn(2, 4)).backward()
+    twin = copy.deepcopy(model)
+    a = masker_of(model[0])(model[0].weight)
+    b = masker_of(twin[0])(twin[0].weight)
+    assert a.data_ptr() != b.data_ptr() and torch.equal(a, b)
+
+
+def _train(model: nn.Module, step_model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    for _ in range(3):
+        opt.zero_grad()
+        F.cross_entropy(step_model(x), y).backward()
+        opt.step()
+
+
+def test_compiled_forward_masks_in_one_custom_op_and_trains_like_eager():
+    x, y = torch.randn(16, 128), torch.randint(0, 4, (16,))
+    eager = nmfx.sparsify(mlp(), srste_lambda=LAM)
+    compiled = copy.deepcopy(eager)
+    graphs = torch._dynamo.explain(compiled)(x).graphs
+    targets = [str(n.target) for g in graphs for n in g.graph.nodes if n.op == "call_function"]
+    assert targets.count("nmfx.srste_masked.default") == 2  # the two sparse layers
+    assert not any("abs" in t for t in targets)  # no decomposed comparisons
+    torch._dynamo.reset()
+    _train(eager, eager, x, y)
+    with torch.profiler.profile() as prof:
+        _train(compiled, torch.compile(compiled, backend="aot_eager"), x, y)
+    ops = {e.key for e in prof.key_averages()}
+    assert "nmfx_cpu::srste_decay_nm_" in ops  # the hook: no mask cached by a compiled forward
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(a, b, **tol("reorder"))
+    torch._dynamo.reset()

@@ -139,3 +139,25 @@ def test_bad_arguments_are_errors(kwargs, match) -> None:
     p = pack(random_nm(8, 16, "2:4", torch.float32), "2:4")
     with pytest.raises(RuntimeError, match=match):
         nm_dense(torch.randn(4, 16), p, **kwargs)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=str)
+def test_blocks_after_a_stall_run_on_one_thread_and_restore_the_thread_count(dtype) -> None:
+    """After a detected stall (``mark_contended``) the blocks run on the calling thread, with
+    oneDNN/MKL kept to it too (no barrier per block), and torch's thread count is restored."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        w = random_nm(2048, 512, "2:4", dtype, seed=5)
+        p = pack(w, "2:4")
+        x = torch.randn(8, 512, dtype=dtype)
+        assert plan(2048, 512, 8, dtype, 2)[1] >= 2
+        torch.ops.nmfx_cpu.mark_contended(10_000.0)
+        before = torch.ops.nmfx_cpu.parallel_stats()[1]
+        y = nm_dense(x, p)
+        assert torch.ops.nmfx_cpu.parallel_stats()[1] == before + 1
+        assert torch.get_num_threads() == 2
+        torch.testing.assert_close(y.float(), F.linear(x.float(), w.float()), **TOL[dtype])
+    finally:
+        torch.ops.nmfx_cpu.mark_contended(0.0)
+        torch.set_num_threads(threads)

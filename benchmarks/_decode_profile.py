@@ -3,7 +3,8 @@ than many of the ops it times and so inflates "Python between ops").
 
 Three measurements, all of the steady state after a prefilled cache:
 
-- ``per_token_ms``: the cost of one more new token in ``generate``:
+- ``per_token_ms``: the cost of one more new token in ``generate`` (and ``prefill_ms``, a 1-token
+  ``generate``: the prompt's forward):
   ``(t(new=1 + k) - t(new=1)) / k``, HF's generate loop, logits processing and cache included;
 - ``linears_alone_ms``: the model's linear layers (dense ``nn.Linear`` or nmfx's packed ones)
   called back to back on one-row inputs, in model order, nothing else: the floor a decode step
@@ -96,12 +97,14 @@ def _best_s(fn: Callable[[], Any], repeats: int) -> float:
     return min(times)
 
 
-def per_token_ms(model: nn.Module, ids: torch.Tensor, extra: dict, new: int, repeats: int) -> float:
-    """One more new token's cost in ``generate`` (prefill subtracted), in ms."""
+def per_token_ms(
+    model: nn.Module, ids: torch.Tensor, extra: dict, new: int, repeats: int
+) -> tuple[float, float]:
+    """``(one more new token's cost in generate, a 1-token generate: the prefill)``, in ms."""
     _gen(model, ids, new + 1, extra)  # warm (compiles, autotunes)
     t1 = _best_s(lambda: _gen(model, ids, 1, extra), repeats)
     tn = _best_s(lambda: _gen(model, ids, new + 1, extra), repeats)
-    return (tn - t1) / new * 1e3
+    return (tn - t1) / new * 1e3, t1 * 1e3
 
 
 def _linears(model: nn.Module) -> list[nn.Module]:
@@ -157,14 +160,16 @@ def profile(
     """Every measurement above for one contender; prints one summary line. ``linears_from``:
     the model whose linears a compiled contender's graph calls (the lowered one for
     ``backend="nmfx"``: its own modules still hold the dense weights)."""
+    token, prefill = per_token_ms(model, ids, extra, new, repeats)
     out: dict[str, Any] = {
-        "per_token_ms": round(per_token_ms(model, ids, extra, new, repeats), 3),
+        "per_token_ms": round(token, 3),
+        "prefill_ms": round(prefill, 3),  # the prompt's forward and its one new token
         "linears_alone_ms": round(linears_alone_ms(linears_from or model, dtype, repeats * 3), 3),
     }
     out["overhead_ms"] = round(out["per_token_ms"] - out["linears_alone_ms"], 3)
     if not extra:  # eager: where the overhead goes
         out["breakdown_ms"] = breakdown_ms(model, ids, new)
-    print(f"  {name}: per token {out['per_token_ms']:.2f} ms, linears alone "
+    print(f"  {name}: prefill {prefill:.1f} ms, per token {out['per_token_ms']:.2f} ms, linears alone "
           f"{out['linears_alone_ms']:.2f} ms, overhead {out['overhead_ms']:.2f} ms")  # fmt: skip
     if "breakdown_ms" in out:
         print("    " + ", ".join(f"{k} {v:.2f}" for k, v in out["breakdown_ms"].items()))

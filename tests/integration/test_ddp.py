@@ -11,8 +11,10 @@ because a mask is a function of the weights, which DDP keeps equal.
 
 from __future__ import annotations
 
+import gc
 import os
 import signal
+import sys
 import tempfile
 import warnings
 
@@ -65,21 +67,39 @@ def train_ddp(model: nn.Module, rank: int) -> nn.parallel.DistributedDataParalle
     return ddp
 
 
-def _teardown() -> None:
-    """Every rank past its last collective before any rank closes its gloo connections."""
-    dist.barrier()
-    dist.destroy_process_group()
+def _run_rank(body, rank: int, init_file: str, out_dir: str) -> None:
+    """One rank: ``body(rank, out_dir)`` in a gloo group, then a teardown that leaves no
+    process-group work for interpreter exit.
+
+    DDP modules sit in reference cycles, so without ``gc.collect()`` they (and the gloo
+    work they hold) are freed during interpreter finalization, where a gloo worker thread
+    that drops the last reference to a tensor with a Python object must take the GIL:
+    CPython ends that thread with a forced unwind, which crosses a noexcept frame -> "terminate
+    called without an active exception" (SIGABRT; torch's, pytorch/pytorch#190489). So: the
+    DDP objects are collected while the interpreter is alive, every rank passes a barrier
+    before any closes its connections, and a rank that succeeded leaves with ``os._exit(0)``
+    (its results are on disk), skipping finalization.
+    """
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+    try:
+        torch.set_num_threads(1)
+        body(rank, out_dir)  # returns no DDP object: all of them are garbage from here
+        gc.collect()
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def spawn_ranks(worker, out_dir: str) -> None:
     """``mp.spawn`` the two ranks; once, on a rank killed by SIGABRT, again.
 
     A rank once died with "terminate called without an active exception" (SIGABRT) on an
-    Intel host and passed on rerun; it did not reproduce on the AMD Zen 4 host (30 rounds of
-    two gloo ranks doing init, all_reduce, destroy; 3 runs of this file). That message is a C++
-    std::thread destroyed while joinable, i.e. torch/gloo teardown, not nmfx code (nmfx starts
-    no threads). The barrier in _teardown keeps a rank from closing its connections while the
-    other is still in a collective; a second SIGABRT fails the test.
+    Intel host and passed on rerun: torch's interpreter-exit race, which ``_run_rank`` now
+    keeps out of the ranks (see there). The retry stays for whatever else torch/gloo teardown
+    may do; a second SIGABRT fails the test.
     """
     for attempt in range(2):
         init = os.path.join(out_dir, f"init{attempt}")
@@ -92,15 +112,14 @@ def spawn_ranks(worker, out_dir: str) -> None:
             warnings.warn(f"DDP rank aborted in teardown ({exc}); retrying once", stacklevel=2)
 
 
+def _train_rank(rank: int, out_dir: str) -> None:
+    model = nmfx.sparsify(make_model(), srste_lambda=LAM)
+    train_ddp(model, rank)
+    torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
+
+
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        model = nmfx.sparsify(make_model(), srste_lambda=LAM)
-        train_ddp(model, rank)
-        torch.save(model.state_dict(), os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        _teardown()
+    _run_rank(_train_rank, rank, init_file, out_dir)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -121,30 +140,29 @@ def test_ddp_two_ranks_matches_single_process_and_ranks_agree():
 MASK_MODES = {"fixed": {"mask_mode": "fixed"}, "interval": {"mask_interval": 2}}
 
 
-def _mask_worker(rank: int, init_file: str, out_dir: str) -> None:
+def _train_mask_modes(rank: int, out_dir: str) -> None:
     """Stored-mask modes under DDP; ``rank-seeded``: every rank starts from other weights
     (DDP broadcasts rank 0's at construction, the masks must follow them)."""
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
     out = {}
-    try:
-        torch.set_num_threads(1)
-        for mode, options in MASK_MODES.items():
-            for init in ("same-seed", "rank-seeded"):
-                model = make_model()
-                if init == "rank-seeded" and rank:
-                    for p in model.parameters():
-                        torch.nn.init.normal_(p)
-                nmfx.sparsify(model, srste_lambda=LAM, **options)
-                ddp = train_ddp(model, rank)
-                out[mode, init] = {
-                    "state": {**model.state_dict(), **stored_masks(model)},
-                    "ignored": sorted(ddp.parameters_to_ignore),
-                    "synced_buffers": sorted(ddp.named_module_buffers),
-                    "syncs_buffers": ddp.will_sync_module_buffers(),
-                }
-        torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        _teardown()
+    for mode, options in MASK_MODES.items():
+        for init in ("same-seed", "rank-seeded"):
+            model = make_model()
+            if init == "rank-seeded" and rank:
+                for p in model.parameters():
+                    torch.nn.init.normal_(p)
+            nmfx.sparsify(model, srste_lambda=LAM, **options)
+            ddp = train_ddp(model, rank)
+            out[mode, init] = {
+                "state": {**model.state_dict(), **stored_masks(model)},
+                "ignored": sorted(ddp.parameters_to_ignore),
+                "synced_buffers": sorted(ddp.named_module_buffers),
+                "syncs_buffers": ddp.will_sync_module_buffers(),
+            }
+    torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _mask_worker(rank: int, init_file: str, out_dir: str) -> None:
+    _run_rank(_train_mask_modes, rank, init_file, out_dir)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

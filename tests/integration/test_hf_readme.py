@@ -15,7 +15,9 @@ import torch
 
 from nmfx.lowering.cpu import NMLinear
 
-T = pytest.importorskip("transformers", reason="transformers is not installed: pip install 'nmfx[hf]'")
+T = pytest.importorskip(
+    "transformers", reason="transformers is not installed: pip install 'nmfx[hf]'"
+)
 
 README = Path(__file__).resolve().parents[2] / "README.md"
 
@@ -24,7 +26,7 @@ def readme_block(after: str, first_line: str) -> str:
     """The first ```python block after the heading ``after`` whose code starts with
     ``first_line``."""
     text = README.read_text()
-    section = text[text.index(after):]
+    section = text[text.index(after) :]
     for code in re.findall(r"```python\n(.*?)```", section, flags=re.S):
         if code.startswith(first_line):
             return code
@@ -71,4 +73,22 @@ def test_readme_compiled_decoding_block_runs_as_printed(tiny_llama_dir: Path) ->
     eager = nmfx.lower(model, "cpu")  # the compiled step gives the eager lowered model's tokens
     with torch.no_grad():
         want = eager.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(ns["out"], want)
+
+
+@pytest.mark.slow
+def test_readme_lower_then_compile_block_runs_as_printed(tiny_llama_dir: Path) -> None:
+    import nmfx
+    from nmfx.lowering.cpu import NMLinear
+
+    code = readme_block("**Memory.**", "fast = nmfx.lower(nmfx.finalize(model)")
+    model = T.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    nmfx.sparsify(model)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    eager = nmfx.lower(nmfx.finalize(model), "cpu")  # a lowered copy, not compiled
+    with torch.no_grad():
+        want = eager.generate(ids, max_new_tokens=8, do_sample=False)
+    ns = {"torch": torch, "nmfx": nmfx, "model": model, "ids": ids}
+    exec(compile(code.replace("max_new_tokens=256", "max_new_tokens=8"), "README.md", "exec"), ns)
+    assert ns["fast"] is model and any(isinstance(m, NMLinear) for m in model.modules())
     assert torch.equal(ns["out"], want)

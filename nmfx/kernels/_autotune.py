@@ -9,7 +9,9 @@ on x panels, each ISA's, the bf16 dot-product panels and GEMV (up to :data:`GEMV
 the portable kernel -- and the dense branch (``nm_dense``: W expanded block by block per call,
 then torch's GEMM; at 1-2 rows of x the AVX2 kernel expanding W in registers), at one probe
 batch per bucket of rows
-(:data:`BUCKETS`), interleaved, median of at least five rounds, and records the fastest per
+(:data:`BUCKETS`), interleaved, the fastest of at least five rounds per candidate (a round that
+another process's time slice delayed is discarded, not averaged in: medians of five ~8 ms calls
+on a busy host had sent a 1024x1024 layer to the portable kernel), and records the fastest per
 bucket. Every bucket is measured (no stop at the first loss). A candidate more than
 :data:`PRUNE_FACTOR` times slower than the best is not timed at larger buckets (the portable
 kernel, and expanding W once x has many rows); dense and the batched paths never are. Within :data:`NOISE_MARGIN` of the
@@ -29,7 +31,6 @@ import hashlib
 import json
 import logging
 import os
-import statistics
 import threading
 import time
 import warnings
@@ -45,7 +46,7 @@ logger = logging.getLogger(__name__)
 
 # 5-8: per-shape autotuning (6: batched paths never pruned; 7: avx512bf16-panels; 8:
 # avx512bf16-gemv); 1-4: thresholds
-TABLE_VERSION = 8
+TABLE_VERSION = 9  # 9: fastest of the rounds, not the median
 CACHE_ENV = "NMFX_CACHE_DIR"
 CALIBRATE_ENV = "NMFX_CALIBRATE"
 # Buckets of rows of x (inclusive bounds; the last is open) and the batch timed for each.
@@ -273,7 +274,8 @@ def _runner(key: ShapeKey, choice: str, values, mask, x) -> Callable[[], object]
 
 
 def _time_bucket(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
-    """Median seconds per candidate, interleaved (rotating order), after one warm-up call each."""
+    """Fastest seconds per candidate over interleaved rounds (rotating order), after one warm-up
+    call each: interference only adds time, so the minimum is the estimate it disturbs least."""
     for fn in fns.values():
         fn()
     names = list(fns)
@@ -289,7 +291,7 @@ def _time_bucket(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
             fns[name]()
             samples[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return {name: min(s) for name, s in samples.items()}
 
 
 def measure(key: ShapeKey) -> dict[str, Any]:

@@ -52,16 +52,25 @@ BATCHES = [1, 2, 3, 4, 5, 7, 8, 9, 17, 33, 64]
     ("pattern", "rows", "cols"), CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}" for c in CASES]
 )
 def test_dot_path_matches_linear(pattern: str, rows: int, cols: int) -> None:
+    assert_matches_linear(pattern, rows, cols, DOT, BATCHES)
+
+
+def assert_matches_linear(
+    pattern: str, rows: int, cols: int, code: int, batches: list[int]
+) -> None:
+    """nm_gemm with path ``code`` on a random bf16 N:M weight against F.linear in fp32 maths, with
+    and without bias, at every batch of ``batches`` (test_bf16gemv.py runs its path through it)."""
+    assert K.kernels_available()
     n, m = (int(v) for v in pattern.split(":"))
     assert _build.bf16dot_supports(n, m)
     w = random_nm(rows, cols, pattern, torch.bfloat16, seed=rows)
     p = pack(w, pattern)
     bias = torch.randn(rows).bfloat16()
     g = torch.Generator().manual_seed(cols)
-    for batch in BATCHES:
+    for batch in batches:
         x = torch.randn(batch, cols, generator=g).bfloat16()
         for b in (None, bias):
-            y = torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, b, rows, cols, n, m, DOT)
+            y = torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, b, rows, cols, n, m, code)
             assert y.dtype == torch.bfloat16 and y.shape == (batch, rows)
             torch.testing.assert_close(y.float(), reference(x, w, b), **KTOL)
 

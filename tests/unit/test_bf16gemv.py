@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from test_bf16dot import assert_matches_linear
 
 # The kernel tests' helpers and their autouse fixture (no calibration, private cache, no
 # overrides from the environment).
@@ -55,18 +56,7 @@ BATCHES = [1, 2, 3, 4, 5, 7, 8, 9]
     ("pattern", "rows", "cols"), CASES, ids=[f"{c[0]}-{c[1]}x{c[2]}" for c in CASES]
 )
 def test_gemv_matches_linear(pattern: str, rows: int, cols: int) -> None:
-    n, m = (int(v) for v in pattern.split(":"))
-    assert _build.bf16dot_supports(n, m)
-    w = random_nm(rows, cols, pattern, torch.bfloat16, seed=rows)
-    p = pack(w, pattern)
-    bias = torch.randn(rows).bfloat16()
-    g = torch.Generator().manual_seed(cols)
-    for batch in BATCHES:
-        x = torch.randn(batch, cols, generator=g).bfloat16()
-        for b in (None, bias):
-            y = _gemm(x, p, b, rows, cols, pattern, GEMV)
-            assert y.dtype == torch.bfloat16 and y.shape == (batch, rows)
-            torch.testing.assert_close(y.float(), reference(x, w, b), **KTOL)
+    assert_matches_linear(pattern, rows, cols, GEMV, BATCHES)
 
 
 @needs_bf16dot

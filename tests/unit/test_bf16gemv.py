@@ -11,7 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_bf16dot import assert_matches_linear
+
+# The dot-product path's skip mark, tolerance, check against F.linear and autouse fixture (fresh
+# fallback warnings).
+from test_bf16dot import KTOL, _fresh_warnings, assert_matches_linear, needs_bf16dot  # noqa: F401
 
 # The kernel tests' helpers and their autouse fixture (no calibration, private cache, no
 # overrides from the environment).
@@ -23,16 +26,7 @@ from nmfx.kernels import _autotune, _build
 from nmfx.lowering.cpu import NMLinear
 from nmfx.packed import pack
 
-needs_bf16dot = pytest.mark.skipif(
-    not _HAS_AVX512BF16, reason="CPU lacks AVX512-BF16 (or AVX-512): the GEMV is built but not run"
-)
 GEMV = _build.ISA_CODES["avx512bf16"] | _build.PATH_GEMV
-KTOL = TOL["kernel"][torch.bfloat16]
-
-
-@pytest.fixture(autouse=True)
-def _fresh_warnings(monkeypatch):
-    monkeypatch.setattr(_autotune, "_warned", set())
 
 
 def _gemm(x, p, bias, rows, cols, pattern, code):

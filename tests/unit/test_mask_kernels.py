@@ -103,7 +103,8 @@ def test_term_with_mask_in_registers_equals_mask_then_decay_bit_for_bit(isa, nm,
     out = grad.clone()
     torch.ops.nmfx_cpu.srste_decay_nm_(out, w, *nm, 0, 0.5)
     assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
-    assert not torch.equal(out.view(torch.int32), grad.view(torch.int32))
+    if numel >= 20:  # a few groups of small integers may prune only zeros
+        assert not torch.equal(out.view(torch.int32), grad.view(torch.int32))
 
 
 def test_set_mask_isa_rejects_unknown_codes() -> None:

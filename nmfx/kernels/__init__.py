@@ -6,7 +6,8 @@ the dense branch (W expanded per call, block by block, then torch's GEMM; no den
 kept), whichever :func:`autotune` measured fastest on this host for the weight's shape and the
 call's rows of x (see :func:`dispatch_table`). Importing this module builds nothing.
 
-Controls: ``NMFX_ISA`` / :func:`use_isa` force an ISA; ``NMFX_DISPATCH`` / :func:`force_dispatch`
+Controls: ``NMFX_ISA`` / :func:`use_isa` force an ISA; ``NMFX_ISA_CAP`` / :func:`use_isa_cap` run
+as a CPU without the ISAs above one would (tests emulate AVX2-only and portable hosts with it); ``NMFX_DISPATCH`` / :func:`force_dispatch`
 force sparse, dense or one path; ``NMFX_CALIBRATE=0`` skips timing (each ISA's default paths);
 ``NMFX_DISABLE_KERNELS=1`` skips the build.
 """
@@ -45,7 +46,9 @@ __all__ = [
     "nm_linear",
     "path_for",
     "set_isa",
+    "set_isa_cap",
     "use_isa",
+    "use_isa_cap",
 ]
 
 
@@ -158,3 +161,25 @@ def use_isa(name: str) -> Iterator[None]:
         yield
     finally:
         _ops._isa_override[0] = previous
+
+
+def set_isa_cap(name: str | None) -> str:
+    """Run every later call as on a CPU without the ISAs above ``name`` (``"portable"``,
+    ``"avx2"``, ``"avx512"``, ``"avx512bf16"``; ``None``: no cap, what cpuid says): kernel
+    choices, :func:`available_isas`, the autotuner and its cache file all follow. Returns the
+    previous cap. ``NMFX_ISA_CAP`` sets it for a whole process (read when the kernels load)."""
+    from nmfx.kernels import _dispatch
+
+    previous = _build.set_isa_cap(name)
+    _dispatch._table = None  # per-shape choices tuned under the old cap
+    return previous
+
+
+@contextlib.contextmanager
+def use_isa_cap(name: str | None) -> Iterator[None]:
+    """:func:`set_isa_cap` within the block."""
+    previous = set_isa_cap(name)
+    try:
+        yield
+    finally:
+        set_isa_cap(previous)

@@ -169,17 +169,17 @@ _static_key: list[dict[str, Any]] = []
 
 def host_key() -> dict[str, Any]:
     """What a tuning result depends on. The CPU, torch and kernel sources are read once per
-    process (lowering calls this per layer); the thread count is read every time."""
+    process (lowering calls this per layer); the ISAs (under ``NMFX_ISA_CAP``) and the thread
+    count every time."""
     if not _static_key:
         model, flags = _cpuinfo()
         _static_key.append({
             "cpu": model,
             "flags": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
             "torch": torch.__version__,
-            "isas": _build.supported_isas(),
             "kernel_sources": sources_digest(),
         })  # fmt: skip
-    return {**_static_key[0], "threads": torch.get_num_threads()}
+    return {**_static_key[0], "isas": _build.supported_isas(), "threads": torch.get_num_threads()}
 
 
 def cache_dir() -> Path:

@@ -7,9 +7,9 @@ kept), whichever :func:`autotune` measured fastest on this host for the weight's
 call's rows of x (see :func:`dispatch_table`). Importing this module builds nothing.
 
 Controls: ``NMFX_ISA`` / :func:`use_isa` force an ISA; ``NMFX_ISA_CAP`` / :func:`use_isa_cap` run
-as a CPU without the ISAs above one would (tests emulate AVX2-only and portable hosts with it); ``NMFX_DISPATCH`` / :func:`force_dispatch`
-force sparse, dense or one path; ``NMFX_CALIBRATE=0`` skips timing (each ISA's default paths);
-``NMFX_DISABLE_KERNELS=1`` skips the build.
+as a CPU without the ISAs above one would (tests emulate AVX2-only and portable hosts with it);
+``NMFX_DISPATCH`` / :func:`force_dispatch` force sparse, dense or one path; ``NMFX_CALIBRATE=0``
+skips timing (each ISA's default paths); ``NMFX_DISABLE_KERNELS=1`` skips the build.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from nmfx.kernels import _build, _ops
+from nmfx.kernels import _build, _dispatch, _ops
 from nmfx.kernels._autotune import BUCKETS, CHOICES, shape_key
 from nmfx.kernels._dispatch import (
     dispatch_choices,
@@ -37,6 +37,7 @@ __all__ = [
     "available_isas",
     "build_error",
     "current_isa",
+    "dense_call_reason",
     "dispatch_choices",
     "dispatch_summary",
     "dispatch_table",
@@ -110,6 +111,22 @@ def autotune(weights: Iterable[object], progress: bool = True) -> dict[str, dict
     return {
         str(k): dict(zip(labels, e["choices"], strict=True)) for k, e in entries.items()
     }
+
+
+def dense_call_reason(p: PackedNM) -> str | None:
+    """Why lowering should keep this weight's layer as ``nn.Linear``: the autotuner timed
+    ``F.linear`` at least as fast as the lowered call (kernel plus the lowered module's call
+    overhead) at every bucket of rows of x, which happens for small layers only. None
+    otherwise, and always when tuning is off or ``NMFX_DISPATCH`` forces a mode."""
+    from nmfx.kernels import _autotune, _callcost
+
+    if not _autotune.tuning_enabled() or _dispatch._forced_mode() != "auto":
+        return None
+    key = shape_key(p.rows, p.cols, p.dtype, p.pattern.n, p.pattern.m)
+    entry = _autotune.autotune([key], progress=False)[key]
+    if not entry.get("linear_ms"):
+        return None
+    return _callcost.dense_call_reason(entry, _callcost.module_call_overhead_ms())
 
 
 def encode_choices(choices: dict[str, str]) -> int:

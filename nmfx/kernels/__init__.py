@@ -19,7 +19,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from nmfx.kernels import _build, _dispatch, _ops
+from nmfx.kernels import _build, _cpp_linear, _dispatch, _ops
 from nmfx.kernels._autotune import BUCKETS, CHOICES, shape_key
 from nmfx.kernels._dispatch import (
     dispatch_choices,
@@ -167,6 +167,7 @@ def set_isa(name: str | None) -> None:
             f"{_build.supported_isas()}); use one of those or 'auto'"
         )
     _ops._isa_override[0] = None if name == "auto" else name
+    _cpp_linear.overrides_changed()
 
 
 @contextlib.contextmanager
@@ -178,6 +179,7 @@ def use_isa(name: str) -> Iterator[None]:
         yield
     finally:
         _ops._isa_override[0] = previous
+        _cpp_linear.overrides_changed()
 
 
 def set_isa_cap(name: str | None) -> str:
@@ -185,10 +187,10 @@ def set_isa_cap(name: str | None) -> str:
     ``"avx2"``, ``"avx512"``, ``"avx512bf16"``; ``None``: no cap, what cpuid says): kernel
     choices, :func:`available_isas`, the autotuner and its cache file all follow. Returns the
     previous cap. ``NMFX_ISA_CAP`` sets it for a whole process (read when the kernels load)."""
-    from nmfx.kernels import _dispatch
-
     previous = _build.set_isa_cap(name)
     _dispatch._table = None  # per-shape choices tuned under the old cap
+    if _cpp_linear.READY[0]:  # the C++ op's choice codes: a path above the cap goes to Python
+        torch.ops.nmfx_cpu.set_linear_table(*_cpp_linear.tables())
     return previous
 
 

@@ -147,3 +147,33 @@ def test_lowering_under_a_cap_runs_there(tol) -> None:
     with K.use_isa_cap("avx2"):
         low = nmfx.lower(model, "cpu")
         torch.testing.assert_close(low(x), model(x), **tol("lowered_model", torch.float32))
+
+
+def test_compiled_graphs_cpp_op_follows_the_cap(monkeypatch) -> None:
+    """The C++ op compiled graphs call (nmfx_cpu::nm_linear) decides from tables of runnable
+    choices: under a cap a choice above it goes to the Python op, which warns and runs the
+    nearest path; without the cap C++ runs it again."""
+    from nmfx.kernels import _cpp_linear, _ops
+
+    if "avx512" not in _caps() or not _cpp_linear.ready():
+        pytest.skip("needs AVX-512 and the C++ op")
+    calls = [0]
+    real = _ops.compute
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_ops, "compute", counting)
+    monkeypatch.setattr(_autotune, "_warned", set())
+    w = _random_nm(16, 64)
+    p = pack(w, "2:4")
+    x = torch.randn(3, 64)
+    code = _autotune.encode(["avx512-expand"] * len(_autotune.BUCKETS))
+    args = (x, p.values, p.mask, None, 16, 64, 2, 4, code)
+    with K.use_isa_cap("avx2"), pytest.warns(RuntimeWarning, match="'avx512-expand', which"):
+        y = torch.ops.nmfx_cpu.nm_linear(*args)
+    assert calls[0] == 1
+    torch.testing.assert_close(y, F.linear(x, w), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(torch.ops.nmfx_cpu.nm_linear(*args), y, rtol=1e-5, atol=1e-4)
+    assert calls[0] == 1

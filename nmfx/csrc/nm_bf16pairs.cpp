@@ -55,9 +55,9 @@ namespace nmfx {
 namespace {
 
 constexpr int kLanes = static_cast<int>(kBf16PairsLanes);  // rows of x per table block
-constexpr int kSliceBytes = 49152;  // table slice per block of windows, at most
+constexpr int kSliceBytes = 24576;  // table slice per block of windows, at most
 constexpr int kPrefetchRows = 8;  // rows ahead that decode prefetches
-constexpr int kRT = 4;                                       // weight rows per tile
+constexpr int kRT = 8;                                       // weight rows per tile
 constexpr int64_t kSubRows = 256;  // weight rows per y^T block (256 x 256 rows of x: 256 KB)
 constexpr int kNoCol = 255;
 
@@ -289,6 +289,53 @@ void build_slice(const Kind& k, const uint16_t* xt, int64_t w0, int64_t w1, uint
   }
 }
 
+// In place: r[j] lane i <- r[i] lane j.
+inline void transpose16(__m512* r) {
+  __m512 t[16];
+  for (int k = 0; k < 8; ++k) {
+    t[2 * k] = _mm512_unpacklo_ps(r[2 * k], r[2 * k + 1]);
+    t[2 * k + 1] = _mm512_unpackhi_ps(r[2 * k], r[2 * k + 1]);
+  }
+  for (int k = 0; k < 4; ++k) {
+    r[4 * k] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * k + 1] = _mm512_shuffle_ps(t[4 * k], t[4 * k + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * k + 2] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * k + 3] = _mm512_shuffle_ps(t[4 * k + 1], t[4 * k + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int k = 0; k < 4; ++k) {
+      t[8 * h + k] = _mm512_shuffle_f32x4(r[8 * h + k], r[8 * h + k + 4], 0x88);
+      t[8 * h + k + 4] = _mm512_shuffle_f32x4(r[8 * h + k], r[8 * h + k + 4], 0xdd);
+    }
+  }
+  for (int k = 0; k < 8; ++k) {
+    r[k] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0x88);
+    r[k + 8] = _mm512_shuffle_f32x4(t[k], t[k + 8], 0xdd);
+  }
+}
+
+// y[b, r] += yt[r, b] for r < nr, b < B (y row stride ldy): 16 x 16 blocks through registers,
+// the edges one by one.
+void add_transposed(const float* yt, int64_t ldyt, int64_t nr, int64_t B, float* y, int64_t ldy) {
+  const int64_t nr16 = nr / 16 * 16, B16 = B / 16 * 16;
+  for (int64_t r0 = 0; r0 < nr16; r0 += 16) {
+    for (int64_t b0 = 0; b0 < B16; b0 += 16) {
+      __m512 v[16];
+      for (int i = 0; i < 16; ++i) v[i] = _mm512_loadu_ps(yt + (r0 + i) * ldyt + b0);
+      transpose16(v);
+      for (int j = 0; j < 16; ++j) {
+        float* o = y + (b0 + j) * ldy + r0;
+        _mm512_storeu_ps(o, _mm512_add_ps(_mm512_loadu_ps(o), v[j]));
+      }
+    }
+  }
+  for (int64_t b = 0; b < B; ++b) {
+    float* yrow = y + b * ldy;
+    const int64_t r_from = b < B16 ? nr16 : 0;
+    for (int64_t r = r_from; r < nr; ++r) yrow[r] += yt[r * ldyt + b];
+  }
+}
+
 // tile<Q, XZ> for the vectors of x rows this block has (1 to kLanes / 16).
 template <int Q>
 void tile_z(int64_t zs, const Entry* st, int64_t nw, const char* slice, int64_t wbytes,
@@ -351,10 +398,7 @@ void run_rows(const NMProblem& p, const Kind& k, int64_t r0, int64_t r1) {
                     full, left, yt + (r - s0) * ldyt);
       }
     }
-    for (int64_t b = 0; b < p.B; ++b) {  // y[b, s0:s1] += y^T[:, b]
-      float* yrow = p.y + b * p.R;
-      for (int64_t r = s0; r < s1; ++r) yrow[r] += yt[(r - s0) * ldyt + b];
-    }
+    add_transposed(yt, ldyt, s1 - s0, p.B, p.y + s0, p.R);
   }
 }
 
@@ -376,8 +420,10 @@ void nm_gemm_bf16pairs(const NMProblem& p, int64_t r0, int64_t r1) {
 // Columns [c0, c1) of x (B rows of `cols` bf16 bits, strides sb and sk) into xt: per block of
 // kLanes rows of x, column c's kLanes values contiguous (xt + (block * ldc + c) * kLanes), zero
 // past B and past cols.
-void bf16pairs_stage(const uint16_t* x, int64_t sb, int64_t sk, int64_t B, int64_t cols,
+bool bf16pairs_stage(const uint16_t* x, int64_t sb, int64_t sk, int64_t B, int64_t cols,
                      int64_t ldc, int64_t c0, int64_t c1, uint16_t* xt) {
+  const __m512i exp = _mm512_set1_epi32(0x7f807f80);
+  __mmask32 bad = 0;  // words whose exponent is all ones (NaN, Inf)
   const int64_t nxb = (B + kLanes - 1) / kLanes;
   // Unit column stride, even c0 and row offsets that fit the gather's 32-bit indices: per 16
   // rows of x, one gather of 32-bit words (two adjacent columns) per column pair.
@@ -396,6 +442,7 @@ void bf16pairs_stage(const uint16_t* x, int64_t sb, int64_t sk, int64_t B, int64
         for (int64_t c = c0; c < c1; c += 2) {
           __m512i g = _mm512_setzero_si512();
           if (c < cols && hb > 0) g = _mm512_mask_i32gather_epi32(g, valid, index, base + c, 1);
+          bad |= _mm512_cmpeq_epi16_mask(_mm512_and_si512(g, exp), exp);
           _mm256_store_si256(reinterpret_cast<__m256i*>(out + c * kLanes + h * 16),
                              _mm512_cvtepi32_epi16(g));
           _mm256_store_si256(reinterpret_cast<__m256i*>(out + (c + 1) * kLanes + h * 16),
@@ -408,10 +455,14 @@ void bf16pairs_stage(const uint16_t* x, int64_t sb, int64_t sk, int64_t B, int64
       uint16_t* o = out + c * kLanes;
       const int64_t have = c < cols ? nb : 0;
       const uint16_t* src = x + xb * kLanes * sb + c * sk;
-      for (int64_t b = 0; b < have; ++b) o[b] = src[b * sb];
+      for (int64_t b = 0; b < have; ++b) {
+        o[b] = src[b * sb];
+        bad |= (o[b] & 0x7f80u) == 0x7f80u;
+      }
       for (int64_t b = have; b < kLanes; ++b) o[b] = 0;
     }
   }
+  return bad != 0;
 }
 
 }  // namespace nmfx
@@ -420,8 +471,10 @@ void bf16pairs_stage(const uint16_t* x, int64_t sb, int64_t sk, int64_t B, int64
 
 namespace nmfx {
 void nm_gemm_bf16pairs(const NMProblem& p, int64_t r0, int64_t r1) { nm_gemm_portable(p, r0, r1); }
-void bf16pairs_stage(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
-                     int64_t, uint16_t*) {}
+bool bf16pairs_stage(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
+                     int64_t, uint16_t*) {
+  return false;
+}
 }  // namespace nmfx
 
 #endif

@@ -183,9 +183,10 @@ void nm_gemv_avx512bf16(const NMProblem& p, int64_t r0, int64_t r1);
 // The bf16 pair-dot-product GEMM for many rows of x (nm_bf16pairs.cpp), patterns 2:4, 4:8, 1:4
 // and 1:8 (bf16pairs_kind >= 0). Needs p.xpairs: x staged by bf16pairs_stage with ldc = KB * 8
 // (ceil(B / kBf16PairsLanes) * ldc * kBf16PairsLanes words, 64-byte aligned).
-constexpr int64_t kBf16PairsLanes = 64;
+constexpr int64_t kBf16PairsLanes = 32;
 int bf16pairs_kind(int n, int m);
-void bf16pairs_stage(const uint16_t* x, int64_t sb, int64_t sk, int64_t B, int64_t cols,
+// bf16pairs_stage returns whether any staged value is NaN or Inf.
+bool bf16pairs_stage(const uint16_t* x, int64_t sb, int64_t sk, int64_t B, int64_t cols,
                      int64_t ldc, int64_t c0, int64_t c1, uint16_t* xt);
 void nm_gemm_bf16pairs(const NMProblem& p, int64_t r0, int64_t r1);
 // The batched path on x panels (p.xpanel set), AVX2 + FMA (nm_panels.h; nm_gemm_avx512 runs

@@ -325,15 +325,26 @@ void run_rows_pairs(NMProblem p, const at::Tensor& xs, int64_t cols, float* y) {
   uint16_t* xt = static_cast<uint16_t*>(
       scratch_bytes(kScratchX, static_cast<size_t>(words) * sizeof(uint16_t), xhold));
   const uint16_t* src = reinterpret_cast<const uint16_t*>(xs.const_data_ptr<at::BFloat16>());
+  std::atomic<bool> any{false};
   at::parallel_for(0, p.KB, 64, [&](int64_t w0, int64_t w1) {  // windows of 8 columns
-    bf16pairs_stage(src, xs.stride(0), xs.stride(1), B, cols, ldc, w0 * 8, w1 * 8, xt);
+    if (bf16pairs_stage(src, xs.stride(0), xs.stride(1), B, cols, ldc, w0 * 8, w1 * 8, xt)) {
+      any = true;
+    }
   });
   p.xpairs = xt;
   p.B = B;
   p.y = y;
-  run_threads(nm_gemm_bf16pairs, p, cols);
-  bool any = false;
-  for (int64_t i = 0; i < words; ++i) any |= nonfinite(xt[i]);
+  // Chunks of rows, about 2 per thread: each chunk rebuilds the table slices it reads.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(64, (p.R + 2 * threads - 1) / (2 * threads) + 3) / 4 * 4;
+  const int64_t macs = p.R * cols * B;
+  if (threads <= 1 || macs < (int64_t{1} << 16) || chunk >= p.R) {
+    nm_gemm_bf16pairs(p, 0, p.R);
+  } else {
+    parallel_items((p.R + chunk - 1) / chunk, threads, [&](int64_t i) {
+      nm_gemm_bf16pairs(p, i * chunk, std::min(p.R, (i + 1) * chunk));
+    });
+  }
   if (any) {
     const at::Tensor xc = xs.contiguous();
     propagate_nonfinite(reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>()),

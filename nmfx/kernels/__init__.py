@@ -18,7 +18,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from nmfx.kernels import _build, _ops
+from nmfx.kernels import _build, _cpp_linear, _ops
 from nmfx.kernels._autotune import BUCKETS, CHOICES, shape_key
 from nmfx.kernels._dispatch import (
     dispatch_choices,
@@ -147,6 +147,7 @@ def set_isa(name: str | None) -> None:
             f"{_build.supported_isas()}); use one of those or 'auto'"
         )
     _ops._isa_override[0] = None if name == "auto" else name
+    _cpp_linear.overrides_changed()
 
 
 @contextlib.contextmanager
@@ -158,3 +159,4 @@ def use_isa(name: str) -> Iterator[None]:
         yield
     finally:
         _ops._isa_override[0] = previous
+        _cpp_linear.overrides_changed()

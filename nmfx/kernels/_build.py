@@ -29,6 +29,7 @@ SOURCES = (
     "nm_bf16gemv.cpp",
     "nm_bf16pairs.cpp",
     "nm_mask.cpp",
+    "nm_linear_op.cpp",
 )
 EXTENSION_NAME = "nmfx_cpu_kernels"
 # Setting this to 1 skips the build (as if no compiler were present); for tests and debugging.
@@ -85,7 +86,16 @@ def extension_available() -> bool:
                 stacklevel=3,
             )
         _state["tried"] = True
+    if _state["ok"]:
+        from nmfx.kernels import _cpp_linear
+
+        _cpp_linear.ready()  # the C++ op compiled graphs call (after the lock: it reads state)
     return bool(_state["ok"])
+
+
+def loaded() -> bool:
+    """Whether the kernels are loaded in this process (never builds them)."""
+    return bool(_state["tried"] and _state["ok"])
 
 
 def build_error() -> BaseException | None:

@@ -76,12 +76,16 @@ def force_dispatch(mode: str) -> Iterator[None]:
     ``"portable"``; one this CPU lacks is an error at the call)."""
     if mode not in _MODE_SET:
         raise ValueError(f"dispatch mode {mode!r} is not one of {list(MODES)}")
+    from nmfx.kernels import _cpp_linear  # compiled graphs' C++ op defers to Python meanwhile
+
     previous = getattr(_local, "mode", None)
     _local.mode = mode
+    _cpp_linear.force_block(+1)
     try:
         yield
     finally:
         _local.mode = previous
+        _cpp_linear.force_block(-1)
 
 
 def dispatch_table() -> dict[str, Any]:

@@ -56,7 +56,7 @@ namespace {
 
 constexpr int kLanes = static_cast<int>(kBf16PairsLanes);  // rows of x per table block
 constexpr int kSliceBytes = 24576;  // table slice per block of windows, at most
-constexpr int kPrefetchRows = 16;  // rows ahead that decode prefetches
+constexpr int kPrefetchRows = 8;  // rows ahead that decode prefetches
 constexpr int kRT = 8;                                       // weight rows per tile
 constexpr int64_t kSubRows = 256;  // weight rows per y^T block (256 x 256 rows of x: 256 KB)
 constexpr int kNoCol = 255;

@@ -3,8 +3,8 @@ than many of the ops it times and so inflates "Python between ops").
 
 Three measurements, all of the steady state after a prefilled cache:
 
-- ``per_token_ms``: the cost of one more new token in ``generate`` (and ``prefill_ms``, a 1-token
-  ``generate``: the prompt's forward):
+- ``per_token_ms``: the cost of one more new token in ``generate`` or ``fast_generate`` (and
+  ``prefill_ms``, a 1-token run: the prompt's forward):
   ``(t(new=1 + k) - t(new=1)) / k``, HF's generate loop, logits processing and cache included;
 - ``linears_alone_ms``: the model's linear layers (dense ``nn.Linear`` or nmfx's packed ones)
   called back to back on one-row inputs, in model order, nothing else: the floor a decode step
@@ -81,10 +81,22 @@ class _ExclusiveTimers:
         self._undo.clear()
 
 
-def _gen(model: nn.Module, ids: torch.Tensor, new: int, extra: dict) -> None:
+FAST = "fast_generate"  # an extra of contenders decoded by nmfx.hf.fast_generate, not generate
+
+
+def generate_tokens(model: nn.Module, ids: torch.Tensor, new: int, extra: dict) -> torch.Tensor:
+    """``ids`` and ``new`` greedy tokens: HF ``generate`` with ``extra``, or
+    ``nmfx.hf.fast_generate`` (its compiled step, ``extra[FAST]`` True)."""
+    if extra.get(FAST):
+        from nmfx.hf import fast_generate
+
+        return fast_generate(model, ids, new)
     with torch.no_grad():
-        model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-                       pad_token_id=0, **extra)  # fmt: skip
+        return model.generate(ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
+                              pad_token_id=0, **extra)  # fmt: skip
+
+
+_gen = generate_tokens
 
 
 def _best_s(fn: Callable[[], Any], repeats: int) -> float:

@@ -9,6 +9,9 @@ init, every Linear pruned 2:4 by magnitude (``sparsify`` + ``finalize``), then r
 - ``nmfx-compile``: ``model.forward = torch.compile(model.forward, backend="nmfx")`` with
   HF's static KV cache (``cache_implementation="static"``: one compiled decode step);
 - ``inductor``: the same with the default backend on the dense model (the best dense);
+- ``nmfx-fast``: ``nmfx.lower(model, "cpu")``, then ``nmfx.hf.fast_generate`` (the prompt eager
+  into a static KV cache, then one ``torch.compile``'d step per token: no ``generate`` loop);
+- ``inductor-fast``: ``fast_generate`` on the dense model (the same loop, dense weights);
 - ``nmfx-compile-unfused`` (not run by default): ``nmfx-compile`` with
   ``options={"fuse_linears": False}``: every linear its own packed call (q/k/v and gate/up
   are otherwise one call each);
@@ -56,9 +59,10 @@ import nmfx
 from nmfx.lowering.memory import release_freed_memory
 
 CONTENDERS = (
-    "dense", "nmfx", "nmfx-compile", "inductor", "nmfx-compile-unfused", "nmfx-lower-compile",
+    "dense", "nmfx", "nmfx-compile", "inductor", "nmfx-fast", "inductor-fast",
+    "nmfx-compile-unfused", "nmfx-lower-compile",
 )  # fmt: skip
-DEFAULT_CONTENDERS = CONTENDERS[:4]
+DEFAULT_CONTENDERS = CONTENDERS[:6]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_OUT = Path("out/decode.json")  # untracked (/out/ is git-ignored)
 
@@ -88,9 +92,11 @@ def prepare(name: str, pruned: torch.nn.Module, dtype: torch.dtype, inplace: boo
     """(model, generate kwargs) for contender ``name`` from the pruned model."""
     model = pruned.to(dtype) if inplace else copy.deepcopy(pruned).to(dtype)
     extra: dict[str, Any] = {}
-    if name in ("nmfx", "nmfx-lower-compile"):
+    if name in ("nmfx", "nmfx-lower-compile", "nmfx-fast"):
         model = nmfx.lower(model, "cpu", inplace=True)
-    if name == "nmfx-lower-compile":  # the lowered model compiled: its packed buffers only
+    if name in ("nmfx-fast", "inductor-fast"):  # compiled (inductor) step, static cache
+        extra[_decode_profile.FAST] = True
+    elif name == "nmfx-lower-compile":  # the lowered model compiled: its packed buffers only
         model.forward = torch.compile(model.forward)
         extra["cache_implementation"] = "static"
     elif name in ("nmfx-compile", "inductor", "nmfx-compile-unfused"):
@@ -101,12 +107,7 @@ def prepare(name: str, pruned: torch.nn.Module, dtype: torch.dtype, inplace: boo
     return model.eval(), extra
 
 
-def generate(model: torch.nn.Module, ids: torch.Tensor, new: int, extra: dict) -> torch.Tensor:
-    with torch.no_grad():
-        return model.generate(
-            ids, max_new_tokens=new, min_new_tokens=new, do_sample=False,
-            pad_token_id=0, **extra,
-        )  # fmt: skip
+generate = _decode_profile.generate_tokens
 
 
 def _vm_hwm_mb() -> float:
@@ -208,11 +209,10 @@ def run_case(
                 for name in rounds.seconds:
                     ratios = _timing.paired_ratios(rounds.seconds["dense"], rounds.seconds[name])
                     row[name]["vs_dense"] = round(statistics.median(ratios), 3)
-            if "inductor" in row and "nmfx-compile" in row:
-                r = _timing.paired_ratios(
-                    rounds.seconds["inductor"], rounds.seconds["nmfx-compile"]
-                )
-                row["nmfx-compile"]["vs_inductor"] = round(statistics.median(r), 3)
+            for ours, theirs in (("nmfx-compile", "inductor"), ("nmfx-fast", "inductor-fast")):
+                if ours in row and theirs in row:  # compiled sparse over the same compiled dense
+                    r = _timing.paired_ratios(rounds.seconds[theirs], rounds.seconds[ours])
+                    row[ours][f"vs_{theirs}"] = round(statistics.median(r), 3)
             if batch == 1 and "llama.cpp-F32" in gguf and dtype == torch.float32:
                 row["llama.cpp-F32"]["logits_vs_hf_fp32"] = _llamacpp.logits_check(
                     models.get("dense", (pruned,))[0], gguf["llama.cpp-F32"], ids
@@ -224,7 +224,7 @@ def run_case(
         print(f"\nwhere one decode token goes, {dtype_name}, lm_head {lm_head}, batch 1, "
               f"prompt {args.prompt[0]}, {torch.get_num_threads()} thread(s):")  # fmt: skip
         same_linears = {"nmfx-compile": "nmfx", "nmfx-compile-unfused": "nmfx", "inductor": "dense",
-                        "nmfx-lower-compile": "nmfx"}  # fmt: skip
+                        "nmfx-lower-compile": "nmfx", "inductor-fast": "dense"}  # fmt: skip
         results[0]["profile"] = {
             name: _decode_profile.profile(
                 name, m, x, dtype, ids, models.get(same_linears.get(name, name), (None,))[0]

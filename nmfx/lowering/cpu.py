@@ -11,7 +11,7 @@ import logging
 import torch
 from torch import nn
 
-from nmfx.kernels import _ops
+from nmfx.kernels import _cpp_linear, _ops
 from nmfx.kernels.module import PackedLinearBase
 from nmfx.packed import SUPPORTED_DTYPES, SUPPORTED_M, PackedNM, pack
 from nmfx.pattern import NMPattern
@@ -56,6 +56,8 @@ class NMLinear(PackedLinearBase):
         )
         if _ops.eager_fast_path_ok(x, bias):
             return _ops.compute(x, *args)
+        if torch.compiler.is_compiling() and _cpp_linear.applies(x, bias):
+            return torch.ops.nmfx_cpu.nm_linear(x, *args)  # compiled: no Python wrapper per call
         return torch.ops.nmfx.nm_linear(x, *args)
 
     def extra_repr(self) -> str:
@@ -93,9 +95,12 @@ def cpu_decision(
     packed = pack(weight.detach().contiguous(), pattern)
     # Which kernel path (or dense) runs per rows of x: measured on this host now (or cached),
     # not in the first forward.
-    from nmfx.kernels import autotune, dispatch_summary, encode_choices
+    from nmfx.kernels import autotune, dense_call_reason, dispatch_summary, encode_choices
 
     choices = next(iter(autotune([packed]).values()))
+    kept = dense_call_reason(packed)  # a small layer whose lowered call measured slower
+    if kept is not None:
+        return LayerDecision(name, param, op, "cpu", DENSE, kept), None
     return LayerDecision(
         name, param, op, "cpu", SPARSE,
         f"packed {pattern}, {packed.nbytes / packed.dense_nbytes:.0%} of dense bytes; runs "

@@ -8,6 +8,7 @@ Both run on each module's own FX graph (``nmfx.capture``), with the whole-model 
 
 from __future__ import annotations
 
+from nmfx.passes.call_cpp_nm_linear import call_cpp_nm_linear
 from nmfx.passes.decide_eligibility import decide_eligibility
 from nmfx.passes.detect_nm_weights import detect_nm_weights
 from nmfx.passes.find_weight_ops import find_weight_ops
@@ -30,6 +31,7 @@ DETECT_PASSES: tuple[Pass, ...] = (
 BACKEND_PASSES: tuple[Pass, ...] = (
     lower_nm_linear,  # rewrite: N:M linear (weights frozen at compile time) -> packed op
     fuse_shared_input_linears,  # rewrite: packed ops sharing an input -> one; needs them packed
+    call_cpp_nm_linear,  # rewrite: packed calls -> the C++ op; last, on the final packed calls
 )
 
 __all__ = [
@@ -39,6 +41,7 @@ __all__ = [
     "Pass",
     "PassContext",
     "PassResult",
+    "call_cpp_nm_linear",
     "decide_eligibility",
     "detect_nm_weights",
     "find_weight_ops",

@@ -221,7 +221,8 @@ def lower_nm_linear(gm: fx.GraphModule, ctx: BackendContext) -> PassResult:
             for i, tensor in enumerate(constants):
                 _add_constant(gm, f"_nmfx_sparse_{count}_{i}", tensor)
                 attrs.append(gm.graph.get_attr(f"_nmfx_sparse_{count}_{i}"))
-            # cpu: nm_linear(x, values, mask, b, rows, cols, n, m); cuda: linear(x, W_sparse, b)
+            # cpu: nm_linear(x, values, mask, b, rows, cols, n, m, dispatch);
+            # cuda: linear(x, W_sparse, b)
             new = gm.graph.call_function(target, (x, *attrs, bias, *extra))
         new.meta = dict(node.meta)
         new.meta["nmfx_decision"] = len(ctx.decisions) - 1  # for later passes' notes
@@ -252,7 +253,11 @@ def _sparse_cpu(name: str, param: str, op: str, weight: torch.Tensor, ctx: Backe
     decision, packed = cpu_decision(name, param, op, weight, _pattern(weight, ctx))
     if packed is None:
         return decision, None, [], ()
-    extra = (*packed.shape, packed.pattern.n, packed.pattern.m)
+    from nmfx.kernels import encode_choices
+
+    # The tuned per-bucket choices travel with the call (as NMLinear.dispatch does).
+    dispatch = encode_choices(decision.facts["dispatch"])
+    extra = (*packed.shape, packed.pattern.n, packed.pattern.m, dispatch)
     return decision, torch.ops.nmfx.nm_linear.default, [packed.values, packed.mask], extra
 
 

@@ -53,8 +53,9 @@ logger = logging.getLogger(__name__)
 
 # 5-8: per-shape autotuning (6: batched paths never pruned; 7: avx512bf16-panels; 8:
 # avx512bf16-gemv); 1-4: thresholds
-# 9: fastest of the rounds, not the median; 10: F.linear reference and the load per entry
-TABLE_VERSION = 10
+# 9: fastest of the rounds, not the median; 10: F.linear reference and the load per entry;
+# 11: avx512bf16-pairs timed
+TABLE_VERSION = 11
 CACHE_ENV = "NMFX_CACHE_DIR"
 CALIBRATE_ENV = "NMFX_CALIBRATE"
 # Buckets of rows of x (inclusive bounds; the last is open) and the batch timed for each.

@@ -138,11 +138,13 @@ def _runnable(choice: str) -> str:
         return choice
     path = choice.partition("-")[2]
     # The same path on the best ISA that has it, else the best ISA's own pick ("sparse"; e.g.
-    # for the bf16 dot-product GEMV, which no other ISA has).
+    # for the bf16 dot-product GEMV, which no other ISA has; on a CPU without AVX2, the one
+    # portable path, named as such).
+    supported = _build.supported_isas()
     fallback = next(
         (f"{other}-{path}" for other in ("avx512", "avx2")
-         if other in _build.supported_isas() and f"{other}-{path}" in CHOICES),
-        "sparse",
+         if other in supported and f"{other}-{path}" in CHOICES),
+        "portable" if supported == ["portable"] else "sparse",
     )  # fmt: skip
     _autotune._warn_once(
         f"isa:{choice}",

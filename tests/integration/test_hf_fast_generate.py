@@ -106,3 +106,24 @@ def test_bad_input(ids, new, match) -> None:
 def test_not_a_causal_lm() -> None:
     with pytest.raises(TypeError, match=r"needs a Hugging Face causal LM.*got Linear"):
         fast_generate(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long), 2)
+
+
+def test_bf16_attention_runs_in_fp32_and_the_model_is_restored() -> None:
+    from nmfx.hf import _FP32_SDPA
+
+    model = pruned("llama").to(torch.bfloat16)
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 1024, (1, 6))
+    got = fast_generate(model, ids, 8, compile=False)
+    assert model.config._attn_implementation == "sdpa"  # restored
+    # generate with the same attention and a static cache (bf16 rounding differs with the
+    # cache's length): the same tokens
+    model.set_attn_implementation(_FP32_SDPA)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False,
+                              pad_token_id=0, cache_implementation="static")  # fmt: skip
+    assert torch.equal(got, want)
+    model.set_attn_implementation("sdpa")
+    fp32 = pruned("llama")
+    fast_generate(fp32, ids, 2, compile=False)
+    assert _FP32_SDPA in T.AttentionInterface._global_mapping

@@ -131,11 +131,13 @@ def fast_generate(
     each token is one call of a compiled step (``torch.compile``, default backend: a lowered
     model's packed linears run the C++ op ``nmfx_cpu::nm_linear`` there) that returns the argmax
     token. The cache and the compiled step are built on first use per model, batch, cache length
-    (prompt + new tokens) and dtype, and reused. ``compile=False`` runs the same loop eagerly.
+    and dtype, and reused; the cache length is prompt + new tokens rounded up to a multiple of
+    :data:`CACHE_ROUND` (at most ``max_position_embeddings``), so that prompts of other lengths
+    reuse the step instead of compiling another. ``compile=False`` runs the same loop eagerly.
     """
     _check_generate_args(model, input_ids, max_new_tokens)
     batch, prompt = input_ids.shape
-    decoder = _decoder(model, batch, prompt + max_new_tokens, compile)
+    decoder = _decoder(model, batch, _cache_length(model, prompt + max_new_tokens), compile)
     with _fp32_attention(model):
         return decoder(input_ids, max_new_tokens)
 
@@ -202,6 +204,15 @@ def _check_generate_args(model: nn.Module, input_ids: Any, max_new_tokens: Any) 
             f"prompt {input_ids.shape[1]} + max_new_tokens {max_new_tokens} = {total} is more than "
             f"the model's max_position_embeddings={limit}; generate fewer tokens"
         )
+
+
+CACHE_ROUND = 64  # positions: one compiled step serves every prompt + new tokens up to it
+
+
+def _cache_length(model: nn.Module, total: int) -> int:
+    rounded = -(-total // CACHE_ROUND) * CACHE_ROUND
+    limit = getattr(model.config, "max_position_embeddings", None)
+    return min(rounded, limit) if isinstance(limit, int) else rounded
 
 
 def _model_dtype(model: nn.Module) -> torch.dtype:

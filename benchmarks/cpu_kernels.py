@@ -589,7 +589,9 @@ def main(argv: list[str] | None = None) -> None:
         for r, c in config["shapes"] for d in config["dtypes"] for pt in config["patterns"]
     )  # fmt: skip
     tune_s = time.perf_counter() - t_tune
-    print(f"autotuned {len(tuned)} shapes in {tune_s:.1f} s; winning path per bucket of rows:")
+    tune_load = K.dispatch_table()["tuning_phases"]  # others' CPU share while tuning; cached?
+    print(f"autotuned {len(tuned)} shapes in {tune_s:.1f} s (load: {tune_load}); winning path "
+          f"per bucket of rows:")  # fmt: skip
     for key, choices in tuned.items():
         print(f"  {key}: {', '.join(f'{b}: {c}' for b, c in choices.items())}")
     with Contention(args.contend), LoadMonitor() as load:
@@ -630,6 +632,7 @@ def main(argv: list[str] | None = None) -> None:
         "bandwidth": bandwidth,
         "dispatch_table": tuned,
         "autotune_s": tune_s,
+        "autotune_load": tune_load,
         "elapsed_s": elapsed,
         "dispatch_ms": {k: v.get("ms") for k, v in K.dispatch_table()["entries"].items()},
         "dense_branch_overhead": overhead,

@@ -187,6 +187,8 @@ void nm_gemm_avx2_panels(const NMProblem& p, int64_t r0, int64_t r1);
 void expand_rows_portable(const NMProblem& p, int64_t r0, int64_t r1, void* out, int64_t ldo);
 void expand_rows_avx512(const NMProblem& p, int64_t r0, int64_t r1, void* out, int64_t ldo);
 
+// What cpuid reports, capped by NMFX_ISA_CAP / set_isa_cap (nm_ops.cpp).
+int64_t isa_cap();
 bool cpu_has_avx2();
 bool cpu_has_avx512();
 bool cpu_has_avx512bf16();

@@ -22,6 +22,10 @@
 #include <optional>
 #include <tuple>
 
+namespace nmfx {
+int64_t isa_cap();  // nm_ops.cpp: the highest ISA code this process may use (NMFX_ISA_CAP)
+}
+
 namespace {
 
 constexpr int64_t kMaxM = 16;
@@ -218,13 +222,13 @@ NMFX_AVX512 void decay_avx512(float* __restrict__ g, const float* __restrict__ x
 
 bool cpu_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2");
-  return yes;
+  return yes && nmfx::isa_cap() >= 2;
 }
 
 bool cpu_avx512() {
   static const bool yes = __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
                           __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq");
-  return yes;
+  return yes && nmfx::isa_cap() >= 3;
 }
 #else
 bool cpu_avx2() { return false; }

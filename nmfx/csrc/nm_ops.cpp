@@ -23,24 +23,40 @@
 
 namespace nmfx {
 
-#if defined(__x86_64__) || defined(__i386__)
-bool cpu_has_avx2() {
-  __builtin_cpu_init();
-  return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
-         __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
-}
+// The highest ISA code (kernels/_build.py ISA_CODES) this process may use: every kernel choice
+// (automatic or forced, nm_gemm, nm_dense, the mask kernels) treats the CPU as lacking the ISAs
+// above it. Set from NMFX_ISA_CAP at load (nmfx/kernels/_build.py) or by set_isa_cap, so tests
+// run on an AVX-512 host exactly what an AVX2-only or portable-only host would run.
+std::atomic<int64_t> g_isa_cap{4};
 
-bool cpu_has_avx512() {
-  __builtin_cpu_init();
-  return cpu_has_avx2() && __builtin_cpu_supports("avx512f") &&
-         __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
-         __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512dq");
+int64_t isa_cap() { return g_isa_cap.load(std::memory_order_relaxed); }
+
+#if defined(__x86_64__) || defined(__i386__)
+namespace {
+bool raw_avx2() {
+  static const bool yes = [] {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+           __builtin_cpu_supports("f16c") && __builtin_cpu_supports("popcnt");
+  }();
+  return yes;
 }
-bool cpu_has_avx512bf16() {
-  __builtin_cpu_init();
-  return cpu_has_avx512() && __builtin_cpu_supports("avx512vbmi") &&
-         __builtin_cpu_supports("avx512bf16");
+bool raw_avx512() {
+  static const bool yes = raw_avx2() && __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512vl") &&
+                          __builtin_cpu_supports("avx512vbmi2") && __builtin_cpu_supports("avx512dq");
+  return yes;
 }
+bool raw_avx512bf16() {
+  static const bool yes = raw_avx512() && __builtin_cpu_supports("avx512vbmi") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return yes;
+}
+}  // namespace
+
+bool cpu_has_avx2() { return isa_cap() >= 2 && raw_avx2(); }
+bool cpu_has_avx512() { return isa_cap() >= 3 && raw_avx512(); }
+bool cpu_has_avx512bf16() { return isa_cap() >= 4 && raw_avx512bf16(); }
 #else
 bool cpu_has_avx2() { return false; }
 bool cpu_has_avx512() { return false; }
@@ -79,14 +95,18 @@ constexpr int64_t kPanelMinBatch = 32;
 constexpr int64_t kDotMinBatch = 8;
 
 int64_t isa_support() {
-  static const int64_t bits = [] {
-    int64_t b = 1 << kIsaPortable;
-    if (cpu_has_avx2()) b |= 1 << kIsaAvx2;
-    if (cpu_has_avx512()) b |= 1 << kIsaAvx512;
-    if (cpu_has_avx512bf16()) b |= 1 << kIsaAvx512Bf16;
-    return b;
-  }();
-  return bits;
+  int64_t b = 1 << kIsaPortable;
+  if (cpu_has_avx2()) b |= 1 << kIsaAvx2;
+  if (cpu_has_avx512()) b |= 1 << kIsaAvx512;
+  if (cpu_has_avx512bf16()) b |= 1 << kIsaAvx512Bf16;
+  return b;
+}
+
+// Sets the ISA cap (1 portable .. 4 avx512bf16; see g_isa_cap) and returns the previous one.
+int64_t set_isa_cap(int64_t cap) {
+  TORCH_CHECK(cap >= kIsaPortable && cap <= kIsaAvx512Bf16, "nmfx: set_isa_cap(", cap,
+              "): the cap is an ISA code from 1 (portable) to 4 (avx512bf16)");
+  return g_isa_cap.exchange(cap);
 }
 
 using KernelFn = void (*)(const NMProblem&, int64_t, int64_t);
@@ -384,4 +404,5 @@ TORCH_LIBRARY(nmfx_cpu, lib) {
       "int m, int isa) -> Tensor",
       &nmfx::nm_gemm);
   lib.def("isa_support() -> int", &nmfx::isa_support);
+  lib.def("set_isa_cap(int cap) -> int", &nmfx::set_isa_cap);
 }

@@ -6,9 +6,10 @@ the dense branch (W expanded per call, block by block, then torch's GEMM; no den
 kept), whichever :func:`autotune` measured fastest on this host for the weight's shape and the
 call's rows of x (see :func:`dispatch_table`). Importing this module builds nothing.
 
-Controls: ``NMFX_ISA`` / :func:`use_isa` force an ISA; ``NMFX_DISPATCH`` / :func:`force_dispatch`
-force sparse, dense or one path; ``NMFX_CALIBRATE=0`` skips timing (each ISA's default paths);
-``NMFX_DISABLE_KERNELS=1`` skips the build.
+Controls: ``NMFX_ISA`` / :func:`use_isa` force an ISA; ``NMFX_ISA_CAP`` / :func:`use_isa_cap` run
+as a CPU without the ISAs above one would (tests emulate AVX2-only and portable hosts with it);
+``NMFX_DISPATCH`` / :func:`force_dispatch` force sparse, dense or one path; ``NMFX_CALIBRATE=0``
+skips timing (each ISA's default paths); ``NMFX_DISABLE_KERNELS=1`` skips the build.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from collections.abc import Iterable, Iterator
 
 import torch
 
-from nmfx.kernels import _build, _cpp_linear, _ops
+from nmfx.kernels import _build, _cpp_linear, _dispatch, _ops
 from nmfx.kernels._autotune import BUCKETS, CHOICES, shape_key
 from nmfx.kernels._dispatch import (
     dispatch_choices,
@@ -36,6 +37,7 @@ __all__ = [
     "available_isas",
     "build_error",
     "current_isa",
+    "dense_call_reason",
     "dispatch_choices",
     "dispatch_summary",
     "dispatch_table",
@@ -45,7 +47,9 @@ __all__ = [
     "nm_linear",
     "path_for",
     "set_isa",
+    "set_isa_cap",
     "use_isa",
+    "use_isa_cap",
 ]
 
 
@@ -109,6 +113,22 @@ def autotune(weights: Iterable[object], progress: bool = True) -> dict[str, dict
     }
 
 
+def dense_call_reason(p: PackedNM) -> str | None:
+    """Why lowering should keep this weight's layer as ``nn.Linear``: the autotuner timed
+    ``F.linear`` at least as fast as the lowered call (kernel plus the lowered module's call
+    overhead) at every bucket of rows of x, which happens for small layers only. None
+    otherwise, and always when tuning is off or ``NMFX_DISPATCH`` forces a mode."""
+    from nmfx.kernels import _autotune, _callcost
+
+    if not _autotune.tuning_enabled() or _dispatch._forced_mode() != "auto":
+        return None
+    key = shape_key(p.rows, p.cols, p.dtype, p.pattern.n, p.pattern.m)
+    entry = _autotune.autotune([key], progress=False)[key]
+    if not entry.get("linear_ms"):
+        return None
+    return _callcost.dense_call_reason(entry, _callcost.module_call_overhead_ms())
+
+
 def encode_choices(choices: dict[str, str]) -> int:
     """``{bucket: choice}`` (as :func:`autotune` returns per shape) as a layer's ``dispatch``."""
     from nmfx.kernels import _autotune
@@ -160,3 +180,25 @@ def use_isa(name: str) -> Iterator[None]:
     finally:
         _ops._isa_override[0] = previous
         _cpp_linear.overrides_changed()
+
+
+def set_isa_cap(name: str | None) -> str:
+    """Run every later call as on a CPU without the ISAs above ``name`` (``"portable"``,
+    ``"avx2"``, ``"avx512"``, ``"avx512bf16"``; ``None``: no cap, what cpuid says): kernel
+    choices, :func:`available_isas`, the autotuner and its cache file all follow. Returns the
+    previous cap. ``NMFX_ISA_CAP`` sets it for a whole process (read when the kernels load)."""
+    previous = _build.set_isa_cap(name)
+    _dispatch._table = None  # per-shape choices tuned under the old cap
+    if _cpp_linear.READY[0]:  # the C++ op's choice codes: a path above the cap goes to Python
+        torch.ops.nmfx_cpu.set_linear_table(*_cpp_linear.tables())
+    return previous
+
+
+@contextlib.contextmanager
+def use_isa_cap(name: str | None) -> Iterator[None]:
+    """:func:`set_isa_cap` within the block."""
+    previous = set_isa_cap(name)
+    try:
+        yield
+    finally:
+        set_isa_cap(previous)

@@ -21,8 +21,15 @@ Results are cached on disk (``$NMFX_CACHE_DIR`` or ``~/.cache/nmfx``) in one JSO
 key: CPU model and flags, threads, torch version and a digest of the kernel sources; an entry per
 shape. A corrupt or foreign file is ignored with one warning naming it, re-measured and
 rewritten; an unwritable directory warns once and works from memory. Tuning done while other
-processes hold the cores (a small parallel op takes over :data:`CONTENDED_PROBE_US`) is used by
-this process but not cached.
+processes hold the cores (a small parallel op takes over :data:`CONTENDED_PROBE_US`, or other
+processes take over 10% of the CPU, :class:`~nmfx.reporting.timing.LoadMonitor`) is used by
+this process but not cached; each entry records the load it was measured under, and
+:func:`table` lists this process's tuning phases with theirs.
+
+Layers of at most :data:`LINEAR_REF_MAX_BYTES` dense bytes are also timed as ``F.linear`` (a
+reference, never a choice; ``linear_ms`` in the entry): for them the lowered module's Python
+call overhead can outweigh what the kernel saves, and lowering keeps such a layer as
+``nn.Linear`` where it measured faster at every bucket (:mod:`nmfx.kernels._callcost`).
 """
 
 from __future__ import annotations
@@ -46,7 +53,8 @@ logger = logging.getLogger(__name__)
 
 # 5-8: per-shape autotuning (6: batched paths never pruned; 7: avx512bf16-panels; 8:
 # avx512bf16-gemv); 1-4: thresholds
-TABLE_VERSION = 9  # 9: fastest of the rounds, not the median
+# 9: fastest of the rounds, not the median; 10: F.linear reference and the load per entry
+TABLE_VERSION = 10
 CACHE_ENV = "NMFX_CACHE_DIR"
 CALIBRATE_ENV = "NMFX_CALIBRATE"
 # Buckets of rows of x (inclusive bounds; the last is open) and the batch timed for each.
@@ -68,6 +76,10 @@ MIN_ROUNDS = 5
 MAX_ROUNDS = 25
 CELL_BUDGET_S = 0.02  # per bucket: rounds continue past MIN_ROUNDS until this much time
 CONTENDED_PROBE_US = 500.0
+# Dense bytes up to which F.linear is timed beside the candidates. Above 4 MiB a one-row call
+# reads the weight for >= ~50 us, so a lowered call's few us of Python overhead cannot flip it.
+LINEAR_REF_MAX_BYTES = 4 << 20
+LINEAR_REF = "F.linear"
 UNTUNED = -1  # dispatch code of a weight that was never tuned
 
 
@@ -169,17 +181,17 @@ _static_key: list[dict[str, Any]] = []
 
 def host_key() -> dict[str, Any]:
     """What a tuning result depends on. The CPU, torch and kernel sources are read once per
-    process (lowering calls this per layer); the thread count is read every time."""
+    process (lowering calls this per layer); the ISAs (under ``NMFX_ISA_CAP``) and the thread
+    count every time."""
     if not _static_key:
         model, flags = _cpuinfo()
         _static_key.append({
             "cpu": model,
             "flags": hashlib.sha256(" ".join(flags).encode()).hexdigest()[:16],
             "torch": torch.__version__,
-            "isas": _build.supported_isas(),
             "kernel_sources": sources_digest(),
         })  # fmt: skip
-    return {**_static_key[0], "threads": torch.get_num_threads()}
+    return {**_static_key[0], "isas": _build.supported_isas(), "threads": torch.get_num_threads()}
 
 
 def cache_dir() -> Path:
@@ -202,11 +214,15 @@ def _warn_once(key: str, message: str) -> None:
 
 
 def _valid_entry(entry: Any) -> bool:
+    linear = entry.get("linear_ms", []) if isinstance(entry, dict) else None
     return (
         isinstance(entry, dict)
         and isinstance(entry.get("choices"), list)
         and len(entry["choices"]) == len(BUCKETS)
         and all(c in CHOICES for c in entry["choices"])
+        and isinstance(linear, list)
+        and len(linear) in (0, len(BUCKETS))
+        and all(isinstance(t, int | float) for t in linear)
     )
 
 
@@ -294,18 +310,36 @@ def _time_bucket(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
     return {name: min(s) for name, s in samples.items()}
 
 
+def _linear_reference(key: ShapeKey, values, mask) -> torch.Tensor | None:
+    """The dense weight to time ``F.linear`` on, for layers up to LINEAR_REF_MAX_BYTES."""
+    from nmfx.packed import unpack_buffers
+
+    if key.rows * key.cols * values.element_size() > LINEAR_REF_MAX_BYTES:
+        return None
+    return unpack_buffers(values, mask, (key.rows, key.cols))
+
+
 def measure(key: ShapeKey) -> dict[str, Any]:
     """Time every choice of this host at each bucket's probe batch; the entry for the cache."""
+    import torch.nn.functional as F
+
     values, mask = _synthetic(key)
     dtype = getattr(torch, key.dtype)
+    weight = _linear_reference(key, values, mask)
     pruned: set[str] = set()
     choices: list[str] = []
     timings: list[dict[str, float]] = []
+    linear_ms: list[float] = []
     with torch.inference_mode():
         for rows_x in PROBE_ROWS:
             x = torch.randn(rows_x, key.cols).to(dtype)
             cands = [c for c in host_choices(key.n, key.m, rows_x, key.dtype) if c not in pruned]
-            med = _time_bucket({c: _runner(key, c, values, mask, x) for c in cands})
+            fns = {c: _runner(key, c, values, mask, x) for c in cands}
+            if weight is not None:
+                fns[LINEAR_REF] = lambda x=x: F.linear(x, weight)
+            med = _time_bucket(fns)
+            if weight is not None:
+                linear_ms.append(round(med.pop(LINEAR_REF) * 1e3, 4))
             best = min(med.values())
             winner = min(med, key=med.__getitem__)
             if choices and choices[-1] in med and med[choices[-1]] <= best * (1 + NOISE_MARGIN):
@@ -313,7 +347,8 @@ def measure(key: ShapeKey) -> dict[str, Any]:
             choices.append(winner)
             timings.append({c: round(t * 1e3, 4) for c, t in med.items()})
             pruned |= {c for c, t in med.items() if _prunable(c) and t > PRUNE_FACTOR * best}
-    return {"choices": choices, "ms": timings, "probe_rows": list(PROBE_ROWS)}
+    entry = {"choices": choices, "ms": timings, "probe_rows": list(PROBE_ROWS)}
+    return {**entry, "linear_ms": linear_ms} if weight is not None else entry
 
 
 def _prunable(choice: str) -> bool:
@@ -329,11 +364,19 @@ def _contention_probe_us() -> float:
     return parallel_op_latency_us(calls=30)
 
 
+def _load_monitor() -> Any:
+    """Other processes' CPU share over a tuning phase (a seam: tests stub the machine's load)."""
+    from nmfx.reporting.timing import LoadMonitor
+
+    return LoadMonitor()
+
+
 # ---- the table ----
 
 _lock = threading.Lock()
 _memory: dict[str, dict[str, Any]] = {}  # str(ShapeKey) -> entry, this process
 _memory_host: list[dict[str, Any] | None] = [None]
+_phases: list[dict[str, Any]] = []  # this process's tuning phases and their load
 
 
 def tuning_enabled() -> bool:
@@ -377,20 +420,31 @@ def _measure_and_store(
     probe = [_contention_probe_us()]
     bar = tqdm(todo, desc="nmfx autotune", unit="shape", delay=2.0, disable=not progress)
     fresh = {}
-    for k in bar:
-        bar.set_postfix_str(str(k), refresh=False)
-        fresh[str(k)] = measure(k)
+    with _load_monitor() as monitor:
+        for k in bar:
+            bar.set_postfix_str(str(k), refresh=False)
+            fresh[str(k)] = measure(k)
     probe.append(_contention_probe_us())
-    contended = max(probe) > CONTENDED_PROBE_US
+    share = monitor.others_share
+    contended = max(probe) > CONTENDED_PROBE_US or monitor.contended
+    load = {
+        "others_cpu_share": None if share is None else round(share, 3),
+        "parallel_op_us": round(max(probe), 1),
+        "contended": contended,
+    }
     source = "measured-contended" if contended else "measured"
     for name, entry in fresh.items():
-        _memory[name] = {**entry, "source": source}
-    logger.info("nmfx autotuned %d shapes in %.1f s (%s)", len(todo), time.perf_counter() - t0,
-                source)  # fmt: skip
+        fresh[name] = {**entry, "load": load}
+        _memory[name] = {**fresh[name], "source": source}
+    seconds = time.perf_counter() - t0
+    _phases.append({"shapes": len(todo), "seconds": round(seconds, 2), **load,
+                    "cached": not contended})  # fmt: skip
+    logger.info("nmfx autotuned %d shapes in %.1f s (%s)", len(todo), seconds, source)
     if contended:
+        taken = "" if share is None else f"other processes took {share:.0%} of the CPU, "
         logger.warning(
-            "nmfx autotuned on a busy machine (a small parallel op took %.0f us); the result "
-            "is used by this process only and measured again next time", max(probe),
+            "nmfx autotuned on a busy machine (%sa small parallel op took %.0f us); the result "
+            "is used by this process only and measured again next time", taken, max(probe),
         )  # fmt: skip
         return
     _write_cache(path, host, {**cached, **fresh})
@@ -416,7 +470,8 @@ def default_entry(key: ShapeKey) -> dict[str, Any]:
 
 
 def table() -> dict[str, Any]:
-    """Every shape tuned in this process, with the host key and cache file."""
+    """Every shape tuned in this process, with the host key, cache file and the load of each
+    tuning phase (``tuning_phases``: shapes, seconds, others' CPU share, cached or not)."""
     host = _memory_host[0] or host_key()
     return {
         "version": TABLE_VERSION,
@@ -425,6 +480,7 @@ def table() -> dict[str, Any]:
         "buckets": [f"{lo}-{hi}" if hi != lo else str(lo) for lo, hi in BUCKETS[:-1]]
         + [f"{BUCKETS[-1][0]}+"],
         "entries": dict(_memory),
+        "tuning_phases": list(_phases),
     }
 
 
@@ -432,3 +488,4 @@ def clear_memory() -> None:
     """Forget this process's tuned shapes (the disk cache stays)."""
     with _lock:
         _memory.clear()
+        _phases.clear()

@@ -33,6 +33,9 @@ SOURCES = (
 EXTENSION_NAME = "nmfx_cpu_kernels"
 # Setting this to 1 skips the build (as if no compiler were present); for tests and debugging.
 DISABLE_ENV = "NMFX_DISABLE_KERNELS"
+# The best ISA this process may use (read once, at load; see set_isa_cap): e.g. "avx2" runs on an
+# AVX-512 CPU exactly what an AVX2-only one runs (its kernels, its autotuning, its cache file).
+ISA_CAP_ENV = "NMFX_ISA_CAP"
 
 # "avx512bf16": the AVX-512 kernels plus, for bf16 weights, the AVX512-BF16 dot-product path
 # (nm_bf16dot.cpp) under PATH_PANELS; only where cpuid reports avx512_bf16, never picked by "auto".
@@ -66,10 +69,12 @@ def extension_available() -> bool:
     with _lock:
         if _state["tried"]:
             return bool(_state["ok"])
+        cap = _isa_cap_code(os.environ.get(ISA_CAP_ENV) or "avx512bf16")  # bad: an error
         try:
             if os.environ.get(DISABLE_ENV, "") == "1":
                 raise RuntimeError(f"{DISABLE_ENV}=1")
             _load()
+            torch.ops.nmfx_cpu.set_isa_cap(cap)
             _state["ok"] = True
         except Exception as exc:  # any build/load failure means: run dense
             _state["error"] = exc
@@ -91,6 +96,26 @@ def extension_available() -> bool:
 def loaded() -> bool:
     """Whether the kernels are loaded in this process (never builds them)."""
     return bool(_state["tried"] and _state["ok"])
+
+
+def _isa_cap_code(name: str) -> int:
+    if name not in ISA_CODES:
+        raise ValueError(
+            f"{ISA_CAP_ENV}={name!r} is not one of {list(ISA_CODES)}; unset it or pick one"
+        )
+    return ISA_CODES[name]
+
+
+def set_isa_cap(name: str | None) -> str:
+    """Run as if this CPU had no ISA above ``name`` (``None``: no cap); returns the previous
+    cap. Every kernel choice honours it (automatic and forced, the autotuner and its cache key),
+    so an AVX-512 host runs what an AVX2-only (``"avx2"``) or non-x86 (``"portable"``) one runs."""
+    code = _isa_cap_code(name or "avx512bf16")
+    if not extension_available():
+        raise RuntimeError(f"set_isa_cap({name!r}): the kernels are unavailable ({build_error()})")
+    previous = int(torch.ops.nmfx_cpu.set_isa_cap(code))
+    _state.pop("isas", None)
+    return next(k for k, v in ISA_CODES.items() if v == previous)
 
 
 def build_error() -> BaseException | None:
@@ -120,7 +145,7 @@ def supported_isas() -> list[str]:
     """ISA paths this CPU can run, best last (empty when the kernels are unavailable)."""
     if not extension_available():
         return []
-    if "isas" not in _state:
+    if "isas" not in _state:  # cpuid under the cap (set_isa_cap drops this)
         bits = int(torch.ops.nmfx_cpu.isa_support())
         _state["isas"] = [name for name, code in ISA_CODES.items() if bits & (1 << code)]
     return list(_state["isas"])  # type: ignore[call-overload]

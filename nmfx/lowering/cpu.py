@@ -95,9 +95,12 @@ def cpu_decision(
     packed = pack(weight.detach().contiguous(), pattern)
     # Which kernel path (or dense) runs per rows of x: measured on this host now (or cached),
     # not in the first forward.
-    from nmfx.kernels import autotune, dispatch_summary, encode_choices
+    from nmfx.kernels import autotune, dense_call_reason, dispatch_summary, encode_choices
 
     choices = next(iter(autotune([packed]).values()))
+    kept = dense_call_reason(packed)  # a small layer whose lowered call measured slower
+    if kept is not None:
+        return LayerDecision(name, param, op, "cpu", DENSE, kept), None
     return LayerDecision(
         name, param, op, "cpu", SPARSE,
         f"packed {pattern}, {packed.nbytes / packed.dense_nbytes:.0%} of dense bytes; runs "

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import nmfx.kernels as K
-from nmfx.kernels import _autotune, _build, _dispatch
+from nmfx.kernels import _autotune, _build, _callcost, _dispatch
 from nmfx.lowering.cpu import NMLinear
 from nmfx.packed import pack
 
@@ -29,18 +29,35 @@ def random_nm(rows: int, cols: int, n: int, m: int, seed: int = 0) -> torch.Tens
 
 @pytest.fixture(autouse=True)
 def _tuning(monkeypatch, tmp_path):
-    """Tuning on, into a private cache; no memory of earlier tests; idle probe."""
+    """Tuning on, into a private cache; no memory of earlier tests; idle probe and machine;
+    a fixed call overhead of the lowered module (5 us)."""
     assert K.kernels_available()
     monkeypatch.setenv("NMFX_CALIBRATE", "1")
     monkeypatch.setenv("NMFX_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.delenv("NMFX_DISPATCH", raising=False)
     monkeypatch.delenv("NMFX_ISA", raising=False)
     monkeypatch.setattr(_autotune, "_contention_probe_us", lambda: 40.0)
+    monkeypatch.setattr(_autotune, "_load_monitor", lambda: FakeLoad(0.01))
+    monkeypatch.setattr(_callcost, "_overhead", [0.005])
     monkeypatch.setattr(_autotune, "_warned", set())
     monkeypatch.setattr(_dispatch, "_table", None)
     _autotune.clear_memory()
     yield
     _autotune.clear_memory()
+
+
+class FakeLoad:
+    """A LoadMonitor reporting that other processes took ``share`` of the CPU."""
+
+    def __init__(self, share: float) -> None:
+        self.others_share = share
+        self.contended = share > 0.10
+
+    def __enter__(self) -> FakeLoad:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
 
 
 def _stub_timer(monkeypatch, times_by_batch) -> list[tuple[int, list[str]]]:
@@ -69,7 +86,9 @@ def test_every_bucket_and_every_host_choice_is_timed_without_early_stop(monkeypa
     calls = _stub_timer(monkeypatch, times)
     entry = _autotune.measure(KEY)
     assert [rows for rows, _ in calls] == list(_autotune.PROBE_ROWS)
-    assert set(calls[0][1]) == set(_autotune.host_choices(2, 4, 1))
+    assert set(calls[0][1]) == {*_autotune.host_choices(2, 4, 1), _autotune.LINEAR_REF}
+    # The F.linear reference (timed like a sparse path here), never a choice.
+    assert entry["linear_ms"] == [2000.0 if r == 2 else 500.0 for r in _autotune.PROBE_ROWS]
     assert calls[0][1].count("dense") == 1
     assert entry["choices"][1] == "dense"
     assert all(c != "dense" for i, c in enumerate(entry["choices"]) if i != 1)
@@ -144,12 +163,30 @@ def test_unwritable_cache_dir_works_and_warns_once(monkeypatch, tmp_path) -> Non
     assert len(msgs) == 1 and "NMFX_CACHE_DIR" in msgs[0]
 
 
-def test_tuning_under_load_is_used_but_not_cached(monkeypatch) -> None:
+@pytest.mark.parametrize(
+    ("probe_us", "share"), [(8000.0, 0.01), (40.0, 0.45)], ids=["slow-parallel-op", "others-45%"]
+)
+def test_tuning_under_load_is_used_but_not_cached(monkeypatch, probe_us, share) -> None:
     _stub_timer(monkeypatch, lambda rows_x, c: 0.5 if c == "dense" else 1.0)
-    monkeypatch.setattr(_autotune, "_contention_probe_us", lambda: 8000.0)
+    monkeypatch.setattr(_autotune, "_contention_probe_us", lambda: probe_us)
+    monkeypatch.setattr(_autotune, "_load_monitor", lambda: FakeLoad(share))
     entry = _autotune.autotune([KEY])[KEY]
     assert entry["source"] == "measured-contended" and entry["choices"] == ["dense"] * 10
+    assert entry["load"] == {"others_cpu_share": share, "parallel_op_us": probe_us,
+                             "contended": True}  # fmt: skip
     assert not _autotune.cache_path(_autotune.host_key()).exists()
+    (phase,) = _autotune.table()["tuning_phases"]
+    assert phase["shapes"] == 1 and phase["others_cpu_share"] == share and not phase["cached"]
+
+
+def test_quiet_tuning_is_cached_with_its_load(monkeypatch) -> None:
+    _stub_timer(monkeypatch, lambda rows_x, c: 0.5 if c == "dense" else 1.0)
+    _autotune.autotune([KEY])
+    stored = json.loads(_autotune.cache_path(_autotune.host_key()).read_text())
+    assert stored["entries"][str(KEY)]["load"] == {
+        "others_cpu_share": 0.01, "parallel_op_us": 40.0, "contended": False
+    }  # fmt: skip
+    assert _autotune.table()["tuning_phases"][0]["cached"] is True
 
 
 def test_codes_and_buckets() -> None:
@@ -235,3 +272,77 @@ def test_lowering_tunes_small_layers_too(monkeypatch) -> None:
     low = nmfx.lower(nmfx.finalize(nmfx.sparsify(model)), "cpu")
     assert isinstance(low[0], NMLinear)
     assert low[0].dispatch == _autotune.encode(["dense"] * 10)
+
+
+def _times(linear: float, best: float, win_at: int | None = None):
+    """Stub timings (s): F.linear ``linear``, the best sparse path ``best`` (or 0.1x F.linear at
+    the probe batch ``win_at``), dense branch and the other paths slower."""
+
+    def times(rows_x: int, choice: str) -> float:
+        if choice == _autotune.LINEAR_REF:
+            return linear
+        if choice == "portable":
+            return best * (0.1 * linear / best if rows_x == win_at else 1.0)
+        return 3 * linear
+
+    return times
+
+
+@pytest.mark.parametrize(
+    ("times", "kept"),
+    [
+        (_times(10e-6, 6e-6), True),  # kernel 6 us + 5 us overhead vs 10 us: dense everywhere
+        (_times(10e-6, 6e-6, win_at=64), False),  # ...but wins at one bucket: lowered
+        (_times(10e-6, 4e-6), False),  # 4 + 5 < 10 * 0.97: lowered
+    ],
+    ids=["loses-everywhere", "wins-at-64-rows", "wins-with-overhead"],
+)
+def test_small_layer_stays_nn_linear_where_its_call_measured_slower(monkeypatch, times, kept):
+    """The decision follows the (injected) timings and call overhead, not this host's speed."""
+    import nmfx
+
+    _stub_timer(monkeypatch, times)
+    model = torch.nn.Sequential(torch.nn.Linear(64, 24), torch.nn.ReLU(), torch.nn.Linear(24, 4))
+    low = nmfx.lower(nmfx.finalize(nmfx.sparsify(model)), "cpu")
+    (decision,) = [d for d in nmfx.lowering_decisions(low) if d.param == "0.weight"]
+    assert isinstance(low[0], torch.nn.Linear) is kept
+    assert isinstance(low[0], NMLinear) is not kept
+    assert ("kept as nn.Linear" in decision.reason) is kept
+    if kept:
+        assert decision.verdict == "dense" and "5.0 us of it the lowered call's" in decision.reason
+        x = torch.randn(2, 64)
+        torch.testing.assert_close(low(x), model(x))
+
+
+def test_dense_call_rule_needs_the_f_linear_reference(monkeypatch) -> None:
+    """Large layers are not timed as F.linear (their call overhead cannot matter) and stay
+    lowered; a forced dispatch mode or no tuning turns the rule off."""
+    calls = _stub_timer(monkeypatch, _times(10e-6, 9e-6))
+    big = _autotune.shape_key(2048, 1024, torch.float32, 2, 4)  # 8 MiB dense
+    assert "linear_ms" not in _autotune.measure(big)
+    assert all(_autotune.LINEAR_REF not in names for _, names in calls)
+    p = pack(random_nm(24, 64, 2, 4), "2:4")
+    monkeypatch.setattr(_autotune, "_time_bucket", lambda fns: {c: _times(10e-6, 9e-6)(1, c) for c in fns})
+    assert K.dense_call_reason(p) is not None
+    monkeypatch.setenv("NMFX_DISPATCH", "sparse")
+    assert K.dense_call_reason(p) is None
+    monkeypatch.setenv("NMFX_DISPATCH", "auto")
+    monkeypatch.setenv("NMFX_CALIBRATE", "0")
+    assert K.dense_call_reason(p) is None
+
+
+def test_dense_call_reason_rule() -> None:
+    entry = {"choices": ["avx2-expand", "dense"], "ms": [{"avx2-expand": 0.006, "dense": 0.02},
+             {"avx2-expand": 0.03, "dense": 0.012}], "linear_ms": [0.0105, 0.0170]}  # fmt: skip
+    assert _callcost.dense_call_reason(entry, 0.005) is not None  # 11 >= 10.5, 17 >= 17
+    assert _callcost.dense_call_reason(entry, 0.004) is None  # 10 * 1.03 < 10.5 at 1 row
+    assert _callcost.dense_call_reason({**entry, "linear_ms": []}, 0.005) is None
+
+
+def test_module_call_overhead_is_measured_once_per_process(monkeypatch) -> None:
+    monkeypatch.setattr(_callcost, "_overhead", [])
+    monkeypatch.setattr(_callcost, "OVERHEAD_ROUNDS", 20)
+    first = _callcost.module_call_overhead_ms()
+    assert 0.0 <= first < 10.0  # ms; a lowered call is never 10 ms slower than nn.Linear's
+    monkeypatch.setattr(_callcost, "_measure_overhead_ms", lambda: pytest.fail("measured again"))
+    assert _callcost.module_call_overhead_ms() == first

@@ -22,12 +22,22 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def _cpu_flags() -> set[str]:
+    """cpuinfo's flags, less those above ``NMFX_ISA_CAP``: a run emulating an AVX2-only or a
+    portable-only host (``NMFX_ISA_CAP=avx2 pytest``) expects what that host's cpuinfo says."""
     try:
         text = Path("/proc/cpuinfo").read_text()
     except OSError:
         return set()
     line = next((ln for ln in text.splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
+    flags = set(line.split(":", 1)[-1].split())
+    cap = _build.ISA_CODES.get(os.environ.get(_build.ISA_CAP_ENV) or "avx512bf16", 4)
+    if cap < _build.ISA_CODES["avx512bf16"]:
+        flags.discard("avx512_bf16")
+    if cap < _build.ISA_CODES["avx512"]:
+        flags = {f for f in flags if not f.startswith("avx512")}
+    if cap < _build.ISA_CODES["avx2"]:
+        flags -= {"avx2", "fma"}
+    return flags
 
 
 _FLAGS = _cpu_flags()

@@ -72,7 +72,7 @@ def dynamo_like_graph(weight: torch.Tensor):
 BIG = (1024, 512)
 
 
-def test_lower_nm_linear_rewrites_nm_weight_and_matches_dense():
+def test_lower_nm_linear_rewrites_nm_weight_and_matches_dense(tol):
     w = nm(BIG)
     gm, inputs = dynamo_like_graph(w)
     ctx = BackendContext(inputs)
@@ -80,7 +80,10 @@ def test_lower_nm_linear_rewrites_nm_weight_and_matches_dense():
     targets = [n.target for n in result.graph_module.graph.nodes if n.op == "call_function"]
     assert targets == [torch.ops.nmfx.nm_linear.default]
     assert [d.verdict for d in ctx.decisions] == ["sparse"]
-    torch.testing.assert_close(result.graph_module(*inputs), inputs[1] @ w.t())
+    # The kernel sums in another order than the dense GEMM (which order depends on the path
+    # this host runs: on the AVX2 one, 1.1e-5 off at one of 3072 outputs).
+    out = result.graph_module(*inputs)
+    torch.testing.assert_close(out, inputs[1] @ w.t(), **tol("lowered_layer", torch.float32))
 
 
 def test_lower_nm_linear_keeps_dense_weight_and_activation_weights():

@@ -72,6 +72,9 @@ struct NMProblem {
   // with avx512_bf16. ldxb (a multiple of 64) covers every column the path reads.
   const uint16_t* xbf16;
   int64_t ldxb;
+  // Optional (may be null): x staged for the AVX512-BF16 pair path (nm_bf16pairs.cpp,
+  // bf16pairs_stage).
+  const void* xpairs;
 };
 
 // Rows of x per panel, and columns per slice of a panel, of the batched path.
@@ -177,6 +180,15 @@ void nm_gemm_avx512bf16(const NMProblem& p, int64_t r0, int64_t r1);
 // The bf16 dot-product GEMV for one to a few rows of x (nm_bf16gemv.cpp): no panel scratch, the
 // packed rows read once per 4 rows of x. Needs p.xbf16 (nm_gemm_avx512 otherwise).
 void nm_gemv_avx512bf16(const NMProblem& p, int64_t r0, int64_t r1);
+// The bf16 pair-dot-product GEMM for many rows of x (nm_bf16pairs.cpp), patterns 2:4, 4:8, 1:4
+// and 1:8 (bf16pairs_kind >= 0). Needs p.xpairs: x staged by bf16pairs_stage with ldc = KB * 8
+// (ceil(B / kBf16PairsLanes) * ldc * kBf16PairsLanes words, 64-byte aligned).
+constexpr int64_t kBf16PairsLanes = 32;
+int bf16pairs_kind(int n, int m);
+// bf16pairs_stage returns whether any staged value is NaN or Inf.
+bool bf16pairs_stage(const uint16_t* x, int64_t sb, int64_t sk, int64_t B, int64_t cols,
+                     int64_t ldc, int64_t c0, int64_t c1, uint16_t* xt);
+void nm_gemm_bf16pairs(const NMProblem& p, int64_t r0, int64_t r1);
 // The batched path on x panels (p.xpanel set), AVX2 + FMA (nm_panels.h; nm_gemm_avx512 runs
 // the same code with AVX-512 vectors).
 void nm_gemm_avx2_panels(const NMProblem& p, int64_t r0, int64_t r1);

@@ -90,7 +90,10 @@ constexpr int64_t kPathExpand = 1 << 8;
 constexpr int64_t kPathPanels = 1 << 9;
 constexpr int64_t kPathSelect = 1 << 10;
 constexpr int64_t kPathGemv = 1 << 11;
-constexpr int64_t kPathBits = kPathExpand | kPathPanels | kPathSelect | kPathGemv;
+// The bf16 pair-dot-product GEMM (nm_bf16pairs.cpp) under ISA avx512bf16, bf16 weights of 2:4,
+// 4:8, 1:4 or 1:8, any rows of x (made for 16+); elsewhere it means no bit, as PATH_GEMV.
+constexpr int64_t kPathPairs = 1 << 12;
+constexpr int64_t kPathBits = kPathExpand | kPathPanels | kPathSelect | kPathGemv | kPathPairs;
 constexpr int64_t kPanelMinBatch = 32;
 constexpr int64_t kDotMinBatch = 8;
 
@@ -333,6 +336,42 @@ void run_rows_dot(KernelFn fn, NMProblem p, const at::Tensor& xs, int64_t cols, 
   propagate_nonfinite(xd, p.ldxb, B, cols, p.mask, p.KB, p.R, p.y);
 }
 
+// The same for the bf16 pair path: x staged as 32-row words per column (bf16pairs_stage).
+void run_rows_pairs(NMProblem p, const at::Tensor& xs, int64_t cols, float* y) {
+  const int64_t B = xs.size(0);
+  const int64_t ldc = p.KB * 8;
+  const int64_t words = (B + kBf16PairsLanes - 1) / kBf16PairsLanes * ldc * kBf16PairsLanes;
+  at::Tensor xhold;
+  uint16_t* xt = static_cast<uint16_t*>(
+      scratch_bytes(kScratchX, static_cast<size_t>(words) * sizeof(uint16_t), xhold));
+  const uint16_t* src = reinterpret_cast<const uint16_t*>(xs.const_data_ptr<at::BFloat16>());
+  std::atomic<bool> any{false};
+  at::parallel_for(0, p.KB, 64, [&](int64_t w0, int64_t w1) {  // windows of 8 columns
+    if (bf16pairs_stage(src, xs.stride(0), xs.stride(1), B, cols, ldc, w0 * 8, w1 * 8, xt)) {
+      any = true;
+    }
+  });
+  p.xpairs = xt;
+  p.B = B;
+  p.y = y;
+  // Chunks of rows, about 2 per thread: each chunk rebuilds the table slices it reads.
+  const int64_t threads = at::get_num_threads();
+  const int64_t chunk = std::max<int64_t>(64, (p.R + 2 * threads - 1) / (2 * threads) + 3) / 4 * 4;
+  const int64_t macs = p.R * cols * B;
+  if (threads <= 1 || macs < (int64_t{1} << 16) || chunk >= p.R) {
+    nm_gemm_bf16pairs(p, 0, p.R);
+  } else {
+    parallel_items((p.R + chunk - 1) / chunk, threads, [&](int64_t i) {
+      nm_gemm_bf16pairs(p, i * chunk, std::min(p.R, (i + 1) * chunk));
+    });
+  }
+  if (any) {
+    const at::Tensor xc = xs.contiguous();
+    propagate_nonfinite(reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>()),
+                        cols, B, cols, p.mask, p.KB, p.R, p.y);
+  }
+}
+
 // nm_gemm: argument checks, the kernel over blocks of rows of x (run_rows), the output dtype.
 at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                    const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n,
@@ -340,7 +379,7 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   int64_t path = isa & ~kIsaMask;
   isa &= kIsaMask;
   TORCH_CHECK((path & ~kPathBits) == 0 && (path & (path - 1)) == 0, "nmfx: bad path bits ", path,
-              " (at most one of PATH_EXPAND, PATH_PANELS, PATH_SELECT, PATH_GEMV)");
+              " (at most one of PATH_EXPAND, PATH_PANELS, PATH_SELECT, PATH_GEMV, PATH_PAIRS)");
   const PackedShape shape = check_packed(x, values, mask, bias, rows, cols, n, m);
   const KernelFn fn = select_kernel(isa);
   const int64_t B = x.size(0);
@@ -359,6 +398,10 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   const bool dot_ok = fn == nm_gemm_avx512bf16 && shape.vtype == ValueType::kBFloat16 &&
                       bf16dot_supports(static_cast<int>(n), static_cast<int>(m));
   if (path == kPathGemv && !dot_ok) path = 0;  // not this ISA, dtype or pattern: the ISA's pick
+  const bool pairs_ok = fn == nm_gemm_avx512bf16 && shape.vtype == ValueType::kBFloat16 &&
+                        bf16pairs_kind(static_cast<int>(n), static_cast<int>(m)) >= 0;
+  if (path == kPathPairs && !pairs_ok) path = 0;  // as PATH_GEMV
+  const bool pairs = path == kPathPairs;
   const bool gemv = dot_ok && (path == kPathGemv || (path == 0 && B < kDotMinBatch));
   const bool dot = dot_ok && !gemv && (path == kPathPanels || (path == 0 && B >= kDotMinBatch));
   const bool panels = !dot && !gemv && fn != nm_gemm_portable &&
@@ -377,16 +420,20 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   // x is staged a block of rows at a time, so the staging stays in the kept per-thread scratch
   // (a whole 512x4096 x staged at once had left 8-16 MB resident per slot after the call).
   const int64_t per_row =
-      dot || gemv ? p.ldxb * 2 : (direct ? 0 : ldx * 4) + (panels ? panel_cols(ldx) * 4 : 0);
+      pairs         ? p.KB * 8 * 2
+      : dot || gemv ? p.ldxb * 2
+                    : (direct ? 0 : ldx * 4) + (panels ? panel_cols(ldx) * 4 : 0);
   // Blocks of equal size (a last block of a few rows would cost a pass over W for little).
-  const int64_t unit = panels ? kPanelBatch : 1;
+  const int64_t unit = panels ? kPanelBatch : pairs ? kBf16PairsLanes : 1;
   const int64_t most = std::max(unit, static_cast<int64_t>(kScratchKeepBytes) / per_row / unit * unit);
   const int64_t nblk = (B + most - 1) / most;
   const int64_t block = std::min(most, ((B + nblk - 1) / nblk + unit - 1) / unit * unit);
   for (int64_t b0 = 0; b0 < B; b0 += block) {
     const int64_t bs = std::min(block, B - b0);
     const at::Tensor xs = bs >= B ? x : x.narrow(0, b0, bs);
-    if (dot || gemv) {
+    if (pairs) {
+      run_rows_pairs(p, xs, cols, y.data_ptr<float>() + b0 * rows);
+    } else if (dot || gemv) {
       run_rows_dot(gemv ? nm_gemv_avx512bf16 : fn, p, xs, cols, y.data_ptr<float>() + b0 * rows);
     } else {
       run_rows(fn, p, xs, cols, panels, direct, y.data_ptr<float>() + b0 * rows);

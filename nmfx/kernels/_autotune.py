@@ -53,8 +53,9 @@ logger = logging.getLogger(__name__)
 
 # 5-8: per-shape autotuning (6: batched paths never pruned; 7: avx512bf16-panels; 8:
 # avx512bf16-gemv); 1-4: thresholds
-# 9: fastest of the rounds, not the median; 10: F.linear reference and the load per entry
-TABLE_VERSION = 10
+# 9: fastest of the rounds, not the median; 10: F.linear reference and the load per entry;
+# 11: avx512bf16-pairs timed
+TABLE_VERSION = 11
 CACHE_ENV = "NMFX_CACHE_DIR"
 CALIBRATE_ENV = "NMFX_CALIBRATE"
 # Buckets of rows of x (inclusive bounds; the last is open) and the batch timed for each.
@@ -65,11 +66,19 @@ PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 # Every choice a bucket can hold; the index is its 4-bit code in a module's dispatch code.
 CHOICES = (
     "dense", "portable", "avx2-expand", "avx2-select", "avx2-panels", "avx512-expand",
-    "avx512-panels", "avx512bf16-panels", "avx512bf16-gemv",
+    "avx512-panels", "avx512bf16-panels", "avx512bf16-gemv", "avx512bf16-pairs",
 )  # fmt: skip
 # Rows of x up to which the bf16 dot-product GEMV is timed: it reads W once per 4 rows of x, yet
 # beat the panel path and dense up to 16 rows (4096x2048 2:4, one thread, Zen 4).
 GEMV_MAX_ROWS = 32
+# Rows of x from which the bf16 pair GEMM (nm_bf16pairs.cpp) is timed: it works on blocks of 16
+# rows of x and was made for the compute-bound batches where dense bf16 GEMMs won.
+PAIRS_MIN_ROWS = 16
+# Patterns it is timed for: 1:4 and 1:8 (1.2-1.6x dense at 256 rows of x on a Zen 4). At 2:4 and
+# 4:8 it ran 0.8-1.0x of the dense branch once other layers' weights had left the packed one out
+# of cache, while timing it with its own weight cache-resident (as tuning does) could make it
+# win there: offering it would trade the dense branch for a slower path.
+PAIRS_TUNED = frozenset({(1, 4), (1, 8)})
 NOISE_MARGIN = 0.03
 PRUNE_FACTOR = 3.0
 MIN_ROUNDS = 5
@@ -138,6 +147,9 @@ def host_choices(n: int, m: int, batch: int, dtype: str = "float32") -> list[str
         out.append("avx512bf16-panels")
         if batch <= GEMV_MAX_ROWS:
             out.append("avx512bf16-gemv")
+    pairs = (n, m) in PAIRS_TUNED and batch >= PAIRS_MIN_ROWS
+    if "avx512bf16" in isas and dtype == "bfloat16" and pairs:
+        out.append("avx512bf16-pairs")
     return out
 
 
@@ -145,7 +157,8 @@ def path_code(choice: str) -> int:
     """``nm_gemm``'s isa argument (ISA code | path bit) for a sparse choice."""
     isa, _, path = choice.partition("-")
     bits = {"": 0, "expand": _build.PATH_EXPAND, "select": _build.PATH_SELECT,
-            "panels": _build.PATH_PANELS, "gemv": _build.PATH_GEMV}[path]  # fmt: skip
+            "panels": _build.PATH_PANELS, "gemv": _build.PATH_GEMV,
+            "pairs": _build.PATH_PAIRS}[path]  # fmt: skip
     return _build.ISA_CODES[isa] | bits
 
 

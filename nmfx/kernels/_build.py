@@ -27,6 +27,7 @@ SOURCES = (
     "nm_avx512.cpp",
     "nm_bf16dot.cpp",
     "nm_bf16gemv.cpp",
+    "nm_bf16pairs.cpp",
     "nm_mask.cpp",
     "nm_linear_op.cpp",
 )
@@ -50,6 +51,10 @@ PATH_SELECT = 1 << 10
 # The bf16 dot-product GEMV (nm_bf16gemv.cpp) under ISA avx512bf16, for bf16 weights of the
 # patterns of bf16dot_supports at any rows of x (made for 1-8); elsewhere it means no bit.
 PATH_GEMV = 1 << 11
+# The bf16 pair-dot-product GEMM (nm_bf16pairs.cpp) under ISA avx512bf16, for bf16 weights of
+# PAIRS_PATTERNS at any rows of x (made for 16+); elsewhere it means no bit.
+PATH_PAIRS = 1 << 12
+PAIRS_PATTERNS = frozenset({(2, 4), (4, 8), (1, 4), (1, 8)})
 SELECT_PATTERNS = frozenset({(1, 4), (1, 8), (2, 4), (4, 8)})
 
 

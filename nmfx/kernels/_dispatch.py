@@ -71,8 +71,9 @@ def force_dispatch(mode: str) -> Iterator[None]:
     (``"avx2-expand"``, ``"avx2-select"``, ``"avx2-panels"``, ``"avx512-expand"``,
     ``"avx512-panels"``, ``"avx512bf16-panels"`` (bf16 dot products for bf16 weights; other
     weights run ``"avx512-panels"``), ``"avx512bf16-gemv"`` (the bf16 dot-product GEMV for bf16
-    weights; other weights run the AVX-512 kernel's own pick), ``"portable"``; one this CPU lacks
-    is an error at the call)."""
+    weights; other weights run the AVX-512 kernel's own pick), ``"avx512bf16-pairs"`` (the bf16
+    pair GEMM for bf16 weights of 2:4, 4:8, 1:4 and 1:8; others as for the GEMV),
+    ``"portable"``; one this CPU lacks is an error at the call)."""
     if mode not in _MODE_SET:
         raise ValueError(f"dispatch mode {mode!r} is not one of {list(MODES)}")
     from nmfx.kernels import _cpp_linear  # compiled graphs' C++ op defers to Python meanwhile
@@ -137,11 +138,13 @@ def _runnable(choice: str) -> str:
         return choice
     path = choice.partition("-")[2]
     # The same path on the best ISA that has it, else the best ISA's own pick ("sparse"; e.g.
-    # for the bf16 dot-product GEMV, which no other ISA has).
+    # for the bf16 dot-product GEMV, which no other ISA has; on a CPU without AVX2, the one
+    # portable path, named as such).
+    supported = _build.supported_isas()
     fallback = next(
         (f"{other}-{path}" for other in ("avx512", "avx2")
-         if other in _build.supported_isas() and f"{other}-{path}" in CHOICES),
-        "sparse",
+         if other in supported and f"{other}-{path}" in CHOICES),
+        "portable" if supported == ["portable"] else "sparse",
     )  # fmt: skip
     _autotune._warn_once(
         f"isa:{choice}",

@@ -5,9 +5,9 @@ SR-STE decay runs in the optimizer step pre-hook). Dense and sparse copies of on
 interleaved in the same process, so load from other jobs hits both; the target is
 sparse / dense <= 1.10. The baseline is dense eager *and* dense compiled: a compiled sparse
 model is compared with a compiled dense one. For the MLP the overhead is broken down into
-the mask alone (``nm_mask`` of every sparse weight), the masker forward (mask + masked
-weight) and the SR-STE term of the optimizer hook, also with the mask recomputed as it is
-after a compiled forward; the rest is autograd and dispatch.
+the mask alone (``nm_mask`` of every sparse weight), the masker forward (the masked weight)
+and the SR-STE term of the optimizer hook (the mask recomputed in registers); the rest is
+autograd, dispatch and the cache misses of a larger working set.
 
     PYTHONPATH=. python benchmarks/srste_step.py [--quick] [--compile none|mlp|all] [--contend N]
 
@@ -146,8 +146,8 @@ def mlp_breakdown(
 ) -> tuple[list[list[Any]], dict[str, Any]]:
     """Time the SR-STE pieces of one sparse MLP step apart, summed over its sparse weights.
 
-    The weights are not changed here, so the mask each masker caches stays valid, as it
-    is between the forward and the optimizer step of a real eager step.
+    Eager and compiled steps run the same hook: the term recomputes the mask from the weight
+    (no mask is stored by the forward).
     """
     maskers = [m for m in sparse.modules() if isinstance(m, NMMasker)]
     weights = [m.weight for m in maskers]
@@ -159,29 +159,20 @@ def mlp_breakdown(
         for mk, w in zip(maskers, weights, strict=True):
             nmfx.nm_mask(w, (mk.n, mk.m), dim=mk.reduce_dim)
 
-    def masked_weights() -> None:  # what each masker does in the forward: mask, masked weight
+    def masked_weights() -> None:  # what each masker does in the forward: the masked weight
         with torch.no_grad():
             for mk, w in zip(maskers, weights, strict=True):
                 mk(w)
 
-    masked_weights()  # each masker caches (weight version, mask), as after a forward
-    cached = [mk._last for mk in maskers]
-
-    def srste_terms() -> None:  # the hook's work, with the forward's mask cached as in a step
-        for mk, last in zip(maskers, cached, strict=True):
-            mk._last, mk._term_grad = last, None  # a new gradient: the term goes in again
-            mk.add_srste_term()
-
-    def srste_terms_uncached() -> None:  # what the hook does after a compiled forward
+    def srste_terms() -> None:  # the hook's work: one pass, the mask recomputed in registers
         for mk in maskers:
-            mk._last, mk._term_grad = None, None  # a compiled forward caches no mask
+            mk._term_grad = None  # a new gradient: the term goes in again
             mk.add_srste_term()
 
     parts = {
         "nm_mask": masks,
-        "masker forward (mask + masked weight)": masked_weights,
+        "masker forward (masked weight)": masked_weights,
         "srste term (hook)": srste_terms,
-        "srste term, mask recomputed (compiled)": srste_terms_uncached,
     }
     rounds = interleaved(parts, repeats=repeats, warmup=1, budget_s=budget_s)
     times, used = rounds.pick()
@@ -197,7 +188,7 @@ def rest_row(steps: Rounds, parts: Rounds, n_weights: int) -> list[Any]:
     times, _ = steps.pick()
     overhead = median(times["sparse"]) - median(times["dense"])
     seconds, _ = parts.pick()
-    explained = median(seconds["masker forward (mask + masked weight)"]) + median(
+    explained = median(seconds["masker forward (masked weight)"]) + median(
         seconds["srste term (hook)"]
     )
     return ["rest (autograd, dispatch, hook walk)", n_weights, "-",

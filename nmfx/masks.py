@@ -181,18 +181,22 @@ class ReusedTensor:
 
 
 class MaskOutputs:
-    """The reused (mask, masked weight) outputs of one weight's fused mask pass."""
+    """The reused masked-weight output of one weight's fused mask pass.
+
+    No mask is written: the SR-STE term recomputes it in registers from the weight it reads
+    anyway (``srste_decay_nm_``), which moves fewer bytes than writing a mask here and
+    reading it back in the optimizer hook.
+    """
 
     def __init__(self) -> None:
-        self.mask, self.masked = ReusedTensor(), ReusedTensor()
+        self.masked = ReusedTensor()
 
-    def fill(self, w: torch.Tensor, n: int, m: int, dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """``masked_with_mask(w, (n, m), dim)`` of a contiguous ``w``, into reused buffers
+    def fill(self, w: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
+        """``where(nm_mask(w, (n, m), dim), w, 0)`` of a contiguous ``w``, into a reused buffer
         laid out like ``w`` (a conv weight's groups run along its input channels in place)."""
-        mask = self.mask.take(w.shape, torch.bool)
         masked = self.masked.take(w.shape, w.dtype)
-        torch.ops.nmfx_cpu.nm_mask_apply_out(w, n, m, dim, mask, masked)
-        return mask, masked
+        torch.ops.nmfx_cpu.nm_mask_apply_out(w, n, m, dim, None, masked)
+        return masked
 
 
 def reference_nm_mask(w: torch.Tensor, p: NMPattern, dim: int) -> torch.Tensor:

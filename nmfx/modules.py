@@ -75,9 +75,9 @@ class _StraightThroughMask(torch.autograd.Function):
 
 
 class _FusedStraightThroughMask(torch.autograd.Function):
-    """Eager-CPU twin of ``_StraightThroughMask`` (dynamic masks): the mask and the masked
-    weight come from one fused kernel pass into the masker's reused buffers, and the masker
-    keeps the mask for the SR-STE term of this step. ``tracks``: the backward tells the
+    """Eager-CPU twin of ``_StraightThroughMask`` (dynamic masks): the masked weight comes
+    from one fused kernel pass (mask computed in registers) into the masker's reused buffer;
+    no mask is stored, the SR-STE term recomputes it. ``tracks``: the backward tells the
     masker it ran (the check for optimizers that skip the term), instead of a tensor hook."""
 
     @staticmethod
@@ -244,13 +244,10 @@ class NMMasker(nn.Module):
 
     def _fused_forward(self, weight: torch.Tensor) -> torch.Tensor:
         w = weight.detach()
-        object.__setattr__(self, "_last", None)  # frees the mask buffer for reuse
         if w.is_contiguous():
-            mask, masked = self._outputs.fill(w, self.n, self.m, self.reduce_dim)
-        else:  # a transposed or sliced parameter: fresh outputs
-            mask, masked = masked_with_mask(w, (self.n, self.m), self.reduce_dim)
-        object.__setattr__(self, "_last", (weight._version, mask))  # skips Module.__setattr__
-        return masked
+            return self._outputs.fill(w, self.n, self.m, self.reduce_dim)
+        # a transposed or sliced parameter: fresh outputs
+        return masked_with_mask(w, (self.n, self.m), self.reduce_dim)[1]
 
     def _masked(self, weight: torch.Tensor) -> torch.Tensor:
         if not self.stores_mask:
@@ -293,19 +290,20 @@ class NMMasker(nn.Module):
         if _is_dtensor(w):  # FSDP2 / DTensor: work on this rank's shard, no communication
             mask = self._shard_mask(w, grad)
             grad, w = grad.to_local(), w.to_local()
-        elif self.mask is None and self._cached_mask(w) is None:
-            # no mask from this weight's forward (a compiled one): recompute it on the fly
+        elif self.mask is None:
             if (
                 grad.is_contiguous() and w.is_contiguous()
                 and grad.dtype == w.dtype and _use_kernel(w, self.m)
             ):  # fmt: skip
+                # the mask recomputed in registers from the weight this pass reads anyway:
+                # one pass over (w, grad), nothing stored by the forward (eager or compiled)
                 torch.ops.nmfx_cpu.srste_decay_nm_(
                     grad, w, self.n, self.m, self.reduce_dim, self.srste_lambda
                 )
                 return
-            mask = self.compute_mask(w)
-        else:
             mask = self.current_mask()
+        else:
+            mask = self.mask
         if (
             grad.is_contiguous() and w.is_contiguous() and mask.is_contiguous()
             and grad.dtype == w.dtype and _use_kernel(w, self.m)

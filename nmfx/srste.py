@@ -46,8 +46,7 @@ def add_srste_terms(params: Any) -> int:
     maskers = live_maskers()
     if not maskers:
         return 0
-    ids = {id(p) for p in params}
-    touched = 0
+    by_weight: dict[int, list] = {}
     for masker in maskers:
         if masker.srste_lambda == 0 or masker.mask_mode == "fixed":
             continue  # fixed masks: pruned weights are zero, so the term is zero
@@ -55,8 +54,13 @@ def add_srste_terms(params: Any) -> int:
             weight = masker.weight
         except AttributeError:  # owner was finalized
             continue
-        if id(weight) in ids and masker.add_srste_term():
-            touched += 1
+        by_weight.setdefault(id(weight), []).append(masker)
+    touched = 0
+    # Last parameter first: an optimizer then steps its first parameters while the weights
+    # and gradients the hook touched last are still in cache (each term is a pass over both).
+    for p in reversed(list(params)):
+        for masker in by_weight.pop(id(p), ()):
+            touched += masker.add_srste_term()
     return touched
 
 

@@ -85,35 +85,37 @@ void mask_block(const T* __restrict__ w, bool* __restrict__ out, T* __restrict__
 // fp32 groups of 4 with AVX2: one group per 128-bit lane, ranks from three in-lane rotations
 // (element (i+k)%4 sits at position i of rotation k; it has the lower index iff i >= 4-k).
 // Same rules as mask_block: larger wins, ties go to the lower index, NaN ranks as +inf.
-__attribute__((target("avx2"))) void mask4_avx2(const float* __restrict__ w, bool* __restrict__ out,
-                                               float* __restrict__ mw, int64_t begin, int64_t end,
-                                               int64_t n) {
-  // Integer keys and the "+1 turns > into >=" trick of keep4_avx512 (keys < 2^31, so the
-  // signed compare orders them); the third rotation is ~b1 rotated, the rank is bit logic.
+// Returns all-ones lanes where kept. Integer keys and the "+1 turns > into >=" trick of
+// keep4_avx512 (keys < 2^31, so the signed compare orders them); the third rotation is ~b1
+// rotated, the rank is bit logic.
+__attribute__((target("avx2"))) inline __m256i keep4_avx2(__m256 v, int64_t n) {
   const __m256i abs_bits = _mm256_set1_epi32(0x7fffffff);
   const __m256i inf_key = _mm256_set1_epi32(0x7f800000);
   const __m256i low1 = _mm256_setr_epi32(0, 0, 0, 1, 0, 0, 0, 1);
   const __m256i low2 = _mm256_setr_epi32(0, 0, 1, 1, 0, 0, 1, 1);
   const __m256i ones = _mm256_set1_epi32(-1);
+  const __m256i key = _mm256_min_epu32(_mm256_and_si256(_mm256_castps_si256(v), abs_bits), inf_key);
+  const __m256i r1 = _mm256_add_epi32(_mm256_shuffle_epi32(key, _MM_SHUFFLE(0, 3, 2, 1)), low1);
+  const __m256i r2 = _mm256_add_epi32(_mm256_shuffle_epi32(key, _MM_SHUFFLE(1, 0, 3, 2)), low2);
+  const __m256i b1 = _mm256_cmpgt_epi32(r1, key);  // (i+1)%4 beats i
+  const __m256i b2 = _mm256_cmpgt_epi32(r2, key);  // (i+2)%4 beats i
+  // (i+3)%4 beats i == i does not beat (i+3)%4 == !b1[(i+3)%4]
+  const __m256i b3 = _mm256_xor_si256(_mm256_shuffle_epi32(b1, _MM_SHUFFLE(2, 1, 0, 3)), ones);
+  if (n == 1) return _mm256_xor_si256(_mm256_or_si256(_mm256_or_si256(b1, b2), b3), ones);
+  if (n == 2) {
+    const __m256i two = _mm256_or_si256(_mm256_and_si256(b1, _mm256_or_si256(b2, b3)), _mm256_and_si256(b2, b3));
+    return _mm256_xor_si256(two, ones);
+  }
+  return _mm256_xor_si256(_mm256_and_si256(_mm256_and_si256(b1, b2), b3), ones);
+}
+
+__attribute__((target("avx2"))) void mask4_avx2(const float* __restrict__ w, bool* __restrict__ out,
+                                               float* __restrict__ mw, int64_t begin, int64_t end,
+                                               int64_t n) {
   int64_t g = begin;
   for (; g + 2 <= end; g += 2) {  // two groups of 4 per iteration
     const __m256 v = _mm256_loadu_ps(w + g * 4);
-    const __m256i key = _mm256_min_epu32(_mm256_and_si256(_mm256_castps_si256(v), abs_bits), inf_key);
-    const __m256i r1 = _mm256_add_epi32(_mm256_shuffle_epi32(key, _MM_SHUFFLE(0, 3, 2, 1)), low1);
-    const __m256i r2 = _mm256_add_epi32(_mm256_shuffle_epi32(key, _MM_SHUFFLE(1, 0, 3, 2)), low2);
-    const __m256i b1 = _mm256_cmpgt_epi32(r1, key);  // (i+1)%4 beats i
-    const __m256i b2 = _mm256_cmpgt_epi32(r2, key);  // (i+2)%4 beats i
-    // (i+3)%4 beats i == i does not beat (i+3)%4 == !b1[(i+3)%4]
-    const __m256i b3 = _mm256_xor_si256(_mm256_shuffle_epi32(b1, _MM_SHUFFLE(2, 1, 0, 3)), ones);
-    __m256i keep;
-    if (n == 1) {
-      keep = _mm256_xor_si256(_mm256_or_si256(_mm256_or_si256(b1, b2), b3), ones);
-    } else if (n == 2) {
-      const __m256i two = _mm256_or_si256(_mm256_and_si256(b1, _mm256_or_si256(b2, b3)), _mm256_and_si256(b2, b3));
-      keep = _mm256_xor_si256(two, ones);
-    } else {
-      keep = _mm256_xor_si256(_mm256_and_si256(_mm256_and_si256(b1, b2), b3), ones);
-    }
+    const __m256i keep = keep4_avx2(v, n);
     if (mw != nullptr) _mm256_storeu_ps(mw + g * 4, _mm256_and_ps(v, _mm256_castsi256_ps(keep)));
     if (out == nullptr) continue;
     // 8 keep lanes -> 8 bytes of 0/1: pack the lanes' low bytes together
@@ -142,6 +144,25 @@ __attribute__((target("avx2"))) void decay_avx2(float* __restrict__ g, const flo
     _mm256_storeu_ps(g + i, _mm256_add_ps(_mm256_loadu_ps(g + i), add));
   }
   for (; i < end; ++i) g[i] += keep[i] ? 0.0f : l * x[i];
+}
+
+// The SR-STE term of fp32 groups of 4 with the mask recomputed in registers: one pass that
+// reads w and grad and writes grad, no mask in memory. Bit for bit mask4_avx2 then decay_avx2.
+__attribute__((target("avx2"))) void decay4_nm_avx2(float* __restrict__ g, const float* __restrict__ w,
+                                                   float l, int64_t begin, int64_t end, int64_t n) {
+  const __m256 lv = _mm256_set1_ps(l);
+  int64_t q = begin;
+  for (; q + 2 <= end; q += 2) {  // two groups of 4 per iteration
+    const __m256 v = _mm256_loadu_ps(w + q * 4);
+    const __m256 kept = _mm256_castsi256_ps(keep4_avx2(v, n));
+    const __m256 add = _mm256_andnot_ps(kept, _mm256_mul_ps(lv, v));
+    _mm256_storeu_ps(g + q * 4, _mm256_add_ps(_mm256_loadu_ps(g + q * 4), add));
+  }
+  for (; q < end; ++q) {  // the last group, as mask_block then decay_avx2's tail
+    bool keep[4];
+    mask_block<float, 4>(w + q * 4, keep, nullptr, 0, 1, n, 4);
+    for (int64_t i = 0; i < 4; ++i) g[q * 4 + i] += keep[i] ? 0.0f : l * w[q * 4 + i];
+  }
 }
 
 #define NMFX_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq")))
@@ -216,6 +237,20 @@ NMFX_AVX512 void decay_avx512(float* __restrict__ g, const float* __restrict__ x
     _mm512_storeu_ps(g + i, _mm512_add_ps(_mm512_loadu_ps(g + i), add));
   }
   for (; i < end; ++i) g[i] += keep[i] ? 0.0f : l * x[i];
+}
+
+// decay4_nm_avx2 16 at a time (four groups): bit for bit mask4_avx512 then decay_avx512.
+NMFX_AVX512 void decay4_nm_avx512(float* __restrict__ g, const float* __restrict__ w, float l,
+                                  int64_t begin, int64_t end, int64_t n) {
+  const __m512 lv = _mm512_set1_ps(l);
+  int64_t q = begin;
+  for (; q + 4 <= end; q += 4) {
+    const __m512 v = _mm512_loadu_ps(w + q * 4);
+    const __mmask16 pruned = static_cast<__mmask16>(~keep4_avx512(v, n));
+    const __m512 add = _mm512_maskz_mul_ps(pruned, lv, v);
+    _mm512_storeu_ps(g + q * 4, _mm512_add_ps(_mm512_loadu_ps(g + q * 4), add));
+  }
+  if (q < end) decay4_nm_avx2(g, w, l, q, end, n);  // AVX-512F implies AVX2
 }
 
 #undef NMFX_AVX512
@@ -487,6 +522,21 @@ void srste_decay_(at::Tensor grad, const at::Tensor& w, const at::Tensor& mask, 
   });
 }
 
+// The term over groups [begin, end) in one register pass where a kernel exists (fp32 groups
+// of 4, AVX2 or AVX-512); false otherwise (the caller masks into a buffer, then decays).
+template <typename T>
+bool fused_term(int64_t isa, T* g, const T* w, float l, int64_t begin, int64_t end, int64_t n,
+                int64_t m) {
+#if defined(__x86_64__) || defined(_M_X64)
+  if constexpr (std::is_same_v<T, float>) {
+    if (m != 4) return false;
+    if (isa == kIsaAvx512) return decay4_nm_avx512(g, w, l, begin, end, n), true;
+    if (isa == kIsaAvx2) return decay4_nm_avx2(g, w, l, begin, end, n), true;
+  }
+#endif
+  return false;
+}
+
 // The checks of the ops that take a weight grouped along ``dim``; returns dim in [0, ndim).
 int64_t check_dim_args(const char* op, const at::Tensor& w, int64_t n, int64_t m, int64_t dim,
                        const at::Tensor& other, const char* other_name) {
@@ -523,6 +573,7 @@ void srste_decay_nm_(at::Tensor grad, const at::Tensor& w, int64_t n, int64_t m,
     const scalar_t* x = w.const_data_ptr<scalar_t>();
     if (inner > 1) return strided<scalar_t>(x, nullptr, nullptr, g, l, outer, K, inner, n, m);
     nmfx::parallel_ranges(w.numel() / m, kTermChunk / m, [=](int64_t begin, int64_t end) {
+      if (fused_term(isa, g, x, l, begin, end, n, m)) return;
       bool keep[kTermChunk];
       const int64_t off = begin * m;
       const int64_t len = (end - begin) * m;

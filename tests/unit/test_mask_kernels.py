@@ -86,6 +86,27 @@ def test_srste_decay_equals_portable_bit_for_bit(isa, numel) -> None:
     torch.testing.assert_close(out, expected, equal_nan=True, rtol=0, atol=0)
 
 
+@pytest.mark.parametrize("isa", VECTOR_ISAS)
+@pytest.mark.parametrize("nm", [(2, 4), (1, 4), (3, 4)], ids=str)
+@pytest.mark.parametrize("numel", [4, 8, 12, 20, 28, 4 * 4097, 4 * 12_291])  # tails; threads
+def test_term_with_mask_in_registers_equals_mask_then_decay_bit_for_bit(isa, nm, numel) -> None:
+    """fp32 groups of 4: srste_decay_nm_ ranks each group in registers (no mask in memory);
+    the result is bit for bit the portable mask followed by the portable decay, whatever the
+    number of groups (the 2- and 4-group vector steps' tails) and with NaN, Inf, ties, -0.0."""
+    w = weight(torch.float32, numel // 4, 4, special=True)[1].contiguous()  # ties
+    grad = torch.randn(numel, generator=torch.Generator().manual_seed(numel))
+    grad[2::9] = -0.0
+    torch.ops.nmfx_cpu.set_mask_isa(ISA_CODES["portable"])
+    ref = grad.clone()
+    torch.ops.nmfx_cpu.srste_decay_(ref, w, torch.ops.nmfx_cpu.nm_mask(w, *nm), 0.5)
+    use(isa)
+    out = grad.clone()
+    torch.ops.nmfx_cpu.srste_decay_nm_(out, w, *nm, 0, 0.5)
+    assert torch.equal(out.view(torch.int32), ref.view(torch.int32))
+    if numel >= 20:  # a few groups of small integers may prune only zeros
+        assert not torch.equal(out.view(torch.int32), grad.view(torch.int32))
+
+
 def test_set_mask_isa_rejects_unknown_codes() -> None:
     with pytest.raises(RuntimeError, match=r"ISA code 7 is not 0 \(auto\), 1 \(portable\)"):
         torch.ops.nmfx_cpu.set_mask_isa(7)

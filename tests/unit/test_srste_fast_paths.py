@@ -181,3 +181,49 @@ def test_compiled_forward_masks_in_one_custom_op_and_trains_like_eager():
     for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(a, b, **tol("reorder"))
     torch._dynamo.reset()
+
+
+def test_eager_step_equals_the_tensor_op_path(monkeypatch):
+    """The fused path (masked weight from the kernel, the term with the mask recomputed in
+    registers, nothing stored) against the masks' tensor-op path, on three SGD steps (the
+    op path's ``add_(..., alpha=)`` may round the term's multiply-add once: "step")."""
+    x, y = torch.randn(16, 128), torch.randint(0, 4, (16,))
+    fused = nmfx.sparsify(mlp(), srste_lambda=LAM)
+    ops_path = copy.deepcopy(fused)
+    _train(fused, fused, x, y)
+    assert masker_of(fused[0])._last is None  # the fused forward stores no mask
+    monkeypatch.setattr(nmfx.modules, "_use_kernel", lambda w, m: False)
+    _train(ops_path, ops_path, x, y)
+    for a, b in zip(fused.parameters(), ops_path.parameters(), strict=True):
+        torch.testing.assert_close(a, b, **tol("step"))
+
+
+def test_term_uses_the_mask_of_the_weight_being_stepped():
+    """A weight changed in place between backward and step: the term's mask is the changed
+    weight's (it is recomputed from the weight the hook reads, never cached from the forward)."""
+    model = nmfx.sparsify(mlp(), srste_lambda=LAM)
+    opt = torch.optim.SGD(model.parameters(), lr=LR)
+    F.mse_loss(model(torch.randn(6, 128)), torch.randn(6, 4)).backward()
+    w = model[0].weight
+    with torch.no_grad():
+        w.copy_(torch.randn_like(w) * 0.05)  # another mask than the forward's (init scale)
+    w_now, grad = w.detach().clone(), w.grad.clone()
+    opt.step()
+    expected = w_now - LR * (grad + LAM * (~nm_mask(w_now, "2:4")) * w_now)
+    torch.testing.assert_close(w.detach(), expected, **tol("step"))
+
+
+def test_hook_adds_terms_last_parameter_first(monkeypatch):
+    """Cache order: an optimizer steps its first parameters first, so the hook ends on them."""
+    model = nmfx.sparsify(mlp(), srste_lambda=LAM)
+    F.mse_loss(model(torch.randn(6, 128)), torch.randn(6, 4)).backward()
+    seen = []
+    original = nmfx.modules.NMMasker.add_srste_term
+
+    def record(self):
+        seen.append(self.owner)
+        return original(self)
+
+    monkeypatch.setattr(nmfx.modules.NMMasker, "add_srste_term", record)
+    assert nmfx.add_srste_terms(model.parameters()) == 2
+    assert seen == [model[2], model[0]]

@@ -66,7 +66,7 @@ def test_compiled_step_matches_generate_and_is_reused(monkeypatch) -> None:
     low = nmfx.lower(copy.deepcopy(model), "cpu")
     torch._dynamo.reset()
     assert torch.equal(fast_generate(low, ids, 10), want)
-    decoder = _DECODERS[low][(1, 17, torch.float32, True)]
+    decoder = _DECODERS[low][(1, 64, torch.float32, True)]  # 17 rounded up (CACHE_ROUND)
     # the compiled step calls the packed C++ op: no call reaches the Python op
     calls = []
     real = _ops.compute
@@ -75,10 +75,10 @@ def test_compiled_step_matches_generate_and_is_reused(monkeypatch) -> None:
         token = decoder.step(ids[:, -1:], torch.full((1, 1), 7))
     assert token.shape == (1, 1) and not calls
     monkeypatch.undo()
-    # a second prompt of the same shape: the same cache and step, reset, same answer as generate
-    ids2 = torch.randint(0, 1024, (1, 7))
+    # another prompt, of another length: the same cache and step, reset, same answer as generate
+    ids2 = torch.randint(0, 1024, (1, 12))
     assert torch.equal(fast_generate(low, ids2, 10), hf_generate(model, ids2, 10))
-    assert list(_DECODERS[low]) == [(1, 17, torch.float32, True)]
+    assert list(_DECODERS[low]) == [(1, 64, torch.float32, True)]
     # the decoders go with the model
     ref = weakref.ref(low)
     del low, decoder
@@ -106,3 +106,24 @@ def test_bad_input(ids, new, match) -> None:
 def test_not_a_causal_lm() -> None:
     with pytest.raises(TypeError, match=r"needs a Hugging Face causal LM.*got Linear"):
         fast_generate(torch.nn.Linear(2, 2), torch.zeros(1, 2, dtype=torch.long), 2)
+
+
+def test_bf16_attention_runs_in_fp32_and_the_model_is_restored() -> None:
+    from nmfx.hf import _FP32_SDPA
+
+    model = pruned("llama").to(torch.bfloat16)
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 1024, (1, 8))
+    got = fast_generate(model, ids, 56, compile=False)  # 64 positions: no rounding up
+    assert model.config._attn_implementation == "sdpa"  # restored
+    # generate with the same attention and a static cache of the same length (bf16 rounding
+    # differs with the cache's length): the same tokens
+    model.set_attn_implementation(_FP32_SDPA)
+    with torch.no_grad():
+        want = model.generate(ids, max_new_tokens=56, min_new_tokens=56, do_sample=False,
+                              pad_token_id=0, cache_implementation="static")  # fmt: skip
+    assert torch.equal(got, want)
+    model.set_attn_implementation("sdpa")
+    fp32 = pruned("llama")
+    fast_generate(fp32, ids, 2, compile=False)
+    assert _FP32_SDPA in T.AttentionInterface._global_mapping

@@ -92,3 +92,20 @@ def test_readme_lower_then_compile_block_runs_as_printed(tiny_llama_dir: Path) -
     exec(compile(code.replace("max_new_tokens=256", "max_new_tokens=8"), "README.md", "exec"), ns)
     assert ns["fast"] is model and any(isinstance(m, NMLinear) for m in model.modules())
     assert torch.equal(ns["out"], want)
+
+
+@pytest.mark.slow
+def test_readme_fastest_decoding_block_runs_as_printed(tiny_llama_dir: Path) -> None:
+    import nmfx
+
+    code = readme_block("**The fastest way to decode", "from nmfx.hf import fast_generate")
+    model = T.AutoModelForCausalLM.from_pretrained(tiny_llama_dir)
+    nmfx.sparsify(model)
+    ids = torch.randint(0, 512, (1, 16), generator=torch.Generator().manual_seed(0))
+    eager = nmfx.lower(nmfx.finalize(model), "cpu")  # a lowered copy decoded by generate
+    with torch.no_grad():
+        want = eager.generate(ids, max_new_tokens=8, do_sample=False)
+    ns = {"torch": torch, "nmfx": nmfx, "model": model, "ids": ids}
+    exec(compile(code.replace("max_new_tokens=256", "max_new_tokens=8"), "README.md", "exec"), ns)
+    assert ns["fast"] is model and any(isinstance(m, NMLinear) for m in model.modules())
+    assert torch.equal(ns["out"], want)

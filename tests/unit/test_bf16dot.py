@@ -160,20 +160,29 @@ def test_choices_offer_it_for_bf16_and_its_patterns_only(monkeypatch) -> None:
 def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> None:
     """A module tuned on an AVX512-BF16 host, run where the CPU lacks it: the nearest batched
     path with one warning, and the right result; an override naming it is an error there."""
+    real = [i for i in _build.supported_isas() if i != "avx512bf16"]
+    fallback = next((f"{i}-panels" for i in ("avx512", "avx2") if i in real), "portable")
+    assert_table_falls_back(monkeypatch, "avx512bf16-panels", fallback, 9)
+
+
+def assert_table_falls_back(monkeypatch, choice: str, fallback: str, batch: int) -> None:
+    """A layer whose table names the AVX512-BF16 path ``choice`` at every bucket, run with
+    AVX512-BF16 hidden from the kernels: one warning naming ``fallback``, the right result, and
+    ``force_dispatch(choice)`` an error (test_bf16gemv.py and test_bf16gemm.py use it too)."""
     assert K.kernels_available()
     real = [i for i in _build.supported_isas() if i != "avx512bf16"]
     monkeypatch.setattr(_build, "supported_isas", lambda: list(real))
-    fallback = next((f"{i}-panels" for i in ("avx512", "avx2") if i in real), "portable")
     w = random_nm(24, 64, "2:4", torch.bfloat16, seed=4)
     layer = NMLinear(pack(w, "2:4"), torch.randn(24).bfloat16())
-    layer.dispatch = _autotune.encode(["avx512bf16-panels"] * len(_autotune.BUCKETS))
-    x = torch.randn(9, 64).bfloat16()
-    with pytest.warns(RuntimeWarning, match=rf"names 'avx512bf16-panels', which this CPU cannot "
+    layer.dispatch = _autotune.encode([choice] * len(_autotune.BUCKETS))
+    x = torch.randn(batch, 64).bfloat16()
+    with pytest.warns(RuntimeWarning, match=rf"names '{choice}', which this CPU cannot "
                       rf"run .*running '{fallback}' instead"):  # fmt: skip
         y = layer(x)
     torch.testing.assert_close(y.float(), reference(x, w, layer.bias), **KTOL)
-    needs = r"'avx512bf16-panels' needs ISA 'avx512bf16'"
-    with pytest.raises(ValueError, match=needs), K.force_dispatch("avx512bf16-panels"):
+    assert K.dispatch_summary(layer.dispatch) == f"{choice} at 1+ rows of x"
+    needs = rf"'{choice}' needs ISA 'avx512bf16'"
+    with pytest.raises(ValueError, match=needs), K.force_dispatch(choice):
         K.nm_linear(x, pack(w, "2:4"))
 
 

@@ -9,13 +9,18 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
-from test_bf16dot import KTOL, _fresh_warnings, assert_matches_linear, needs_bf16dot  # noqa: F401
+from test_bf16dot import (  # noqa: F401
+    KTOL,
+    _fresh_warnings,
+    assert_matches_linear,
+    assert_table_falls_back,
+    needs_bf16dot,
+)
 from test_cpu_kernels import _no_calibration, random_nm, reference  # noqa: F401
 from tolerances import TOL
 
 import nmfx.kernels as K
 from nmfx.kernels import _autotune, _build
-from nmfx.lowering.cpu import NMLinear
 from nmfx.packed import pack
 
 PAIRS = _build.ISA_CODES["avx512bf16"] | _build.PATH_PAIRS
@@ -180,22 +185,9 @@ def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> Non
     """A module tuned on an AVX512-BF16 host, run where the CPU lacks it: the best ISA's own
     path ("sparse"; "portable" on a CPU without AVX2) with one warning, and the right result;
     an override naming it is an error there."""
-    assert K.kernels_available()
     real = [i for i in _build.supported_isas() if i != "avx512bf16"]
-    monkeypatch.setattr(_build, "supported_isas", lambda: list(real))
     fallback = "portable" if real == ["portable"] else "sparse"
-    w = random_nm(24, 64, "2:4", torch.bfloat16, seed=4)
-    layer = NMLinear(pack(w, "2:4"), torch.randn(24).bfloat16())
-    layer.dispatch = _autotune.encode(["avx512bf16-pairs"] * len(_autotune.BUCKETS))
-    x = torch.randn(20, 64).bfloat16()
-    with pytest.warns(RuntimeWarning, match=r"names 'avx512bf16-pairs', which this CPU cannot "
-                      rf"run .*running '{fallback}' instead"):  # fmt: skip
-        y = layer(x)
-    torch.testing.assert_close(y.float(), reference(x, w, layer.bias), **KTOL)
-    assert K.dispatch_summary(layer.dispatch) == "avx512bf16-pairs at 1+ rows of x"
-    needs = r"'avx512bf16-pairs' needs ISA 'avx512bf16'"
-    with pytest.raises(ValueError, match=needs), K.force_dispatch("avx512bf16-pairs"):
-        K.nm_linear(x, pack(w, "2:4"))
+    assert_table_falls_back(monkeypatch, "avx512bf16-pairs", fallback, 20)
 
 
 @needs_bf16dot

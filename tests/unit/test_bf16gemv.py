@@ -14,7 +14,13 @@ import torch.nn.functional as F
 
 # The dot-product path's skip mark, tolerance, check against F.linear and autouse fixture (fresh
 # fallback warnings).
-from test_bf16dot import KTOL, _fresh_warnings, assert_matches_linear, needs_bf16dot  # noqa: F401
+from test_bf16dot import (  # noqa: F401
+    KTOL,
+    _fresh_warnings,
+    assert_matches_linear,
+    assert_table_falls_back,
+    needs_bf16dot,
+)
 
 # The kernel tests' helpers and their autouse fixture (no calibration, private cache, no
 # overrides from the environment).
@@ -23,7 +29,6 @@ from tolerances import TOL
 
 import nmfx.kernels as K
 from nmfx.kernels import _autotune, _build
-from nmfx.lowering.cpu import NMLinear
 from nmfx.packed import pack
 
 GEMV = _build.ISA_CODES["avx512bf16"] | _build.PATH_GEMV
@@ -165,22 +170,9 @@ def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> Non
     """A module tuned on an AVX512-BF16 host, run where the CPU lacks it: the best ISA's own
     path ("sparse"; "portable" on a CPU without AVX2) with one warning, and the right result;
     an override naming it is an error there."""
-    assert K.kernels_available()
     real = [i for i in _build.supported_isas() if i != "avx512bf16"]
-    monkeypatch.setattr(_build, "supported_isas", lambda: list(real))
     fallback = "portable" if real == ["portable"] else "sparse"
-    w = random_nm(24, 64, "2:4", torch.bfloat16, seed=4)
-    layer = NMLinear(pack(w, "2:4"), torch.randn(24).bfloat16())
-    layer.dispatch = _autotune.encode(["avx512bf16-gemv"] * len(_autotune.BUCKETS))
-    x = torch.randn(1, 64).bfloat16()
-    with pytest.warns(RuntimeWarning, match=r"names 'avx512bf16-gemv', which this CPU cannot "
-                      rf"run .*running '{fallback}' instead"):  # fmt: skip
-        y = layer(x)
-    torch.testing.assert_close(y.float(), reference(x, w, layer.bias), **KTOL)
-    assert K.dispatch_summary(layer.dispatch) == "avx512bf16-gemv at 1+ rows of x"
-    needs = r"'avx512bf16-gemv' needs ISA 'avx512bf16'"
-    with pytest.raises(ValueError, match=needs), K.force_dispatch("avx512bf16-gemv"):
-        K.nm_linear(x, pack(w, "2:4"))
+    assert_table_falls_back(monkeypatch, "avx512bf16-gemv", fallback, 1)
 
 
 @needs_bf16dot

@@ -47,3 +47,20 @@ def kernel_defaults(monkeypatch, tmp_path) -> None:
     monkeypatch.delenv("NMFX_DISPATCH", raising=False)
     monkeypatch.delenv("NMFX_ISA", raising=False)
     monkeypatch.setattr(_dispatch, "_table", None)
+
+
+@pytest.fixture
+def python_calls(monkeypatch) -> list[int]:
+    """Counts the calls that reached nmfx::nm_linear's Python implementation (the C++ op
+    nmfx_cpu::nm_linear hands some calls to it)."""
+    from nmfx.kernels import _ops
+
+    calls = [0]
+    real = _ops.compute
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_ops, "compute", counting)
+    return calls

@@ -165,6 +165,34 @@ def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> Non
     assert_table_falls_back(monkeypatch, "avx512bf16-panels", fallback, 9)
 
 
+def assert_path_bit_is_no_bit_elsewhere(isa: str, dtype: torch.dtype, pattern: str, bit: int) -> None:
+    """A path bit where its kernel does not apply (other dtype, pattern or ISA) gives the ISA's
+    own pick bit for bit, at one row and at 40 (test_bf16gemv.py and test_bf16gemm.py)."""
+    if isa not in _build.supported_isas():
+        pytest.skip(f"CPU lacks {isa}")
+    n, m = (int(v) for v in pattern.split(":"))
+    w = random_nm(24, 128, pattern, dtype, seed=5)
+    p = pack(w, pattern)
+    for batch in (1, 40):
+        x = torch.randn(batch, 128).to(dtype)
+        own = torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, None, 24, 128, n, m,
+                                         _build.ISA_CODES[isa])  # fmt: skip
+        forced = torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, None, 24, 128, n, m,
+                                            _build.ISA_CODES[isa] | bit)  # fmt: skip
+        assert torch.equal(own, forced)
+        torch.testing.assert_close(forced.float(), reference(x, w, None), **TOL["kernel"][dtype])
+
+
+def assert_path_bits_stay_exclusive(bit: int, name: str) -> None:
+    """``bit`` together with PATH_PANELS is refused, naming ``name``."""
+    assert K.kernels_available()
+    p = pack(random_nm(4, 64, "2:4", torch.bfloat16), "2:4")
+    both = _build.ISA_CODES["portable"] | bit | _build.PATH_PANELS
+    with pytest.raises(RuntimeError, match=rf"bad path bits .*{name}"):
+        torch.ops.nmfx_cpu.nm_gemm(torch.randn(1, 64).bfloat16(), p.values, p.mask, None, 4, 64,
+                                   2, 4, both)  # fmt: skip
+
+
 def assert_table_falls_back(monkeypatch, choice: str, fallback: str, batch: int) -> None:
     """A layer whose table names the AVX512-BF16 path ``choice`` at every bucket, run with
     AVX512-BF16 hidden from the kernels: one warning naming ``fallback``, the right result, and

@@ -18,6 +18,8 @@ from test_bf16dot import (  # noqa: F401
     KTOL,
     _fresh_warnings,
     assert_matches_linear,
+    assert_path_bit_is_no_bit_elsewhere,
+    assert_path_bits_stay_exclusive,
     assert_table_falls_back,
     needs_bf16dot,
 )
@@ -128,24 +130,11 @@ def test_nonfinite_x_gives_the_nan_and_inf_of_linear() -> None:
 def test_path_bit_elsewhere_runs_the_isas_own_path(isa: str, dtype, pattern: str) -> None:
     """PATH_GEMV where the GEMV does not apply is no bit: the same result as the ISA's own pick,
     at one row and at 40 (where the ISA's own pick is the batched path)."""
-    if isa not in _build.supported_isas():
-        pytest.skip(f"CPU lacks {isa}")
-    w = random_nm(24, 128, pattern, dtype, seed=5)
-    p = pack(w, pattern)
-    for batch in (1, 40):
-        x = torch.randn(batch, 128).to(dtype)
-        own = _gemm(x, p, None, 24, 128, pattern, _build.ISA_CODES[isa])
-        forced = _gemm(x, p, None, 24, 128, pattern, _build.ISA_CODES[isa] | _build.PATH_GEMV)
-        assert torch.equal(own, forced)
-        torch.testing.assert_close(forced.float(), reference(x, w, None), **TOL["kernel"][dtype])
+    assert_path_bit_is_no_bit_elsewhere(isa, dtype, pattern, _build.PATH_GEMV)
 
 
 def test_path_bits_stay_exclusive() -> None:
-    assert K.kernels_available()
-    p = pack(random_nm(4, 64, "2:4", torch.bfloat16), "2:4")
-    both = _build.ISA_CODES["portable"] | _build.PATH_GEMV | _build.PATH_PANELS
-    with pytest.raises(RuntimeError, match=r"bad path bits .*PATH_GEMV"):
-        _gemm(torch.randn(1, 64).bfloat16(), p, None, 4, 64, "2:4", both)
+    assert_path_bits_stay_exclusive(_build.PATH_GEMV, "PATH_GEMV")
 
 
 def test_choices_offer_it_for_bf16_its_patterns_and_few_rows(monkeypatch) -> None:

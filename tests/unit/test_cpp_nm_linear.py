@@ -12,7 +12,7 @@ from torch import nn
 
 import nmfx
 from nmfx import nm_mask
-from nmfx.kernels import _autotune, _build, _cpp_linear, _ops, force_dispatch, use_isa
+from nmfx.kernels import _autotune, _build, _cpp_linear, force_dispatch, use_isa
 from nmfx.packed import pack
 
 pytestmark = pytest.mark.usefixtures("kernel_defaults")
@@ -21,20 +21,6 @@ pytestmark = pytest.mark.usefixtures("kernel_defaults")
 @pytest.fixture(autouse=True)
 def _ready() -> None:
     assert _build.extension_available() and _cpp_linear.ready()
-
-
-@pytest.fixture
-def python_calls(monkeypatch) -> list[int]:
-    """Counts the calls that reached nmfx::nm_linear's Python implementation."""
-    calls = [0]
-    real = _ops.compute
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_ops, "compute", counting)
-    return calls
 
 
 def random_nm(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:

@@ -149,22 +149,15 @@ def test_lowering_under_a_cap_runs_there(tol) -> None:
         torch.testing.assert_close(low(x), model(x), **tol("lowered_model", torch.float32))
 
 
-def test_compiled_graphs_cpp_op_follows_the_cap(monkeypatch) -> None:
+def test_compiled_graphs_cpp_op_follows_the_cap(monkeypatch, python_calls) -> None:
     """The C++ op compiled graphs call (nmfx_cpu::nm_linear) decides from tables of runnable
     choices: under a cap a choice above it goes to the Python op, which warns and runs the
     nearest path; without the cap C++ runs it again."""
-    from nmfx.kernels import _cpp_linear, _ops
+    from nmfx.kernels import _cpp_linear
 
     if "avx512" not in _caps() or not _cpp_linear.ready():
         pytest.skip("needs AVX-512 and the C++ op")
-    calls = [0]
-    real = _ops.compute
-
-    def counting(*args, **kwargs):
-        calls[0] += 1
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(_ops, "compute", counting)
+    calls = python_calls
     monkeypatch.setattr(_autotune, "_warned", set())
     w = _random_nm(16, 64)
     p = pack(w, "2:4")

@@ -219,7 +219,7 @@ def _host_paths() -> list[str]:
 @pytest.mark.parametrize("choice", _host_paths())
 @pytest.mark.parametrize("batch", [1, 3, 40])
 def test_every_host_choice_forced_matches_linear(choice: str, batch: int) -> None:
-    if choice == "avx2-select" and batch != 1:
+    if choice.endswith("-select") and batch != 1:
         pytest.skip("the selecting GEMV is for one row of x")
     w = random_nm(40, 96, 2, 4, seed=3)
     x = torch.randn(batch, 96)

@@ -149,15 +149,31 @@ inline bool nonfinite(float v) {
 }
 inline bool nonfinite(uint16_t v) { return (v & 0x7f80u) == 0x7f80u; }
 
+// Whether any of row[0, cols) is NaN or Inf: an all-ones exponent plus its lowest bit carries
+// into the sign bit. Branch-free ORs the compiler vectorizes (the per-element compare it did not
+// vectorize had cost ~1 us of a 4096-column one-row call).
+inline bool any_nonfinite(const float* row, int64_t cols) {
+  uint32_t acc = 0;
+  for (int64_t k = 0; k < cols; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, row + k, 4);
+    acc |= (bits & 0x7f800000u) + 0x00800000u;
+  }
+  return (acc >> 31) != 0;
+}
+inline bool any_nonfinite(const uint16_t* row, int64_t cols) {
+  uint32_t acc = 0;
+  for (int64_t k = 0; k < cols; ++k) acc |= (row[k] & 0x7f80u) + 0x0080u;
+  return (acc >> 15) & 1;
+}
+
 template <typename T>
 void propagate_nonfinite(const T* x, int64_t ldsrc, int64_t B, int64_t cols,
                          const uint8_t* mask, int64_t KB, int64_t R, float* y) {
   std::vector<int64_t> bad;
   for (int64_t b = 0; b < B; ++b) {
     const T* row = x + b * ldsrc;
-    bool any = false;
-    for (int64_t k = 0; k < cols; ++k) any |= nonfinite(row[k]);
-    if (!any) continue;
+    if (!any_nonfinite(row, cols)) continue;
     bad.clear();
     for (int64_t k = 0; k < cols; ++k) {
       if (nonfinite(row[k])) bad.push_back(k);

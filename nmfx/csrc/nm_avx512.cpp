@@ -372,10 +372,11 @@ void expand_rows_avx512(const NMProblem& p, int64_t r0, int64_t r1, void* out, i
 void nm_gemm_avx512(const NMProblem& p, int64_t r0, int64_t r1) {
   // Many rows of x: the batched path (only the kept multiply-adds; nm_panels.h), 16 wide.
   if (p.xpanel != nullptr) return run_panels_any<V512>(p, r0, r1);
-  // Batch-1 1:4 / 1:8 by default, and every selecting pattern when forced: the AVX2 selecting
-  // GEMV (one FMA per 8 kept values), which expanding 16 dense weights per instruction cannot
+  // Batch-1 1:4 / 1:8 by default, and every other selecting pattern when forced: the AVX2
+  // selecting GEMV (one FMA per 8 kept values), which expanding 16 dense weights per instruction cannot
   // beat at 1:4 / 1:8: it does 2 (1:8) to 4 (1:4) times more FMAs.
-  if (p.select == SelectMode::kAlways && try_select16(p, r0, r1)) return;
+  // Batch-1 fp32 2:4 and 4:8: the AVX-512 selecting GEMV (select16), unless PATH_EXPAND.
+  if (p.select != SelectMode::kNever && try_select16(p, r0, r1)) return;
   if (p.select == SelectMode::kAlways ||
       (p.select == SelectMode::kAuto && p.xsel != nullptr && xsel_chunk(p.B, p.n, p.m) > 0)) {
     return nm_gemm_avx2(p, r0, r1);

@@ -80,8 +80,9 @@ constexpr int64_t kIsaAvx512Bf16 = 4;
 // (nm_avx2.cpp, run_panels), or the selecting GEMV (one row of x, patterns 1:4, 1:8, 2:4, 4:8).
 // A forced path runs that path on every x86 ISA or fails; the portable ISA has one path and
 // ignores PATH_EXPAND / PATH_PANELS. Without a bit, the ISA's kernel picks: the AVX2 one selects
-// at one row where the pattern allows, the AVX-512 one only for 1:4 and 1:8 (it expands 2:4 and
-// 4:8); fewer than kPanelMinBatch rows expand W, and more take the batched path. PATH_GEMV (the
+// at one row where the pattern allows, the AVX-512 one for 1:4, 1:8 and fp32 2:4 / 4:8 (its own
+// selecting GEMV there, on CPUs with VBMI; it expands bf16/fp16 2:4 and 4:8); fewer than
+// kPanelMinBatch rows expand W, and more take the batched path. PATH_GEMV (the
 // bf16 dot-product GEMV, any rows of x) applies to ISA avx512bf16, bf16 weights and the
 // patterns of bf16dot_supports; anywhere else it means no bit (the ISA's own pick), so a table
 // naming it still runs on a host or weight without it.

@@ -109,3 +109,21 @@ def test_untuned_default_picks_the_best_isas_selecting_gemv() -> None:
         "avx2-select",
         "portable",
     )
+
+
+@pytest.mark.parametrize("pattern", ["2:4", "4:8"])
+@pytest.mark.parametrize("code", [0, SELECT], ids=["auto", "select"])
+def test_values_without_slack_give_the_same_bits(pattern: str, code: int) -> None:
+    """A lowered layer's values are cloned to their exact size: the last rows then come from a
+    padded copy made per call, which must change nothing."""
+    if code and not _HAS_AVX512:
+        pytest.skip("CPU lacks AVX-512")
+    n, m = (int(v) for v in pattern.split(":"))
+    w = random_nm(9, 200, pattern, torch.float32, seed=8)
+    p = pack(w, pattern)
+    tight = p.values.clone()
+    assert tight.untyped_storage().nbytes() == tight.numel() * tight.element_size()
+    x = torch.randn(1, 200, generator=torch.Generator().manual_seed(9))
+    want = torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, None, 9, 200, n, m, code)
+    got = torch.ops.nmfx_cpu.nm_gemm(x, tight, p.mask, None, 9, 200, n, m, code)
+    assert torch.equal(got, want)

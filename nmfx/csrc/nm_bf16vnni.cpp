@@ -62,37 +62,81 @@ int64_t env_int(const char* name, int64_t fallback) {
   return v != nullptr && v[0] != '\0' ? std::atoll(v) : fallback;
 }
 
-// Expanded rows [r0, r1) of W, columns [c0, c0 + nch * 32), into slab: line (c, r - r0) at
-// slab + (c * ldc + r - r0) * 16 words.
-NMFX_VNNI_TARGET void expand_slab(const NMProblem& p, int64_t r0, int64_t r1, int64_t c0,
-                                  int64_t nch, int64_t ldc, uint32_t* slab) {
-  const int64_t per = kChunk / p.m * p.n;  // kept values per 32 columns
-  const int64_t v0 = c0 / p.m * p.n;
-  const int64_t mb0 = c0 / 8;
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint16_t* vp = static_cast<const uint16_t*>(row_values(p, r, 2)) + v0;
-    const uint8_t* mrow = p.mask + r * p.KB + mb0;
-    uint32_t* out = slab + (r - r0) * 16;
-    const int64_t full = std::clamp<int64_t>(std::min((p.KB - mb0) / 4, (p.kept - v0) / per), 0, nch);
-    int64_t c = 0;
-    const __mmask32 lm = per >= 32 ? ~0u : (1u << per) - 1;
-    for (; c < full; ++c) {
+// Expands packed rows into a slab one (row, chunk of 32 columns) line at a time, so that the
+// expansion of the next slab can run between the dot products of this one (Expander::step in
+// the tile loop): run as a phase of its own, it had cost 6 cycles per line with nothing else
+// to do, a third of the time at 16 rows of x. Line (c, r - r0) goes to slab + (c * ldc + r - r0)
+// * 16 words; rows are expanded in order, each row's chunks in order (its packed values and
+// mask bytes read as one stream).
+struct Expander {
+  const NMProblem* p = nullptr;
+  uint32_t* slab = nullptr;
+  int64_t ldc = 0;
+  int64_t r = 0, r0 = 0, r1 = 0;  // rows left: [r, r1)
+  int64_t c = 0, nch = 0;  // next chunk of row r, chunks per row
+  int64_t v0 = 0, mb0 = 0;  // first kept value and mask byte of the slab within a row
+  int64_t full = 0;  // chunks per row with all their kept values and mask bytes
+  int64_t per = 0;  // kept values per chunk
+  int64_t per_step = 0;  // lines per step
+  const uint16_t* vp = nullptr;  // row r's values from v0
+  const uint8_t* mp = nullptr;  // row r's mask from mb0
+
+  void start(const NMProblem& prob, uint32_t* out, int64_t ld, int64_t row0, int64_t row1,
+             int64_t col0, int64_t chunks) {
+    p = &prob;
+    slab = out;
+    ldc = ld;
+    r = r0 = row0;
+    r1 = row1;
+    c = 0;
+    nch = chunks;
+    per = kChunk / p->m * p->n;
+    v0 = col0 / p->m * p->n;
+    mb0 = col0 / 8;
+    full = std::clamp<int64_t>(std::min((p->KB - mb0) / 4, (p->kept - v0) / per), 0, nch);
+    per_step = 0;
+    if (r < r1) seek();
+  }
+  void seek() {
+    vp = static_cast<const uint16_t*>(row_values(*p, r, 2)) + v0;
+    mp = p->mask + r * p->KB + mb0;
+  }
+  int64_t lines_left() const { return (r1 - r) * nch - c; }
+
+  NMFX_VNNI_TARGET __attribute__((always_inline)) inline void line() {
+    uint32_t* out = slab + (c * ldc + r - r0) * 16;
+    if (c < full) {
       uint32_t bits;
-      std::memcpy(&bits, mrow + c * 4, 4);
+      std::memcpy(&bits, mp + c * 4, 4);
+      const __mmask32 lm = per >= 32 ? ~0u : (1u << per) - 1;
       const __m512i v = _mm512_maskz_loadu_epi16(lm, vp + c * per);
-      _mm512_store_si512(out + c * ldc * 16, _mm512_maskz_expand_epi16(bits, v));
+      _mm512_store_si512(out, _mm512_maskz_expand_epi16(bits, v));
+    } else {
+      partial(out);
     }
-    for (; c < nch; ++c) {  // the last, partial chunk (and any past the row: zero)
-      uint32_t bits = 0;
-      const int64_t nb = std::clamp<int64_t>(p.KB - mb0 - c * 4, 0, 4);
-      if (nb > 0) std::memcpy(&bits, mrow + c * 4, nb);
-      const int64_t left = std::clamp<int64_t>(p.kept - v0 - c * per, 0, per);
-      const __mmask32 vm = left >= 32 ? ~0u : (1u << left) - 1;
-      const __m512i v = _mm512_maskz_loadu_epi16(vm, vp + c * per);
-      _mm512_store_si512(out + c * ldc * 16, _mm512_maskz_expand_epi16(bits, v));
+    if (++c == nch) {
+      c = 0;
+      if (++r < r1) seek();
     }
   }
-}
+  // The last, partial chunk of a row (cols not a multiple of 32): the mask bytes and kept values
+  // left, the rest zero.
+  NMFX_VNNI_TARGET void partial(uint32_t* out) const {
+    uint32_t bits = 0;
+    const int64_t nb = std::clamp<int64_t>(p->KB - mb0 - c * 4, 0, 4);
+    if (nb > 0) std::memcpy(&bits, mp + c * 4, nb);
+    const int64_t left = std::clamp<int64_t>(p->kept - v0 - c * per, 0, per);
+    const __mmask32 vm = left >= 32 ? ~0u : (1u << left) - 1;
+    const __m512i v = _mm512_maskz_loadu_epi16(vm, vp + c * per);
+    _mm512_store_si512(out, _mm512_maskz_expand_epi16(bits, v));
+  }
+  NMFX_VNNI_TARGET __attribute__((always_inline)) inline void step() {
+    for (int64_t i = 0; i < per_step && r < r1; ++i) line();
+  }
+  NMFX_VNNI_TARGET void finish() {
+    while (r < r1) line();
+  }
+};
 
 // In place: r[j] lane i <- r[i] lane j (32-bit lanes).
 NMFX_VNNI_TARGET inline void transpose16(__m512i* r) {
@@ -140,13 +184,37 @@ NMFX_VNNI_TARGET void stage_rows16(const uint16_t* x, int64_t sb, int64_t B, int
   }
 }
 
+// The packed rows and mask bytes of the slab after next, prefetched a row at a time between
+// chunks of the tiles (rows / iterations rows per chunk), so that expanding it (during the next
+// slab) finds them in cache: its rows are ~100 short streams the hardware prefetchers do not
+// follow, and a burst of a slab's prefetches at once filled the miss queue.
+struct Prefetch {
+  const NMProblem* p = nullptr;
+  int64_t r = 0, r1 = 0;  // rows left: [r, r1)
+  int64_t v0 = 0, vbytes = 0;  // kept values from v0, bytes per row
+  int64_t mb0 = 0, mbytes = 0;  // mask bytes
+  int64_t rows = 0, iterations = 1, debt = 0;
+
+  NMFX_VNNI_TARGET __attribute__((always_inline)) inline void step() {
+    for (debt += rows; debt >= iterations && r < r1; debt -= iterations, ++r) {
+      const char* v = static_cast<const char*>(row_values(*p, r, 2)) + v0 * 2;
+      for (int64_t o = 0; o < vbytes; o += 64) _mm_prefetch(v + o, _MM_HINT_T0);
+      const char* mk = reinterpret_cast<const char*>(p->mask + r * p->KB + mb0);
+      for (int64_t o = 0; o < mbytes; o += 64) _mm_prefetch(mk + o, _MM_HINT_T0);
+    }
+  }
+};
+
 // One tile: NR weight rows (slab lines at w, chunk stride ldw words) x ZV vectors of x rows
 // (staging at xs, 16 * ZV words per column pair), nch chunks. yt rows (stride ldyt) = (FIRST)
-// or += the sums.
+// or += the sums. Each chunk also expands a few lines of the next slab (ex).
 template <int NR, int ZV, bool FIRST>
-NMFX_VNNI_TARGET void tile(const uint32_t* w, int64_t ldw, const uint32_t* xs, int64_t nch,
-                           float* yt, int64_t ldyt) {
+NMFX_VNNI_TARGET __attribute__((noinline)) void tile(const uint32_t* w, int64_t ldw,
+                                                     const uint32_t* xs, int64_t nch, float* yt,
+                                                     int64_t ldyt, Expander& exp, Prefetch& pfp) {
   constexpr int kLanes = 16 * ZV;
+  Expander ex = exp;  // local copies: their state can stay in registers
+  Prefetch pf = pfp;
   __m512 acc[NR][ZV];
 #pragma GCC unroll 28
   for (int j = 0; j < NR; ++j) {
@@ -155,6 +223,8 @@ NMFX_VNNI_TARGET void tile(const uint32_t* w, int64_t ldw, const uint32_t* xs, i
     }
   }
   for (int64_t c = 0; c < nch; ++c, w += ldw, xs += 16 * kLanes) {
+    ex.step();
+    pf.step();
 #pragma GCC unroll 16
     for (int i = 0; i < 16; ++i) {
       __m512bh xv[ZV];
@@ -172,38 +242,9 @@ NMFX_VNNI_TARGET void tile(const uint32_t* w, int64_t ldw, const uint32_t* xs, i
   for (int j = 0; j < NR; ++j) {
     for (int z = 0; z < ZV; ++z) _mm512_storeu_ps(yt + j * ldyt + z * 16, acc[j][z]);
   }
+  exp = ex;
+  pfp = pf;
 }
-
-// The packed rows and mask bytes of the next slab, prefetched a share at a time between tiles:
-// expanding a slab otherwise waits on memory while no dot product runs (the weight is read
-// once per call, mostly from DRAM).
-struct Prefetch {
-  const NMProblem* p = nullptr;
-  int64_t r = 0, r1 = 0;  // rows left: [r, r1)
-  int64_t v0 = 0, vbytes = 0;  // kept values from v0, bytes per row
-  int64_t mb0 = 0, mbytes = 0;  // mask bytes
-  int64_t per_step = 0;
-
-  void step() {
-    static const int64_t mode = env_int("NMFX_VNNI_PF", 1);  // TEMP exploration
-    if (mode == 0) return;
-    if (mode == 2) {
-      for (const int64_t end = std::min(r1, r + per_step); r < end; ++r) {
-        const char* v = static_cast<const char*>(row_values(*p, r, 2)) + v0 * 2;
-        for (int64_t o = 0; o < vbytes; o += 64) _mm_prefetch(v + o, _MM_HINT_T1);
-        const char* mk = reinterpret_cast<const char*>(p->mask + r * p->KB + mb0);
-        for (int64_t o = 0; o < mbytes; o += 64) _mm_prefetch(mk + o, _MM_HINT_T1);
-      }
-      return;
-    }
-    for (const int64_t end = std::min(r1, r + per_step); r < end; ++r) {
-      const char* v = static_cast<const char*>(row_values(*p, r, 2)) + v0 * 2;
-      for (int64_t o = 0; o < vbytes; o += 64) _mm_prefetch(v + o, _MM_HINT_T0);
-      const char* mk = reinterpret_cast<const char*>(p->mask + r * p->KB + mb0);
-      for (int64_t o = 0; o < mbytes; o += 64) _mm_prefetch(mk + o, _MM_HINT_T0);
-    }
-  }
-};
 
 // Tile rows per vector count: NR * ZV accumulators, ZV vectors of x and one broadcast in the 32
 // registers.
@@ -211,30 +252,30 @@ constexpr int tile_rows(int zv) { return zv == 4 ? 6 : zv == 3 ? 8 : zv == 2 ? 1
 
 template <int ZV>
 NMFX_VNNI_TARGET void tiles(int64_t nrows, const uint32_t* slab, int64_t ldw, const uint32_t* xs,
-                            int64_t nch, bool first, float* yt, int64_t ldyt, Prefetch& pf) {
+                            int64_t nch, bool first, float* yt, int64_t ldyt, Expander& ex,
+                            Prefetch& pf) {
   constexpr int NR = tile_rows(ZV);
   for (int64_t j0 = 0; j0 < nrows; j0 += NR) {
-    pf.step();
     if (first) {
-      tile<NR, ZV, true>(slab + j0 * 16, ldw, xs, nch, yt + j0 * ldyt, ldyt);
+      tile<NR, ZV, true>(slab + j0 * 16, ldw, xs, nch, yt + j0 * ldyt, ldyt, ex, pf);
     } else {
-      tile<NR, ZV, false>(slab + j0 * 16, ldw, xs, nch, yt + j0 * ldyt, ldyt);
+      tile<NR, ZV, false>(slab + j0 * 16, ldw, xs, nch, yt + j0 * ldyt, ldyt, ex, pf);
     }
   }
 }
 
 NMFX_VNNI_TARGET void tiles_any(int64_t zv, int64_t nrows, const uint32_t* slab, int64_t ldw,
                                 const uint32_t* xs, int64_t nch, bool first, float* yt,
-                                int64_t ldyt, Prefetch& pf) {
+                                int64_t ldyt, Expander& ex, Prefetch& pf) {
   switch (zv) {
     case 4:
-      return tiles<4>(nrows, slab, ldw, xs, nch, first, yt, ldyt, pf);
+      return tiles<4>(nrows, slab, ldw, xs, nch, first, yt, ldyt, ex, pf);
     case 3:
-      return tiles<3>(nrows, slab, ldw, xs, nch, first, yt, ldyt, pf);
+      return tiles<3>(nrows, slab, ldw, xs, nch, first, yt, ldyt, ex, pf);
     case 2:
-      return tiles<2>(nrows, slab, ldw, xs, nch, first, yt, ldyt, pf);
+      return tiles<2>(nrows, slab, ldw, xs, nch, first, yt, ldyt, ex, pf);
     default:
-      return tiles<1>(nrows, slab, ldw, xs, nch, first, yt, ldyt, pf);
+      return tiles<1>(nrows, slab, ldw, xs, nch, first, yt, ldyt, ex, pf);
   }
 }
 
@@ -294,46 +335,71 @@ int64_t tile_calls(const Staged& s, int64_t nrows) {
   return calls;
 }
 
-// Weight rows [g0, g1) through every slab and block of x, added into y. The packed data of each
-// next slab (the next group's first after the last, up to row `limit`) is prefetched meanwhile.
-NMFX_VNNI_TARGET void run_group(const NMProblem& p, const Staged& s, const Plan& plan, int64_t g0,
-                                int64_t g1, int64_t limit) {
+// One slab of one group of weight rows: rows [g0, g1), column pairs [q0, q0 + 16 * nch).
+struct Step {
+  int64_t g0, g1, q0, nch;
+};
+
+// Weight rows [ga, gb) (a run of groups): slab after slab, each expanded during the one before
+// (two slab buffers), the packed data of the one after that prefetched meanwhile; each group's
+// y^T is stored into the output after its last slab.
+NMFX_VNNI_TARGET void run_groups(const NMProblem& p, const Staged& s, const Plan& plan,
+                                 int64_t ga, int64_t gb) {
   static thread_local std::vector<uint32_t> slabbuf;
   static thread_local std::vector<float> ytbuf;
   const int64_t ldc = plan.group + kPadRows;  // slab lines per chunk
   const int64_t ldyt = s.blocks * s.lanes;
-  const size_t slab_words = static_cast<size_t>(plan.slab / kChunk * ldc * 16 + 16);
-  if (slabbuf.size() < slab_words) slabbuf.assign(slab_words, 0);
+  const int64_t slab_words = plan.slab / kChunk * ldc * 16;
+  if (slabbuf.size() < static_cast<size_t>(2 * slab_words + 16)) slabbuf.assign(2 * slab_words + 16, 0);
   if (ytbuf.size() < static_cast<size_t>(ldc * ldyt)) ytbuf.resize(ldc * ldyt);
-  uint32_t* slab = reinterpret_cast<uint32_t*>(
+  uint32_t* slabs = reinterpret_cast<uint32_t*>(
       (reinterpret_cast<uintptr_t>(slabbuf.data()) + 63) & ~uintptr_t{63});
   float* yt = ytbuf.data();
-  const int64_t nrows = g1 - g0;
-  const int64_t calls = tile_calls(s, nrows);
-  const int64_t per = kChunk / p.m * p.n;
-  for (int64_t q0 = 0; q0 < s.pairs; q0 += plan.slab / 2) {
-    const int64_t nch = std::min(plan.slab / 2, s.pairs - q0) / 16;
-    static const int64_t dbg = env_int("NMFX_VNNI_DBG", 0);  // TEMP exploration
-    if (dbg != 1 || g0 == 0) expand_slab(p, g0, g1, 2 * q0, nch, ldc, slab);
-    if (dbg == 2) continue;
-    Prefetch pf;
-    pf.p = &p;
-    const int64_t qn = q0 + plan.slab / 2 < s.pairs ? q0 + plan.slab / 2 : 0;
-    pf.r = qn > 0 ? g0 : g1;
-    pf.r1 = qn > 0 ? g1 : std::min(limit, g1 + plan.group);
-    pf.v0 = 2 * qn / p.m * p.n;
-    pf.vbytes = std::min(plan.slab / 2, s.pairs - qn) / 16 * per * 2;
-    pf.mb0 = 2 * qn / 8;
-    pf.mbytes = std::min(plan.slab / 2, s.pairs - qn) / 4;
-    pf.per_step = (pf.r1 - pf.r + calls - 1) / calls;
-    for (int64_t blk = 0; blk < s.blocks; ++blk) {
-      const int64_t zv = s.vectors(blk);
-      const uint32_t* xs = s.xs + blk * s.pairs * s.lanes + q0 * zv * 16;
-      tiles_any(zv, nrows, slab, ldc * 16, xs, nch, q0 == 0, yt + blk * s.lanes, ldyt, pf);
+  std::vector<Step> steps;
+  for (int64_t g0 = ga; g0 < gb; g0 += plan.group) {
+    for (int64_t q0 = 0; q0 < s.pairs; q0 += plan.slab / 2) {
+      steps.push_back({g0, std::min(gb, g0 + plan.group), q0, std::min(plan.slab / 2, s.pairs - q0) / 16});
     }
   }
-  store_transposed(yt, ldyt, nrows, s.B, s.bias != nullptr ? s.bias + g0 : nullptr, s.out + g0,
-                   p.R);
+  const int64_t per = kChunk / p.m * p.n;
+  Expander ex;
+  ex.start(p, slabs, ldc, steps[0].g0, steps[0].g1, 2 * steps[0].q0, steps[0].nch);
+  ex.finish();
+  for (size_t t = 0; t < steps.size(); ++t) {
+    const Step& st = steps[t];
+    const int64_t nrows = st.g1 - st.g0;
+    const int64_t calls = tile_calls(s, nrows);
+    uint32_t* slab = slabs + (t % 2) * slab_words;
+    if (t + 1 < steps.size()) {
+      const Step& nx = steps[t + 1];
+      ex.start(p, slabs + ((t + 1) % 2) * slab_words, ldc, nx.g0, nx.g1, 2 * nx.q0, nx.nch);
+      ex.per_step = (ex.lines_left() + calls * st.nch - 1) / (calls * st.nch);
+    }
+    Prefetch pf;
+    if (t + 2 < steps.size()) {
+      const Step& nn = steps[t + 2];
+      pf.p = &p;
+      pf.r = nn.g0;
+      pf.r1 = nn.g1;
+      pf.v0 = 2 * nn.q0 / p.m * p.n;
+      pf.vbytes = nn.nch * per * 2;
+      pf.mb0 = 2 * nn.q0 / 8;
+      pf.mbytes = nn.nch * 4;
+      pf.rows = pf.r1 - pf.r;
+      pf.iterations = calls * st.nch;
+    }
+    for (int64_t blk = 0; blk < s.blocks; ++blk) {
+      const int64_t zv = s.vectors(blk);
+      const uint32_t* xs = s.xs + blk * s.pairs * s.lanes + st.q0 * zv * 16;
+      tiles_any(zv, nrows, slab, ldc * 16, xs, st.nch, st.q0 == 0, yt + blk * s.lanes, ldyt, ex,
+                pf);
+    }
+    ex.finish();
+    if (st.q0 + 16 * st.nch >= s.pairs) {
+      store_transposed(yt, ldyt, nrows, s.B, s.bias != nullptr ? s.bias + st.g0 : nullptr,
+                       s.out + st.g0, p.R);
+    }
+  }
 }
 
 NMFX_VNNI_TARGET void stage_block(const uint16_t* x, int64_t sb, int64_t cols, const Staged& s,
@@ -384,10 +450,7 @@ void nm_gemm_bf16vnni(const NMProblem& p, const uint16_t* x, int64_t sb, int64_t
   const int64_t runs = std::min(groups, nt * env_int("NMFX_VNNI_RUNS", 4));
   parallel_items(runs, nt, [&](int64_t i) {
     const int64_t ga = groups * i / runs, gb = groups * (i + 1) / runs;
-    const int64_t limit = std::min(p.R, gb * plan.group);
-    for (int64_t g = ga; g < gb; ++g) {
-      run_group(p, s, plan, g * plan.group, std::min(p.R, (g + 1) * plan.group), limit);
-    }
+    run_groups(p, s, plan, ga * plan.group, std::min(p.R, gb * plan.group));
   });
 }
 

@@ -49,18 +49,24 @@ bool bf16vnni_supports(int n, int m) { return m >= 2 && m <= 32 && 32 % m == 0 &
 namespace {
 
 constexpr int64_t kChunk = 32;  // columns per expanded 64-byte line
-constexpr int64_t kMaxZV = 4;   // vectors of 16 rows of x per block, at most
+// Vectors of 16 rows of x per block, at most: tiles of 14 weight rows x 2 vectors (28
+// accumulators). 6 x 4 and 8 x 3 tiles measured the same within noise at 16-256 rows of x (one
+// thread, Zen 4, 1024x1024 to 4096x11008) and do not divide the group.
+constexpr int64_t kMaxZV = 2;
 constexpr int64_t kPadRows = 28;  // slab rows past a group, so any tile height fits
+// Weight rows per group and columns per slab: a slab (56 + 28 rows x 1024 columns, 168 KB) and
+// its successor stay in L2 with a block of x's slab (32 rows x 1024 columns, 64 KB). 112-row
+// groups and 512- or 2048-column slabs measured within noise of these.
+constexpr int64_t kGroupRows = 56;
+constexpr int64_t kSlabCols = 1024;
+// Work items per thread: runs of consecutive groups (each run's first slab is expanded without
+// anything to overlap it).
+constexpr int64_t kRunsPerThread = 4;
 
 struct Plan {
-  int64_t group;  // weight rows per work item
+  int64_t group;  // weight rows per group
   int64_t slab;   // columns per slab (multiple of kChunk)
 };
-
-int64_t env_int(const char* name, int64_t fallback) {
-  const char* v = std::getenv(name);
-  return v != nullptr && v[0] != '\0' ? std::atoll(v) : fallback;
-}
 
 // Expands packed rows into a slab one (row, chunk of 32 columns) line at a time, so that the
 // expansion of the next slab can run between the dot products of this one (Expander::step in
@@ -432,22 +438,16 @@ void nm_gemm_bf16vnni(const NMProblem& p, const uint16_t* x, int64_t sb, int64_t
   s.blocks = (p.B + s.lanes - 1) / s.lanes;
   s.pairs = (cols + kChunk - 1) / kChunk * kChunk / 2;
   s.xs = staging;
-  // (exploration) cap on vectors per block
-  if (env_int("NMFX_VNNI_ZV", 0) > 0) {
-    s.lanes = 16 * std::min<int64_t>(env_int("NMFX_VNNI_ZV", 0), s.lanes / 16);
-    s.blocks = (p.B + s.lanes - 1) / s.lanes;
-  }
-  const int64_t threads = at::get_num_threads();
-  parallel_items(s.blocks, threads, [&](int64_t blk) { stage_block(x, sb, cols, s, blk, staging); });
+  const int64_t macs = p.R * cols * p.B;
+  const int64_t nt = macs < (int64_t{1} << 16) ? 1 : at::get_num_threads();
+  parallel_items(s.blocks, nt, [&](int64_t blk) { stage_block(x, sb, cols, s, blk, staging); });
   Plan plan{};
-  plan.group = std::max<int64_t>(28, env_int("NMFX_VNNI_G", 112) / 28 * 28);
-  plan.slab = std::max<int64_t>(kChunk, env_int("NMFX_VNNI_KC", 512) / kChunk * kChunk);
+  plan.group = kGroupRows;
+  plan.slab = kSlabCols;
   // Work items: runs of consecutive groups (about kRunsPerThread per thread), so that each group
   // but a run's first finds its rows prefetched.
   const int64_t groups = (p.R + plan.group - 1) / plan.group;
-  const int64_t macs = p.R * cols * p.B;
-  const int64_t nt = macs < (int64_t{1} << 16) ? 1 : threads;
-  const int64_t runs = std::min(groups, nt * env_int("NMFX_VNNI_RUNS", 4));
+  const int64_t runs = std::min(groups, nt * kRunsPerThread);
   parallel_items(runs, nt, [&](int64_t i) {
     const int64_t ga = groups * i / runs, gb = groups * (i + 1) / runs;
     run_groups(p, s, plan, ga * plan.group, std::min(p.R, gb * plan.group));

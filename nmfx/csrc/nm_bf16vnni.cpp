@@ -34,6 +34,7 @@
 
 #include "nm_kernels.h"
 #include "nm_parallel.h"
+#include "nm_thread_buffer.h"
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <immintrin.h>
@@ -351,15 +352,14 @@ struct Step {
 // y^T is stored into the output after its last slab.
 NMFX_VNNI_TARGET void run_groups(const NMProblem& p, const Staged& s, const Plan& plan,
                                  int64_t ga, int64_t gb) {
-  static thread_local std::vector<uint32_t> slabbuf;
-  static thread_local std::vector<float> ytbuf;
+  static thread_local KeptVector<uint32_t> slabbuf;  // counted and releasable (nm_thread_buffer.h)
+  static thread_local KeptVector<float> ytbuf;
   const int64_t ldc = plan.group + kPadRows;  // slab lines per chunk
   const int64_t ldyt = s.blocks * s.lanes;
   const int64_t slab_words = plan.slab / kChunk * ldc * 16;
-  if (slabbuf.size() < static_cast<size_t>(2 * slab_words + 16)) slabbuf.assign(2 * slab_words + 16, 0);
+  if (slabbuf.size() < static_cast<size_t>(2 * slab_words)) slabbuf.resize(2 * slab_words);
   if (ytbuf.size() < static_cast<size_t>(ldc * ldyt)) ytbuf.resize(ldc * ldyt);
-  uint32_t* slabs = reinterpret_cast<uint32_t*>(
-      (reinterpret_cast<uintptr_t>(slabbuf.data()) + 63) & ~uintptr_t{63});
+  uint32_t* slabs = slabbuf.data();  // 64-byte aligned
   float* yt = ytbuf.data();
   std::vector<Step> steps;
   for (int64_t g0 = ga; g0 < gb; g0 += plan.group) {

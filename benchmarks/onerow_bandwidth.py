@@ -10,10 +10,14 @@ interleaved, single calls of
 * ``F.linear(x, w)`` on the dense weight (bandwidth: dense bytes / time),
 * each one-row sparse path this host has (``nmfx_cpu::nm_gemm`` forced to it, no Python
   between: ``avx2-select``, ``avx512-select``, ``avx512-expand``, ...) (packed bytes / time),
+  each on its own copy of the weight (a copy shared by contenders run back to back would be
+  read from L2 by all but the first),
 * a lowered layer (``NMLinear``, tuned) called as a model calls it, overheads included,
 
-and prints the medians (clean rounds when there are enough), the bandwidths and each path's
-share of dense's; writes ``out/benchmarks/onerow_bandwidth.json`` (or ``--out``).
+each ``--burst`` times back to back per timed call (default 8: every weight warm from its own
+previous call, as a layer called repeatedly; ``--burst 1``: single calls, with the other
+contenders' weights passing through the caches in between), and prints the medians (clean
+rounds when there are enough), the bandwidths and each path's share of dense's; writes ``out/benchmarks/onerow_bandwidth.json`` (or ``--out``).
 
     PYTHONPATH=. python benchmarks/onerow_bandwidth.py [--quick] [--threads-list 1,2]
 """
@@ -48,7 +52,25 @@ PATHS = ("avx2-select", "avx512-select", "avx512-expand", "avx2-expand", "portab
 LAST_LEVEL_CACHE = 32 << 20  # the Zen 4 host's L3; labels which weights stay cache-resident
 
 
-def case(rows: int, cols: int, pattern: str, rounds: int) -> dict[str, Any]:
+def bursts(fns: dict[str, Any], burst: int) -> dict[str, Any]:
+    """Each contender called ``burst`` times back to back per timed call (time / burst): from
+    the second call on, its weight is where its own previous call left it (the warm-cache
+    regime of a layer called repeatedly); ``burst`` 1 times single calls, between which the
+    other contenders' weights pass through the caches."""
+    if burst <= 1:
+        return fns
+
+    def repeated(fn: Any) -> Any:
+        def run() -> None:
+            for _ in range(burst):
+                fn()
+
+        return run
+
+    return {name: repeated(fn) for name, fn in fns.items()}
+
+
+def case(rows: int, cols: int, pattern: str, rounds: int, burst: int) -> dict[str, Any]:
     n, m = (int(v) for v in pattern.split(":"))
     w = random_nm(rows, cols, pattern, torch.float32)
     p = pack(w, pattern)
@@ -56,22 +78,25 @@ def case(rows: int, cols: int, pattern: str, rounds: int) -> dict[str, Any]:
     K.autotune([layer], progress=False)
     x = torch.randn(1, cols)
     gemm = torch.ops.nmfx_cpu.nm_gemm.default
-    args = (x, p.values, p.mask, None, rows, cols, n, m)
     host = set(_autotune.host_choices(n, m, 1, "float32"))
     fns = {"F.linear": lambda: F.linear(x, w), "lowered layer": lambda: layer(x)}
     for path in PATHS:
         if path in host:
-            code = _autotune.path_code(path)
-            fns[path] = lambda code=code: gemm(*args, code)
+            # Each contender its own copy of the weight, as F.linear and the layer have: one
+            # shared by paths run back to back would be read from L2 after the first of them.
+            own = pack(w, pattern)
+            args = (x, own.values, own.mask, None, rows, cols, n, m, _autotune.path_code(path))
+            fns[path] = lambda args=args: gemm(*args)
     want = F.linear(x, w)
     for name, fn in fns.items():  # every contender computes the same product
         torch.testing.assert_close(fn(), want, rtol=1e-4, atol=1e-3, msg=name)
-    rounds_ = T.interleaved(fns, repeats=rounds, warmup=20)
+    rounds_ = T.interleaved(bursts(fns, burst), repeats=rounds, warmup=20)
     seconds, used = rounds_.pick()
-    med = {k: T.median(v) for k, v in seconds.items()}
+    med = {k: T.median(v) / burst for k, v in seconds.items()}
     dense_gbps = p.dense_nbytes / med["F.linear"] / 1e9
     out: dict[str, Any] = {
         "shape": f"{rows}x{cols}", "pattern": pattern, "threads": torch.get_num_threads(),
+        "burst": burst,
         "cache_resident": p.dense_nbytes <= LAST_LEVEL_CACHE, "rounds_used": used,
         "dense_bytes": p.dense_nbytes, "packed_bytes": p.nbytes, "dense_GBps": dense_gbps,
         "lowered_runs": K.dispatch_choices(layer.dispatch).get("1"),
@@ -110,11 +135,16 @@ def main(argv: list[str] | None = None) -> None:
     T.add_contend_arg(parser)
     parser.add_argument("--threads-list", default="1,2", help="thread counts to run, e.g. 1,2")
     parser.add_argument("--rounds", type=int, default=None, help="rounds per case (default 400)")
+    parser.add_argument(
+        "--burst", type=int, default=8,
+        help="calls of a contender back to back per timed call (default 8: each weight warm from "
+        "its own previous call; 1: single calls, the other contenders' weights in between)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if not K.kernels_available():
         raise SystemExit(f"nmfx kernels unavailable: {K.build_error()}")
     config = QUICK if args.quick else FULL
-    rounds = args.rounds or (100 if args.quick else 400)
+    rounds = args.rounds or (100 if args.quick else max(50, 400 // args.burst))
     info = T.machine_info()
     results = []
     with T.Contention(args.contend), T.LoadMonitor() as load:
@@ -122,7 +152,7 @@ def main(argv: list[str] | None = None) -> None:
             torch.set_num_threads(threads)
             for rows, cols in config["shapes"]:
                 for pattern in config["patterns"]:
-                    results.append(case(rows, cols, pattern, rounds))
+                    results.append(case(rows, cols, pattern, rounds, args.burst))
     print(table(results))
     print(T.describe(info, load.result))
     payload = {"machine": info, "load": load.result, "contend": args.contend,

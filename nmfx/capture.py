@@ -164,7 +164,20 @@ def export_graph(model: nn.Module, inputs: dict[str, Any]) -> fx.Graph:
         else:
             env[node] = graph.node_copy(node, env.__getitem__)
         env[node].meta = dict(node.meta)
+    _drop_export_leftovers()
     return graph
+
+
+def _drop_export_leftovers() -> None:
+    """torch.export keeps its last graph reachable until the next export, from a module-level map
+    of fake tensor ids to nodes (``proxy_tensor._FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT``, torch
+    2.13), and with it every fake tensor, their FakeTensorMode and ShapeEnv. Nothing reads the
+    map once export has returned (each export clears it first), so it is cleared here."""
+    from torch.fx.experimental import proxy_tensor
+
+    leftover = getattr(proxy_tensor, "_FAKE_TENSOR_ID_TO_PROXY_MAP_FOR_EXPORT", None)
+    if isinstance(leftover, dict):
+        leftover.clear()
 
 
 def _owns_weight_ops(module: nn.Module) -> bool:

@@ -64,6 +64,13 @@ def _nm_linear_fake(
 
 def _setup_context(ctx: torch.autograd.function.FunctionCtx, inputs: tuple, output: object) -> None:
     _x, values, mask, bias, rows, cols, n, m, *_dispatch = inputs
+    if values.requires_grad:
+        raise RuntimeError(
+            f"nmfx::nm_linear: the packed values of a lowered [{rows}, {cols}] {n}:{m} layer "
+            f"require grad, but packed weights are frozen (gradients reach the input and the "
+            f"bias only): call values.requires_grad_(False) on the layer, or train the model "
+            f"before nmfx.lower (nmfx.sparsify keeps dense, trainable weights)"
+        )
     ctx.save_for_backward(values, mask)
     ctx.meta = (rows, cols, n, m, bias is not None)
 

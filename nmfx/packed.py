@@ -286,8 +286,16 @@ def _mask_bits_to_bytes(keep: torch.Tensor) -> torch.Tensor:
 
 
 def _mask_bytes_to_bits(mask: torch.Tensor, cols: int) -> torch.Tensor:
-    """uint8 [rows, ceil(cols/8)] -> bool [rows, cols]."""
-    bits = (mask.unsqueeze(-1) & _BIT_WEIGHTS) != 0
+    """uint8 [rows, ceil(cols/8)] -> bool [rows, cols].
+
+    The bit weights are made here, not read from a module-level tensor: this runs in the
+    op's backward, which AOTAutograd traces (``torch.compile(..., backend="aot_eager")``),
+    and a real tensor captured there is a constant its fake tracing refuses.
+    """
+    bit_weights = torch.ones(8, dtype=torch.uint8, device=mask.device).bitwise_left_shift_(
+        torch.arange(8, dtype=torch.uint8, device=mask.device)
+    )
+    bits = (mask.unsqueeze(-1) & bit_weights) != 0
     return bits.reshape(mask.shape[0], -1)[:, :cols]
 
 

@@ -160,8 +160,8 @@ void panel_pass(const NMProblem& p, const Geometry& geo, const uint16_t* idx,
 
 template <int G>
 void run_dot(const NMProblem& p, const Geometry& geo, int64_t r0, int64_t r1) {
-  static thread_local std::vector<uint16_t> idx;  // reused across calls (no page faults)
-  static thread_local std::vector<uint16_t> vals;
+  static thread_local KeptVector<uint16_t> idx;  // reused across calls (no page faults)
+  static thread_local KeptVector<uint16_t> vals;
   const size_t need = static_cast<size_t>(kPanelRows * geo.nvec * 32);
   if (idx.size() < need) {
     idx.resize(need);

@@ -372,8 +372,8 @@ void tile_z(int64_t zs, const Entry* st, int64_t nw, const char* slice, int64_t 
 
 template <int Q, int V>
 void run_rows(const NMProblem& p, const Kind& k, int64_t r0, int64_t r1) {
-  static thread_local std::vector<float> ytbuf;  // reused across calls (no page faults)
-  static thread_local std::vector<Entry> stbuf;
+  static thread_local KeptVector<float> ytbuf;  // reused across calls (no page faults)
+  static thread_local KeptVector<Entry> stbuf;
   alignas(64) uint32_t slice[kSliceBytes / 4];  // on the stack: a thread_local was looked up per step
   const int64_t nxb = (p.B + kLanes - 1) / kLanes;
   const int64_t ldyt = nxb * kLanes;

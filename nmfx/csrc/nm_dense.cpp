@@ -31,6 +31,60 @@
 #include "nm_scratch.h"
 
 namespace nmfx {
+
+// ThreadBytes (nm_thread_buffer.h), defined here: compiled for baseline x86-64.
+namespace {
+std::vector<ThreadBytes*>& thread_list() {
+  // Destroyed at thread exit before or after the buffers; nothing reads it then (buffers never
+  // unlist themselves, and their destructors only free their own memory).
+  static thread_local std::vector<ThreadBytes*> list;
+  return list;
+}
+}  // namespace
+
+ThreadBytes::~ThreadBytes() { release(); }
+
+size_t ThreadBytes::size() {
+  // A release_scratch that did not reach this thread: this buffer goes now, before it is used
+  // (only this one: the caller may hold pointers into the thread's others).
+  const int64_t epoch = scratch_counters().epoch.load(std::memory_order_relaxed);
+  if (epoch != epoch_) {
+    release();
+    epoch_ = epoch;
+  }
+  return n_;
+}
+
+void* ThreadBytes::resize(size_t bytes) {
+  if (bytes <= size()) return p_;
+  const size_t rounded = (std::max<size_t>(bytes, 64) + 63) / 64 * 64;
+  void* p = std::aligned_alloc(64, rounded);
+  TORCH_CHECK(p != nullptr, "nmfx: out of memory allocating ", rounded, " bytes of scratch");
+  if (n_ > 0) std::memcpy(p, p_, n_);
+  std::memset(static_cast<char*>(p) + n_, 0, rounded - n_);
+  std::free(p_);
+  scratch_counters().kept += static_cast<int64_t>(rounded) - static_cast<int64_t>(n_);
+  p_ = p;
+  n_ = rounded;
+  if (!listed_) {
+    thread_list().push_back(this);
+    listed_ = true;
+  }
+  return p_;
+}
+
+void ThreadBytes::release() noexcept {
+  if (p_ == nullptr) return;
+  std::free(p_);
+  scratch_counters().kept -= static_cast<int64_t>(n_);
+  p_ = nullptr;
+  n_ = 0;
+}
+
+void release_thread_buffers() {
+  for (ThreadBytes* b : thread_list()) b->release();
+}
+
 namespace {
 
 // Dense bytes per block, at most. fp32 (MKL called directly, ~1 us a call): a block stays in L2
@@ -351,6 +405,19 @@ std::vector<int64_t> scratch_stats() {
           c.mapped_total.load()};
 }
 
+// Frees the per-thread buffers the kernels keep (nm_thread_buffer.h): this thread's and every
+// torch thread's now, any other thread's at its next call. For after a burst of large calls
+// (autotuning probes up to 512 rows of x) in a process that then runs small ones. Safe while
+// kernels run on other threads: each thread frees only its own buffers, between calls.
+void release_scratch() {
+  scratch_counters().epoch.fetch_add(1, std::memory_order_relaxed);
+  release_thread_buffers();
+  const int64_t threads = at::get_num_threads();
+  if (threads > 1 && !at::in_parallel_region()) {
+    at::parallel_for(0, threads, 1, [](int64_t, int64_t) { release_thread_buffers(); });
+  }
+}
+
 // [parallel calls that waited on an idle descheduled thread, calls run on one thread since]
 // (nm_parallel.h); mark_contended(ms) makes the next ms of calls run on one thread (tests).
 std::vector<int64_t> parallel_stats() {
@@ -372,6 +439,7 @@ TORCH_LIBRARY_FRAGMENT(nmfx_cpu, lib) {
       "dense_block_plan(int rows, int cols, int batch, ScalarType dtype, int threads) -> int[]",
       &nmfx::dense_block_plan);
   lib.def("scratch_stats() -> int[]", &nmfx::scratch_stats);
+  lib.def("release_scratch() -> ()", &nmfx::release_scratch);
   lib.def("parallel_stats() -> int[]", &nmfx::parallel_stats);
   lib.def("mark_contended(float ms) -> ()", &nmfx::mark_contended_ms);
 }

@@ -10,6 +10,8 @@
 
 #include <algorithm>
 #include <cstdint>
+
+#include "nm_thread_buffer.h"
 #if defined(__SSE__)
 #include <xmmintrin.h>
 #endif

@@ -206,10 +206,10 @@ void run_panels(const NMProblem& p, int64_t r0, int64_t r1) {
   const int64_t ostride = kc_kept + 8;
   const int64_t sup = std::min(p.pb1 - p.pb0, kPanelSuper);
   // Per-thread buffers reused across calls (fresh ones of a few hundred KB page-fault each call).
-  static thread_local std::vector<float> yt;
-  static thread_local std::vector<int32_t> offs;
-  static thread_local std::vector<float> wide;
-  static thread_local std::vector<const char*> rows;
+  static thread_local KeptVector<float> yt;
+  static thread_local KeptVector<int32_t> offs;
+  static thread_local KeptVector<float> wide;
+  static thread_local KeptVector<const char*> rows;
   if (yt.size() < static_cast<size_t>(nr * sup)) yt.resize(nr * sup);
   if (offs.size() < static_cast<size_t>(nr * ostride)) offs.resize(nr * ostride);
   if (!kInPlace && wide.size() < static_cast<size_t>(nr * kc_kept)) wide.resize(nr * kc_kept);

@@ -21,6 +21,8 @@
 #include <cstdint>
 #include <cstdlib>
 
+#include "nm_thread_buffer.h"
+
 #if defined(__linux__)
 #include <sys/mman.h>
 #endif
@@ -35,6 +37,7 @@ constexpr size_t kMappedBytes = size_t{16} << 20;
 // Process-wide counters for tests and benchmarks (nmfx_cpu::scratch_stats).
 struct ScratchCounters {
   std::atomic<int64_t> kept{0};          // bytes held by the per-thread buffers, all threads
+  std::atomic<int64_t> epoch{0};         // release_scratch calls so far
   std::atomic<int64_t> mapped_live{0};   // bytes of per-call mappings not yet returned
   std::atomic<int64_t> mapped_total{0};  // per-call mappings made so far
 };
@@ -46,25 +49,10 @@ inline ScratchCounters& scratch_counters() {
 
 class Scratch {
  public:
-  ~Scratch() {
-    std::free(p_);
-    scratch_counters().kept -= static_cast<int64_t>(n_);
-  }
-  void* get(size_t bytes) {
-    if (bytes > n_) {
-      std::free(p_);
-      const size_t rounded = (std::max<size_t>(bytes, 64) + 63) / 64 * 64;
-      p_ = std::aligned_alloc(64, rounded);
-      TORCH_CHECK(p_ != nullptr, "nmfx: out of memory allocating ", rounded, " bytes of scratch");
-      scratch_counters().kept += static_cast<int64_t>(rounded) - static_cast<int64_t>(n_);
-      n_ = rounded;
-    }
-    return p_;
-  }
+  void* get(size_t bytes) { return bytes <= raw_.size() ? raw_.data() : raw_.resize(bytes); }
 
  private:
-  void* p_ = nullptr;
-  size_t n_ = 0;
+  ThreadBytes raw_;  // counted, released by nmfx_cpu::release_scratch (nm_thread_buffer.h)
 };
 
 enum ScratchSlot {

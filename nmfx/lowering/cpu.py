@@ -13,6 +13,7 @@ from torch import nn
 
 from nmfx.kernels import _cpp_linear, _ops
 from nmfx.kernels.module import PackedLinearBase
+from nmfx.lowering.memory import release_kernel_scratch
 from nmfx.packed import SUPPORTED_DTYPES, SUPPORTED_M, PackedNM, pack
 from nmfx.pattern import NMPattern
 from nmfx.plan import DENSE, SPARSE, LayerDecision, NMWeight
@@ -99,6 +100,7 @@ def cpu_decision(
 
     choices = next(iter(autotune([packed]).values()))
     kept = dense_call_reason(packed)  # a small layer whose lowered call measured slower
+    release_kernel_scratch()  # what tuning's probes (up to 512 rows of x) left per thread
     if kept is not None:
         return LayerDecision(name, param, op, "cpu", DENSE, kept), None
     return LayerDecision(

@@ -6,6 +6,11 @@ keeps them there once freed, so without this step the process stays resident at 
 dense size: a 4-layer TinyLlama-sized Llama in bf16 stayed at 1558 MB after lowering and
 decoded at 1.04x the dense model's resident memory; after ``malloc_trim(0)``, 979 MB.
 Elsewhere than glibc (macOS, musl without the symbol) this does nothing.
+
+Autotuning leaves memory of its own: the kernels keep per-thread staging buffers sized by the
+largest call a thread ran, and the tuner probes up to 512 rows of x. On a 4-layer TinyLlama-sized
+Llama (fp32, one thread) that was ~90 MB resident in a model that then decodes one row at a
+time; :func:`release_kernel_scratch` frees them once tuning is done.
 """
 
 from __future__ import annotations
@@ -14,7 +19,9 @@ import ctypes
 import logging
 import sys
 
-__all__ = ["release_freed_memory"]
+import torch
+
+__all__ = ["release_freed_memory", "release_kernel_scratch"]
 
 log = logging.getLogger("nmfx.lowering")
 
@@ -31,3 +38,14 @@ def release_freed_memory() -> bool:
     released = bool(trim(0))
     log.debug("malloc_trim(0) after lowering: %s", "released memory" if released else "nothing")
     return released
+
+
+def release_kernel_scratch() -> bool:
+    """Free the C++ kernels' per-thread buffers (``nmfx_cpu::release_scratch``) when they hold
+    any; True when they did. Later calls grow them again to what those calls need."""
+    from nmfx.kernels import _build
+
+    if not _build.loaded() or torch.ops.nmfx_cpu.scratch_stats()[0] == 0:
+        return False
+    torch.ops.nmfx_cpu.release_scratch()
+    return True

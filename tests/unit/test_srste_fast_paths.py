@@ -291,3 +291,24 @@ def test_compiled_steps_reuse_the_masked_buffers_and_train_like_eager():
     for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(a, b, **tol("reorder"))
     torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled op"])
+def test_a_buffer_made_under_inference_mode_is_not_handed_to_training(path):
+    """An evaluation under ``torch.inference_mode`` leaves an inference tensor in the reused
+    buffer; autograd cannot record or save one (the eager weight lost its gradient silently,
+    the op's output could not be saved), so training gets a new buffer."""
+    model = nmfx.sparsify(mlp(), srste_lambda=LAM)
+    w = model[0].weight
+    if path == "eager":
+        masked = masker_of(model[0])
+    else:
+        def masked(weight: torch.Tensor) -> torch.Tensor:
+            return torch.ops.nmfx.srste_masked(weight, 2, 4, 1)
+    with torch.inference_mode():
+        assert masked(w).is_inference()
+    out = masked(w)
+    assert not out.is_inference()
+    x = torch.randn(3, 128)
+    F.linear(x, out).sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones(256, 3) @ x, **tol("reorder"))

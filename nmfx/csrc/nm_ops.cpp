@@ -93,9 +93,15 @@ constexpr int64_t kPathGemv = 1 << 11;
 // The bf16 pair-dot-product GEMM (nm_bf16pairs.cpp) under ISA avx512bf16, bf16 weights of 2:4,
 // 4:8, 1:4 or 1:8, any rows of x (made for 16+); elsewhere it means no bit, as PATH_GEMV.
 constexpr int64_t kPathPairs = 1 << 12;
-constexpr int64_t kPathBits = kPathExpand | kPathPanels | kPathSelect | kPathGemv | kPathPairs;
+// The bf16 GEMM on W expanded into L2 slabs (nm_bf16vnni.cpp) under ISA avx512bf16, bf16 weights
+// of bf16vnni_supports, any rows of x (made for 16+); elsewhere it means no bit, as PATH_GEMV.
+constexpr int64_t kPathVnni = 1 << 13;
+constexpr int64_t kPathBits =
+    kPathExpand | kPathPanels | kPathSelect | kPathGemv | kPathPairs | kPathVnni;
 constexpr int64_t kPanelMinBatch = 32;
 constexpr int64_t kDotMinBatch = 8;
+// Rows of x per call of the bf16 slab GEMM at most (its y^T of a group of weight rows stays in L2).
+constexpr int64_t kVnniBlockRows = 256;
 
 int64_t isa_support() {
   int64_t b = 1 << kIsaPortable;
@@ -372,6 +378,33 @@ void run_rows_pairs(NMProblem p, const at::Tensor& xs, int64_t cols, float* y) {
   }
 }
 
+// The bf16 slab GEMM (PATH_VNNI): writes the bf16 output itself, bias added, blocks of at most
+// kVnniBlockRows rows of x staged in VNNI pairs. No NaN/Inf scan: it multiplies the pruned zeros
+// as F.linear does.
+at::Tensor run_vnni(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
+                    const std::optional<at::Tensor>& bias, const PackedShape& shape, int64_t rows,
+                    int64_t cols, int64_t n, int64_t m) {
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const int64_t B = xc.size(0);
+  at::Tensor out = new_buffer({B, rows}, x.options());
+  const at::Tensor bf = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous()
+                                                          : at::Tensor();
+  const ValueTail vt = value_tail(values, rows, shape.kept);
+  NMProblem p = weight_problem(values, mask, shape, vt, rows, n, m);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  for (int64_t b0 = 0; b0 < B; b0 += kVnniBlockRows) {
+    p.B = std::min(kVnniBlockRows, B - b0);
+    at::Tensor hold;
+    const int64_t words = bf16vnni_staged_words(p.B, cols);
+    auto* staging = static_cast<uint32_t*>(
+        scratch_bytes(kScratchX, static_cast<size_t>(words) * sizeof(uint32_t), hold));
+    nm_gemm_bf16vnni(p, xp + b0 * xc.stride(0), xc.stride(0), cols,
+                     bf.defined() ? bf.const_data_ptr<float>() : nullptr, op + b0 * rows, staging);
+  }
+  return out;
+}
+
 // nm_gemm: argument checks, the kernel over blocks of rows of x (run_rows), the output dtype.
 at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                    const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n,
@@ -379,7 +412,7 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   int64_t path = isa & ~kIsaMask;
   isa &= kIsaMask;
   TORCH_CHECK((path & ~kPathBits) == 0 && (path & (path - 1)) == 0, "nmfx: bad path bits ", path,
-              " (at most one of PATH_EXPAND, PATH_PANELS, PATH_SELECT, PATH_GEMV, PATH_PAIRS)");
+              " (at most one of PATH_EXPAND, PATH_PANELS, PATH_SELECT, PATH_GEMV, PATH_PAIRS, PATH_VNNI)");
   const PackedShape shape = check_packed(x, values, mask, bias, rows, cols, n, m);
   const KernelFn fn = select_kernel(isa);
   const int64_t B = x.size(0);
@@ -387,6 +420,12 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
                                       has_select_gemv(static_cast<int>(n), static_cast<int>(m))),
               "nmfx: PATH_SELECT needs an x86 ISA, one row of x and pattern 1:4, 1:8, 2:4 or 4:8; "
               "got ", B, " rows, pattern ", n, ":", m);
+  const bool vnni_ok = fn == nm_gemm_avx512bf16 && shape.vtype == ValueType::kBFloat16 &&
+                       bf16vnni_supports(static_cast<int>(n), static_cast<int>(m));
+  if (path == kPathVnni && !vnni_ok) path = 0;  // as PATH_GEMV
+  if (path == kPathVnni && B > 0 && rows > 0) {
+    return run_vnni(x, values, mask, bias, shape, rows, cols, n, m);
+  }
   at::Tensor y = init_y(B, rows, bias);
   if (B == 0 || rows == 0) return y.to(x.scalar_type());
 

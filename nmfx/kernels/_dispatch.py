@@ -73,6 +73,8 @@ def force_dispatch(mode: str) -> Iterator[None]:
     weights run ``"avx512-panels"``), ``"avx512bf16-gemv"`` (the bf16 dot-product GEMV for bf16
     weights; other weights run the AVX-512 kernel's own pick), ``"avx512bf16-pairs"`` (the bf16
     pair GEMM for bf16 weights of 2:4, 4:8, 1:4 and 1:8; others as for the GEMV),
+    ``"avx512bf16-vnni"`` (the bf16 slab GEMM for bf16 weights of patterns whose M divides 32;
+    others as for the GEMV),
     ``"portable"``; one this CPU lacks is an error at the call)."""
     if mode not in _MODE_SET:
         raise ValueError(f"dispatch mode {mode!r} is not one of {list(MODES)}")

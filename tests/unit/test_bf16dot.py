@@ -56,13 +56,14 @@ def test_dot_path_matches_linear(pattern: str, rows: int, cols: int) -> None:
 
 
 def assert_matches_linear(
-    pattern: str, rows: int, cols: int, code: int, batches: list[int]
+    pattern: str, rows: int, cols: int, code: int, batches: list[int], supports=None
 ) -> None:
     """nm_gemm with path ``code`` on a random bf16 N:M weight against F.linear in fp32 maths, with
-    and without bias, at every batch of ``batches`` (test_bf16gemv.py runs its path through it)."""
+    and without bias, at every batch of ``batches`` (test_bf16gemv.py runs its path through it);
+    ``supports(n, m)`` (default: bf16dot_supports) must hold for the pattern."""
     assert K.kernels_available()
     n, m = (int(v) for v in pattern.split(":"))
-    assert _build.bf16dot_supports(n, m)
+    assert (supports or _build.bf16dot_supports)(n, m)
     w = random_nm(rows, cols, pattern, torch.bfloat16, seed=rows)
     p = pack(w, pattern)
     bias = torch.randn(rows).bfloat16()

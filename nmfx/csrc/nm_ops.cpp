@@ -80,8 +80,9 @@ constexpr int64_t kIsaAvx512Bf16 = 4;
 // (nm_avx2.cpp, run_panels), or the selecting GEMV (one row of x, patterns 1:4, 1:8, 2:4, 4:8).
 // A forced path runs that path on every x86 ISA or fails; the portable ISA has one path and
 // ignores PATH_EXPAND / PATH_PANELS. Without a bit, the ISA's kernel picks: the AVX2 one selects
-// at one row where the pattern allows, the AVX-512 one only for 1:4 and 1:8 (it expands 2:4 and
-// 4:8); fewer than kPanelMinBatch rows expand W, and more take the batched path. PATH_GEMV (the
+// at one row where the pattern allows, the AVX-512 one for 1:4, 1:8 and fp32 2:4 / 4:8 (its own
+// selecting GEMV there, on CPUs with VBMI; it expands bf16/fp16 2:4 and 4:8); fewer than
+// kPanelMinBatch rows expand W, and more take the batched path. PATH_GEMV (the
 // bf16 dot-product GEMV, any rows of x) applies to ISA avx512bf16, bf16 weights and the
 // patterns of bf16dot_supports; anywhere else it means no bit (the ISA's own pick), so a table
 // naming it still runs on a host or weight without it.
@@ -155,15 +156,31 @@ inline bool nonfinite(float v) {
 }
 inline bool nonfinite(uint16_t v) { return (v & 0x7f80u) == 0x7f80u; }
 
+// Whether any of row[0, cols) is NaN or Inf: an all-ones exponent plus its lowest bit carries
+// into the sign bit. Branch-free ORs the compiler vectorizes (the per-element compare it did not
+// vectorize had cost ~1 us of a 4096-column one-row call).
+inline bool any_nonfinite(const float* row, int64_t cols) {
+  uint32_t acc = 0;
+  for (int64_t k = 0; k < cols; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, row + k, 4);
+    acc |= (bits & 0x7f800000u) + 0x00800000u;
+  }
+  return (acc >> 31) != 0;
+}
+inline bool any_nonfinite(const uint16_t* row, int64_t cols) {
+  uint32_t acc = 0;
+  for (int64_t k = 0; k < cols; ++k) acc |= (row[k] & 0x7f80u) + 0x0080u;
+  return (acc >> 15) & 1;
+}
+
 template <typename T>
 void propagate_nonfinite(const T* x, int64_t ldsrc, int64_t B, int64_t cols,
                          const uint8_t* mask, int64_t KB, int64_t R, float* y) {
   std::vector<int64_t> bad;
   for (int64_t b = 0; b < B; ++b) {
     const T* row = x + b * ldsrc;
-    bool any = false;
-    for (int64_t k = 0; k < cols; ++k) any |= nonfinite(row[k]);
-    if (!any) continue;
+    if (!any_nonfinite(row, cols)) continue;
     bad.clear();
     for (int64_t k = 0; k < cols; ++k) {
       if (nonfinite(row[k])) bad.push_back(k);

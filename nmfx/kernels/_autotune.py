@@ -55,8 +55,8 @@ logger = logging.getLogger(__name__)
 # 5-8: per-shape autotuning (6: batched paths never pruned; 7: avx512bf16-panels; 8:
 # avx512bf16-gemv); 1-4: thresholds
 # 9: fastest of the rounds, not the median; 10: F.linear reference and the load per entry;
-# 11: avx512bf16-pairs timed; 12: avx512bf16-vnni timed
-TABLE_VERSION = 12
+# 11: avx512bf16-pairs timed; 12: avx512bf16-vnni timed; 13: avx512-select timed
+TABLE_VERSION = 13
 CACHE_ENV = "NMFX_CACHE_DIR"
 CALIBRATE_ENV = "NMFX_CALIBRATE"
 # Buckets of rows of x (inclusive bounds; the last is open) and the batch timed for each.
@@ -68,8 +68,11 @@ PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CHOICES = (
     "dense", "portable", "avx2-expand", "avx2-select", "avx2-panels", "avx512-expand",
     "avx512-panels", "avx512bf16-panels", "avx512bf16-gemv", "avx512bf16-pairs",
-    "avx512bf16-vnni",
+    "avx512bf16-vnni", "avx512-select",
 )  # fmt: skip
+# Weights the AVX-512 selecting GEMV (nm_avx512.cpp, select16) runs: fp32 keeping 8 of 16
+# columns. Elsewhere ``avx512-select`` runs the AVX2 selecting GEMV, timed as ``avx2-select``.
+SELECT16 = frozenset({("float32", 2, 4), ("float32", 4, 8)})
 # Rows of x up to which the bf16 dot-product GEMV is timed: it reads W once per 4 rows of x, yet
 # beat the panel path and dense up to 16 rows (4096x2048 2:4, one thread, Zen 4).
 GEMV_MAX_ROWS = 32
@@ -148,7 +151,9 @@ def host_choices(n: int, m: int, batch: int, dtype: str = "float32") -> list[str
         if isa in isas:
             out += [f"{isa}-expand", f"{isa}-panels"]
     if "avx2" in isas and batch == 1 and (n, m) in _build.SELECT_PATTERNS:
-        out.append("avx2-select")  # the AVX-512 kernel selects with the same AVX2 code
+        out.append("avx2-select")
+    if "avx512" in isas and batch == 1 and (dtype, n, m) in SELECT16:
+        out.append("avx512-select")
     if "avx512bf16" in isas and dtype == "bfloat16" and _build.bf16dot_supports(n, m):
         out.append("avx512bf16-panels")
         if batch <= GEMV_MAX_ROWS:
@@ -482,7 +487,9 @@ def default_entry(key: ShapeKey) -> dict[str, Any]:
         return {"choices": ["portable"] * len(BUCKETS), "source": "default"}
     choices = []
     for rows_x in PROBE_ROWS:
-        if rows_x == 1 and (key.n, key.m) in _build.SELECT_PATTERNS:
+        if rows_x == 1 and best == "avx512" and (key.dtype, key.n, key.m) in SELECT16:
+            choices.append("avx512-select")
+        elif rows_x == 1 and (key.n, key.m) in _build.SELECT_PATTERNS:
             choices.append("avx2-select")
         elif rows_x >= 32:
             choices.append("avx2-panels")

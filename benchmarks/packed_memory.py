@@ -111,7 +111,7 @@ def paths() -> list[str]:
     """F.linear, nmfx's dense branch and every sparse path this host runs at any batch."""
     import nmfx.kernels as K
 
-    sparse = [c for c in K.CHOICES if c not in ("dense", "portable", "avx2-select")
+    sparse = [c for c in K.CHOICES if c not in ("dense", "portable") and not c.endswith("-select")
               and c.split("-")[0] in K.available_isas()]  # fmt: skip
     return ["F.linear", "dense", *sparse]
 

@@ -168,6 +168,8 @@ class ReusedTensor:
                 or t.shape != shape
                 or t.dtype != dtype
                 or (_storage_users(t) != self._idle_users)
+                # made under inference_mode: autograd could not save it (and vice versa)
+                or t.is_inference() != torch.is_inference_mode_enabled()
             ):
                 t = self._tensor = torch.empty(shape, dtype=dtype)
                 self._idle_users = _storage_users(t)

@@ -191,6 +191,14 @@ int bf16pairs_kind(int n, int m);
 bool bf16pairs_stage(const uint16_t* x, int64_t sb, int64_t sk, int64_t B, int64_t cols,
                      int64_t ldc, int64_t c0, int64_t c1, uint16_t* xt);
 void nm_gemm_bf16pairs(const NMProblem& p, int64_t r0, int64_t r1);
+// The bf16 GEMM on W expanded into L2 slabs (nm_bf16vnni.cpp), patterns whose M divides 32
+// (bf16vnni_supports), any rows of x (made for 16+): out [p.B, p.R] bf16 = x W^T + bias (fp32,
+// may be null). x: p.B rows of bf16 bits, row stride sb, unit column stride; staging:
+// bf16vnni_staged_words(p.B, cols) 32-bit words, 64-byte aligned. p.y is not used.
+bool bf16vnni_supports(int n, int m);
+int64_t bf16vnni_staged_words(int64_t B, int64_t cols);
+void nm_gemm_bf16vnni(const NMProblem& p, const uint16_t* x, int64_t sb, int64_t cols,
+                      const float* bias, uint16_t* out, uint32_t* staging);
 // The batched path on x panels (p.xpanel set), AVX2 + FMA (nm_panels.h; nm_gemm_avx512 runs
 // the same code with AVX-512 vectors).
 void nm_gemm_avx2_panels(const NMProblem& p, int64_t r0, int64_t r1);

@@ -80,8 +80,9 @@ constexpr int64_t kIsaAvx512Bf16 = 4;
 // (nm_avx2.cpp, run_panels), or the selecting GEMV (one row of x, patterns 1:4, 1:8, 2:4, 4:8).
 // A forced path runs that path on every x86 ISA or fails; the portable ISA has one path and
 // ignores PATH_EXPAND / PATH_PANELS. Without a bit, the ISA's kernel picks: the AVX2 one selects
-// at one row where the pattern allows, the AVX-512 one only for 1:4 and 1:8 (it expands 2:4 and
-// 4:8); fewer than kPanelMinBatch rows expand W, and more take the batched path. PATH_GEMV (the
+// at one row where the pattern allows, the AVX-512 one for 1:4, 1:8 and fp32 2:4 / 4:8 (its own
+// selecting GEMV there, on CPUs with VBMI; it expands bf16/fp16 2:4 and 4:8); fewer than
+// kPanelMinBatch rows expand W, and more take the batched path. PATH_GEMV (the
 // bf16 dot-product GEMV, any rows of x) applies to ISA avx512bf16, bf16 weights and the
 // patterns of bf16dot_supports; anywhere else it means no bit (the ISA's own pick), so a table
 // naming it still runs on a host or weight without it.
@@ -93,9 +94,15 @@ constexpr int64_t kPathGemv = 1 << 11;
 // The bf16 pair-dot-product GEMM (nm_bf16pairs.cpp) under ISA avx512bf16, bf16 weights of 2:4,
 // 4:8, 1:4 or 1:8, any rows of x (made for 16+); elsewhere it means no bit, as PATH_GEMV.
 constexpr int64_t kPathPairs = 1 << 12;
-constexpr int64_t kPathBits = kPathExpand | kPathPanels | kPathSelect | kPathGemv | kPathPairs;
+// The bf16 GEMM on W expanded into L2 slabs (nm_bf16vnni.cpp) under ISA avx512bf16, bf16 weights
+// of bf16vnni_supports, any rows of x (made for 16+); elsewhere it means no bit, as PATH_GEMV.
+constexpr int64_t kPathVnni = 1 << 13;
+constexpr int64_t kPathBits =
+    kPathExpand | kPathPanels | kPathSelect | kPathGemv | kPathPairs | kPathVnni;
 constexpr int64_t kPanelMinBatch = 32;
 constexpr int64_t kDotMinBatch = 8;
+// Rows of x per call of the bf16 slab GEMM at most (its y^T of a group of weight rows stays in L2).
+constexpr int64_t kVnniBlockRows = 256;
 
 int64_t isa_support() {
   int64_t b = 1 << kIsaPortable;
@@ -149,15 +156,31 @@ inline bool nonfinite(float v) {
 }
 inline bool nonfinite(uint16_t v) { return (v & 0x7f80u) == 0x7f80u; }
 
+// Whether any of row[0, cols) is NaN or Inf: an all-ones exponent plus its lowest bit carries
+// into the sign bit. Branch-free ORs the compiler vectorizes (the per-element compare it did not
+// vectorize had cost ~1 us of a 4096-column one-row call).
+inline bool any_nonfinite(const float* row, int64_t cols) {
+  uint32_t acc = 0;
+  for (int64_t k = 0; k < cols; ++k) {
+    uint32_t bits;
+    std::memcpy(&bits, row + k, 4);
+    acc |= (bits & 0x7f800000u) + 0x00800000u;
+  }
+  return (acc >> 31) != 0;
+}
+inline bool any_nonfinite(const uint16_t* row, int64_t cols) {
+  uint32_t acc = 0;
+  for (int64_t k = 0; k < cols; ++k) acc |= (row[k] & 0x7f80u) + 0x0080u;
+  return (acc >> 15) & 1;
+}
+
 template <typename T>
 void propagate_nonfinite(const T* x, int64_t ldsrc, int64_t B, int64_t cols,
                          const uint8_t* mask, int64_t KB, int64_t R, float* y) {
   std::vector<int64_t> bad;
   for (int64_t b = 0; b < B; ++b) {
     const T* row = x + b * ldsrc;
-    bool any = false;
-    for (int64_t k = 0; k < cols; ++k) any |= nonfinite(row[k]);
-    if (!any) continue;
+    if (!any_nonfinite(row, cols)) continue;
     bad.clear();
     for (int64_t k = 0; k < cols; ++k) {
       if (nonfinite(row[k])) bad.push_back(k);
@@ -372,6 +395,33 @@ void run_rows_pairs(NMProblem p, const at::Tensor& xs, int64_t cols, float* y) {
   }
 }
 
+// The bf16 slab GEMM (PATH_VNNI): writes the bf16 output itself, bias added, blocks of at most
+// kVnniBlockRows rows of x staged in VNNI pairs. No NaN/Inf scan: it multiplies the pruned zeros
+// as F.linear does.
+at::Tensor run_vnni(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
+                    const std::optional<at::Tensor>& bias, const PackedShape& shape, int64_t rows,
+                    int64_t cols, int64_t n, int64_t m) {
+  const at::Tensor xc = x.stride(1) == 1 ? x : x.contiguous();
+  const int64_t B = xc.size(0);
+  at::Tensor out = new_buffer({B, rows}, x.options());
+  const at::Tensor bf = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous()
+                                                          : at::Tensor();
+  const ValueTail vt = value_tail(values, rows, shape.kept);
+  NMProblem p = weight_problem(values, mask, shape, vt, rows, n, m);
+  const uint16_t* xp = reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>());
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  for (int64_t b0 = 0; b0 < B; b0 += kVnniBlockRows) {
+    p.B = std::min(kVnniBlockRows, B - b0);
+    at::Tensor hold;
+    const int64_t words = bf16vnni_staged_words(p.B, cols);
+    auto* staging = static_cast<uint32_t*>(
+        scratch_bytes(kScratchX, static_cast<size_t>(words) * sizeof(uint32_t), hold));
+    nm_gemm_bf16vnni(p, xp + b0 * xc.stride(0), xc.stride(0), cols,
+                     bf.defined() ? bf.const_data_ptr<float>() : nullptr, op + b0 * rows, staging);
+  }
+  return out;
+}
+
 // nm_gemm: argument checks, the kernel over blocks of rows of x (run_rows), the output dtype.
 at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
                    const std::optional<at::Tensor>& bias, int64_t rows, int64_t cols, int64_t n,
@@ -379,7 +429,7 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   int64_t path = isa & ~kIsaMask;
   isa &= kIsaMask;
   TORCH_CHECK((path & ~kPathBits) == 0 && (path & (path - 1)) == 0, "nmfx: bad path bits ", path,
-              " (at most one of PATH_EXPAND, PATH_PANELS, PATH_SELECT, PATH_GEMV, PATH_PAIRS)");
+              " (at most one of PATH_EXPAND, PATH_PANELS, PATH_SELECT, PATH_GEMV, PATH_PAIRS, PATH_VNNI)");
   const PackedShape shape = check_packed(x, values, mask, bias, rows, cols, n, m);
   const KernelFn fn = select_kernel(isa);
   const int64_t B = x.size(0);
@@ -387,6 +437,12 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
                                       has_select_gemv(static_cast<int>(n), static_cast<int>(m))),
               "nmfx: PATH_SELECT needs an x86 ISA, one row of x and pattern 1:4, 1:8, 2:4 or 4:8; "
               "got ", B, " rows, pattern ", n, ":", m);
+  const bool vnni_ok = fn == nm_gemm_avx512bf16 && shape.vtype == ValueType::kBFloat16 &&
+                       bf16vnni_supports(static_cast<int>(n), static_cast<int>(m));
+  if (path == kPathVnni && !vnni_ok) path = 0;  // as PATH_GEMV
+  if (path == kPathVnni && B > 0 && rows > 0) {
+    return run_vnni(x, values, mask, bias, shape, rows, cols, n, m);
+  }
   at::Tensor y = init_y(B, rows, bias);
   if (B == 0 || rows == 0) return y.to(x.scalar_type());
 

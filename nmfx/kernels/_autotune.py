@@ -6,7 +6,8 @@ and are not monotone in the rows (an AVX-512 kernel once lost at 2 rows and won 
 every distinct (rows, cols, dtype, pattern) that is lowered, :func:`autotune` times every path
 this host supports -- the selecting GEMV (one row), expanding W in registers, the batched path
 on x panels, each ISA's, the bf16 dot-product panels and GEMV (up to :data:`GEMV_MAX_ROWS` rows),
-the portable kernel -- and the dense branch (``nm_dense``: W expanded block by block per call,
+the bf16 pair GEMM (1:4, 1:8) and slab GEMM (from :data:`VNNI_MIN_ROWS` rows), the portable
+kernel -- and the dense branch (``nm_dense``: W expanded block by block per call,
 then torch's GEMM; at 1-2 rows of x the AVX2 kernel expanding W in registers), at one probe
 batch per bucket of rows
 (:data:`BUCKETS`), interleaved, the fastest of at least five rounds per candidate (a round that
@@ -54,8 +55,8 @@ logger = logging.getLogger(__name__)
 # 5-8: per-shape autotuning (6: batched paths never pruned; 7: avx512bf16-panels; 8:
 # avx512bf16-gemv); 1-4: thresholds
 # 9: fastest of the rounds, not the median; 10: F.linear reference and the load per entry;
-# 11: avx512bf16-pairs timed
-TABLE_VERSION = 11
+# 11: avx512bf16-pairs timed; 12: avx512bf16-vnni timed; 13: avx512-select timed
+TABLE_VERSION = 13
 CACHE_ENV = "NMFX_CACHE_DIR"
 CALIBRATE_ENV = "NMFX_CALIBRATE"
 # Buckets of rows of x (inclusive bounds; the last is open) and the batch timed for each.
@@ -67,7 +68,11 @@ PROBE_ROWS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 CHOICES = (
     "dense", "portable", "avx2-expand", "avx2-select", "avx2-panels", "avx512-expand",
     "avx512-panels", "avx512bf16-panels", "avx512bf16-gemv", "avx512bf16-pairs",
+    "avx512bf16-vnni", "avx512-select",
 )  # fmt: skip
+# Weights the AVX-512 selecting GEMV (nm_avx512.cpp, select16) runs: fp32 keeping 8 of 16
+# columns. Elsewhere ``avx512-select`` runs the AVX2 selecting GEMV, timed as ``avx2-select``.
+SELECT16 = frozenset({("float32", 2, 4), ("float32", 4, 8)})
 # Rows of x up to which the bf16 dot-product GEMV is timed: it reads W once per 4 rows of x, yet
 # beat the panel path and dense up to 16 rows (4096x2048 2:4, one thread, Zen 4).
 GEMV_MAX_ROWS = 32
@@ -79,6 +84,10 @@ PAIRS_MIN_ROWS = 16
 # of cache, while timing it with its own weight cache-resident (as tuning does) could make it
 # win there: offering it would trade the dense branch for a slower path.
 PAIRS_TUNED = frozenset({(1, 4), (1, 8)})
+# Rows of x from which the bf16 slab GEMM (nm_bf16vnni.cpp: W expanded into L2 slabs, dense
+# vdpbf16ps tiles) is timed: its tiles are 16-32 rows of x; below that the GEMV and the dense
+# branch's register-expanding kernel read W once with fewer wasted lanes.
+VNNI_MIN_ROWS = 9
 NOISE_MARGIN = 0.03
 PRUNE_FACTOR = 3.0
 MIN_ROUNDS = 5
@@ -142,7 +151,9 @@ def host_choices(n: int, m: int, batch: int, dtype: str = "float32") -> list[str
         if isa in isas:
             out += [f"{isa}-expand", f"{isa}-panels"]
     if "avx2" in isas and batch == 1 and (n, m) in _build.SELECT_PATTERNS:
-        out.append("avx2-select")  # the AVX-512 kernel selects with the same AVX2 code
+        out.append("avx2-select")
+    if "avx512" in isas and batch == 1 and (dtype, n, m) in SELECT16:
+        out.append("avx512-select")
     if "avx512bf16" in isas and dtype == "bfloat16" and _build.bf16dot_supports(n, m):
         out.append("avx512bf16-panels")
         if batch <= GEMV_MAX_ROWS:
@@ -150,6 +161,9 @@ def host_choices(n: int, m: int, batch: int, dtype: str = "float32") -> list[str
     pairs = (n, m) in PAIRS_TUNED and batch >= PAIRS_MIN_ROWS
     if "avx512bf16" in isas and dtype == "bfloat16" and pairs:
         out.append("avx512bf16-pairs")
+    vnni = batch >= VNNI_MIN_ROWS and _build.bf16vnni_supports(n, m)
+    if "avx512bf16" in isas and dtype == "bfloat16" and vnni:
+        out.append("avx512bf16-vnni")
     return out
 
 
@@ -158,7 +172,7 @@ def path_code(choice: str) -> int:
     isa, _, path = choice.partition("-")
     bits = {"": 0, "expand": _build.PATH_EXPAND, "select": _build.PATH_SELECT,
             "panels": _build.PATH_PANELS, "gemv": _build.PATH_GEMV,
-            "pairs": _build.PATH_PAIRS}[path]  # fmt: skip
+            "pairs": _build.PATH_PAIRS, "vnni": _build.PATH_VNNI}[path]  # fmt: skip
     return _build.ISA_CODES[isa] | bits
 
 
@@ -473,7 +487,9 @@ def default_entry(key: ShapeKey) -> dict[str, Any]:
         return {"choices": ["portable"] * len(BUCKETS), "source": "default"}
     choices = []
     for rows_x in PROBE_ROWS:
-        if rows_x == 1 and (key.n, key.m) in _build.SELECT_PATTERNS:
+        if rows_x == 1 and best == "avx512" and (key.dtype, key.n, key.m) in SELECT16:
+            choices.append("avx512-select")
+        elif rows_x == 1 and (key.n, key.m) in _build.SELECT_PATTERNS:
             choices.append("avx2-select")
         elif rows_x >= 32:
             choices.append("avx2-panels")

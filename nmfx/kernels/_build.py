@@ -28,6 +28,7 @@ SOURCES = (
     "nm_bf16dot.cpp",
     "nm_bf16gemv.cpp",
     "nm_bf16pairs.cpp",
+    "nm_bf16vnni.cpp",
     "nm_mask.cpp",
     "nm_linear_op.cpp",
 )
@@ -55,6 +56,10 @@ PATH_GEMV = 1 << 11
 # PAIRS_PATTERNS at any rows of x (made for 16+); elsewhere it means no bit.
 PATH_PAIRS = 1 << 12
 PAIRS_PATTERNS = frozenset({(2, 4), (4, 8), (1, 4), (1, 8)})
+# The bf16 GEMM on W expanded into L2 slabs (nm_bf16vnni.cpp) under ISA avx512bf16, for bf16
+# weights of a pattern whose M divides 32 (bf16vnni_supports) at any rows of x (made for 16+);
+# elsewhere it means no bit.
+PATH_VNNI = 1 << 13
 SELECT_PATTERNS = frozenset({(1, 4), (1, 8), (2, 4), (4, 8)})
 
 
@@ -62,6 +67,14 @@ def bf16dot_supports(n: int, m: int) -> bool:
     """Patterns of the bf16 dot-product path: M divides 32 and 64 columns keep 8, 16 or 32
     values (2:4, 4:8, 8:16, 1:4, 2:8, 1:8, ...); mirrors nm_kernels.h."""
     return 0 < n < m and 32 % m == 0 and 64 // m * n in (8, 16, 32)
+
+
+
+def bf16vnni_supports(n: int, m: int) -> bool:
+    """Patterns of the bf16 slab GEMM: M divides 32 (2:4, 4:8, 1:4, 1:8, 8:16, ...); mirrors
+    nm_bf16vnni.cpp."""
+    return 0 < n < m <= 32 and 32 % m == 0
+
 
 _lock = threading.Lock()
 _state: dict[str, object] = {"tried": False, "ok": False, "error": None}

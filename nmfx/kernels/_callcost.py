@@ -1,9 +1,10 @@
 """Small layers whose lowered call loses to ``nn.Linear`` once its Python overhead is counted.
 
 The autotuner times the C++ ops. A lowered layer's call also runs Python that ``nn.Linear``'s
-does not (``NMLinear.forward``, the per-call dispatch lookup): a few microseconds, nothing next
-to a large layer but as much as the whole GEMV of a small one (the demo MLP's 1024x64 layer ran
-0.54x, 0.041 vs 0.022 ms, as "sparse"). So for layers the autotuner also timed as ``F.linear``
+does not (``NMLinear.forward`` and its checks): since its eager call runs the C++ op
+``nmfx_cpu::nm_linear`` (the tuned choice settled in C++) instead of the Python op and its
+dispatch lookup, about a microsecond, down from ~4 (the demo MLP's 1024x64 layer had run 0.54x,
+0.041 vs 0.022 ms, as "sparse"); still as much as part of a small layer's GEMV. So for layers the autotuner also timed as ``F.linear``
 (``linear_ms``, up to ``LINEAR_REF_MAX_BYTES``), lowering keeps the layer as ``nn.Linear`` when,
 at every bucket of rows of x, the tuned choice's time plus :func:`module_call_overhead_ms` is
 not faster than ``F.linear`` (within the tuner's noise margin). The overhead is measured once

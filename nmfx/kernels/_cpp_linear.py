@@ -25,6 +25,12 @@ import torch
 # [None]: not set up yet; [True]/[False]: the C++ op is / is not usable in this process. A plain
 # list read by NMLinear.forward while Dynamo traces (a constant there, no call).
 READY: list[bool | None] = [None]
+# The C++ op's OpOverload once set up, else None: what an eager call of a lowered layer runs when
+# no gradient, tracing or mode is involved (NMLinear.forward). It settles the layer's tuned
+# choice in C++ and hands overrides, untuned layers and choices this CPU lacks to
+# ``nmfx::nm_linear``, as for compiled graphs; the Python op's wrapper and choice lookup had
+# cost ~3.5 us of a lowered layer's ~4 us of extra call cost over nn.Linear.
+EAGER_OP: list[torch._ops.OpOverload | None] = [None]
 _lock = threading.Lock()
 _CODE_DENSE = -1  # nm_linear_op.cpp kChoiceDense
 _CODE_PYTHON = -2  # nm_linear_op.cpp kChoicePython: nmfx::nm_linear decides
@@ -55,6 +61,7 @@ def _setup() -> bool:
     torch.library.register_fake("nmfx_cpu::nm_linear")(_nm_linear_fake)
     torch.ops.nmfx_cpu.set_linear_table(*tables())
     torch.ops.nmfx_cpu.set_linear_overrides(_override_count())
+    EAGER_OP[0] = torch.ops.nmfx_cpu.nm_linear.default
     return True
 
 

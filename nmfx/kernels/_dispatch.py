@@ -69,10 +69,14 @@ def _forced_mode() -> str:
 def force_dispatch(mode: str) -> Iterator[None]:
     """Within the block, run every nm_linear ``"sparse"``, ``"dense"``, ``"auto"`` or one path
     (``"avx2-expand"``, ``"avx2-select"``, ``"avx2-panels"``, ``"avx512-expand"``,
-    ``"avx512-panels"``, ``"avx512bf16-panels"`` (bf16 dot products for bf16 weights; other
-    weights run ``"avx512-panels"``), ``"avx512bf16-gemv"`` (the bf16 dot-product GEMV for bf16
-    weights; other weights run the AVX-512 kernel's own pick), ``"avx512bf16-pairs"`` (the bf16
-    pair GEMM for bf16 weights of 2:4, 4:8, 1:4 and 1:8; others as for the GEMV),
+    ``"avx512-select"`` (the AVX-512 selecting GEMV for fp32 2:4 and 4:8 at one row of x; other
+    weights run ``"avx2-select"``), ``"avx512-panels"``, ``"avx512bf16-panels"`` (bf16 dot
+    products for bf16 weights; other weights run ``"avx512-panels"``), ``"avx512bf16-gemv"``
+    (the bf16 dot-product GEMV for bf16 weights; other weights run the AVX-512 kernel's own
+    pick), ``"avx512bf16-pairs"`` (the bf16 pair GEMM for bf16 weights of 2:4, 4:8, 1:4 and
+    1:8; others as for the GEMV),
+    ``"avx512bf16-vnni"`` (the bf16 slab GEMM for bf16 weights of patterns whose M divides 32;
+    others as for the GEMV),
     ``"portable"``; one this CPU lacks is an error at the call)."""
     if mode not in _MODE_SET:
         raise ValueError(f"dispatch mode {mode!r} is not one of {list(MODES)}")

@@ -56,7 +56,8 @@ class NMLinear(PackedLinearBase):
             self.dispatch,
         )
         if _ops.eager_fast_path_ok(x, bias):
-            return _ops.compute(x, *args)
+            op = _cpp_linear.EAGER_OP[0]  # the C++ op (choice settled in C++), once loaded
+            return _ops.compute(x, *args) if op is None else op(x, *args)
         if torch.compiler.is_compiling() and _cpp_linear.applies(x, bias):
             return torch.ops.nmfx_cpu.nm_linear(x, *args)  # compiled: no Python wrapper per call
         return torch.ops.nmfx.nm_linear(x, *args)

@@ -21,7 +21,8 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))  # the scripts import their helpers as top-level
 _timing = importlib.import_module("_timing")
 cpu_kernels = importlib.import_module("cpu_kernels")
-SCRIPTS = ["cpu_kernels", "decode_linears", "kernel_paths", "mask_speed", "sparsify_time", "srste_step"]
+SCRIPTS = ["cpu_kernels", "decode_linears", "kernel_paths", "mask_speed", "onerow_bandwidth",
+           "sparsify_time", "srste_step"]  # fmt: skip
 
 
 def _untracked(path: Path) -> bool:
@@ -61,7 +62,7 @@ def test_timing_scripts_take_contend() -> None:
     import subprocess
 
     for script in ("contention", "cpu_kernels", "decode_linears", "kernel_paths", "mask_speed",
-                   "srste_step"):
+                   "onerow_bandwidth", "srste_step"):
         out = subprocess.run(
             [sys.executable, str(ROOT / "benchmarks" / f"{script}.py"), "--help"],
             capture_output=True, text=True, check=True, cwd=ROOT,

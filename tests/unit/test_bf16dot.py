@@ -56,13 +56,14 @@ def test_dot_path_matches_linear(pattern: str, rows: int, cols: int) -> None:
 
 
 def assert_matches_linear(
-    pattern: str, rows: int, cols: int, code: int, batches: list[int]
+    pattern: str, rows: int, cols: int, code: int, batches: list[int], supports=None
 ) -> None:
     """nm_gemm with path ``code`` on a random bf16 N:M weight against F.linear in fp32 maths, with
-    and without bias, at every batch of ``batches`` (test_bf16gemv.py runs its path through it)."""
+    and without bias, at every batch of ``batches`` (test_bf16gemv.py runs its path through it);
+    ``supports(n, m)`` (default: bf16dot_supports) must hold for the pattern."""
     assert K.kernels_available()
     n, m = (int(v) for v in pattern.split(":"))
-    assert _build.bf16dot_supports(n, m)
+    assert (supports or _build.bf16dot_supports)(n, m)
     w = random_nm(rows, cols, pattern, torch.bfloat16, seed=rows)
     p = pack(w, pattern)
     bias = torch.randn(rows).bfloat16()
@@ -198,20 +199,21 @@ def assert_table_falls_back(monkeypatch, choice: str, fallback: str, batch: int)
     AVX512-BF16 hidden from the kernels: one warning naming ``fallback``, the right result, and
     ``force_dispatch(choice)`` an error (test_bf16gemv.py and test_bf16gemm.py use it too)."""
     assert K.kernels_available()
-    real = [i for i in _build.supported_isas() if i != "avx512bf16"]
-    monkeypatch.setattr(_build, "supported_isas", lambda: list(real))
-    w = random_nm(24, 64, "2:4", torch.bfloat16, seed=4)
-    layer = NMLinear(pack(w, "2:4"), torch.randn(24).bfloat16())
-    layer.dispatch = _autotune.encode([choice] * len(_autotune.BUCKETS))
-    x = torch.randn(batch, 64).bfloat16()
-    with pytest.warns(RuntimeWarning, match=rf"names '{choice}', which this CPU cannot "
-                      rf"run .*running '{fallback}' instead"):  # fmt: skip
-        y = layer(x)
-    torch.testing.assert_close(y.float(), reference(x, w, layer.bias), **KTOL)
-    assert K.dispatch_summary(layer.dispatch) == f"{choice} at 1+ rows of x"
-    needs = rf"'{choice}' needs ISA 'avx512bf16'"
-    with pytest.raises(ValueError, match=needs), K.force_dispatch(choice):
-        K.nm_linear(x, pack(w, "2:4"))
+    # Capped, the kernels and the C++ op's choice table (which an eager call of the layer
+    # consults) see a CPU without AVX512-BF16 (and without what a cap in force hides already).
+    with K.use_isa_cap(next(i for i in ("avx512", "avx2", "portable") if i in K.available_isas())):
+        w = random_nm(24, 64, "2:4", torch.bfloat16, seed=4)
+        layer = NMLinear(pack(w, "2:4"), torch.randn(24).bfloat16())
+        layer.dispatch = _autotune.encode([choice] * len(_autotune.BUCKETS))
+        x = torch.randn(batch, 64).bfloat16()
+        with pytest.warns(RuntimeWarning, match=rf"names '{choice}', which this CPU cannot "
+                          rf"run .*running '{fallback}' instead"):  # fmt: skip
+            y = layer(x)
+        torch.testing.assert_close(y.float(), reference(x, w, layer.bias), **KTOL)
+        assert K.dispatch_summary(layer.dispatch) == f"{choice} at 1+ rows of x"
+        needs = rf"'{choice}' needs ISA 'avx512bf16'"
+        with pytest.raises(ValueError, match=needs), K.force_dispatch(choice):
+            K.nm_linear(x, pack(w, "2:4"))
 
 
 @pytest.mark.skipif(HAS_BF16DOT, reason="this CPU has AVX512-BF16: the op runs it")

@@ -10,7 +10,9 @@
 from __future__ import annotations
 
 import copy
+import gc
 import warnings
+import weakref
 
 import pytest
 import torch
@@ -227,3 +229,86 @@ def test_hook_adds_terms_last_parameter_first(monkeypatch):
     monkeypatch.setattr(nmfx.modules.NMMasker, "add_srste_term", record)
     assert nmfx.add_srste_terms(model.parameters()) == 2
     assert seen == [model[2], model[0]]
+
+
+def test_compiled_mask_op_reuses_its_output_once_released_and_never_while_held():
+    """``nmfx::srste_masked`` writes into one buffer per weight, step after step (a fresh
+    multi-MB output was page-faulted in on every compiled step); a held output is never
+    overwritten, and the buffer goes with its weight."""
+    w = nn.Parameter(torch.randn(64, 128))
+    op = torch.ops.nmfx.srste_masked
+    first = op(w, 2, 4, 1)
+    ptr, expected = first.data_ptr(), first.detach().clone()
+    torch.testing.assert_close(first, w.detach() * nm_mask(w, "2:4"), **tol("exact"))
+    held = op(w, 2, 4, 1)  # `first` is still held: another buffer
+    assert held.data_ptr() != ptr
+    with torch.no_grad():
+        w.mul_(-2)
+    del held
+    again = op(w, 2, 4, 1)
+    assert torch.equal(first, expected)  # never overwritten while held
+    torch.testing.assert_close(again, w.detach() * nm_mask(w, "2:4"), **tol("exact"))
+    del first, again
+    ptrs = set()
+    for _ in range(2):  # released: the same memory, call after call
+        out = op(w, 2, 4, 1)
+        ptrs.add(out.data_ptr())
+        torch.testing.assert_close(out, w.detach() * nm_mask(w, "2:4"), **tol("exact"))
+        del out
+    assert len(ptrs) == 1
+    strided = op(w.t(), 2, 4, 0)  # a copy made contiguous: its own fresh output
+    torch.testing.assert_close(strided, w.detach().t() * nm_mask(w.t(), "2:4", dim=0),
+                               **tol("exact"))  # fmt: skip
+    del strided  # its autograd graph holds w
+    buffer = weakref.ref(nmfx.ops._MASKED_OUTPUTS[w])
+    del w
+    gc.collect()
+    assert buffer() is None  # the buffer went with its weight
+
+
+def test_compiled_steps_reuse_the_masked_buffers_and_train_like_eager():
+    """Three compiled SGD steps: the op hands out the same buffer per weight each step
+    (autograd released the previous one after its backward) and the weights equal eager's."""
+    x, y = torch.randn(16, 128), torch.randint(0, 4, (16,))
+    eager = nmfx.sparsify(mlp(), srste_lambda=LAM)
+    compiled = copy.deepcopy(eager)
+    torch._dynamo.reset()
+    _train(eager, eager, x, y)
+    seen: list[int] = []
+    real = nmfx.ops._masked_output
+
+    def spy(weight: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+        out = real(weight, w)
+        seen.append(out.data_ptr())
+        return out
+
+    nmfx.ops._masked_output = spy
+    try:
+        _train(compiled, torch.compile(compiled, backend="aot_eager"), x, y)
+    finally:
+        nmfx.ops._masked_output = real
+    assert len(seen) == 6 and seen[:2] == seen[2:4] == seen[4:]  # 2 sparse layers x 3 steps
+    for a, b in zip(eager.parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(a, b, **tol("reorder"))
+    torch._dynamo.reset()
+
+
+@pytest.mark.parametrize("path", ["eager", "compiled op"])
+def test_a_buffer_made_under_inference_mode_is_not_handed_to_training(path):
+    """An evaluation under ``torch.inference_mode`` leaves an inference tensor in the reused
+    buffer; autograd cannot record or save one (the eager weight lost its gradient silently,
+    the op's output could not be saved), so training gets a new buffer."""
+    model = nmfx.sparsify(mlp(), srste_lambda=LAM)
+    w = model[0].weight
+    if path == "eager":
+        masked = masker_of(model[0])
+    else:
+        def masked(weight: torch.Tensor) -> torch.Tensor:
+            return torch.ops.nmfx.srste_masked(weight, 2, 4, 1)
+    with torch.inference_mode():
+        assert masked(w).is_inference()
+    out = masked(w)
+    assert not out.is_inference()
+    x = torch.randn(3, 128)
+    F.linear(x, out).sum().backward()
+    torch.testing.assert_close(w.grad, torch.ones(256, 3) @ x, **tol("reorder"))

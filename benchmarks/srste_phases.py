@@ -1,0 +1,139 @@
+"""Where an SR-STE training step spends its extra time: per phase, dense vs sparse, same run.
+
+``benchmarks/srste_step.py`` times whole steps; this splits each eager SGD step of the MLP
+(4 x 1024, batch 256) into zero_grad, forward (+ loss), backward, the SR-STE step pre-hook
+and the optimizer's own update, with timestamps taken by optimizer step hooks registered
+after nmfx's (so the hook's share is the time between nmfx's hook and the update). Dense and
+sparse steps run interleaved; medians per phase and the sparse - dense difference are printed.
+Only rounds in which other processes took <= 10% of the CPU are used (when >= 5 are).
+
+It also answers "how many rounds until the step ratio is stable": over every window of n
+consecutive clean rounds, the ratio of medians (sparse / dense step) is computed, and the
+10th-90th percentile range of those windows is printed per n.
+
+    PYTHONPATH=. python benchmarks/srste_phases.py [--rounds N] [--optimizer sgd|adamw]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import time
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from _timing import LoadMonitor, _others_share, machine_info, median, ms, setup_threads, spread
+from tabulate import tabulate
+from torch import nn
+from torch.optim.optimizer import (
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
+
+import model_zoo
+import nmfx
+
+PHASES = ("zero_grad", "forward", "backward", "srste hook", "optimizer", "step")
+
+_marks: dict[str, float] = {}
+
+
+def _pre(*_: object) -> None:  # registered after nmfx's hook: runs right after it
+    _marks["hooked"] = time.perf_counter()
+
+
+def _post(*_: object) -> None:
+    _marks["stepped"] = time.perf_counter()
+
+
+def make_step(
+    model: nn.Module, x: torch.Tensor, y: torch.Tensor, optimizer: str
+) -> Callable[[], dict[str, float]]:
+    """One training step that returns its phases' durations (seconds)."""
+    if optimizer == "sgd":
+        opt: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=0.01)
+    else:
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def step() -> dict[str, float]:
+        t0 = time.perf_counter()
+        opt.zero_grad(set_to_none=True)
+        t1 = time.perf_counter()
+        loss = F.cross_entropy(model(x), y)
+        t2 = time.perf_counter()
+        loss.backward()
+        t3 = time.perf_counter()
+        opt.step()
+        t4 = time.perf_counter()
+        hooked, stepped = _marks["hooked"], _marks["stepped"]
+        return {
+            "zero_grad": t1 - t0, "forward": t2 - t1, "backward": t3 - t2,
+            "srste hook": hooked - t3, "optimizer": stepped - hooked, "step": t4 - t0,
+        }  # fmt: skip
+
+    return step
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=40)
+    parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--lam", type=float, default=2e-4)
+    args = parser.parse_args()
+    setup_threads(args.threads)
+    torch.manual_seed(0)
+    dense = model_zoo.build("mlp", in_features=1024)
+    sparse = nmfx.sparsify(copy.deepcopy(dense), pattern="2:4", srste_lambda=args.lam)
+    register_optimizer_step_pre_hook(_pre)  # after sparsify registered nmfx's hook
+    register_optimizer_step_post_hook(_post)
+    x = model_zoo.example_input("mlp", 256, model=dense)
+    y = torch.randint(0, 10, (256,))
+    steps = {k: make_step(m, x, y, args.optimizer) for k, m in (("dense", dense), ("sparse", sparse))}
+    for s in steps.values():
+        s(), s()
+    times: dict[str, dict[str, list[float]]] = {k: {p: [] for p in PHASES} for k in steps}
+    shares: list[float | None] = []
+    with LoadMonitor() as load:
+        for r in range(args.rounds):
+            _, sample = _others_share(None)
+            for k in sorted(steps, reverse=r % 2 == 1):
+                for p, t in steps[k]().items():
+                    times[k][p].append(t)
+            shares.append(_others_share(sample)[0])
+    clean = [i for i, s in enumerate(shares) if s is not None and s <= 0.10]
+    if len(clean) >= 5:
+        times = {k: {p: [v[i] for i in clean] for p, v in t.items()} for k, t in times.items()}
+    rows = []
+    for p in PHASES:
+        d, s = times["dense"][p], times["sparse"][p]
+        rows.append([p, ms(median(d)), ms(median(s)), ms(median(s) - median(d)),
+                     round(spread(d), 2), round(spread(s), 2)])  # fmt: skip
+    ratio = median(times["sparse"]["step"]) / median(times["dense"]["step"])
+    print(f"MLP 4x1024 batch 256, {args.optimizer}, {args.rounds} interleaved rounds, "
+          f"threads {torch.get_num_threads()}, step ratio {ratio:.3f}")  # fmt: skip
+    print(tabulate(rows, headers=["phase", "dense ms", "sparse ms", "diff ms", "d IQR", "s IQR"],
+                   tablefmt="github"))  # fmt: skip
+    print(f"clean rounds {len(clean)}/{args.rounds}; others' CPU share "
+          f"{load.result['others_cpu_share']:.0%}; {machine_info()['cpu_model']}")  # fmt: skip
+    print(tabulate(stability(times["sparse"]["step"], times["dense"]["step"]),
+                   headers=["rounds n", "windows", "ratio p10", "p50", "p90"], tablefmt="github"))
+
+
+def stability(sparse: list[float], dense: list[float]) -> list[list[float]]:
+    """Ratio of medians over every window of n consecutive rounds: its 10-90% range per n."""
+    rows = []
+    for n in (5, 11, 21, 41, 81):
+        if n > len(dense):
+            break
+        ratios = sorted(
+            median(sparse[i : i + n]) / median(dense[i : i + n]) for i in range(len(dense) - n + 1)
+        )
+        pick = [ratios[int(q * (len(ratios) - 1))] for q in (0.1, 0.5, 0.9)]
+        rows.append([n, len(ratios), *(round(r, 3) for r in pick)])
+    return rows
+
+
+if __name__ == "__main__":
+    main()

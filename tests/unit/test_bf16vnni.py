@@ -79,7 +79,7 @@ def test_vnni_path_reads_strided_x_and_threads_agree() -> None:
 
 
 @needs_bf16dot
-def test_vnni_path_handles_empty_inputs_and_any_bias_dtype() -> None:
+def test_vnni_path_handles_empty_inputs_any_bias_dtype_and_tight_values() -> None:
     w = random_nm(40, 64, "2:4", torch.bfloat16, seed=2)
     p = pack(w, "2:4")
     assert _gemm(torch.zeros(0, 64).bfloat16(), p, None, 40, 64, "2:4").shape == (0, 40)
@@ -87,6 +87,9 @@ def test_vnni_path_handles_empty_inputs_and_any_bias_dtype() -> None:
     bias = torch.randn(40)
     y = _gemm(x, p, bias, 40, 64, "2:4")  # fp32 bias with bf16 x and weight
     torch.testing.assert_close(y.float(), reference(x, w, bias), **KTOL)
+    # Values without the packed format's slack past the last row (the last rows read a copy).
+    tight = torch.ops.nmfx_cpu.nm_gemm(x, p.values.clone(), p.mask, None, 40, 64, 2, 4, VNNI)
+    torch.testing.assert_close(tight.float(), reference(x, w, None), **KTOL)
 
 
 @needs_bf16dot

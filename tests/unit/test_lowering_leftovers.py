@@ -34,6 +34,13 @@ def kept_bytes() -> int:
     return int(torch.ops.nmfx_cpu.scratch_stats()[0])
 
 
+def unreachable_bytes() -> int:
+    """What a release leaves now: buffers of threads it cannot reach (e.g. OpenMP threads idle
+    since an earlier test ran more torch threads); they are freed at their next use."""
+    torch.ops.nmfx_cpu.release_scratch()
+    return kept_bytes()
+
+
 def nm_weight(rows: int, cols: int) -> torch.Tensor:
     w = torch.randn(rows, cols // 4, 4)
     w[..., 2:] = 0
@@ -59,11 +66,12 @@ def test_release_frees_every_threads_buffers_and_calls_still_match_linear() -> N
     w = nm_weight(200, 512)
     p = pack(w, "2:4")
     x = torch.randn(300, 512)
+    base = unreachable_bytes()
     with torch.inference_mode():
         run_every_path(x, p)
-        assert kept_bytes() > 0
+        assert kept_bytes() > base
         torch.ops.nmfx_cpu.release_scratch()
-        assert kept_bytes() == 0  # the calling thread's and torch's other threads' buffers
+        assert kept_bytes() == base  # the calling thread's and torch's other threads' buffers
         for path in every_path():  # buffers grow again, zeroed as before
             with K.force_dispatch(path):
                 y = K.nm_linear(x[:40], p)
@@ -133,6 +141,7 @@ def test_lowering_frees_what_tuning_left(monkeypatch, tmp_path) -> None:
     monkeypatch.setattr(_callcost, "_overhead", [0.0])
     monkeypatch.setattr(_dispatch, "_table", None)
     _autotune.clear_memory()
+    base = unreachable_bytes()
     try:
         model = nn.Sequential(nn.Linear(512, 200), nn.ReLU(), nn.Linear(200, 8))
         nmfx.finalize(nmfx.sparsify(model))
@@ -140,7 +149,7 @@ def test_lowering_frees_what_tuning_left(monkeypatch, tmp_path) -> None:
     finally:
         _autotune.clear_memory()
     assert type(low[0]).__name__ == "NMLinear" and len(probes) >= len(_autotune.BUCKETS)
-    assert kept_bytes() == 0
+    assert kept_bytes() == base
 
 
 def test_lowering_keeps_no_dense_copy() -> None:

@@ -128,14 +128,21 @@ def test_nonfinite_x_gives_the_nan_and_inf_of_linear() -> None:
 def test_force_dispatch_and_env_accept_the_path(monkeypatch, dtype: torch.dtype) -> None:
     """bf16 weights run the dot products; other dtypes (and patterns it lacks) run the AVX-512
     batched path, so one override can cover a mixed model."""
+    assert_overrides_accept(monkeypatch, "avx512bf16-panels", dtype, 5)
+
+
+def assert_overrides_accept(monkeypatch, choice: str, dtype: torch.dtype, rows: int) -> None:
+    """``force_dispatch(choice)`` and ``NMFX_DISPATCH=choice`` both give F.linear's result on a
+    2:4 weight of ``dtype`` at ``rows`` rows of x (test_bf16gemm.py and test_bf16vnni.py use it
+    too)."""
     w = random_nm(24, 128, "2:4", dtype, seed=1)
     p = pack(w, "2:4")
-    x = torch.randn(5, 128).to(dtype)
+    x = torch.randn(rows, 128).to(dtype)
     tol = KTOL if dtype == torch.bfloat16 else TOL["kernel"][dtype]
-    with K.force_dispatch("avx512bf16-panels"):
+    with K.force_dispatch(choice):
         y = K.nm_linear(x, p)
     torch.testing.assert_close(y.float(), reference(x, w, None), **tol)
-    monkeypatch.setenv("NMFX_DISPATCH", "avx512bf16-panels")
+    monkeypatch.setenv("NMFX_DISPATCH", choice)
     torch.testing.assert_close(K.nm_linear(x, p).float(), reference(x, w, None), **tol)
 
 
@@ -192,6 +199,13 @@ def assert_path_bits_stay_exclusive(bit: int, name: str) -> None:
     with pytest.raises(RuntimeError, match=rf"bad path bits .*{name}"):
         torch.ops.nmfx_cpu.nm_gemm(torch.randn(1, 64).bfloat16(), p.values, p.mask, None, 4, 64,
                                    2, 4, both)  # fmt: skip
+
+
+def own_path_fallback() -> str:
+    """What a table naming a missing AVX512-BF16 GEMV/GEMM path runs instead: the best ISA's own
+    path ("sparse"), or "portable" on a CPU without AVX2."""
+    real = [i for i in _build.supported_isas() if i != "avx512bf16"]
+    return "portable" if real == ["portable"] else "sparse"
 
 
 def assert_table_falls_back(monkeypatch, choice: str, fallback: str, batch: int) -> None:

@@ -15,15 +15,15 @@ from test_bf16dot import (  # noqa: F401
     KTOL,
     _fresh_warnings,
     assert_matches_linear,
+    assert_overrides_accept,
     assert_path_bit_is_no_bit_elsewhere,
     assert_path_bits_stay_exclusive,
     assert_table_falls_back,
     needs_bf16dot,
+    own_path_fallback,
 )
 from test_cpu_kernels import _no_calibration, random_nm, reference  # noqa: F401
-from tolerances import TOL
 
-import nmfx.kernels as K
 from nmfx.kernels import _autotune, _build
 from nmfx.packed import pack
 
@@ -181,9 +181,7 @@ def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> Non
     """A module tuned on an AVX512-BF16 host, run where the CPU lacks it: the best ISA's own
     path ("sparse"; "portable" on a CPU without AVX2) with one warning, and the right result;
     an override naming it is an error there."""
-    real = [i for i in _build.supported_isas() if i != "avx512bf16"]
-    fallback = "portable" if real == ["portable"] else "sparse"
-    assert_table_falls_back(monkeypatch, "avx512bf16-vnni", fallback, 20)
+    assert_table_falls_back(monkeypatch, "avx512bf16-vnni", own_path_fallback(), 20)
 
 
 @needs_bf16dot
@@ -191,12 +189,4 @@ def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> Non
 def test_force_dispatch_and_env_accept_the_path(monkeypatch, dtype: torch.dtype) -> None:
     """bf16 weights run the slab GEMM; other dtypes run the ISA's own pick, so one override can
     cover a mixed model."""
-    w = random_nm(24, 128, "2:4", dtype, seed=1)
-    p = pack(w, "2:4")
-    x = torch.randn(20, 128).to(dtype)
-    tol = KTOL if dtype == torch.bfloat16 else TOL["kernel"][dtype]
-    with K.force_dispatch("avx512bf16-vnni"):
-        y = K.nm_linear(x, p)
-    torch.testing.assert_close(y.float(), reference(x, w, None), **tol)
-    monkeypatch.setenv("NMFX_DISPATCH", "avx512bf16-vnni")
-    torch.testing.assert_close(K.nm_linear(x, p).float(), reference(x, w, None), **tol)
+    assert_overrides_accept(monkeypatch, "avx512bf16-vnni", dtype, 20)

@@ -147,22 +147,34 @@ def assert_overrides_accept(monkeypatch, choice: str, dtype: torch.dtype, rows: 
 
 
 def test_choices_offer_it_for_bf16_and_its_patterns_only(monkeypatch) -> None:
-    monkeypatch.setattr(
-        _build, "supported_isas", lambda: ["portable", "avx2", "avx512", "avx512bf16"]
+    assert_offered_where_cpuid_has_it(
+        monkeypatch,
+        "avx512bf16-panels",
+        offered=[(2, 4, 8, "bfloat16"), (1, 8, 1, "bfloat16")],
+        refused=[(2, 4, 8, "float32"), (3, 4, 8, "bfloat16"), (5, 16, 8, "bfloat16")],
     )
-    assert "avx512bf16-panels" in _autotune.host_choices(2, 4, 8, "bfloat16")
-    assert "avx512bf16-panels" in _autotune.host_choices(1, 8, 1, "bfloat16")
-    assert "avx512bf16-panels" not in _autotune.host_choices(2, 4, 8, "float32")
-    assert "avx512bf16-panels" not in _autotune.host_choices(3, 4, 8, "bfloat16")
-    assert "avx512bf16-panels" not in _autotune.host_choices(5, 16, 8, "bfloat16")
-    monkeypatch.setattr(_build, "supported_isas", lambda: ["portable", "avx2", "avx512"])
-    assert "avx512bf16-panels" not in _autotune.host_choices(2, 4, 8, "bfloat16")
-    # The untuned default never names it (it is chosen only where it measured faster).
-    key = _autotune.shape_key(16, 64, torch.bfloat16, 2, 4)
-    monkeypatch.setattr(
-        _build, "supported_isas", lambda: ["portable", "avx2", "avx512", "avx512bf16"]
-    )
-    assert "avx512bf16-panels" not in _autotune.default_entry(key)["choices"]
+
+
+def assert_offered_where_cpuid_has_it(
+    monkeypatch, choice: str, offered: list[tuple], refused: list[tuple], code: int | None = None
+) -> None:
+    """On a host with AVX512-BF16 the tuner times ``choice`` for every ``(n, m, rows, dtype)`` in
+    ``offered`` and for none in ``refused``; its path bit is ``code``; the untuned default never
+    names it (it is chosen only where it measured faster); without AVX512-BF16 it is never
+    offered (test_bf16gemv.py, test_bf16gemm.py and test_bf16vnni.py use it too)."""
+    host = ["portable", "avx2", "avx512", "avx512bf16"]
+    monkeypatch.setattr(_build, "supported_isas", lambda: host)
+    for case in offered:
+        assert choice in _autotune.host_choices(*case), case
+    for case in refused:
+        assert choice not in _autotune.host_choices(*case), case
+    if code is not None:
+        assert _autotune.path_code(choice) == code
+    key = _autotune.shape_key(16, 64, torch.bfloat16, *offered[0][:2])
+    assert choice not in _autotune.default_entry(key)["choices"]
+    monkeypatch.setattr(_build, "supported_isas", lambda: host[:-1])
+    for case in offered:
+        assert choice not in _autotune.host_choices(*case), case
 
 
 def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> None:

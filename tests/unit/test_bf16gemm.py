@@ -13,6 +13,7 @@ from test_bf16dot import (  # noqa: F401
     KTOL,
     _fresh_warnings,
     assert_matches_linear,
+    assert_offered_where_cpuid_has_it,
     assert_overrides_accept,
     assert_path_bit_is_no_bit_elsewhere,
     assert_path_bits_stay_exclusive,
@@ -151,23 +152,21 @@ def test_path_bits_stay_exclusive() -> None:
 
 
 def test_choices_offer_it_for_bf16_1_4_and_1_8_and_many_rows(monkeypatch) -> None:
-    monkeypatch.setattr(
-        _build, "supported_isas", lambda: ["portable", "avx2", "avx512", "avx512bf16"]
+    rows = (_autotune.PAIRS_MIN_ROWS, 64, 512)
+    assert_offered_where_cpuid_has_it(
+        monkeypatch,
+        "avx512bf16-pairs",
+        offered=[(n, m, b, "bfloat16") for n, m in ((1, 4), (1, 8)) for b in rows],
+        # 2:4 and 4:8 run it when forced only (it measured slower than the dense branch there).
+        refused=[
+            (2, 4, 64, "bfloat16"),
+            (4, 8, 64, "bfloat16"),
+            (1, 4, 8, "bfloat16"),
+            (1, 4, 64, "float32"),
+            (2, 8, 64, "bfloat16"),
+        ],
+        code=PAIRS,
     )
-    for pattern in ((1, 4), (1, 8)):
-        for batch in (_autotune.PAIRS_MIN_ROWS, 64, 512):
-            assert "avx512bf16-pairs" in _autotune.host_choices(*pattern, batch, "bfloat16")
-    # 2:4 and 4:8 run it when forced only (it measured slower than the dense branch there).
-    for pattern in ((2, 4), (4, 8)):
-        assert "avx512bf16-pairs" not in _autotune.host_choices(*pattern, 64, "bfloat16")
-    assert "avx512bf16-pairs" not in _autotune.host_choices(1, 4, 8, "bfloat16")
-    assert "avx512bf16-pairs" not in _autotune.host_choices(1, 4, 64, "float32")
-    assert "avx512bf16-pairs" not in _autotune.host_choices(2, 8, 64, "bfloat16")
-    assert _autotune.path_code("avx512bf16-pairs") == PAIRS
-    key = _autotune.shape_key(16, 64, torch.bfloat16, 1, 4)
-    assert "avx512bf16-pairs" not in _autotune.default_entry(key)["choices"]
-    monkeypatch.setattr(_build, "supported_isas", lambda: ["portable", "avx2", "avx512"])
-    assert "avx512bf16-pairs" not in _autotune.host_choices(1, 4, 64, "bfloat16")
 
 
 def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> None:

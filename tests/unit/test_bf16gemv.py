@@ -18,6 +18,7 @@ from test_bf16dot import (  # noqa: F401
     KTOL,
     _fresh_warnings,
     assert_matches_linear,
+    assert_offered_where_cpuid_has_it,
     assert_path_bit_is_no_bit_elsewhere,
     assert_path_bits_stay_exclusive,
     assert_table_falls_back,
@@ -139,21 +140,14 @@ def test_path_bits_stay_exclusive() -> None:
 
 
 def test_choices_offer_it_for_bf16_its_patterns_and_few_rows(monkeypatch) -> None:
-    monkeypatch.setattr(
-        _build, "supported_isas", lambda: ["portable", "avx2", "avx512", "avx512bf16"]
+    rows = (1, 2, 8, _autotune.GEMV_MAX_ROWS)
+    assert_offered_where_cpuid_has_it(
+        monkeypatch,
+        "avx512bf16-gemv",
+        offered=[(2, 4, b, "bfloat16") for b in rows] + [(1, 8, 1, "bfloat16")],
+        refused=[(2, 4, 64, "bfloat16"), (2, 4, 1, "float32"), (3, 4, 1, "bfloat16")],
+        code=GEMV,
     )
-    for batch in (1, 2, 8, _autotune.GEMV_MAX_ROWS):
-        assert "avx512bf16-gemv" in _autotune.host_choices(2, 4, batch, "bfloat16")
-    assert "avx512bf16-gemv" in _autotune.host_choices(1, 8, 1, "bfloat16")
-    assert "avx512bf16-gemv" not in _autotune.host_choices(2, 4, 64, "bfloat16")
-    assert "avx512bf16-gemv" not in _autotune.host_choices(2, 4, 1, "float32")
-    assert "avx512bf16-gemv" not in _autotune.host_choices(3, 4, 1, "bfloat16")
-    assert _autotune.path_code("avx512bf16-gemv") == GEMV
-    # The untuned default never names it (it is chosen only where it measured faster).
-    key = _autotune.shape_key(16, 64, torch.bfloat16, 2, 4)
-    assert "avx512bf16-gemv" not in _autotune.default_entry(key)["choices"]
-    monkeypatch.setattr(_build, "supported_isas", lambda: ["portable", "avx2", "avx512"])
-    assert "avx512bf16-gemv" not in _autotune.host_choices(2, 4, 1, "bfloat16")
 
 
 def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> None:

@@ -15,6 +15,7 @@ from test_bf16dot import (  # noqa: F401
     KTOL,
     _fresh_warnings,
     assert_matches_linear,
+    assert_offered_where_cpuid_has_it,
     assert_overrides_accept,
     assert_path_bit_is_no_bit_elsewhere,
     assert_path_bits_stay_exclusive,
@@ -160,21 +161,15 @@ def test_path_bits_stay_exclusive() -> None:
 
 
 def test_choices_offer_it_for_bf16_from_9_rows_where_cpuid_has_it(monkeypatch) -> None:
-    monkeypatch.setattr(
-        _build, "supported_isas", lambda: ["portable", "avx2", "avx512", "avx512bf16"]
-    )
-    for pattern in ((2, 4), (4, 8), (1, 4), (1, 8), (3, 8), (8, 16)):
-        for batch in (_autotune.VNNI_MIN_ROWS, 64, 512):
-            assert "avx512bf16-vnni" in _autotune.host_choices(*pattern, batch, "bfloat16")
     assert _autotune.VNNI_MIN_ROWS == 9
-    assert "avx512bf16-vnni" not in _autotune.host_choices(2, 4, 8, "bfloat16")
-    assert "avx512bf16-vnni" not in _autotune.host_choices(2, 4, 64, "float32")
-    assert "avx512bf16-vnni" not in _autotune.host_choices(2, 6, 64, "bfloat16")  # M must divide 32
-    assert _autotune.path_code("avx512bf16-vnni") == VNNI
-    key = _autotune.shape_key(16, 64, torch.bfloat16, 2, 4)
-    assert "avx512bf16-vnni" not in _autotune.default_entry(key)["choices"]
-    monkeypatch.setattr(_build, "supported_isas", lambda: ["portable", "avx2", "avx512"])
-    assert "avx512bf16-vnni" not in _autotune.host_choices(2, 4, 64, "bfloat16")
+    patterns = ((2, 4), (4, 8), (1, 4), (1, 8), (3, 8), (8, 16))
+    assert_offered_where_cpuid_has_it(
+        monkeypatch,
+        "avx512bf16-vnni",
+        offered=[(n, m, b, "bfloat16") for n, m in patterns for b in (9, 64, 512)],
+        refused=[(2, 4, 8, "bfloat16"), (2, 4, 64, "float32"), (2, 6, 64, "bfloat16")],  # M | 32
+        code=VNNI,
+    )
 
 
 def test_a_table_naming_it_falls_back_where_the_cpu_lacks_it(monkeypatch) -> None:

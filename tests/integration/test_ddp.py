@@ -11,23 +11,19 @@ because a mask is a function of the weights, which DDP keeps equal.
 
 from __future__ import annotations
 
-import gc
 import os
-import signal
-import sys
 import tempfile
-import warnings
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import WORLD, run_rank, spawn_ranks
 from tolerances import tol
 from torch import nn
 
 import nmfx
 
-LAM, LR, STEPS, WORLD = 0.05, 0.1, 3, 2
+LAM, LR, STEPS = 0.05, 0.1, 3
 
 
 def make_model() -> nn.Module:
@@ -67,51 +63,6 @@ def train_ddp(model: nn.Module, rank: int) -> nn.parallel.DistributedDataParalle
     return ddp
 
 
-def _run_rank(body, rank: int, init_file: str, out_dir: str) -> None:
-    """One rank: ``body(rank, out_dir)`` in a gloo group, then a teardown that leaves no
-    process-group work for interpreter exit.
-
-    DDP modules sit in reference cycles, so without ``gc.collect()`` they (and the gloo
-    work they hold) are freed during interpreter finalization, where a gloo worker thread
-    that drops the last reference to a tensor with a Python object must take the GIL:
-    CPython ends that thread with a forced unwind, which crosses a noexcept frame -> "terminate
-    called without an active exception" (SIGABRT; torch's, pytorch/pytorch#190489). So: the
-    DDP objects are collected while the interpreter is alive, every rank passes a barrier
-    before any closes its connections, and a rank that succeeded leaves with ``os._exit(0)``
-    (its results are on disk), skipping finalization.
-    """
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
-    try:
-        torch.set_num_threads(1)
-        body(rank, out_dir)  # returns no DDP object: all of them are garbage from here
-        gc.collect()
-        dist.barrier()
-    finally:
-        dist.destroy_process_group()
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
-
-
-def spawn_ranks(worker, out_dir: str) -> None:
-    """``mp.spawn`` the two ranks; once, on a rank killed by SIGABRT, again.
-
-    A rank once died with "terminate called without an active exception" (SIGABRT) on an
-    Intel host and passed on rerun: torch's interpreter-exit race, which ``_run_rank`` now
-    keeps out of the ranks (see there). The retry stays for whatever else torch/gloo teardown
-    may do; a second SIGABRT fails the test.
-    """
-    for attempt in range(2):
-        init = os.path.join(out_dir, f"init{attempt}")
-        try:
-            mp.spawn(worker, args=(init, out_dir), nprocs=WORLD, join=True)
-            return
-        except mp.ProcessExitedException as exc:
-            if attempt or exc.exit_code != -signal.SIGABRT:
-                raise
-            warnings.warn(f"DDP rank aborted in teardown ({exc}); retrying once", stacklevel=2)
-
-
 def _train_rank(rank: int, out_dir: str) -> None:
     model = nmfx.sparsify(make_model(), srste_lambda=LAM)
     train_ddp(model, rank)
@@ -119,7 +70,7 @@ def _train_rank(rank: int, out_dir: str) -> None:
 
 
 def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    _run_rank(_train_rank, rank, init_file, out_dir)
+    run_rank(_train_rank, rank, init_file, out_dir)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
@@ -162,7 +113,7 @@ def _train_mask_modes(rank: int, out_dir: str) -> None:
 
 
 def _mask_worker(rank: int, init_file: str, out_dir: str) -> None:
-    _run_rank(_train_mask_modes, rank, init_file, out_dir)
+    run_rank(_train_mask_modes, rank, init_file, out_dir)
 
 
 @pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")

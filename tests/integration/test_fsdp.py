@@ -19,7 +19,7 @@ from functools import partial
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from ranks import WORLD, run_rank, spawn_ranks
 from tolerances import tol
 from torch import nn
 
@@ -27,7 +27,7 @@ import nmfx
 from model_zoo.gpt2 import Conv1D
 from nmfx import nm_mask
 
-LR, STEPS, WORLD, BATCH = 0.1, 3, 2, 8
+LR, STEPS, BATCH = 0.1, 3, 8
 
 
 def mlp() -> nn.Module:
@@ -160,11 +160,9 @@ def _record_input(seen: list, _module: nn.Module, args: tuple) -> None:
     seen.append((type(args[0]).__name__, tuple(args[0].shape)))
 
 
-def _worker(rank: int, init_file: str, out_dir: str) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=WORLD)
+def _run_scenarios(rank: int, out_dir: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
-    torch.set_num_threads(1)
     results: dict[str, dict] = {}
     try:
         for name, (_, _, _, placement, _) in SCENARIOS.items():
@@ -190,13 +188,16 @@ def _worker(rank: int, init_file: str, out_dir: str) -> None:
         results["crash"] = {"error": traceback.format_exc()}
     finally:
         torch.save(results, os.path.join(out_dir, f"rank{rank}.pt"))
-        dist.destroy_process_group()
+
+
+def _worker(rank: int, init_file: str, out_dir: str) -> None:
+    run_rank(_run_scenarios, rank, init_file, out_dir)
 
 
 @pytest.fixture(scope="module")
 def ranks() -> list[dict[str, dict]]:
     with tempfile.TemporaryDirectory() as tmp:
-        mp.spawn(_worker, args=(os.path.join(tmp, "init"), tmp), nprocs=WORLD, join=True)
+        spawn_ranks(_worker, tmp)
         out = [torch.load(os.path.join(tmp, f"rank{r}.pt")) for r in range(WORLD)]
     for r in out:
         assert "crash" not in r, r["crash"]["error"]

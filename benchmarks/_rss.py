@@ -60,15 +60,17 @@ def load_and_measure(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("path")
     for flag in ("--new", "--batch", "--prompt", "--vocab", "--threads"):
         p.add_argument(flag, type=int, required=flag != "--threads")
+    p.add_argument("--mmap", action="store_true", help="torch.load(mmap=True)")
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    model = torch.load(args.path, weights_only=False).eval()  # a pickled nn.Module
+    model = torch.load(args.path, weights_only=False, mmap=args.mmap).eval()  # a pickled module
     gc.collect()
     trim_heap()  # what unpickling freed, as the building children trim theirs
     ids = torch.randint(0, args.vocab, (args.batch, args.prompt))
     out = measure_generate(model, ids, args.new, {})
     out["nmfx_imported"] = "nmfx" in sys.modules
+    out["mmap"] = args.mmap
     return out
 
 

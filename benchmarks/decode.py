@@ -22,7 +22,9 @@ init, every Linear pruned 2:4 by magnitude (``sparsify`` + ``finalize``), then r
 - ``nmfx-load``, ``dense-load`` (``--rss-only``, not run by default): the ``nmfx`` and ``dense``
   models saved with ``torch.save`` by one child, then loaded with ``torch.load`` in a fresh
   process (``_rss.py``) that generates: the deployment path, with no capture, build or tuning
-  in the measured process (``dense-load`` imports no nmfx).
+  in the measured process (``dense-load`` imports no nmfx). ``nmfx-mmap``, ``dense-mmap``: the
+  same loaded with ``torch.load(mmap=True)``: a weight's pages become resident when read (the
+  embedding's, only for the rows of the tokens seen), as llama.cpp's mmap'd weights do.
 
 Where ``llama-cpp-python`` is installed and a llama.cpp source tree is given (``--llama-cpp-dir``;
 see ``_llamacpp.py``), the same pruned weights converted by llama.cpp's converter run beside
@@ -65,10 +67,12 @@ from nmfx.lowering.memory import release_freed_memory
 
 CONTENDERS = (
     "dense", "nmfx", "nmfx-compile", "inductor", "nmfx-fast", "inductor-fast",
-    "nmfx-compile-unfused", "nmfx-lower-compile", "nmfx-load", "dense-load",
+    "nmfx-compile-unfused", "nmfx-lower-compile", "nmfx-load", "dense-load", "nmfx-mmap",
+    "dense-mmap",
 )  # fmt: skip
 # RSS-only contenders: the model of the value, saved by one child, loaded by a fresh process
-LOADED = {"nmfx-load": "nmfx", "dense-load": "dense"}
+# (``-mmap``: ``torch.load(mmap=True)``, the weights' pages resident only once touched)
+LOADED = {"nmfx-load": "nmfx", "dense-load": "dense", "nmfx-mmap": "nmfx", "dense-mmap": "dense"}
 DEFAULT_CONTENDERS = CONTENDERS[:6]
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_OUT = Path("out/decode.json")  # untracked (/out/ is git-ignored)
@@ -136,7 +140,12 @@ def child_rss(args: Any) -> None:
 
 
 def _rss_cells(args: Any, dtype_name: str, lm_head: str) -> dict[str, dict]:
-    rss = {n: peak_rss(args, dtype_name, lm_head, n) for n in args.contenders}
+    saved: dict[str, Path] = {}  # a model saved once for its -load and -mmap contenders
+    try:
+        rss = {n: peak_rss(args, dtype_name, lm_head, n, saved) for n in args.contenders}
+    finally:
+        for path in saved.values():
+            path.unlink(missing_ok=True)  # GBs at 22 layers
     rss = {n: v for n, v in rss.items() if v}
     base = rss.get("dense", {}).get("peak_rss_mb")
     print(f"  peak RSS during generate (MB; weights MB), batch {args.batch[0]}, prompt "
@@ -147,23 +156,29 @@ def _rss_cells(args: Any, dtype_name: str, lm_head: str) -> dict[str, dict]:
     return rss
 
 
-def peak_rss(args: Any, dtype_name: str, lm_head: str, name: str) -> dict | None:
+def peak_rss(
+    args: Any, dtype_name: str, lm_head: str, name: str, saved: dict[str, Path]
+) -> dict | None:
     run = ["--batch", str(args.batch[0]), "--prompt", str(args.prompt[0])]
     run += ["--threads", str(args.threads)] if args.threads else []
     if name not in LOADED:
         cmd = [sys.executable, __file__, "--child", dtype_name, lm_head, name, *_shape_flags(args)]
         return _child_json(name, cmd + run)
-    saved = Path(args.out).parent / f"rss-{name}-{args.layers}L-{dtype_name}-{lm_head}.pt"
-    saved.parent.mkdir(parents=True, exist_ok=True)
-    save = [sys.executable, __file__, "--child", dtype_name, lm_head, LOADED[name],
-            *_shape_flags(args), *run, "--save", str(saved)]  # fmt: skip
-    try:
-        if _child_json(f"{name} (save)", save, saved=saved) is None:
+    base = LOADED[name]
+    if base not in saved:
+        path = Path(args.out).parent / f"rss-{base}-{args.layers}L-{dtype_name}-{lm_head}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        saved[base] = path
+        save = [sys.executable, __file__, "--child", dtype_name, lm_head, base,
+                *_shape_flags(args), *run, "--save", str(path)]  # fmt: skip
+        if _child_json(f"{name} (save)", save, saved=path) is None:
             return None
-        new, vocab = ["--new", str(args.new)], ["--vocab", str(args.vocab)]
-        return _child_json(name, [sys.executable, _rss.__file__, str(saved), *new, *vocab, *run])
-    finally:
-        saved.unlink(missing_ok=True)  # GBs at 22 layers
+    if not saved[base].exists():
+        return None  # its save child failed (reported then)
+    new, vocab = ["--new", str(args.new)], ["--vocab", str(args.vocab)]
+    mmap = ["--mmap"] if name.endswith("-mmap") else []
+    return _child_json(name, [sys.executable, _rss.__file__, str(saved[base]), *new, *vocab,
+                              *run, *mmap])  # fmt: skip
 
 
 def _child_json(name: str, cmd: list[str], saved: Path | None = None) -> dict | None:

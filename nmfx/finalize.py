@@ -50,6 +50,9 @@ def finalize(model: nn.Module, *, pattern: str | tuple[int, int] | None = None) 
             )
     model_state.set_nm_record(model, record, layers)
     log.info("nmfx.finalize: %d N:M weights", len(model_state.nm_record(model) or {}))
+    from nmfx.lowering.memory import release_freed_memory
+
+    release_freed_memory()  # the masks and baked copies freed here, else resident (glibc)
     return model
 
 

@@ -2,8 +2,8 @@
 
 ``nmfx-load`` and ``dense-load`` save the ``nmfx`` / ``dense`` model in one child and load it with
 ``torch.load`` in a fresh process that generates: that process holds the loaded model, what its
-imports hold and ``generate``'s working memory, and nothing of a build. Checked here on a tiny
-Llama whose MLP weights are large enough to be packed.
+imports hold and ``generate``'s working memory, and nothing of a build (``-mmap``: loaded with
+``mmap=True``). Checked here on a tiny Llama whose MLP weights are large enough to be packed.
 """
 
 from __future__ import annotations
@@ -31,11 +31,13 @@ def decode(*flags: str, out: Path) -> subprocess.CompletedProcess:
 def test_load_contenders_measure_a_fresh_process_holding_the_saved_model(tmp_path) -> None:
     pytest.importorskip("transformers", reason="transformers is not installed")
     out = tmp_path / "decode.json"
-    done = decode("--rss-only", "--contenders", "nmfx-load", "dense-load", out=out)
+    done = decode("--rss-only", "--contenders", "nmfx-load", "nmfx-mmap", "dense-load", out=out)
     assert done.returncode == 0, done.stderr[-2000:]
     rss = json.loads(out.read_text())["results"][0]["peak_rss"]
-    assert set(rss) == {"nmfx-load", "dense-load"}, done.stdout
+    assert set(rss) == {"nmfx-load", "nmfx-mmap", "dense-load"}, done.stdout
     lowered, dense = rss["nmfx-load"], rss["dense-load"]
+    assert rss["nmfx-mmap"]["mmap"] and not lowered["mmap"]  # the same saved model, mmap'd
+    assert rss["nmfx-mmap"]["weights_mb"] == lowered["weights_mb"]
     # the lowered model came back packed: its MLP's three 512x1024 weights are about halved
     assert lowered["weights_mb"] < dense["weights_mb"] - 2.5
     assert lowered["nmfx_imported"] and not dense["nmfx_imported"]

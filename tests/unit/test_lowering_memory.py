@@ -39,10 +39,15 @@ def test_release_freed_memory_returns_freed_heap_pages() -> None:
     assert released == "True" and dropped_mb > 64
 
 
-def test_lower_cpu_releases_once_after_packing(monkeypatch) -> None:
+def test_finalize_and_lower_cpu_release_once_each(monkeypatch) -> None:
+    """finalize frees the masks and its baked copies (a dense model's size at 22 layers of a
+    TinyLlama-sized Llama: 5.7 GB resident after finalize, 4.6 GB trimmed); lower the dense
+    weights it packed."""
     calls = []
     monkeypatch.setattr(memory, "release_freed_memory", lambda: calls.append(1) or True)
     monkeypatch.setenv("NMFX_CALIBRATE", "0")
     model = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.ReLU(), torch.nn.Linear(64, 8))
-    low = nmfx.lower(nmfx.finalize(nmfx.sparsify(model)), "cpu")
-    assert type(low[0]).__name__ == "NMLinear" and calls == [1]
+    nmfx.finalize(nmfx.sparsify(model))
+    assert calls == [1]
+    low = nmfx.lower(model, "cpu")
+    assert type(low[0]).__name__ == "NMLinear" and calls == [1, 1]

@@ -11,7 +11,10 @@ It also answers "how many rounds until the step ratio is stable": over every win
 consecutive clean rounds, the ratio of medians (sparse / dense step) is computed, and the
 10th-90th percentile range of those windows is printed per n.
 
+Minor page faults per phase are counted too (``--malloc no-trim``: see ``benchmarks/_heap.py``).
+
     PYTHONPATH=. python benchmarks/srste_phases.py [--rounds N] [--optimizer sgd|adamw]
+        [--malloc default|no-trim]
 """
 
 from __future__ import annotations
@@ -19,12 +22,12 @@ from __future__ import annotations
 import argparse
 import copy
 import itertools
-import resource
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _heap import MALLOC_MODES, minor_faults, set_malloc
 from _timing import LoadMonitor, _others_share, machine_info, median, ms, setup_threads, spread
 from tabulate import tabulate
 from torch import nn
@@ -43,7 +46,7 @@ _marks: dict[str, tuple[float, int]] = {}
 
 def _now() -> tuple[float, int]:
     """(time, minor page faults so far): a fresh multi-MB buffer faults its pages in."""
-    return time.perf_counter(), resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    return time.perf_counter(), minor_faults()
 
 
 def _pre(*_: object) -> None:  # registered after nmfx's hook: runs right after it
@@ -87,7 +90,9 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lam", type=float, default=2e-4)
+    parser.add_argument("--malloc", choices=MALLOC_MODES, default="default")
     args = parser.parse_args()
+    set_malloc(args.malloc)  # before any model exists
     setup_threads(args.threads)
     torch.manual_seed(0)
     dense = model_zoo.build("mlp", in_features=1024)
@@ -123,7 +128,7 @@ def main() -> None:
                      round(sum(fd) / len(fd)), round(sum(fs) / len(fs))])  # fmt: skip
     ratio = median(times["sparse"]["step"]) / median(times["dense"]["step"])
     print(f"MLP 4x1024 batch 256, {args.optimizer}, {args.rounds} interleaved rounds, "
-          f"threads {torch.get_num_threads()}, step ratio {ratio:.3f}")  # fmt: skip
+          f"threads {torch.get_num_threads()}, malloc {args.malloc}, step ratio {ratio:.3f}")  # fmt: skip
     print(tabulate(rows, headers=["phase", "dense ms", "sparse ms", "diff ms", "d IQR", "s IQR",
                             "d faults", "s faults"],
                    tablefmt="github"))  # fmt: skip

@@ -175,13 +175,16 @@ def run_case(
     """One dtype and lm_head: every batch and prompt, the contenders interleaved (llama.cpp's,
     ``gguf``, at batch 1 only: llama-cpp-python decodes one sequence)."""
     dtype = DTYPES[dtype_name]
-    # dense fp32 is the pruned model itself (not changed by generate): one copy fewer of the
-    # weights (the 22-layer model is 4.4 GB per copy)
-    models = {
-        name: (pruned.eval(), {}) if name == "dense" and pruned.dtype == dtype
-        else prepare(name, pruned, dtype)
-        for name in args.contenders
-    }  # fmt: skip
+    # dense fp32 is the pruned model itself (not changed by generate), and nmfx-fast decodes
+    # nmfx's lowered model: copies fewer of the weights (the 22-layer model is 4.4 GB per copy)
+    models = {}
+    for name in args.contenders:
+        if name == "dense" and pruned.dtype == dtype:
+            models[name] = (pruned.eval(), {})
+        elif name == "nmfx-fast" and "nmfx" in models:  # the same lowered model, decoded by
+            models[name] = (models["nmfx"][0], {_decode_profile.FAST: True})  # fast_generate
+        else:
+            models[name] = prepare(name, pruned, dtype)
     results = []
     for batch in args.batch:
         for prompt in args.prompt:

@@ -29,6 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -437,6 +438,21 @@ NMFX_VNNI_TARGET void stage_block(const uint16_t* x, int64_t sb, int64_t cols, c
   }
 }
 
+// The calling thread's own copy of x's one block staged for call number `call` (staged on the
+// thread's first run of the call).
+NMFX_VNNI_TARGET const uint32_t* own_staging(const uint16_t* x, int64_t sb, int64_t cols,
+                                             const Staged& s, int64_t call) {
+  static thread_local KeptVector<uint32_t> buf;  // counted and releasable (nm_thread_buffer.h)
+  static thread_local int64_t held = 0;  // the call it holds
+  const size_t words = static_cast<size_t>(s.pairs * s.lanes);
+  if (held != call || buf.size() < words) {  // (a released buffer has size 0)
+    if (buf.size() < words) buf.resize(words);
+    stage_block(x, sb, cols, s, 0, 0, s.pairs, buf.data());
+    held = call;
+  }
+  return buf.data();
+}
+
 // Rows [0, R) in `runs` runs of about equal size, bounds on even rows (the tail tiles' unit).
 int64_t run_bound(int64_t R, int64_t runs, int64_t i) { return i >= runs ? R : R * i / runs / 2 * 2; }
 
@@ -463,12 +479,19 @@ void nm_gemm_bf16vnni(const NMProblem& p, const uint16_t* x, int64_t sb, int64_t
   s.xs = staging;
   const int64_t macs = p.R * cols * p.B;
   const int64_t nt = macs < (int64_t{1} << 16) ? 1 : at::get_num_threads();
+  // One parallel region per call (a region of its own for staging x had cost 256x2048 at 32
+  // rows of x 5-30% of its time on two threads, Zen 4, the more the busier the host). One block of rows of x (at most 32): each
+  // thread stages all of it into its own buffer when it starts its first run. More: the first
+  // work items stage x by blocks and column ranges into the shared staging, and a thread that
+  // takes a run waits for the staging items taken before it (items are handed out in order, so
+  // it only waits on items being run, as a region's end would).
+  const bool own = s.blocks == 1 && nt > 1;
   const int64_t qstep = kStageCols / 2;  // a multiple of 16 pairs (stage_rows16's unit)
   const int64_t qitems = (s.pairs + qstep - 1) / qstep;
-  parallel_items(s.blocks * qitems, nt, [&](int64_t i) {
-    const int64_t blk = i / qitems, q0 = i % qitems * qstep;
-    stage_block(x, sb, cols, s, blk, q0, std::min(s.pairs, q0 + qstep), staging);
-  });
+  const int64_t pre = own ? 0 : s.blocks * qitems;  // staging items
+  std::atomic<int64_t> staged{0};
+  static std::atomic<int64_t> calls{0};
+  const int64_t call = calls.fetch_add(1, std::memory_order_relaxed) + 1;
   // Work items: runs of consecutive weight rows of about equal size (kRunsPerThread per thread),
   // each in groups of at most kGroupRows rows, so that each group but a run's first finds its
   // rows prefetched and its first slab expanded.
@@ -481,8 +504,17 @@ void nm_gemm_bf16vnni(const NMProblem& p, const uint16_t* x, int64_t sb, int64_t
   Plan plan{};
   plan.group = std::min(kGroupRows, ((most + per_run - 1) / per_run + 1) / 2 * 2);
   plan.slab = kSlabCols;
-  parallel_items(runs, nt, [&](int64_t i) {
-    run_groups(p, s, plan, run_bound(p.R, runs, i), run_bound(p.R, runs, i + 1));
+  parallel_items(pre + runs, nt, [&](int64_t i) {
+    if (i < pre) {
+      const int64_t blk = i / qitems, q0 = i % qitems * qstep;
+      stage_block(x, sb, cols, s, blk, q0, std::min(s.pairs, q0 + qstep), staging);
+      staged.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    while (staged.load(std::memory_order_acquire) < pre) _mm_pause();
+    Staged mine = s;
+    if (own) mine.xs = own_staging(x, sb, cols, s, call);
+    run_groups(p, mine, plan, run_bound(p.R, runs, i - pre), run_bound(p.R, runs, i - pre + 1));
   });
 }
 

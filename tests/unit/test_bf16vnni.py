@@ -213,3 +213,17 @@ def test_force_dispatch_and_env_accept_the_path(monkeypatch, dtype: torch.dtype)
     """bf16 weights run the slab GEMM; other dtypes run the ISA's own pick, so one override can
     cover a mixed model."""
     assert_overrides_accept(monkeypatch, "avx512bf16-vnni", dtype, 20)
+
+
+@needs_bf16dot
+def test_vnni_path_restages_x_after_a_release_and_for_each_call() -> None:
+    """With one block of rows of x each thread stages x into its own kept buffer, once per call:
+    a new x in the same shape, and a call after release_scratch freed that buffer, must not
+    reuse what an earlier call staged."""
+    w = random_nm(256, 640, "2:4", torch.bfloat16, seed=4)
+    p = pack(w, "2:4")
+    for _ in range(2):
+        for x in (torch.randn(32, 640).bfloat16(), torch.randn(32, 640).bfloat16()):
+            y = _gemm(x, p, None, 256, 640, "2:4")
+            torch.testing.assert_close(y.float(), reference(x, w, None), **KTOL)
+        torch.ops.nmfx_cpu.release_scratch()

@@ -220,6 +220,7 @@ def test_vnni_path_restages_x_after_a_release_and_for_each_call() -> None:
     """With one block of rows of x each thread stages x into its own kept buffer, once per call:
     a new x in the same shape, and a call after release_scratch freed that buffer, must not
     reuse what an earlier call staged."""
+    assert _build.extension_available()
     w = random_nm(256, 640, "2:4", torch.bfloat16, seed=4)
     p = pack(w, "2:4")
     for _ in range(2):

@@ -109,6 +109,7 @@ def test_vnni_tail_tiles_runs_and_first_slabs_match_linear() -> None:
 
 @needs_bf16dot
 def test_vnni_path_handles_empty_inputs_any_bias_dtype_and_tight_values() -> None:
+    assert _build.extension_available()
     w = random_nm(40, 64, "2:4", torch.bfloat16, seed=2)
     p = pack(w, "2:4")
     assert _gemm(torch.zeros(0, 64).bfloat16(), p, None, 40, 64, "2:4").shape == (0, 40)

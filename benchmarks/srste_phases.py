@@ -11,18 +11,23 @@ It also answers "how many rounds until the step ratio is stable": over every win
 consecutive clean rounds, the ratio of medians (sparse / dense step) is computed, and the
 10th-90th percentile range of those windows is printed per n.
 
+Minor page faults per phase are counted too (``--malloc no-trim``: see ``benchmarks/_heap.py``).
+
     PYTHONPATH=. python benchmarks/srste_phases.py [--rounds N] [--optimizer sgd|adamw]
+        [--malloc default|no-trim]
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import itertools
 import time
 from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _heap import MALLOC_MODES, minor_faults, set_malloc
 from _timing import LoadMonitor, _others_share, machine_info, median, ms, setup_threads, spread
 from tabulate import tabulate
 from torch import nn
@@ -36,15 +41,20 @@ import nmfx
 
 PHASES = ("zero_grad", "forward", "backward", "srste hook", "optimizer", "step")
 
-_marks: dict[str, float] = {}
+_marks: dict[str, tuple[float, int]] = {}
+
+
+def _now() -> tuple[float, int]:
+    """(time, minor page faults so far): a fresh multi-MB buffer faults its pages in."""
+    return time.perf_counter(), minor_faults()
 
 
 def _pre(*_: object) -> None:  # registered after nmfx's hook: runs right after it
-    _marks["hooked"] = time.perf_counter()
+    _marks["hooked"] = _now()
 
 
 def _post(*_: object) -> None:
-    _marks["stepped"] = time.perf_counter()
+    _marks["stepped"] = _now()
 
 
 def make_step(
@@ -56,21 +66,20 @@ def make_step(
     else:
         opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
 
-    def step() -> dict[str, float]:
-        t0 = time.perf_counter()
+    def step() -> dict[str, tuple[float, int]]:
+        t0 = _now()
         opt.zero_grad(set_to_none=True)
-        t1 = time.perf_counter()
+        t1 = _now()
         loss = F.cross_entropy(model(x), y)
-        t2 = time.perf_counter()
+        t2 = _now()
         loss.backward()
-        t3 = time.perf_counter()
+        t3 = _now()
         opt.step()
-        t4 = time.perf_counter()
-        hooked, stepped = _marks["hooked"], _marks["stepped"]
-        return {
-            "zero_grad": t1 - t0, "forward": t2 - t1, "backward": t3 - t2,
-            "srste hook": hooked - t3, "optimizer": stepped - hooked, "step": t4 - t0,
-        }  # fmt: skip
+        t4 = _now()
+        marks = (t0, t1, t2, t3, _marks["hooked"], _marks["stepped"], t4)
+        spans = dict(zip(PHASES[:-1], itertools.pairwise(marks), strict=False))
+        spans["step"] = (t0, t4)
+        return {p: (b[0] - a[0], b[1] - a[1]) for p, (a, b) in spans.items()}
 
     return step
 
@@ -81,7 +90,9 @@ def main() -> None:
     parser.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lam", type=float, default=2e-4)
+    parser.add_argument("--malloc", choices=MALLOC_MODES, default="default")
     args = parser.parse_args()
+    set_malloc(args.malloc)  # before any model exists
     setup_threads(args.threads)
     torch.manual_seed(0)
     dense = model_zoo.build("mlp", in_features=1024)
@@ -94,26 +105,32 @@ def main() -> None:
     for s in steps.values():
         s(), s()
     times: dict[str, dict[str, list[float]]] = {k: {p: [] for p in PHASES} for k in steps}
+    faults: dict[str, dict[str, list[float]]] = {k: {p: [] for p in PHASES} for k in steps}
     shares: list[float | None] = []
     with LoadMonitor() as load:
         for r in range(args.rounds):
             _, sample = _others_share(None)
             for k in sorted(steps, reverse=r % 2 == 1):
-                for p, t in steps[k]().items():
+                for p, (t, f) in steps[k]().items():
                     times[k][p].append(t)
+                    faults[k][p].append(f)
             shares.append(_others_share(sample)[0])
     clean = [i for i, s in enumerate(shares) if s is not None and s <= 0.10]
     if len(clean) >= 5:
-        times = {k: {p: [v[i] for i in clean] for p, v in t.items()} for k, t in times.items()}
+        times, faults = ({k: {p: [v[i] for i in clean] for p, v in t.items()} for k, t in x.items()}
+                         for x in (times, faults))  # fmt: skip
     rows = []
     for p in PHASES:
         d, s = times["dense"][p], times["sparse"][p]
+        fd, fs = faults["dense"][p], faults["sparse"][p]
         rows.append([p, ms(median(d)), ms(median(s)), ms(median(s) - median(d)),
-                     round(spread(d), 2), round(spread(s), 2)])  # fmt: skip
+                     round(spread(d), 2), round(spread(s), 2),
+                     round(sum(fd) / len(fd)), round(sum(fs) / len(fs))])  # fmt: skip
     ratio = median(times["sparse"]["step"]) / median(times["dense"]["step"])
     print(f"MLP 4x1024 batch 256, {args.optimizer}, {args.rounds} interleaved rounds, "
-          f"threads {torch.get_num_threads()}, step ratio {ratio:.3f}")  # fmt: skip
-    print(tabulate(rows, headers=["phase", "dense ms", "sparse ms", "diff ms", "d IQR", "s IQR"],
+          f"threads {torch.get_num_threads()}, malloc {args.malloc}, step ratio {ratio:.3f}")  # fmt: skip
+    print(tabulate(rows, headers=["phase", "dense ms", "sparse ms", "diff ms", "d IQR", "s IQR",
+                            "d faults", "s faults"],
                    tablefmt="github"))  # fmt: skip
     print(f"clean rounds {len(clean)}/{args.rounds}; others' CPU share "
           f"{load.result['others_cpu_share']:.0%}; {machine_info()['cpu_model']}")  # fmt: skip

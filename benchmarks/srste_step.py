@@ -10,9 +10,13 @@ and the SR-STE term of the optimizer hook (the mask recomputed in registers); th
 autograd, dispatch and the cache misses of a larger working set.
 
     PYTHONPATH=. python benchmarks/srste_step.py [--quick] [--compile none|mlp|all] [--contend N]
+        [--models mlp,resnet18] [--malloc default|no-trim]
 
 ``--contend N`` runs N busy-looping processes beside the measurement (the issue's contended
-target: sparse / dense <= 1.3 with one).
+target: sparse / dense <= 1.3 with one). ``--malloc no-trim`` stops glibc from returning
+freed heap memory to the OS, for both models alike (``benchmarks/_heap.py`` says why: with
+trimming, one of the two interleaved models re-faults its gradients' pages every step);
+each variant's minor page faults per step are printed and saved either way.
 
 Rounds: the MLP's eager ratio drifts with the machine from round to round; over windows of
 21 consecutive rounds its ratio of medians spread 1.07-1.135 (10th-90th percentile, 200
@@ -30,6 +34,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from _heap import MALLOC_MODES, counting_faults, set_malloc
 from _timing import (
     Contention,
     LoadMonitor,
@@ -105,7 +110,9 @@ def build_variants(
     return models, x, y
 
 
-def ratio_row(case: Case, mode: str, rounds: Rounds, variant: str, baseline: str) -> list[Any]:
+def ratio_row(
+    case: Case, mode: str, rounds: Rounds, variant: str, baseline: str, faults: dict[str, float]
+) -> list[Any]:
     """A table row: medians of both sides and three estimates of their ratio.
 
     Only the clean rounds (other processes idle) are used when there are at least 3.
@@ -121,16 +128,28 @@ def ratio_row(case: Case, mode: str, rounds: Rounds, variant: str, baseline: str
     return [
         case.name, case.batch, mode, variant, used, ms(median(den)), ms(median(num)),
         round(ratio, 3), round(paired, 3), round(best, 3), "yes" if ratio <= TARGET else "no",
-        round(spread(den), 2), round(spread(num), 2),
+        round(spread(den), 2), round(spread(num), 2), faults[baseline], faults[variant],
     ]  # fmt: skip
 
 
-def bench_eager(case: Case) -> tuple[list[list[Any]], Rounds, dict[str, nn.Module]]:
+def bench_eager(
+    case: Case,
+) -> tuple[list[list[Any]], Rounds, dict[str, float], dict[str, nn.Module]]:
     models, x, y = build_variants(case, case.plain_ste)
-    steps = {k: make_step(m, x, y) for k, m in models.items()}
+    steps, counts = counting_faults({k: make_step(m, x, y) for k, m in models.items()})
     rounds = interleaved(steps, repeats=case.repeats, warmup=case.warmup, budget_s=case.budget_s)
-    rows = [ratio_row(case, "eager", rounds, v, "dense") for v in models if v != "dense"]
-    return rows, rounds, models
+    faults = faults_per_step(rounds, counts)
+    rows = [ratio_row(case, "eager", rounds, v, "dense", faults) for v in models if v != "dense"]
+    return rows, rounds, faults, models
+
+
+def faults_per_step(rounds: Rounds, counts: dict[str, list[int]]) -> dict[str, float]:
+    """Mean minor page faults per timed step (the warmup steps come first in ``counts``)."""
+    out = {}
+    for name, seconds in rounds.seconds.items():
+        timed = counts[name][len(counts[name]) - len(seconds) :]
+        out[name] = round(sum(timed) / max(len(timed), 1), 1)
+    return out
 
 
 def bench_compiled(case: Case) -> tuple[list[list[Any]], dict[str, Any]]:
@@ -138,12 +157,15 @@ def bench_compiled(case: Case) -> tuple[list[list[Any]], dict[str, Any]]:
     torch._dynamo.reset()
     # lambda_W=0 compiled is a diagnosis (the hook's eager mask), made on the MLP only.
     models, x, y = build_variants(case, plain_ste=case.name == "mlp")
-    steps = {k: make_step(torch.compile(m), x, y) for k, m in models.items()}
+    steps, counts = counting_faults(
+        {k: make_step(torch.compile(m), x, y) for k, m in models.items()}
+    )
     compile_s = {k: time_once(step) for k, step in steps.items()}
     rounds = interleaved(steps, repeats=case.compiled_repeats, warmup=1, budget_s=case.budget_s)
+    faults = faults_per_step(rounds, counts)
     variants = [v for v in ("sparse", "sparse lambda=0") if v in rounds.seconds]
-    rows = [ratio_row(case, "compiled", rounds, v, "dense") for v in variants]
-    return rows, {**rounds.as_json(), "compile_s": compile_s}
+    rows = [ratio_row(case, "compiled", rounds, v, "dense", faults) for v in variants]
+    return rows, {**rounds.as_json(), "compile_s": compile_s, "faults_per_step": faults}
 
 
 def mlp_breakdown(
@@ -209,6 +231,14 @@ def parse_cases() -> tuple[Any, list[Case]]:
         help="which models to also run under torch.compile (default: all; none with --quick)",
     )
     add_contend_arg(parser)
+    parser.add_argument(
+        "--models", default="mlp,resnet18",
+        help="comma-separated models to run, of mlp,resnet18 (default: both)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--malloc", choices=MALLOC_MODES, default="default",
+        help="glibc heap trimming for the whole process: default (on) or no-trim (both models)",
+    )  # fmt: skip
     args = parser.parse_args()
     which = args.compile or ("none" if args.quick else "all")
     quick = args.quick
@@ -220,7 +250,11 @@ def parse_cases() -> tuple[Any, list[Case]]:
              compile=which == "all", compiled_repeats=3, budget_s=15 if quick else 50,
              plain_ste=not quick),
     ]  # fmt: skip
-    return args, cases
+    wanted = args.models.split(",")
+    unknown = sorted(set(wanted) - {c.name for c in cases})
+    if unknown:
+        parser.error(f"--models {args.models!r}: unknown {unknown}; choose from mlp,resnet18")
+    return args, [c for c in cases if c.name in wanted]
 
 
 def step_rows(steps: Rounds, n_weights: int) -> list[list[Any]]:
@@ -241,9 +275,9 @@ def run(cases: list[Case]) -> tuple[list[list[Any]], list[list[Any]], dict[str, 
     breakdown_rows: list[list[Any]] = []
     raw: dict[str, Any] = {}
     for case in cases:
-        eager_rows, eager, models = bench_eager(case)
+        eager_rows, eager, faults, models = bench_eager(case)
         rows += eager_rows
-        raw[f"{case.name} eager"] = eager.as_json()
+        raw[f"{case.name} eager"] = {**eager.as_json(), "faults_per_step": faults}
         if case.name == "mlp":
             # The parts are cheap, so more rounds, on half the section's time budget.
             parts_rows, parts_raw = mlp_breakdown(
@@ -265,6 +299,7 @@ def run(cases: list[Case]) -> tuple[list[list[Any]], list[list[Any]], dict[str, 
 
 def main() -> None:
     args, cases = parse_cases()
+    malloc = set_malloc(args.malloc)  # before any model exists
     setup_threads(args.threads)
     info = machine_info()
     with Contention(args.contend), LoadMonitor() as load:
@@ -273,10 +308,12 @@ def main() -> None:
     headers = [
         "model", "batch", "mode", "variant", "rounds", "dense ms", "sparse ms", "sparse/dense",
         "paired ratio", "ratio of minima", f"<= {TARGET}", "dense IQR/med", "sparse IQR/med",
+        "dense faults/step", "sparse faults/step",
     ]  # fmt: skip
     print(
         "Training step (fwd + bwd + SGD), 2:4 SR-STE vs dense, medians of interleaved runs"
         + (f", {args.contend} busy-looping processes beside it" if args.contend else "")
+        + f", malloc {args.malloc}"
     )
     print(tabulate(rows, headers=headers, tablefmt="github"))
     compile_s = {k: v["compile_s"] for k, v in raw.items() if "compile_s" in v}
@@ -291,7 +328,7 @@ def main() -> None:
     path = write_json(
         "srste_step",
         {"machine": info, "load": load.result, "quick": args.quick, "contend": args.contend,
-         "target": TARGET,
+         "malloc": malloc, "target": TARGET,
          "srste_lambda": LAMBDA, "cases": [c.__dict__ for c in cases], "headers": headers,
          "rows": rows, "breakdown_headers": b_headers, "breakdown_rows": breakdown_rows,
          "raw": raw},

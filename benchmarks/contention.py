@@ -6,8 +6,9 @@ scheduler left off the CPU: a call can take a scheduler slice (milliseconds) ins
 microseconds. Medians hide that; the worst rounds show it. Each case times ``F.linear`` on the
 dense weight, ``nm_linear`` as tuned (the sparse kernel) and its dense branch (forced), single
 calls interleaved over many rounds, quiet and then with ``--contend N`` busy processes (1 by
-default), and reports per contender the median, the 90th percentile and the worst round, and
-nm_linear's ratio to F.linear at each.
+default), and reports per contender the median, the 90th percentile and the worst round,
+nm_linear's ratio to F.linear at each, and what nmfx's contention guard saw meanwhile (stalls,
+calls it kept on one thread, late starts of the second thread; nm_parallel.h).
 
     PYTHONPATH=. python benchmarks/contention.py [--quick] [--contend 1] [--rounds 300]
 """
@@ -42,6 +43,15 @@ def stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs) * 1e3, "p90": q[-1] * 1e3, "worst": max(xs) * 1e3}
 
 
+GUARD_KEYS = ("stalls", "serial_calls", "late_starts")
+
+
+def guard_stats() -> list[int]:
+    """nmfx's contention guard so far (nm_parallel.h): stalls, calls kept on one thread, late
+    starts of the second thread."""
+    return [int(v) for v in torch.ops.nmfx_cpu.parallel_guard_stats()[:3]]
+
+
 def case(rows: int, cols: int, dtype: str, batch: int, rounds: int) -> dict[str, Any]:
     w = random_nm(rows, cols, "2:4", getattr(torch, dtype))
     p = pack(w, "2:4")
@@ -57,10 +67,13 @@ def case(rows: int, cols: int, dtype: str, batch: int, rounds: int) -> dict[str,
 
     fns = {"F.linear": lambda: F.linear(x, w), "nm_linear": forced("auto"),
            "dense branch": forced("dense")}  # fmt: skip
+    before = guard_stats()
     seconds = T.interleaved(fns, repeats=rounds, warmup=3).seconds
+    after = guard_stats()
+    guard = {k: after[i] - before[i] for i, k in enumerate(GUARD_KEYS)}
     out = {k: stats(v) for k, v in seconds.items()}
     return {"shape": f"{rows}x{cols}", "dtype": dtype, "batch": batch, "ms": out,
-            "raw_s": seconds}  # fmt: skip
+            "guard": guard, "raw_s": seconds}  # fmt: skip
 
 
 def run_all(cases: list[tuple[int, int, str]], rounds: int, contend: int) -> list[dict[str, Any]]:
@@ -83,6 +96,7 @@ def table_rows(results: list[dict[str, Any]]) -> list[list[Any]]:
             *(f"{sparse[k]:.3f}" for k in ("median", "p90", "worst")),
             *(f"{dense[k] / sparse[k]:.2f}x" for k in ("median", "p90", "worst")),
             *(f"{branch[k]:.3f}" for k in ("median", "worst")),
+            "/".join(str(r["guard"][k]) for k in GUARD_KEYS),
         ])  # fmt: skip
     return rows
 
@@ -103,7 +117,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run_all(cases, rounds, 0) + run_all(cases, rounds, contend)
     headers = ["weight", "dtype", "rows of x", "busy procs", "F.linear med", "p90", "worst",
                "nm_linear med", "p90", "worst", "gain med", "gain p90", "gain worst",
-               "dense branch med", "worst"]  # fmt: skip
+               "dense branch med", "worst", "stalls/serial/late"]  # fmt: skip
     print(f"2:4, single calls, {rounds} interleaved rounds; ms; gain = F.linear / nm_linear")
     print(tabulate(table_rows(results), headers=headers, tablefmt="github"))
     print(T.describe(info, load.result))

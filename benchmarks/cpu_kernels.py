@@ -133,13 +133,24 @@ def compiled_dense(w: torch.Tensor, x: torch.Tensor) -> Callable[[], torch.Tenso
     return lambda: fn(x, w2)
 
 
+# Under --contend every round shares the cores with the busy processes on purpose, so every
+# round counts: a round of a few hundred microseconds that the jiffy counter saw no other process
+# in is not a clean one (the busy loop held a core all along), and picking those rounds had
+# measured the lucky calls of one contender against all calls of another.
 def measure(
-    fns: dict[str, Callable[[], Any]], budget_s: float, max_reps: int, min_reps: int = 5
+    fns: dict[str, Callable[[], Any]],
+    budget_s: float,
+    max_reps: int,
+    min_reps: int = 5,
+    all_rounds: bool = False,
 ) -> tuple[dict[str, float], dict[str, list[float]], int, str]:
-    """Median seconds per contender over interleaved rounds (clean rounds when possible),
-    the per-round seconds used, the number of rounds and which were used."""
+    """Median seconds per contender over interleaved rounds (clean rounds when possible, all
+    under --contend), the per-round seconds used, the number of rounds and which were used."""
     rounds = interleaved(fns, repeats=max_reps, warmup=1, budget_s=budget_s, min_repeats=min_reps)
-    times, used = rounds.pick()
+    if all_rounds:
+        times, used = rounds.seconds, f"all {len(rounds.others_share)} (--contend)"
+    else:
+        times, used = rounds.pick()
     medians = {k: statistics.median(v) for k, v in times.items()}
     return medians, times, len(rounds.others_share), used
 
@@ -160,6 +171,14 @@ def best_sparse(entry: dict[str, Any], batch: int) -> tuple[str, float] | None:
         return None
     choice = min(ms, key=ms.__getitem__)
     return choice, ms[choice]
+
+
+GUARD_KEYS = ("stalls", "serial_calls", "late_starts")
+
+
+def guard_stats() -> list[int]:
+    """[stalls, serial calls, late starts] of nmfx's contention guard so far in this process."""
+    return [int(v) for v in torch.ops.nmfx_cpu.parallel_guard_stats()[:3]]
 
 
 def run(
@@ -201,7 +220,11 @@ def run(
                     if config.get("compiled", True):
                         fns["dense_compiled"] = compiled_dense(w, x)
                     probes = probe_read_GBps() if batch == 1 else []
-                    t, per_round, reps, used = measure(fns, budget_s, max_reps, min_reps)
+                    guard0 = guard_stats()
+                    t, per_round, reps, used = measure(
+                        fns, budget_s, max_reps, min_reps, config.get("all_rounds", False)
+                    )
+                    guard = [b - a for a, b in zip(guard0, guard_stats(), strict=True)]
                     if probes:
                         probes += probe_read_GBps()
                     best = (
@@ -241,6 +264,9 @@ def run(
                         "dense_bytes": p.dense_nbytes,
                         "reps": reps,
                         "rounds_used": used,
+                        # nmfx's contention guard over the case's rounds (nm_parallel.h): stalls,
+                        # calls kept on one thread, late starts of the second thread.
+                        "guard": dict(zip(GUARD_KEYS, guard, strict=True)),
                     }
                     if probes:
                         # The best of 3 sums before and 3 after the case's rounds.
@@ -594,6 +620,7 @@ def main(argv: list[str] | None = None) -> None:
           f"per bucket of rows:")  # fmt: skip
     for key, choices in tuned.items():
         print(f"  {key}: {', '.join(f'{b}: {c}' for b, c in choices.items())}")
+    config["all_rounds"] = args.contend > 0
     with Contention(args.contend), LoadMonitor() as load:
         gib = 0.5 if args.quick else 1.0
         bandwidth = {"before": read_bandwidth(gib)}

@@ -63,6 +63,7 @@ CONTENDERS = (
     "nmfx-compile-unfused", "nmfx-lower-compile",
 )  # fmt: skip
 DEFAULT_CONTENDERS = CONTENDERS[:6]
+NMFX = [c for c in CONTENDERS if c.startswith("nmfx")]  # paired against llama.cpp's too
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_OUT = Path("out/decode.json")  # untracked (/out/ is git-ignored)
 
@@ -174,13 +175,16 @@ def run_case(
     """One dtype and lm_head: every batch and prompt, the contenders interleaved (llama.cpp's,
     ``gguf``, at batch 1 only: llama-cpp-python decodes one sequence)."""
     dtype = DTYPES[dtype_name]
-    # dense fp32 is the pruned model itself (not changed by generate): one copy fewer of the
-    # weights (the 22-layer model is 4.4 GB per copy)
-    models = {
-        name: (pruned.eval(), {}) if name == "dense" and pruned.dtype == dtype
-        else prepare(name, pruned, dtype)
-        for name in args.contenders
-    }  # fmt: skip
+    # dense fp32 is the pruned model itself (not changed by generate), and nmfx-fast decodes
+    # nmfx's lowered model: copies fewer of the weights (the 22-layer model is 4.4 GB per copy)
+    models = {}
+    for name in args.contenders:
+        if name == "dense" and pruned.dtype == dtype:
+            models[name] = (pruned.eval(), {})
+        elif name == "nmfx-fast" and "nmfx" in models:  # the same lowered model, decoded by
+            models[name] = (models["nmfx"][0], {_decode_profile.FAST: True})  # fast_generate
+        else:
+            models[name] = prepare(name, pruned, dtype)
     results = []
     for batch in args.batch:
         for prompt in args.prompt:
@@ -196,28 +200,39 @@ def run_case(
                 new = torch.tensor([runner.generate(ids[0].tolist(), args.new)])
                 tokens[name] = torch.cat([ids, new], dim=1)
                 fns[name] = lambda r=runner, ids=ids: r.generate(ids[0].tolist(), args.new)
+            if args.split:  # a 1-token run of each: the prompt's forward (see _split)
+                for name in list(fns):
+                    fns[name + PREFILL] = _one_token(name, models, gguf, ids)
             with _timing.LoadMonitor() as load:
                 rounds = _timing.interleaved(fns, repeats=args.repeats, warmup=0)
+            split = _split(rounds.seconds, args.new)
             base = tokens.get("dense")
             row = {"dtype": dtype_name, "lm_head": lm_head, "batch": batch, "prompt": prompt,
                    "new_tokens": args.new, "load": load.result, "rounds": rounds.as_json()}  # fmt: skip
             for name, secs in rounds.seconds.items():
+                if name.endswith(PREFILL):
+                    continue
                 tps = batch * args.new / statistics.median(secs)
                 same = None if base is None else bool(torch.equal(tokens[name], base))
-                row[name] = {"tokens_per_s": round(tps, 2), "greedy_tokens_match_dense": same}
+                row[name] = {"tokens_per_s": round(tps, 2), "greedy_tokens_match_dense": same,
+                             **split.get(name, {})}  # fmt: skip
             if "dense" in row:
                 for name in rounds.seconds:
+                    if name.endswith(PREFILL):
+                        continue
                     ratios = _timing.paired_ratios(rounds.seconds["dense"], rounds.seconds[name])
                     row[name]["vs_dense"] = round(statistics.median(ratios), 3)
-            for ours, theirs in (("nmfx-compile", "inductor"), ("nmfx-fast", "inductor-fast")):
-                if ours in row and theirs in row:  # compiled sparse over the same compiled dense
+            pairs = [("nmfx-compile", "inductor"), ("nmfx-fast", "inductor-fast")]  # compiled
+            pairs += [(ours, theirs) for theirs in gguf for ours in NMFX if batch == 1]
+            for ours, theirs in pairs:
+                if ours in row and theirs in row:
                     r = _timing.paired_ratios(rounds.seconds[theirs], rounds.seconds[ours])
                     row[ours][f"vs_{theirs}"] = round(statistics.median(r), 3)
             if batch == 1 and "llama.cpp-F32" in gguf and dtype == torch.float32:
                 row["llama.cpp-F32"]["logits_vs_hf_fp32"] = _llamacpp.logits_check(
                     models.get("dense", (pruned,))[0], gguf["llama.cpp-F32"], ids
                 )
-            _print_row(row, list(rounds.seconds))
+            _print_row(row, [n for n in rounds.seconds if not n.endswith(PREFILL)])
             results.append(row)
     if args.profile:
         ids = torch.randint(0, args.vocab, (1, args.prompt[0]))
@@ -234,13 +249,45 @@ def run_case(
     return results
 
 
+PREFILL = "/prefill"  # the 1-token run of a contender (--split)
+
+
+def _one_token(name: str, models: dict, gguf: dict, ids: torch.Tensor) -> Any:
+    """The contender ``name``'s ``generate`` of 1 new token: the prompt's forward and argmax."""
+    if name in gguf:
+        return lambda r=gguf[name]: r.generate(ids[0].tolist(), 1)
+    model, extra = models[name]
+    return lambda: generate(model, ids, 1, extra)
+
+
+def _split(seconds: dict[str, list[float]], new: int) -> dict[str, dict[str, float]]:
+    """Per contender timed with ``--split``: ``prefill_ms`` (median of its 1-token runs) and
+    ``per_token_ms``, the median over rounds of ``(t(new) - t(1)) / (new - 1)``, both runs of a
+    pair in the same round; and ``prefill_share``, the prefill's share of a whole run."""
+    out = {}
+    for name, ones in seconds.items():
+        if name.endswith(PREFILL) or name + PREFILL not in seconds or new < 2:
+            continue
+        whole = seconds[name]
+        ones = seconds[name + PREFILL]
+        steps = [(w - o) / (new - 1) for w, o in zip(whole, ones, strict=True)]
+        out[name] = {
+            "prefill_ms": round(statistics.median(ones) * 1e3, 2),
+            "per_token_ms": round(statistics.median(steps) * 1e3, 3),
+            "prefill_share": round(statistics.median(ones) / statistics.median(whole), 3),
+        }
+    return out
+
+
 def _print_row(row: dict, contenders: list[str]) -> None:
     parts = []
     for name in contenders:
         r = row[name]
         vs = f" ({r['vs_dense']:.2f}x dense)" if "vs_dense" in r and name != "dense" else ""
         same = "" if r["greedy_tokens_match_dense"] in (None, True) else " TOKENS DIFFER"
-        parts.append(f"{name} {r['tokens_per_s']:.1f} tok/s{vs}{same}")
+        cut = (f" [prefill {r['prefill_ms']:.0f} ms, {r['per_token_ms']:.1f} ms/token]"
+               if "prefill_ms" in r else "")  # fmt: skip
+        parts.append(f"{name} {r['tokens_per_s']:.1f} tok/s{vs}{same}{cut}")
     share = row["load"].get("others_cpu_share")
     print(f"{row['dtype']} lm_head {row['lm_head']} batch {row['batch']} prompt {row['prompt']}: "
           + ", ".join(parts) + (f"  [others' CPU share {share:.0%}]" if share is not None else ""))  # fmt: skip
@@ -267,6 +314,8 @@ def parse(argv: list[str] | None = None) -> Any:
     p.add_argument(
         "--profile", action="store_true", help="where one decode token goes, per contender"
     )
+    p.add_argument("--split", action="store_true", help="also time a 1-token run of every "
+                   "contender in the same rounds: prefill vs per-token time")  # fmt: skip
     p.add_argument("--gguf", nargs="*", default=list(_llamacpp.FORMATS),
                    choices=_llamacpp.FORMATS, help="llama.cpp formats beside (batch 1; none: "
                    "skip llama.cpp)")  # fmt: skip

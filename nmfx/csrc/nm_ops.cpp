@@ -8,11 +8,13 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdlib>
 #include <cmath>
 #include <cstring>
 #include <limits>
 #include <optional>
+#include <thread>
 #include <type_traits>
 #include <vector>
 
@@ -329,8 +331,10 @@ void run_rows(KernelFn fn, NMProblem p, const at::Tensor& xs, int64_t cols, bool
   const int64_t nbp = (B + kPanelBatch - 1) / kPanelBatch * kPanelBatch;
   if (panels) {
     xp = scratch_floats(kScratchPanels, panel_numel(nbp, ldx), xpanel);
-    at::parallel_for(0, nbp / kPanelBatch, 1, [&](int64_t blk0, int64_t blk1) {
-      stage_panels(src, ldsrc, cols, B, ldx, nbp, blk0 * kPanelBatch, blk1 * kPanelBatch, xp);
+    // One panel of kPanelBatch rows of x per item (parallel_items: no join on a late thread).
+    const int64_t stage_threads = B * cols < (int64_t{1} << 16) ? 1 : at::get_num_threads();
+    parallel_items(nbp / kPanelBatch, stage_threads, [&](int64_t blk) {
+      stage_panels(src, ldsrc, cols, B, ldx, nbp, blk * kPanelBatch, (blk + 1) * kPanelBatch, xp);
     });
   }
   p.x = xb;
@@ -369,7 +373,7 @@ void run_rows_pairs(NMProblem p, const at::Tensor& xs, int64_t cols, float* y) {
       scratch_bytes(kScratchX, static_cast<size_t>(words) * sizeof(uint16_t), xhold));
   const uint16_t* src = reinterpret_cast<const uint16_t*>(xs.const_data_ptr<at::BFloat16>());
   std::atomic<bool> any{false};
-  at::parallel_for(0, p.KB, 64, [&](int64_t w0, int64_t w1) {  // windows of 8 columns
+  parallel_ranges(p.KB, 64, [&](int64_t w0, int64_t w1) {  // 64 windows of 8 columns per item
     if (bf16pairs_stage(src, xs.stride(0), xs.stride(1), B, cols, ldc, w0 * 8, w1 * 8, xt)) {
       any = true;
     }
@@ -498,6 +502,49 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   return to_dtype(y, x.scalar_type());
 }
 
+// [stalls, serial calls, late starts, the last window on one thread (ns), ns left of it]
+// (nm_parallel.h): what the contention guard has seen in this process.
+std::vector<int64_t> parallel_guard_stats() {
+  const ParallelCounters& c = parallel_counters();
+  return {c.stalls.load(), c.serial_calls.load(), c.late_starts.load(), c.window_ns.load(),
+          std::max<int64_t>(0, c.serial_until_ns.load() - steady_ns())};
+}
+
+// A synthetic parallel_items call for the guard's tests: `items` items of `item_us` of spinning
+// each; a thread other than the caller first sleeps `other_delay_us` inside its first item (as
+// if preempted there). Returns [items run by the caller, items run by other threads].
+std::vector<int64_t> parallel_probe(int64_t items, double item_us, double other_delay_us) {
+  TORCH_CHECK(items >= 0 && item_us >= 0 && other_delay_us >= 0,
+              "nmfx: parallel_probe needs items, item_us and other_delay_us >= 0; got ", items,
+              ", ", item_us, ", ", other_delay_us);
+  std::atomic<int64_t> by_caller{0}, by_others{0};
+  std::atomic<bool> delayed{false};
+  parallel_items(items, at::get_num_threads(), [&](int64_t) {
+    const bool caller = at::get_thread_num() == 0;
+    if (!caller && !delayed.exchange(true)) {
+      std::this_thread::sleep_for(std::chrono::nanoseconds(static_cast<int64_t>(other_delay_us * 1e3)));
+    }
+    const int64_t until = steady_ns() + static_cast<int64_t>(item_us * 1e3);
+    while (steady_ns() < until) {
+    }
+    (caller ? by_caller : by_others).fetch_add(1);
+  });
+  return {by_caller.load(), by_others.load()};
+}
+
+// contention_kind of one call's timing (ns), for the guard's tests: 0 none, 1 stall, 2 late start.
+int64_t contention_kind_of(int64_t fork, int64_t caller_start, int64_t caller_done,
+                           int64_t caller_items, int64_t other_start, int64_t idle, int64_t now) {
+  CallTiming t;
+  t.fork = fork;
+  t.caller_start = caller_start;
+  t.caller_done = caller_done;
+  t.caller_items = caller_items;
+  t.other_start = other_start;
+  t.idle = idle;
+  return contention_kind(t, now);
+}
+
 }  // namespace
 }  // namespace nmfx
 
@@ -508,4 +555,11 @@ TORCH_LIBRARY(nmfx_cpu, lib) {
       &nmfx::nm_gemm);
   lib.def("isa_support() -> int", &nmfx::isa_support);
   lib.def("set_isa_cap(int cap) -> int", &nmfx::set_isa_cap);
+  lib.def("parallel_guard_stats() -> int[]", &nmfx::parallel_guard_stats);
+  lib.def("parallel_probe(int items, float item_us, float other_delay_us) -> int[]",
+          &nmfx::parallel_probe);
+  lib.def(
+      "contention_kind_of(int fork, int caller_start, int caller_done, int caller_items, "
+      "int other_start, int idle, int now) -> int",
+      &nmfx::contention_kind_of);
 }

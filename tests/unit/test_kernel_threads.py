@@ -7,6 +7,8 @@ detected and the calls the guard kept on one thread.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -72,3 +74,72 @@ def test_calls_leave_the_thread_count_alone() -> None:
             with K.force_dispatch(mode):
                 K.nm_linear(torch.randn(batch, 256), p)
             assert torch.get_num_threads() == 2, (mode, batch)
+
+
+def guard_stats() -> dict[str, int]:
+    names = ("stalls", "serial_calls", "late_starts", "window_ns", "left_ns")
+    return dict(zip(names, (int(v) for v in torch.ops.nmfx_cpu.parallel_guard_stats()), strict=True))
+
+
+def test_a_thread_stalled_inside_an_item_is_detected_and_calls_stay_on_one_thread() -> None:
+    """The other thread sleeps 3 ms in its first item (as if preempted there): the caller runs
+    the rest and then waits on it, so the guard counts a stall and keeps the next calls on the
+    calling thread (all items there) for the window; every item runs exactly once."""
+    torch.ops.nmfx_cpu.mark_contended(0.0)
+    before = guard_stats()
+    by_caller, by_others = torch.ops.nmfx_cpu.parallel_probe(32, 10.0, 3000.0)
+    assert by_caller + by_others == 32
+    after = guard_stats()
+    # A thread the scheduler starts late is counted as a late start (or a stall) instead.
+    assert after["stalls"] + after["late_starts"] == before["stalls"] + before["late_starts"] + 1
+    assert after["left_ns"] > 0
+    assert list(torch.ops.nmfx_cpu.parallel_probe(32, 1.0, 0.0)) == [32, 0]
+    assert guard_stats()["serial_calls"] == after["serial_calls"] + 1
+
+
+def test_the_window_doubles_while_stalls_recur_and_resets_after_a_quiet_stretch() -> None:
+    def stall() -> int:
+        torch.ops.nmfx_cpu.mark_contended(0.0)  # the window ends now, as if it had run out
+        torch.ops.nmfx_cpu.parallel_probe(16, 10.0, 2000.0)
+        return guard_stats()["window_ns"]
+
+    first = stall()
+    assert stall() == min(2 * first, 1_600_000_000)  # again right after the window's end
+    torch.ops.nmfx_cpu.mark_contended(-10_000.0)  # the last window ended 10 s ago
+    torch.ops.nmfx_cpu.parallel_probe(16, 10.0, 2000.0)
+    assert guard_stats()["window_ns"] == 50_000_000
+
+
+@pytest.mark.parametrize(
+    ("timing", "kind"),
+    [
+        # (fork, caller start, caller done, caller items, other start, idle, now) in us
+        pytest.param((0, 5, 1000, 8, 10, 0, 1010), 0, id="both-threads-busy"),
+        pytest.param((0, 5, 100, 8, 3000, 1, 3010), 1, id="caller-waited-on-an-idle-thread"),
+        pytest.param((0, 5, 100, 4, 10, 0, 500), 1, id="caller-waited-on-a-preempted-item"),
+        pytest.param((0, 5, 1000, 4, 10, 0, 1300), 0, id="waited-less-than-four-items"),
+        pytest.param((0, 5, 1000, 16, 700, 0, 1010), 2, id="other-started-late"),
+        pytest.param((0, 5, 2000, 16, 700, 0, 2010), 0, id="late-but-early-enough-to-pay"),
+        pytest.param((0, 5, 1000, 16, 150, 0, 1010), 0, id="started-within-the-wake-up-time"),
+    ],
+)
+def test_contention_kind_of_a_call(timing: tuple[int, ...], kind: int) -> None:
+    """Which parallel calls the guard reacts to: a wait past 200 us on a thread that took no
+    item or longer than four of the caller's items (stall), or another thread that started
+    200 us or more after the fork and after half the caller's work (late start)."""
+    ns = [v * 1000 if i != 3 and i != 5 else v for i, v in enumerate(timing)]
+    assert torch.ops.nmfx_cpu.contention_kind_of(*ns) == kind
+
+
+def test_no_kernel_loop_bypasses_the_guard() -> None:
+    """Every multi-threaded loop of nmfx's kernels goes through parallel_items (nm_parallel.h),
+    which measures the join; a bare at::parallel_for would wait on a descheduled thread with no
+    guard. The one exception runs a per-thread release on every torch thread on purpose."""
+    csrc = Path(K.__file__).resolve().parent.parent / "csrc"
+    allowed = {("nm_parallel.h", 1), ("nm_dense.cpp", 1)}  # parallel_items; release_scratch
+    found = {
+        (f.name, f.read_text().count("at::parallel_for("))
+        for f in sorted(csrc.iterdir())
+        if f.suffix in (".cpp", ".h") and "at::parallel_for(" in f.read_text()
+    }
+    assert found == allowed, found

@@ -74,7 +74,16 @@ def test_gpu_linear_degrades_when_nmfx_cannot_import(tmp_path):
     output says what was skipped and why."""
     shim = tmp_path / "shim"
     shim.mkdir()
-    (shim / "tabulate.py").write_text('raise ImportError("no tabulate here")\n')
+    # nmfx imports its optional pieces (tabulate, networkx) lazily, so a missing one no longer
+    # stops `import nmfx`; an import that fails is simulated at interpreter start instead.
+    (shim / "sitecustomize.py").write_text(
+        "import sys\n"
+        "class NoNmfx:\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name == 'nmfx':\n"
+        "            raise ImportError('no tabulate here')\n"
+        "sys.meta_path.insert(0, NoNmfx())\n"
+    )
     env = {k: v for k, v in os.environ.items() if k != "OUT"}
     env["PYTHONPATH"] = os.pathsep.join([str(shim), str(ROOT)])
     proc = subprocess.run(

@@ -19,6 +19,12 @@ init, every Linear pruned 2:4 by magnitude (``sparsify`` + ``finalize``), then r
   ``torch.compile(model.forward)`` (inductor) with the static cache: the compiled graph calls the
   lowered modules' packed buffers, so the model holds no dense weights (``nmfx-compile`` freezes
   packed copies into its graph beside the model's own dense parameters).
+- ``nmfx-load``, ``dense-load`` (``--rss-only``, not run by default): the ``nmfx`` and ``dense``
+  models saved with ``torch.save`` by one child, then loaded with ``torch.load`` in a fresh
+  process (``_rss.py``) that generates: the deployment path, with no capture, build or tuning
+  in the measured process (``dense-load`` imports no nmfx). ``nmfx-mmap``, ``dense-mmap``: the
+  same loaded with ``torch.load(mmap=True)``: a weight's pages become resident when read (the
+  embedding's, only for the rows of the tokens seen), as llama.cpp's mmap'd weights do.
 
 Where ``llama-cpp-python`` is installed and a llama.cpp source tree is given (``--llama-cpp-dir``;
 see ``_llamacpp.py``), the same pruned weights converted by llama.cpp's converter run beside
@@ -53,6 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _decode_profile
 import _llamacpp
+import _rss
 import _timing
 
 import nmfx
@@ -60,9 +67,14 @@ from nmfx.lowering.memory import release_freed_memory
 
 CONTENDERS = (
     "dense", "nmfx", "nmfx-compile", "inductor", "nmfx-fast", "inductor-fast",
-    "nmfx-compile-unfused", "nmfx-lower-compile",
+    "nmfx-compile-unfused", "nmfx-lower-compile", "nmfx-load", "dense-load", "nmfx-mmap",
+    "dense-mmap",
 )  # fmt: skip
+# RSS-only contenders: the model of the value, saved by one child, loaded by a fresh process
+# (``-mmap``: ``torch.load(mmap=True)``, the weights' pages resident only once touched)
+LOADED = {"nmfx-load": "nmfx", "dense-load": "dense", "nmfx-mmap": "nmfx", "dense-mmap": "dense"}
 DEFAULT_CONTENDERS = CONTENDERS[:6]
+NMFX = [c for c in CONTENDERS if c.startswith("nmfx")]  # paired against llama.cpp's too
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_OUT = Path("out/decode.json")  # untracked (/out/ is git-ignored)
 
@@ -110,35 +122,31 @@ def prepare(name: str, pruned: torch.nn.Module, dtype: torch.dtype, inplace: boo
 generate = _decode_profile.generate_tokens
 
 
-def _vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child_rss(args: Any) -> None:
-    """Build, keep only one contender, reset the RSS high-water mark, generate once."""
+    """Build, keep only one contender, reset the RSS high-water mark, generate once (or, with
+    ``--save``, save the contender's model for a fresh process to load)."""
     dtype_name, lm_head, name = args.child
     pruned = build_pruned(args, lm_head)
     model, extra = prepare(name, pruned, DTYPES[dtype_name], inplace=True)
     del pruned
     gc.collect()
+    if args.save:
+        torch.save(model, args.save)
+        return
     ids = torch.randint(0, args.vocab, (args.batch[0], args.prompt[0]))
-    if extra:
-        generate(model, ids, args.new, extra)  # compile first: not the steady state
     # What building and pruning freed (the fp32 model before a cast, masks) stays resident
     # in glibc's heap until trimmed (nmfx.lower trims too); trimmed for every contender alike.
     release_freed_memory()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    generate(model, ids, args.new, extra)
-    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-               for t in [*model.parameters(), *model.buffers()]}  # fmt: skip
-    print(json.dumps({"peak_rss_mb": _vm_hwm_mb(), "weights_mb": sum(tensors.values()) / 2**20}))
+    print(json.dumps(_rss.measure_generate(model, ids, args.new, extra)))
 
 
 def _rss_cells(args: Any, dtype_name: str, lm_head: str) -> dict[str, dict]:
-    rss = {n: peak_rss(args, dtype_name, lm_head, n) for n in args.contenders}
+    saved: dict[str, Path] = {}  # a model saved once for its -load and -mmap contenders
+    try:
+        rss = {n: peak_rss(args, dtype_name, lm_head, n, saved) for n in args.contenders}
+    finally:
+        for path in saved.values():
+            path.unlink(missing_ok=True)  # GBs at 22 layers
     rss = {n: v for n, v in rss.items() if v}
     base = rss.get("dense", {}).get("peak_rss_mb")
     print(f"  peak RSS during generate (MB; weights MB), batch {args.batch[0]}, prompt "
@@ -149,10 +157,36 @@ def _rss_cells(args: Any, dtype_name: str, lm_head: str) -> dict[str, dict]:
     return rss
 
 
-def peak_rss(args: Any, dtype_name: str, lm_head: str, name: str) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", dtype_name, lm_head, name,
-           *_shape_flags(args), "--batch", str(args.batch[0]), "--prompt", str(args.prompt[0])]  # fmt: skip
+def peak_rss(
+    args: Any, dtype_name: str, lm_head: str, name: str, saved: dict[str, Path]
+) -> dict | None:
+    run = ["--batch", str(args.batch[0]), "--prompt", str(args.prompt[0])]
+    run += ["--threads", str(args.threads)] if args.threads else []
+    if name not in LOADED:
+        cmd = [sys.executable, __file__, "--child", dtype_name, lm_head, name, *_shape_flags(args)]
+        return _child_json(name, cmd + run)
+    base = LOADED[name]
+    if base not in saved:
+        path = Path(args.out).parent / f"rss-{base}-{args.layers}L-{dtype_name}-{lm_head}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        saved[base] = path
+        save = [sys.executable, __file__, "--child", dtype_name, lm_head, base,
+                *_shape_flags(args), *run, "--save", str(path)]  # fmt: skip
+        if _child_json(f"{name} (save)", save, saved=path) is None:
+            return None
+    if not saved[base].exists():
+        return None  # its save child failed (reported then)
+    new, vocab = ["--new", str(args.new)], ["--vocab", str(args.vocab)]
+    mmap = ["--mmap"] if name.endswith("-mmap") else []
+    return _child_json(name, [sys.executable, _rss.__file__, str(saved[base]), *new, *vocab,
+                              *run, *mmap])  # fmt: skip
+
+
+def _child_json(name: str, cmd: list[str], saved: Path | None = None) -> dict | None:
+    """The child's last JSON line (``{}`` for a save child that wrote ``saved``), or None."""
     done = subprocess.run(cmd, capture_output=True, text=True)
+    if saved is not None and done.returncode == 0 and saved.exists():
+        return {}
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -174,13 +208,16 @@ def run_case(
     """One dtype and lm_head: every batch and prompt, the contenders interleaved (llama.cpp's,
     ``gguf``, at batch 1 only: llama-cpp-python decodes one sequence)."""
     dtype = DTYPES[dtype_name]
-    # dense fp32 is the pruned model itself (not changed by generate): one copy fewer of the
-    # weights (the 22-layer model is 4.4 GB per copy)
-    models = {
-        name: (pruned.eval(), {}) if name == "dense" and pruned.dtype == dtype
-        else prepare(name, pruned, dtype)
-        for name in args.contenders
-    }  # fmt: skip
+    # dense fp32 is the pruned model itself (not changed by generate), and nmfx-fast decodes
+    # nmfx's lowered model: copies fewer of the weights (the 22-layer model is 4.4 GB per copy)
+    models = {}
+    for name in args.contenders:
+        if name == "dense" and pruned.dtype == dtype:
+            models[name] = (pruned.eval(), {})
+        elif name == "nmfx-fast" and "nmfx" in models:  # the same lowered model, decoded by
+            models[name] = (models["nmfx"][0], {_decode_profile.FAST: True})  # fast_generate
+        else:
+            models[name] = prepare(name, pruned, dtype)
     results = []
     for batch in args.batch:
         for prompt in args.prompt:
@@ -196,28 +233,39 @@ def run_case(
                 new = torch.tensor([runner.generate(ids[0].tolist(), args.new)])
                 tokens[name] = torch.cat([ids, new], dim=1)
                 fns[name] = lambda r=runner, ids=ids: r.generate(ids[0].tolist(), args.new)
+            if args.split:  # a 1-token run of each: the prompt's forward (see _split)
+                for name in list(fns):
+                    fns[name + PREFILL] = _one_token(name, models, gguf, ids)
             with _timing.LoadMonitor() as load:
                 rounds = _timing.interleaved(fns, repeats=args.repeats, warmup=0)
+            split = _split(rounds.seconds, args.new)
             base = tokens.get("dense")
             row = {"dtype": dtype_name, "lm_head": lm_head, "batch": batch, "prompt": prompt,
                    "new_tokens": args.new, "load": load.result, "rounds": rounds.as_json()}  # fmt: skip
             for name, secs in rounds.seconds.items():
+                if name.endswith(PREFILL):
+                    continue
                 tps = batch * args.new / statistics.median(secs)
                 same = None if base is None else bool(torch.equal(tokens[name], base))
-                row[name] = {"tokens_per_s": round(tps, 2), "greedy_tokens_match_dense": same}
+                row[name] = {"tokens_per_s": round(tps, 2), "greedy_tokens_match_dense": same,
+                             **split.get(name, {})}  # fmt: skip
             if "dense" in row:
                 for name in rounds.seconds:
+                    if name.endswith(PREFILL):
+                        continue
                     ratios = _timing.paired_ratios(rounds.seconds["dense"], rounds.seconds[name])
                     row[name]["vs_dense"] = round(statistics.median(ratios), 3)
-            for ours, theirs in (("nmfx-compile", "inductor"), ("nmfx-fast", "inductor-fast")):
-                if ours in row and theirs in row:  # compiled sparse over the same compiled dense
+            pairs = [("nmfx-compile", "inductor"), ("nmfx-fast", "inductor-fast")]  # compiled
+            pairs += [(ours, theirs) for theirs in gguf for ours in NMFX if batch == 1]
+            for ours, theirs in pairs:
+                if ours in row and theirs in row:
                     r = _timing.paired_ratios(rounds.seconds[theirs], rounds.seconds[ours])
                     row[ours][f"vs_{theirs}"] = round(statistics.median(r), 3)
             if batch == 1 and "llama.cpp-F32" in gguf and dtype == torch.float32:
                 row["llama.cpp-F32"]["logits_vs_hf_fp32"] = _llamacpp.logits_check(
                     models.get("dense", (pruned,))[0], gguf["llama.cpp-F32"], ids
                 )
-            _print_row(row, list(rounds.seconds))
+            _print_row(row, [n for n in rounds.seconds if not n.endswith(PREFILL)])
             results.append(row)
     if args.profile:
         ids = torch.randint(0, args.vocab, (1, args.prompt[0]))
@@ -234,13 +282,45 @@ def run_case(
     return results
 
 
+PREFILL = "/prefill"  # the 1-token run of a contender (--split)
+
+
+def _one_token(name: str, models: dict, gguf: dict, ids: torch.Tensor) -> Any:
+    """The contender ``name``'s ``generate`` of 1 new token: the prompt's forward and argmax."""
+    if name in gguf:
+        return lambda r=gguf[name]: r.generate(ids[0].tolist(), 1)
+    model, extra = models[name]
+    return lambda: generate(model, ids, 1, extra)
+
+
+def _split(seconds: dict[str, list[float]], new: int) -> dict[str, dict[str, float]]:
+    """Per contender timed with ``--split``: ``prefill_ms`` (median of its 1-token runs) and
+    ``per_token_ms``, the median over rounds of ``(t(new) - t(1)) / (new - 1)``, both runs of a
+    pair in the same round; and ``prefill_share``, the prefill's share of a whole run."""
+    out = {}
+    for name, ones in seconds.items():
+        if name.endswith(PREFILL) or name + PREFILL not in seconds or new < 2:
+            continue
+        whole = seconds[name]
+        ones = seconds[name + PREFILL]
+        steps = [(w - o) / (new - 1) for w, o in zip(whole, ones, strict=True)]
+        out[name] = {
+            "prefill_ms": round(statistics.median(ones) * 1e3, 2),
+            "per_token_ms": round(statistics.median(steps) * 1e3, 3),
+            "prefill_share": round(statistics.median(ones) / statistics.median(whole), 3),
+        }
+    return out
+
+
 def _print_row(row: dict, contenders: list[str]) -> None:
     parts = []
     for name in contenders:
         r = row[name]
         vs = f" ({r['vs_dense']:.2f}x dense)" if "vs_dense" in r and name != "dense" else ""
         same = "" if r["greedy_tokens_match_dense"] in (None, True) else " TOKENS DIFFER"
-        parts.append(f"{name} {r['tokens_per_s']:.1f} tok/s{vs}{same}")
+        cut = (f" [prefill {r['prefill_ms']:.0f} ms, {r['per_token_ms']:.1f} ms/token]"
+               if "prefill_ms" in r else "")  # fmt: skip
+        parts.append(f"{name} {r['tokens_per_s']:.1f} tok/s{vs}{same}{cut}")
     share = row["load"].get("others_cpu_share")
     print(f"{row['dtype']} lm_head {row['lm_head']} batch {row['batch']} prompt {row['prompt']}: "
           + ", ".join(parts) + (f"  [others' CPU share {share:.0%}]" if share is not None else ""))  # fmt: skip
@@ -267,13 +347,21 @@ def parse(argv: list[str] | None = None) -> Any:
     p.add_argument(
         "--profile", action="store_true", help="where one decode token goes, per contender"
     )
+    p.add_argument("--split", action="store_true", help="also time a 1-token run of every "
+                   "contender in the same rounds: prefill vs per-token time")  # fmt: skip
     p.add_argument("--gguf", nargs="*", default=list(_llamacpp.FORMATS),
                    choices=_llamacpp.FORMATS, help="llama.cpp formats beside (batch 1; none: "
                    "skip llama.cpp)")  # fmt: skip
     p.add_argument("--llama-cpp-dir", help="llama.cpp source tree (convert_hf_to_gguf.py), "
                    f"default ${_llamacpp.DIR_ENV}")  # fmt: skip
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--save", help=argparse.SUPPRESS)  # a child saves its model for a -load one
+    args = p.parse_args(argv)
+    loaded = [n for n in args.contenders if n in LOADED]
+    if loaded and not args.rss_only:
+        p.error(f"--contenders {' '.join(loaded)}: these load a saved model to measure its peak "
+                "RSS only; add --rss-only, or drop them from a timed run")  # fmt: skip
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

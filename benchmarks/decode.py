@@ -19,6 +19,12 @@ init, every Linear pruned 2:4 by magnitude (``sparsify`` + ``finalize``), then r
   ``torch.compile(model.forward)`` (inductor) with the static cache: the compiled graph calls the
   lowered modules' packed buffers, so the model holds no dense weights (``nmfx-compile`` freezes
   packed copies into its graph beside the model's own dense parameters).
+- ``nmfx-load``, ``dense-load`` (``--rss-only``, not run by default): the ``nmfx`` and ``dense``
+  models saved with ``torch.save`` by one child, then loaded with ``torch.load`` in a fresh
+  process (``_rss.py``) that generates: the deployment path, with no capture, build or tuning
+  in the measured process (``dense-load`` imports no nmfx). ``nmfx-mmap``, ``dense-mmap``: the
+  same loaded with ``torch.load(mmap=True)``: a weight's pages become resident when read (the
+  embedding's, only for the rows of the tokens seen), as llama.cpp's mmap'd weights do.
 
 Where ``llama-cpp-python`` is installed and a llama.cpp source tree is given (``--llama-cpp-dir``;
 see ``_llamacpp.py``), the same pruned weights converted by llama.cpp's converter run beside
@@ -53,6 +59,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _decode_profile
 import _llamacpp
+import _rss
 import _timing
 
 import nmfx
@@ -60,8 +67,12 @@ from nmfx.lowering.memory import release_freed_memory
 
 CONTENDERS = (
     "dense", "nmfx", "nmfx-compile", "inductor", "nmfx-fast", "inductor-fast",
-    "nmfx-compile-unfused", "nmfx-lower-compile",
+    "nmfx-compile-unfused", "nmfx-lower-compile", "nmfx-load", "dense-load", "nmfx-mmap",
+    "dense-mmap",
 )  # fmt: skip
+# RSS-only contenders: the model of the value, saved by one child, loaded by a fresh process
+# (``-mmap``: ``torch.load(mmap=True)``, the weights' pages resident only once touched)
+LOADED = {"nmfx-load": "nmfx", "dense-load": "dense", "nmfx-mmap": "nmfx", "dense-mmap": "dense"}
 DEFAULT_CONTENDERS = CONTENDERS[:6]
 NMFX = [c for c in CONTENDERS if c.startswith("nmfx")]  # paired against llama.cpp's too
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -111,35 +122,31 @@ def prepare(name: str, pruned: torch.nn.Module, dtype: torch.dtype, inplace: boo
 generate = _decode_profile.generate_tokens
 
 
-def _vm_hwm_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
-
-
 def child_rss(args: Any) -> None:
-    """Build, keep only one contender, reset the RSS high-water mark, generate once."""
+    """Build, keep only one contender, reset the RSS high-water mark, generate once (or, with
+    ``--save``, save the contender's model for a fresh process to load)."""
     dtype_name, lm_head, name = args.child
     pruned = build_pruned(args, lm_head)
     model, extra = prepare(name, pruned, DTYPES[dtype_name], inplace=True)
     del pruned
     gc.collect()
+    if args.save:
+        torch.save(model, args.save)
+        return
     ids = torch.randint(0, args.vocab, (args.batch[0], args.prompt[0]))
-    if extra:
-        generate(model, ids, args.new, extra)  # compile first: not the steady state
     # What building and pruning freed (the fp32 model before a cast, masks) stays resident
     # in glibc's heap until trimmed (nmfx.lower trims too); trimmed for every contender alike.
     release_freed_memory()
-    Path("/proc/self/clear_refs").write_text("5")  # VmHWM := current RSS
-    generate(model, ids, args.new, extra)
-    tensors = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes()
-               for t in [*model.parameters(), *model.buffers()]}  # fmt: skip
-    print(json.dumps({"peak_rss_mb": _vm_hwm_mb(), "weights_mb": sum(tensors.values()) / 2**20}))
+    print(json.dumps(_rss.measure_generate(model, ids, args.new, extra)))
 
 
 def _rss_cells(args: Any, dtype_name: str, lm_head: str) -> dict[str, dict]:
-    rss = {n: peak_rss(args, dtype_name, lm_head, n) for n in args.contenders}
+    saved: dict[str, Path] = {}  # a model saved once for its -load and -mmap contenders
+    try:
+        rss = {n: peak_rss(args, dtype_name, lm_head, n, saved) for n in args.contenders}
+    finally:
+        for path in saved.values():
+            path.unlink(missing_ok=True)  # GBs at 22 layers
     rss = {n: v for n, v in rss.items() if v}
     base = rss.get("dense", {}).get("peak_rss_mb")
     print(f"  peak RSS during generate (MB; weights MB), batch {args.batch[0]}, prompt "
@@ -150,10 +157,36 @@ def _rss_cells(args: Any, dtype_name: str, lm_head: str) -> dict[str, dict]:
     return rss
 
 
-def peak_rss(args: Any, dtype_name: str, lm_head: str, name: str) -> dict | None:
-    cmd = [sys.executable, __file__, "--child", dtype_name, lm_head, name,
-           *_shape_flags(args), "--batch", str(args.batch[0]), "--prompt", str(args.prompt[0])]  # fmt: skip
+def peak_rss(
+    args: Any, dtype_name: str, lm_head: str, name: str, saved: dict[str, Path]
+) -> dict | None:
+    run = ["--batch", str(args.batch[0]), "--prompt", str(args.prompt[0])]
+    run += ["--threads", str(args.threads)] if args.threads else []
+    if name not in LOADED:
+        cmd = [sys.executable, __file__, "--child", dtype_name, lm_head, name, *_shape_flags(args)]
+        return _child_json(name, cmd + run)
+    base = LOADED[name]
+    if base not in saved:
+        path = Path(args.out).parent / f"rss-{base}-{args.layers}L-{dtype_name}-{lm_head}.pt"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        saved[base] = path
+        save = [sys.executable, __file__, "--child", dtype_name, lm_head, base,
+                *_shape_flags(args), *run, "--save", str(path)]  # fmt: skip
+        if _child_json(f"{name} (save)", save, saved=path) is None:
+            return None
+    if not saved[base].exists():
+        return None  # its save child failed (reported then)
+    new, vocab = ["--new", str(args.new)], ["--vocab", str(args.vocab)]
+    mmap = ["--mmap"] if name.endswith("-mmap") else []
+    return _child_json(name, [sys.executable, _rss.__file__, str(saved[base]), *new, *vocab,
+                              *run, *mmap])  # fmt: skip
+
+
+def _child_json(name: str, cmd: list[str], saved: Path | None = None) -> dict | None:
+    """The child's last JSON line (``{}`` for a save child that wrote ``saved``), or None."""
     done = subprocess.run(cmd, capture_output=True, text=True)
+    if saved is not None and done.returncode == 0 and saved.exists():
+        return {}
     for line in reversed(done.stdout.splitlines()):
         if line.startswith("{"):
             return json.loads(line)
@@ -322,7 +355,13 @@ def parse(argv: list[str] | None = None) -> Any:
     p.add_argument("--llama-cpp-dir", help="llama.cpp source tree (convert_hf_to_gguf.py), "
                    f"default ${_llamacpp.DIR_ENV}")  # fmt: skip
     p.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
-    return p.parse_args(argv)
+    p.add_argument("--save", help=argparse.SUPPRESS)  # a child saves its model for a -load one
+    args = p.parse_args(argv)
+    loaded = [n for n in args.contenders if n in LOADED]
+    if loaded and not args.rss_only:
+        p.error(f"--contenders {' '.join(loaded)}: these load a saved model to measure its peak "
+                "RSS only; add --rss-only, or drop them from a timed run")  # fmt: skip
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from tabulate import tabulate
 from torch import nn
 
 from nmfx import model_state
@@ -135,6 +134,8 @@ def render_candidates(candidates: list[Candidate], fmt: str = "simple") -> str:
         )
         for c in candidates
     ]
+    from tabulate import tabulate  # lazy: only tables need it
+
     return tabulate(
         rows, headers=["layer", "op", "weight", "dtype", "verdict", "reason"], tablefmt=fmt
     )

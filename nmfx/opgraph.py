@@ -9,10 +9,14 @@ comes from torch.fx or torch.export (see ``nmfx.capture``); ``ModelFacts.capture
 
 from __future__ import annotations
 
-import networkx as nx
+from typing import TYPE_CHECKING
+
 from torch import fx, nn
 
 from nmfx.weight_ops import WeightUse, find_weight_uses, module_weight_uses
+
+if TYPE_CHECKING:  # networkx (~10 MB resident) loads when a graph is built, not at `import nmfx`
+    import networkx as nx
 
 __all__ = ["ModelFacts", "build_op_graph"]
 
@@ -100,6 +104,8 @@ def build_op_graph(model: nn.Module, graph: fx.Graph | None, capture: str = "") 
     """Build the op graph from the whole-model FX graph (or from weights alone when the
     model could not be captured as a whole: then only tied-weight facts are known).
     ``capture`` names what gave ``graph`` (torch.fx, torch.export)."""
+    import networkx as nx
+
     canonical, holders = _canonical_names(model)
     g = nx.DiGraph()
     for name, p in model.named_parameters(remove_duplicate=False):

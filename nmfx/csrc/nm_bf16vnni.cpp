@@ -16,9 +16,10 @@
 // weight rows x ZV vectors of x rows (NR * ZV <= 28 accumulators in registers); per column pair
 // it loads ZV vectors of x and issues NR * ZV dot products.
 //
-// Loops: per work item (a group of weight rows), per slab of kSlabCols columns: expand the
-// group's rows into the slab, then per block of x rows, per tile, accumulate into y^T of the
-// group (fp32, L2), added into y at the end. Pruned positions are multiplied as zeros, so NaN and
+// Loops: per work item (a run of consecutive weight rows; runs of about equal size, two per
+// thread), per group of at most kGroupRows rows of the run, per slab of kSlabCols columns (a
+// run's first slabs narrower): expand the group's rows into the slab, then per block of x rows,
+// per tile, accumulate into y^T of the group (fp32, L2), added into y at the end. Pruned positions are multiplied as zeros, so NaN and
 // Inf in x give F.linear's results without a scan; vdpbf16ps treats subnormal inputs and outputs
 // as zero, as oneDNN's bf16 GEMM on the same instruction does.
 //
@@ -28,6 +29,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstring>
 #include <vector>
@@ -40,6 +42,10 @@
 #include <immintrin.h>
 #define NMFX_VNNI_TARGET \
   __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16")))
+#pragma GCC push_options
+#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx512vbmi2,avx512bf16")
+#include "nm_transpose.h"  // its helpers compiled for AVX-512 here, nothing else
+#pragma GCC pop_options
 #endif
 
 namespace nmfx {
@@ -51,19 +57,29 @@ namespace {
 
 constexpr int64_t kChunk = 32;  // columns per expanded 64-byte line
 // Vectors of 16 rows of x per block, at most: tiles of 14 weight rows x 2 vectors (28
-// accumulators). 6 x 4 and 8 x 3 tiles measured the same within noise at 16-256 rows of x (one
-// thread, Zen 4, 1024x1024 to 4096x11008) and do not divide the group.
+// accumulators; one vector: 28 rows). 6 x 4 and 8 x 3 tiles measured the same within noise at
+// 16-256 rows of x (one thread, Zen 4, 1024x1024 to 4096x11008). A group's last rows run one
+// shorter tile, its height rounded up to tail_step rows (the slab's kPadRows lines past a group
+// hold what the rounding reads; their sums are never stored).
 constexpr int64_t kMaxZV = 2;
-constexpr int64_t kPadRows = 28;  // slab rows past a group, so any tile height fits
-// Weight rows per group and columns per slab: a slab (56 + 28 rows x 1024 columns, 168 KB) and
-// its successor stay in L2 with a block of x's slab (32 rows x 1024 columns, 64 KB). 112-row
-// groups and 512- or 2048-column slabs measured within noise of these.
-constexpr int64_t kGroupRows = 56;
+constexpr int64_t kPadRows = 4;
+// Weight rows per group at most and columns per slab: a slab (64 + 4 rows x 1024 columns, 136
+// KB) and its successor stay in L2 with a block of x's slab (32 rows x 1024 columns, 64 KB).
+// 112-row groups and 512- or 2048-column slabs measured within noise of 56-row groups.
+constexpr int64_t kGroupRows = 64;
 constexpr int64_t kSlabCols = 1024;
-// Work items per thread: runs of consecutive groups (each run's first slab is expanded without
-// anything to overlap it). 1 or 2 measured 5-10% faster than 4 at 1024x1024, 16-256 rows of x,
-// two threads (Zen 4); 2 keeps some balancing when a thread is descheduled.
+// A run's first slab is expanded with no dot products to overlap it: it covers only
+// kFirstSlabCols columns, and each next slab twice as many, up to kSlabCols.
+constexpr int64_t kFirstSlabCols = 256;
+// Work items per thread: runs of consecutive weight rows of equal size (rounded to even rows).
+// 1 or 2 measured 5-10% faster than 4 at 1024x1024, 16-256 rows of x, two threads (Zen 4); 2
+// keeps some balancing when a thread is descheduled. Runs of groups of a fixed 56 rows had left
+// 256x2048 at 32 rows of x (5 groups: 2 + 3 per thread) 0.70x of F.linear on two threads.
 constexpr int64_t kRunsPerThread = 2;
+constexpr int64_t kMinRunRows = 16;
+// Columns of x per staging item (x is staged by blocks of rows and ranges of columns, so that
+// one block of rows of x is staged by every thread).
+constexpr int64_t kStageCols = 512;
 
 struct Plan {
   int64_t group;  // weight rows per group
@@ -145,31 +161,6 @@ struct Expander {
     while (r < r1) line();
   }
 };
-
-// In place: r[j] lane i <- r[i] lane j (32-bit lanes).
-NMFX_VNNI_TARGET inline void transpose16(__m512i* r) {
-  __m512i t[16];
-  for (int k = 0; k < 8; ++k) {
-    t[2 * k] = _mm512_unpacklo_epi32(r[2 * k], r[2 * k + 1]);
-    t[2 * k + 1] = _mm512_unpackhi_epi32(r[2 * k], r[2 * k + 1]);
-  }
-  for (int k = 0; k < 4; ++k) {
-    r[4 * k] = _mm512_unpacklo_epi64(t[4 * k], t[4 * k + 2]);
-    r[4 * k + 1] = _mm512_unpackhi_epi64(t[4 * k], t[4 * k + 2]);
-    r[4 * k + 2] = _mm512_unpacklo_epi64(t[4 * k + 1], t[4 * k + 3]);
-    r[4 * k + 3] = _mm512_unpackhi_epi64(t[4 * k + 1], t[4 * k + 3]);
-  }
-  for (int h = 0; h < 2; ++h) {
-    for (int k = 0; k < 4; ++k) {
-      t[8 * h + k] = _mm512_shuffle_i32x4(r[8 * h + k], r[8 * h + k + 4], 0x88);
-      t[8 * h + k + 4] = _mm512_shuffle_i32x4(r[8 * h + k], r[8 * h + k + 4], 0xdd);
-    }
-  }
-  for (int k = 0; k < 8; ++k) {
-    r[k] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0x88);
-    r[k + 8] = _mm512_shuffle_i32x4(t[k], t[k + 8], 0xdd);
-  }
-}
 
 // Rows [b0, b0 + 16) of x (bf16 bits, row stride sb, unit column stride) as column pairs
 // [q0, q1) of one 16-lane column of the VNNI staging: word (q, lane i) at out + q * lanes + i.
@@ -255,36 +246,49 @@ NMFX_VNNI_TARGET __attribute__((noinline)) void tile(const uint32_t* w, int64_t 
 }
 
 // Tile rows per vector count: NR * ZV accumulators, ZV vectors of x and one broadcast in the 32
-// registers.
-constexpr int tile_rows(int zv) { return zv == 4 ? 6 : zv == 3 ? 8 : zv == 2 ? 14 : 28; }
+// registers; a group's last, shorter tile rounds its rows up to a multiple of tail_step.
+constexpr int tile_rows(int zv) { return zv == 2 ? 14 : 28; }
+constexpr int tail_step(int zv) { return zv == 2 ? 2 : 4; }
+static_assert(tail_step(1) - 1 <= kPadRows && tail_step(2) - 1 <= kPadRows);
 
-template <int ZV>
-NMFX_VNNI_TARGET void tiles(int64_t nrows, const uint32_t* slab, int64_t ldw, const uint32_t* xs,
-                            int64_t nch, bool first, float* yt, int64_t ldyt, Expander& ex,
-                            Prefetch& pf) {
-  constexpr int NR = tile_rows(ZV);
-  for (int64_t j0 = 0; j0 < nrows; j0 += NR) {
-    if (first) {
-      tile<NR, ZV, true>(slab + j0 * 16, ldw, xs, nch, yt + j0 * ldyt, ldyt, ex, pf);
-    } else {
-      tile<NR, ZV, false>(slab + j0 * 16, ldw, xs, nch, yt + j0 * ldyt, ldyt, ex, pf);
-    }
+// Everything one call of tiles<ZV> passes on to each tile.
+struct TileArgs {
+  const uint32_t* slab;
+  int64_t ldw;
+  const uint32_t* xs;
+  int64_t nch;
+  bool first;
+  float* yt;
+  int64_t ldyt;
+  Expander* ex;
+  Prefetch* pf;
+};
+
+template <int NR, int ZV>
+NMFX_VNNI_TARGET void tile_at(const TileArgs& a, int64_t j0) {
+  if (a.first) {
+    tile<NR, ZV, true>(a.slab + j0 * 16, a.ldw, a.xs, a.nch, a.yt + j0 * a.ldyt, a.ldyt, *a.ex, *a.pf);
+  } else {
+    tile<NR, ZV, false>(a.slab + j0 * 16, a.ldw, a.xs, a.nch, a.yt + j0 * a.ldyt, a.ldyt, *a.ex, *a.pf);
   }
 }
 
-NMFX_VNNI_TARGET void tiles_any(int64_t zv, int64_t nrows, const uint32_t* slab, int64_t ldw,
-                                const uint32_t* xs, int64_t nch, bool first, float* yt,
-                                int64_t ldyt, Expander& ex, Prefetch& pf) {
-  switch (zv) {
-    case 4:
-      return tiles<4>(nrows, slab, ldw, xs, nch, first, yt, ldyt, ex, pf);
-    case 3:
-      return tiles<3>(nrows, slab, ldw, xs, nch, first, yt, ldyt, ex, pf);
-    case 2:
-      return tiles<2>(nrows, slab, ldw, xs, nch, first, yt, ldyt, ex, pf);
-    default:
-      return tiles<1>(nrows, slab, ldw, xs, nch, first, yt, ldyt, ex, pf);
+// The tail tile of K * tail_step(ZV) rows (k of them: K counts down to k).
+template <int ZV, int K>
+NMFX_VNNI_TARGET void tail_tile(const TileArgs& a, int64_t j0, int64_t k) {
+  if constexpr (K > 0) {
+    if (k == K) return tile_at<K * tail_step(ZV), ZV>(a, j0);
+    return tail_tile<ZV, K - 1>(a, j0, k);
   }
+}
+
+template <int ZV>
+NMFX_VNNI_TARGET void tiles(int64_t nrows, const TileArgs& a) {
+  constexpr int NR = tile_rows(ZV);
+  constexpr int kStep = tail_step(ZV);
+  int64_t j0 = 0;
+  for (; j0 + NR <= nrows; j0 += NR) tile_at<NR, ZV>(a, j0);
+  if (j0 < nrows) tail_tile<ZV, NR / kStep>(a, j0, (nrows - j0 + kStep - 1) / kStep);
 }
 
 // fp32 -> bf16 bits, round to nearest even, NaN kept quiet (as torch's conversion).
@@ -333,7 +337,7 @@ struct Staged {
   int64_t vectors(int64_t blk) const { return std::min<int64_t>(lanes, B - blk * lanes + 15) / 16; }
 };
 
-// Tile calls per slab (one per tile of every block of x).
+// Tile calls per slab (one per tile of every block of x, the shorter last one included).
 int64_t tile_calls(const Staged& s, int64_t nrows) {
   int64_t calls = 0;
   for (int64_t blk = 0; blk < s.blocks; ++blk) {
@@ -341,6 +345,16 @@ int64_t tile_calls(const Staged& s, int64_t nrows) {
     calls += (nrows + nr - 1) / nr;
   }
   return calls;
+}
+
+// Column pairs per slab of a group: a run's first group starts at kFirstSlabCols columns and
+// doubles up to kSlabCols (its first slab is expanded with nothing to overlap); others take
+// kSlabCols from the start.
+int64_t slab_pairs(const Plan& plan, bool run_start, int64_t q0) {
+  if (!run_start) return plan.slab / 2;
+  int64_t width = kFirstSlabCols / 2;
+  for (int64_t done = width; done <= q0 && width < plan.slab / 2; done += width) width *= 2;
+  return std::min(width, plan.slab / 2);
 }
 
 // One slab of one group of weight rows: rows [g0, g1), column pairs [q0, q0 + 16 * nch).
@@ -364,8 +378,9 @@ NMFX_VNNI_TARGET void run_groups(const NMProblem& p, const Staged& s, const Plan
   float* yt = ytbuf.data();
   std::vector<Step> steps;
   for (int64_t g0 = ga; g0 < gb; g0 += plan.group) {
-    for (int64_t q0 = 0; q0 < s.pairs; q0 += plan.slab / 2) {
-      steps.push_back({g0, std::min(gb, g0 + plan.group), q0, std::min(plan.slab / 2, s.pairs - q0) / 16});
+    for (int64_t q0 = 0, w = 0; q0 < s.pairs; q0 += w) {
+      w = std::min(slab_pairs(plan, g0 == ga, q0), s.pairs - q0);
+      steps.push_back({g0, std::min(gb, g0 + plan.group), q0, w / 16});
     }
   }
   const int64_t per = kChunk / p.m * p.n;
@@ -397,9 +412,13 @@ NMFX_VNNI_TARGET void run_groups(const NMProblem& p, const Staged& s, const Plan
     }
     for (int64_t blk = 0; blk < s.blocks; ++blk) {
       const int64_t zv = s.vectors(blk);
-      const uint32_t* xs = s.xs + blk * s.pairs * s.lanes + st.q0 * zv * 16;
-      tiles_any(zv, nrows, slab, ldc * 16, xs, st.nch, st.q0 == 0, yt + blk * s.lanes, ldyt, ex,
-                pf);
+      const TileArgs a{slab, ldc * 16, s.xs + blk * s.pairs * s.lanes + st.q0 * zv * 16, st.nch,
+                       st.q0 == 0, yt + blk * s.lanes, ldyt, &ex, &pf};
+      if (zv == 2) {
+        tiles<2>(nrows, a);
+      } else {
+        tiles<1>(nrows, a);
+      }
     }
     ex.finish();
     if (st.q0 + 16 * st.nch >= s.pairs) {
@@ -409,14 +428,33 @@ NMFX_VNNI_TARGET void run_groups(const NMProblem& p, const Staged& s, const Plan
   }
 }
 
+// Block blk of rows of x, column pairs [q0, q1), into the staging.
 NMFX_VNNI_TARGET void stage_block(const uint16_t* x, int64_t sb, int64_t cols, const Staged& s,
-                                  int64_t blk, uint32_t* xs) {
+                                  int64_t blk, int64_t q0, int64_t q1, uint32_t* xs) {
   const int64_t zv = s.vectors(blk);
   for (int64_t h = 0; h < zv; ++h) {
-    stage_rows16(x, sb, s.B, cols, blk * s.lanes + h * 16, 0, s.pairs, zv * 16,
+    stage_rows16(x, sb, s.B, cols, blk * s.lanes + h * 16, q0, q1, zv * 16,
                  xs + blk * s.pairs * s.lanes + h * 16);
   }
 }
+
+// The calling thread's own copy of x's one block staged for call number `call` (staged on the
+// thread's first run of the call).
+NMFX_VNNI_TARGET const uint32_t* own_staging(const uint16_t* x, int64_t sb, int64_t cols,
+                                             const Staged& s, int64_t call) {
+  static thread_local KeptVector<uint32_t> buf;  // counted and releasable (nm_thread_buffer.h)
+  static thread_local int64_t held = 0;  // the call it holds
+  const size_t words = static_cast<size_t>(s.pairs * s.lanes);
+  if (held != call || buf.size() < words) {  // (a released buffer has size 0)
+    if (buf.size() < words) buf.resize(words);
+    stage_block(x, sb, cols, s, 0, 0, s.pairs, buf.data());
+    held = call;
+  }
+  return buf.data();
+}
+
+// Rows [0, R) in `runs` runs of about equal size, bounds on even rows (the tail tiles' unit).
+int64_t run_bound(int64_t R, int64_t runs, int64_t i) { return i >= runs ? R : R * i / runs / 2 * 2; }
 
 }  // namespace
 
@@ -441,17 +479,42 @@ void nm_gemm_bf16vnni(const NMProblem& p, const uint16_t* x, int64_t sb, int64_t
   s.xs = staging;
   const int64_t macs = p.R * cols * p.B;
   const int64_t nt = macs < (int64_t{1} << 16) ? 1 : at::get_num_threads();
-  parallel_items(s.blocks, nt, [&](int64_t blk) { stage_block(x, sb, cols, s, blk, staging); });
+  // One parallel region per call (a region of its own for staging x had cost 256x2048 at 32
+  // rows of x 5-30% of its time on two threads, Zen 4, the more the busier the host). One block of rows of x (at most 32): each
+  // thread stages all of it into its own buffer when it starts its first run. More: the first
+  // work items stage x by blocks and column ranges into the shared staging, and a thread that
+  // takes a run waits for the staging items taken before it (items are handed out in order, so
+  // it only waits on items being run, as a region's end would).
+  const bool own = s.blocks == 1 && nt > 1;
+  const int64_t qstep = kStageCols / 2;  // a multiple of 16 pairs (stage_rows16's unit)
+  const int64_t qitems = (s.pairs + qstep - 1) / qstep;
+  const int64_t pre = own ? 0 : s.blocks * qitems;  // staging items
+  std::atomic<int64_t> staged{0};
+  static std::atomic<int64_t> calls{0};
+  const int64_t call = calls.fetch_add(1, std::memory_order_relaxed) + 1;
+  // Work items: runs of consecutive weight rows of about equal size (kRunsPerThread per thread),
+  // each in groups of at most kGroupRows rows, so that each group but a run's first finds its
+  // rows prefetched and its first slab expanded.
+  const int64_t runs = std::clamp<int64_t>(p.R / kMinRunRows, 1, nt * kRunsPerThread);
+  int64_t most = 0;  // rows of the longest run
+  for (int64_t i = 0; i < runs; ++i) {
+    most = std::max(most, run_bound(p.R, runs, i + 1) - run_bound(p.R, runs, i));
+  }
+  const int64_t per_run = (most + kGroupRows - 1) / kGroupRows;
   Plan plan{};
-  plan.group = kGroupRows;
+  plan.group = std::min(kGroupRows, ((most + per_run - 1) / per_run + 1) / 2 * 2);
   plan.slab = kSlabCols;
-  // Work items: runs of consecutive groups (about kRunsPerThread per thread), so that each group
-  // but a run's first finds its rows prefetched.
-  const int64_t groups = (p.R + plan.group - 1) / plan.group;
-  const int64_t runs = std::min(groups, nt * kRunsPerThread);
-  parallel_items(runs, nt, [&](int64_t i) {
-    const int64_t ga = groups * i / runs, gb = groups * (i + 1) / runs;
-    run_groups(p, s, plan, ga * plan.group, std::min(p.R, gb * plan.group));
+  parallel_items(pre + runs, nt, [&](int64_t i) {
+    if (i < pre) {
+      const int64_t blk = i / qitems, q0 = i % qitems * qstep;
+      stage_block(x, sb, cols, s, blk, q0, std::min(s.pairs, q0 + qstep), staging);
+      staged.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    while (staged.load(std::memory_order_acquire) < pre) _mm_pause();
+    Staged mine = s;
+    if (own) mine.xs = own_staging(x, sb, cols, s, call);
+    run_groups(p, mine, plan, run_bound(p.R, runs, i - pre), run_bound(p.R, runs, i - pre + 1));
   });
 }
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from tabulate import tabulate
 from torch import nn
 
 from nmfx.plan import Candidate
@@ -68,6 +67,8 @@ class PruneSummary:
              "-" if r.rel_error is None else f"{r.rel_error:.4f}", r.reason)
             for r in self.layers
         ]  # fmt: skip
+        from tabulate import tabulate  # lazy: only tables need it
+
         table = tabulate(
             rows,
             headers=["layer", "weight", "verdict", "method", "permuted", "rel. error", "reason"],

@@ -11,8 +11,6 @@ import json
 from dataclasses import fields
 from typing import TYPE_CHECKING, Any
 
-from tabulate import tabulate
-
 if TYPE_CHECKING:
     from nmfx.reporting.schema import Report
 
@@ -44,6 +42,8 @@ def _cell(row: Any, key: str) -> str:
 
 
 def _table(rep: Report, fmt: str) -> str:
+    from tabulate import tabulate  # lazy: only tables need it
+
     rows = [[_cell(r, key) for _, key in _COLUMNS] for r in rep.rows]
     return tabulate(rows, headers=[h for h, _ in _COLUMNS], tablefmt=fmt, disable_numparse=True)
 

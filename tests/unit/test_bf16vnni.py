@@ -1,10 +1,11 @@
 """The AVX512-BF16 slab GEMM (``avx512bf16-vnni``, nmfx/csrc/nm_bf16vnni.cpp): against F.linear on
 hosts with avx512_bf16 (patterns whose M divides 32, tails of every blocking: rows of x past the
-16/32-row tiles and the 256-row blocks, weight rows past the 14/28-row tiles and 56-row groups,
-columns past a 32-column chunk and a 1024-column slab, K = M), strided x, NaN/Inf/subnormals,
-masks not of the pattern, one thread against two; what the path bit does where it does not apply
-(the ISA's own pick), which choices offer it, and what a host without it does with a table or an
-override naming it (falls back with a warning / refuses; never an illegal instruction)."""
+16/32-row tiles and the 256-row blocks, weight rows past the 14/28-row tiles (every tail tile
+height), groups and runs, columns past a 32-column chunk and each slab of a run's first group,
+K = M), strided x, NaN/Inf/subnormals, masks not of the pattern, the same bits on one thread
+and two; what the path bit does where it does not apply (the ISA's own pick), which choices
+offer it, and what a host without it does with a table or an override naming it (falls back
+with a warning / refuses; never an illegal instruction)."""
 
 from __future__ import annotations
 
@@ -36,7 +37,7 @@ def _gemm(x, p, bias, rows: int, cols: int, pattern: str, code: int = VNNI) -> t
     return torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, bias, rows, cols, n, m, code)
 
 
-# Weight rows: below one tile, past a 56-row group (61, 130); columns: K = M (4, 8), mid-chunk
+# Weight rows: below one tile, past a 64-row group (130); columns: K = M (4, 8), mid-chunk
 # (100, 264, 1032: a last chunk of 8-16 columns), past a 1024-column slab (1032, 2080), patterns
 # beyond the other bf16 paths' (3:8, 1:16, 8:16).
 CASES = [
@@ -57,30 +58,58 @@ def test_vnni_path_matches_linear(pattern: str, rows: int, cols: int) -> None:
 
 
 @needs_bf16dot
-def test_vnni_path_reads_strided_x_and_threads_agree() -> None:
-    """x as a column slice of a wider tensor and as a transpose; a weight with enough groups that
-    both threads take runs of them gives the same bits on one thread (each output is one
-    thread's sums, in one order)."""
+def test_vnni_path_reads_strided_x() -> None:
+    """x as a column slice of a wider tensor and as a transpose."""
     w = random_nm(1000, 2080, "2:4", torch.bfloat16, seed=3)
     p = pack(w, "2:4")
     wide = torch.randn(40, 2090).bfloat16()
     for x in (wide[:, 5:2085], torch.randn(2080, 12).bfloat16().t()):
         y = _gemm(x, p, None, 1000, 2080, "2:4")
         torch.testing.assert_close(y.float(), reference(x, w, None), **KTOL)
-    x = torch.randn(70, 2080).bfloat16()
+
+
+# (weight rows, columns, rows of x): runs of many groups; the prefill's k/v projection (few
+# weight rows: 2 runs of 128 rows on one thread, 4 of 64 on two); runs of 16-18 rows with tail
+# tiles, one 16-row vector of x.
+THREAD_CASES = [(1000, 2080, 70), (256, 2048, 32), (70, 600, 16)]
+
+
+@needs_bf16dot
+@pytest.mark.parametrize(("rows", "cols", "batch"), THREAD_CASES, ids=str)
+def test_vnni_path_gives_the_same_bits_on_one_thread_and_two(rows: int, cols: int, batch: int) -> None:
+    """The runs, groups and slabs differ with the thread count, the sums do not: each output
+    is one thread's sums over the columns in one order (fp32 partial sums stored and reloaded
+    exactly between slabs)."""
+    w = random_nm(rows, cols, "2:4", torch.bfloat16, seed=rows)
+    p = pack(w, "2:4")
+    x = torch.randn(batch, cols).bfloat16()
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
-        one = _gemm(x, p, None, 1000, 2080, "2:4")
+        one = _gemm(x, p, None, rows, cols, "2:4")
         torch.set_num_threads(2)
-        two = _gemm(x, p, None, 1000, 2080, "2:4")
+        two = _gemm(x, p, None, rows, cols, "2:4")
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, two)
+    torch.testing.assert_close(one.float(), reference(x, w, None), **KTOL)
+
+
+# Weight rows past the 14- and 28-row tiles by every tail height class (1-27 rows), runs of odd
+# and unequal length and groups split in two (66, 127, 258); 1800 columns run a run's first
+# group in slabs of 256, 512 and 1024 columns and a last one of 32.
+TAIL_ROWS = [1, 2, 7, 13, 15, 27, 29, 45, 66, 127, 258]
+
+
+@needs_bf16dot
+def test_vnni_tail_tiles_runs_and_first_slabs_match_linear() -> None:
+    for rows in TAIL_ROWS:
+        assert_matches_linear("2:4", rows, 1800, VNNI, [16, 32, 47], _build.bf16vnni_supports)
 
 
 @needs_bf16dot
 def test_vnni_path_handles_empty_inputs_any_bias_dtype_and_tight_values() -> None:
+    assert _build.extension_available()
     w = random_nm(40, 64, "2:4", torch.bfloat16, seed=2)
     p = pack(w, "2:4")
     assert _gemm(torch.zeros(0, 64).bfloat16(), p, None, 40, 64, "2:4").shape == (0, 40)
@@ -185,3 +214,18 @@ def test_force_dispatch_and_env_accept_the_path(monkeypatch, dtype: torch.dtype)
     """bf16 weights run the slab GEMM; other dtypes run the ISA's own pick, so one override can
     cover a mixed model."""
     assert_overrides_accept(monkeypatch, "avx512bf16-vnni", dtype, 20)
+
+
+@needs_bf16dot
+def test_vnni_path_restages_x_after_a_release_and_for_each_call() -> None:
+    """With one block of rows of x each thread stages x into its own kept buffer, once per call:
+    a new x in the same shape, and a call after release_scratch freed that buffer, must not
+    reuse what an earlier call staged."""
+    assert _build.extension_available()
+    w = random_nm(256, 640, "2:4", torch.bfloat16, seed=4)
+    p = pack(w, "2:4")
+    for _ in range(2):
+        for x in (torch.randn(32, 640).bfloat16(), torch.randn(32, 640).bfloat16()):
+            y = _gemm(x, p, None, 256, 640, "2:4")
+            torch.testing.assert_close(y.float(), reference(x, w, None), **KTOL)
+        torch.ops.nmfx_cpu.release_scratch()

@@ -149,7 +149,9 @@ def test_lowering_frees_what_tuning_left(monkeypatch, tmp_path) -> None:
     finally:
         _autotune.clear_memory()
     assert type(low[0]).__name__ == "NMLinear" and len(probes) >= len(_autotune.BUCKETS)
-    assert kept_bytes() == base
+    # <=, not ==: ``base`` may count a stale buffer of a thread idle at that moment, which
+    # tuning then ran on and the release freed (seen under load: 0 kept against 383 KB).
+    assert kept_bytes() <= base, (kept_bytes(), base)
 
 
 def test_lowering_keeps_no_dense_copy() -> None:

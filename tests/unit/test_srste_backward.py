@@ -14,7 +14,7 @@ from collections import Counter
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
+from test_srste_fast_paths import mlp  # the same 4 MLP weights above the fused kernel floor
 
 import nmfx
 import nmfx.kernels as K
@@ -22,12 +22,6 @@ import nmfx.kernels as K
 pytestmark = pytest.mark.skipif(
     not K.kernels_available(), reason="the fused mask kernels did not build here"
 )
-
-
-def mlp() -> nn.Sequential:  # 256 x 128 weights: above the fused kernel's 4096-element floor
-    torch.manual_seed(5)
-    return nn.Sequential(nn.Linear(128, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                         nn.Linear(128, 4))  # fmt: skip
 
 
 def graph_nodes(loss: torch.Tensor) -> list:

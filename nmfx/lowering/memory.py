@@ -36,7 +36,7 @@ def release_freed_memory() -> bool:
         return False
     trim.argtypes, trim.restype = [ctypes.c_size_t], ctypes.c_int
     released = bool(trim(0))
-    log.debug("malloc_trim(0) after lowering: %s", "released memory" if released else "nothing")
+    log.debug("malloc_trim(0): %s", "released memory" if released else "nothing")
     return released
 
 

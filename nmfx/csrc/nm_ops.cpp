@@ -375,27 +375,36 @@ bool run_rows_pairs(NMProblem p, const at::Tensor& xs, int64_t cols, float* y,
   uint16_t* xt = static_cast<uint16_t*>(
       scratch_bytes(kScratchX, static_cast<size_t>(words) * sizeof(uint16_t), xhold));
   const uint16_t* src = reinterpret_cast<const uint16_t*>(xs.const_data_ptr<at::BFloat16>());
-  std::atomic<bool> any{false};
-  parallel_ranges(p.KB, 64, [&](int64_t w0, int64_t w1) {  // 64 windows of 8 columns per item
-    if (bf16pairs_stage(src, xs.stride(0), xs.stride(1), B, cols, ldc, w0 * 8, w1 * 8, xt)) {
-      any = true;
-    }
-  });
-  if (any && out != nullptr) return false;
   p.xpairs = xt;
   p.B = B;
   p.y = y;
-  // Chunks of rows, about 2 per thread: each chunk rebuilds the table slices it reads.
+  // One parallel region per call: the first items stage x (64 windows of 8 columns each), the
+  // rest are chunks of weight rows, about 2 per thread (each rebuilds the table slices it reads).
+  // Items are handed out in order, so a chunk waits only on staging items being run (a region
+  // of its own for the staging had cost one more fork and join per call).
   const int64_t threads = at::get_num_threads();
   const int64_t chunk = std::max<int64_t>(64, (p.R + 2 * threads - 1) / (2 * threads) + 3) / 4 * 4;
   const int64_t macs = p.R * cols * B;
-  if (threads <= 1 || macs < (int64_t{1} << 16) || chunk >= p.R) {
-    nm_gemm_bf16pairs_out(p, 0, p.R, bias, out);
-  } else {
-    parallel_items((p.R + chunk - 1) / chunk, threads, [&](int64_t i) {
-      nm_gemm_bf16pairs_out(p, i * chunk, std::min(p.R, (i + 1) * chunk), bias, out);
-    });
-  }
+  const bool serial = threads <= 1 || macs < (int64_t{1} << 16) || chunk >= p.R;
+  const int64_t pre = (p.KB + 63) / 64;
+  const int64_t chunks = serial ? 1 : (p.R + chunk - 1) / chunk;
+  std::atomic<bool> any{false};
+  std::atomic<int64_t> staged{0};
+  parallel_items(pre + chunks, serial ? 1 : threads, [&](int64_t i) {
+    if (i < pre) {
+      const int64_t w0 = i * 64, w1 = std::min(p.KB, w0 + 64);
+      if (bf16pairs_stage(src, xs.stride(0), xs.stride(1), B, cols, ldc, w0 * 8, w1 * 8, xt)) {
+        any = true;
+      }
+      staged.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    while (staged.load(std::memory_order_acquire) < pre) std::this_thread::yield();
+    if (any && out != nullptr) return;  // the caller runs the fp32 path
+    const int64_t r0 = serial ? 0 : (i - pre) * chunk;
+    nm_gemm_bf16pairs_out(p, r0, serial ? p.R : std::min(p.R, r0 + chunk), bias, out);
+  });
+  if (any && out != nullptr) return false;
   if (any) {
     const at::Tensor xc = xs.contiguous();
     propagate_nonfinite(reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>()),

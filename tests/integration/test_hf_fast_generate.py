@@ -127,3 +127,33 @@ def test_bf16_attention_runs_in_fp32_and_the_model_is_restored() -> None:
     fp32 = pruned("llama")
     fast_generate(fp32, ids, 2, compile=False)
     assert _FP32_SDPA in T.AttentionInterface._global_mapping
+
+
+def _step_code(model: torch.nn.Module, ids: torch.Tensor) -> str:
+    """The inductor code of ``fast_generate``'s compiled step (built fresh, caches off)."""
+    from torch._inductor.utils import run_and_get_code
+
+    _DECODERS.pop(model, None)
+    torch._dynamo.reset()
+    with torch._inductor.config.patch(fx_graph_cache=False, autotune_local_cache=False):
+        _, code = run_and_get_code(fast_generate, model, ids, 3)
+    return "\n".join(code)
+
+
+def test_step_elementwise_kernels_run_on_the_calling_thread(monkeypatch) -> None:
+    """At 2 threads the step's kernels between the linears (norms, rotary, SiLU, the 64-position
+    cache's copies, argmax) open no OpenMP region (each costs more than their work); inductor's
+    default would."""
+    import nmfx.hf
+
+    low = nmfx.lower(pruned("llama"), "cpu")
+    ids = torch.randint(0, 1024, (1, 5))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        assert "omp parallel" not in _step_code(low, ids)
+        monkeypatch.setattr(nmfx.hf, "STEP_COMPILE_OPTIONS", {})  # inductor's defaults
+        assert "omp parallel" in _step_code(low, ids)
+    finally:
+        torch.set_num_threads(threads)
+        _DECODERS.pop(low, None)

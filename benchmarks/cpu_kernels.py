@@ -564,7 +564,11 @@ def build_parser() -> argparse.ArgumentParser:
         "benchmarks/results/cpu_kernels.json; measure nothing",
     )
     parser.add_argument(
-        "--min-rounds", type=int, default=5, help="interleaved rounds per case, at least"
+        "--min-rounds",
+        type=int,
+        default=9,
+        help="interleaved rounds per case, at least (the 64-256-row cases of the large shapes "
+        "run this many; session 9 ran them at 5, medians of 3-5 clean rounds)",
     )
     parser.add_argument(
         "--only",

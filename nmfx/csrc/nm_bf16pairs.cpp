@@ -347,8 +347,11 @@ void tile_z(int64_t zs, const Entry* st, int64_t nw, const char* slice, int64_t 
   }
 }
 
+// With `out` (bf16 [B, R]), rows [r0, r1) of it are written, bf16(sum + bias) (bias may be
+// null); without, the sums are added into p.y.
 template <int Q, int V>
-void run_rows(const NMProblem& p, const Kind& k, int64_t r0, int64_t r1) {
+void run_rows(const NMProblem& p, const Kind& k, int64_t r0, int64_t r1, const float* bias,
+              uint16_t* out) {
   static thread_local KeptVector<float> ytbuf;  // reused across calls (no page faults)
   static thread_local KeptVector<Entry> stbuf;
   alignas(64) uint32_t slice[kSliceBytes / 4];  // on the stack: a thread_local was looked up per step
@@ -392,23 +395,32 @@ void run_rows(const NMProblem& p, const Kind& k, int64_t r0, int64_t r1) {
                     full, left, yt + (r - s0) * ldyt);
       }
     }
-    add_transposed(yt, ldyt, s1 - s0, p.B, p.y + s0, p.R);
+    if (out != nullptr) {
+      store_transposed(yt, ldyt, s1 - s0, p.B, bias != nullptr ? bias + s0 : nullptr, out + s0, p.R);
+    } else {
+      add_transposed(yt, ldyt, s1 - s0, p.B, p.y + s0, p.R);
+    }
   }
 }
 
 }  // namespace
 
-void nm_gemm_bf16pairs(const NMProblem& p, int64_t r0, int64_t r1) {
+void nm_gemm_bf16pairs_out(const NMProblem& p, int64_t r0, int64_t r1, const float* bias,
+                           uint16_t* out) {
   const Kind& k = kind_of(p.n, p.m);
   switch (bf16pairs_kind(p.n, p.m)) {
     case 0:
     case 1:
-      return run_rows<2, 4>(p, k, r0, r1);
+      return run_rows<2, 4>(p, k, r0, r1, bias, out);
     case 2:
-      return run_rows<1, 2>(p, k, r0, r1);
+      return run_rows<1, 2>(p, k, r0, r1, bias, out);
     default:
-      return run_rows<1, 1>(p, k, r0, r1);
+      return run_rows<1, 1>(p, k, r0, r1, bias, out);
   }
+}
+
+void nm_gemm_bf16pairs(const NMProblem& p, int64_t r0, int64_t r1) {
+  nm_gemm_bf16pairs_out(p, r0, r1, nullptr, nullptr);
 }
 
 // Columns [c0, c1) of x (B rows of `cols` bf16 bits, strides sb and sk) into xt: per block of
@@ -465,6 +477,7 @@ bool bf16pairs_stage(const uint16_t* x, int64_t sb, int64_t sk, int64_t B, int64
 
 namespace nmfx {
 void nm_gemm_bf16pairs(const NMProblem& p, int64_t r0, int64_t r1) { nm_gemm_portable(p, r0, r1); }
+void nm_gemm_bf16pairs_out(const NMProblem&, int64_t, int64_t, const float*, uint16_t*) {}
 bool bf16pairs_stage(const uint16_t*, int64_t, int64_t, int64_t, int64_t, int64_t, int64_t,
                      int64_t, uint16_t*) {
   return false;

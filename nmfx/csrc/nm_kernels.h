@@ -191,6 +191,11 @@ int bf16pairs_kind(int n, int m);
 bool bf16pairs_stage(const uint16_t* x, int64_t sb, int64_t sk, int64_t B, int64_t cols,
                      int64_t ldc, int64_t c0, int64_t c1, uint16_t* xt);
 void nm_gemm_bf16pairs(const NMProblem& p, int64_t r0, int64_t r1);
+// The same, but rows [r0, r1) of `out` (bf16 bits [p.B, p.R]) = bf16(x W^T + bias) (bias fp32
+// [p.R] or null); p.y is not used. Only where bf16pairs_stage found no NaN or Inf in x (the
+// pruned positions' zeros are not multiplied, so those would not propagate as in F.linear).
+void nm_gemm_bf16pairs_out(const NMProblem& p, int64_t r0, int64_t r1, const float* bias,
+                           uint16_t* out);
 // The bf16 GEMM on W expanded into L2 slabs (nm_bf16vnni.cpp), patterns whose M divides 32
 // (bf16vnni_supports), any rows of x (made for 16+): out [p.B, p.R] bf16 = x W^T + bias (fp32,
 // may be null). x: p.B rows of bf16 bits, row stride sb, unit column stride; staging:

@@ -363,8 +363,11 @@ void run_rows_dot(KernelFn fn, NMProblem p, const at::Tensor& xs, int64_t cols, 
   propagate_nonfinite(xd, p.ldxb, B, cols, p.mask, p.KB, p.R, p.y);
 }
 
-// The same for the bf16 pair path: x staged as 32-row words per column (bf16pairs_stage).
-void run_rows_pairs(NMProblem p, const at::Tensor& xs, int64_t cols, float* y) {
+// The same for the bf16 pair path: x staged as 32-row words per column (bf16pairs_stage). With
+// `out` (bf16 [B, R] bits) the kernel writes bf16(sum + bias) itself, y unused; then nothing is
+// computed and false returned where x holds NaN or Inf (the caller runs the fp32 path).
+bool run_rows_pairs(NMProblem p, const at::Tensor& xs, int64_t cols, float* y,
+                    const float* bias = nullptr, uint16_t* out = nullptr) {
   const int64_t B = xs.size(0);
   const int64_t ldc = p.KB * 8;
   const int64_t words = (B + kBf16PairsLanes - 1) / kBf16PairsLanes * ldc * kBf16PairsLanes;
@@ -372,31 +375,73 @@ void run_rows_pairs(NMProblem p, const at::Tensor& xs, int64_t cols, float* y) {
   uint16_t* xt = static_cast<uint16_t*>(
       scratch_bytes(kScratchX, static_cast<size_t>(words) * sizeof(uint16_t), xhold));
   const uint16_t* src = reinterpret_cast<const uint16_t*>(xs.const_data_ptr<at::BFloat16>());
-  std::atomic<bool> any{false};
-  parallel_ranges(p.KB, 64, [&](int64_t w0, int64_t w1) {  // 64 windows of 8 columns per item
-    if (bf16pairs_stage(src, xs.stride(0), xs.stride(1), B, cols, ldc, w0 * 8, w1 * 8, xt)) {
-      any = true;
-    }
-  });
   p.xpairs = xt;
   p.B = B;
   p.y = y;
-  // Chunks of rows, about 2 per thread: each chunk rebuilds the table slices it reads.
+  // One parallel region per call: the first items stage x (64 windows of 8 columns each), the
+  // rest are chunks of weight rows, about 2 per thread (each rebuilds the table slices it reads).
+  // Items are handed out in order, so a chunk waits only on staging items being run (a region
+  // of its own for the staging had cost one more fork and join per call).
   const int64_t threads = at::get_num_threads();
   const int64_t chunk = std::max<int64_t>(64, (p.R + 2 * threads - 1) / (2 * threads) + 3) / 4 * 4;
   const int64_t macs = p.R * cols * B;
-  if (threads <= 1 || macs < (int64_t{1} << 16) || chunk >= p.R) {
-    nm_gemm_bf16pairs(p, 0, p.R);
-  } else {
-    parallel_items((p.R + chunk - 1) / chunk, threads, [&](int64_t i) {
-      nm_gemm_bf16pairs(p, i * chunk, std::min(p.R, (i + 1) * chunk));
-    });
-  }
+  const bool serial = threads <= 1 || macs < (int64_t{1} << 16) || chunk >= p.R;
+  const int64_t pre = (p.KB + 63) / 64;
+  const int64_t chunks = serial ? 1 : (p.R + chunk - 1) / chunk;
+  std::atomic<bool> any{false};
+  std::atomic<int64_t> staged{0};
+  parallel_items(pre + chunks, serial ? 1 : threads, [&](int64_t i) {
+    if (i < pre) {
+      const int64_t w0 = i * 64, w1 = std::min(p.KB, w0 + 64);
+      if (bf16pairs_stage(src, xs.stride(0), xs.stride(1), B, cols, ldc, w0 * 8, w1 * 8, xt)) {
+        any = true;
+      }
+      staged.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    while (staged.load(std::memory_order_acquire) < pre) std::this_thread::yield();
+    if (any && out != nullptr) return;  // the caller runs the fp32 path
+    const int64_t r0 = serial ? 0 : (i - pre) * chunk;
+    nm_gemm_bf16pairs_out(p, r0, serial ? p.R : std::min(p.R, r0 + chunk), bias, out);
+  });
+  if (any && out != nullptr) return false;
   if (any) {
     const at::Tensor xc = xs.contiguous();
     propagate_nonfinite(reinterpret_cast<const uint16_t*>(xc.const_data_ptr<at::BFloat16>()),
                         cols, B, cols, p.mask, p.KB, p.R, p.y);
   }
+  return true;
+}
+
+// The bf16 pair GEMM (PATH_PAIRS) with its bf16 output written by the kernel, bias added: no
+// fp32 y to allocate, fault in, fill and convert on one thread (at 1024x1024, 256 rows of x, that
+// had cost a fifth of the call on two threads). Blocks of rows of x as run_rows' pair blocks. An
+// undefined tensor where x holds NaN or Inf: the caller's fp32 path propagates them.
+at::Tensor run_pairs(const at::Tensor& x, const at::Tensor& values, const at::Tensor& mask,
+                     const std::optional<at::Tensor>& bias, const PackedShape& shape,
+                     int64_t rows, int64_t cols, int64_t n, int64_t m) {
+  const int64_t B = x.size(0);
+  at::Tensor out = new_buffer({B, rows}, x.options());
+  const at::Tensor bf = bias.has_value() && bias->defined() ? bias->to(at::kFloat).contiguous()
+                                                          : at::Tensor();
+  const ValueTail vt = value_tail(values, rows, shape.kept);
+  const NMProblem p = weight_problem(values, mask, shape, vt, rows, n, m);
+  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  const int64_t per_row = p.KB * 8 * 2;
+  const int64_t most = std::max(kBf16PairsLanes, static_cast<int64_t>(kScratchKeepBytes) / per_row /
+                                                     kBf16PairsLanes * kBf16PairsLanes);
+  const int64_t nblk = (B + most - 1) / most;
+  const int64_t block =
+      std::min(most, ((B + nblk - 1) / nblk + kBf16PairsLanes - 1) / kBf16PairsLanes * kBf16PairsLanes);
+  for (int64_t b0 = 0; b0 < B; b0 += block) {
+    const int64_t bs = std::min(block, B - b0);
+    const at::Tensor xs = bs >= B ? x : x.narrow(0, b0, bs);
+    if (!run_rows_pairs(p, xs, cols, nullptr, bf.defined() ? bf.const_data_ptr<float>() : nullptr,
+                        op + b0 * rows)) {
+      return at::Tensor();
+    }
+  }
+  return out;
 }
 
 // The bf16 slab GEMM (PATH_VNNI): writes the bf16 output itself, bias added, blocks of at most
@@ -446,6 +491,12 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   if (path == kPathVnni && !vnni_ok) path = 0;  // as PATH_GEMV
   if (path == kPathVnni && B > 0 && rows > 0) {
     return run_vnni(x, values, mask, bias, shape, rows, cols, n, m);
+  }
+  if (path == kPathPairs && B > 0 && rows > 0 && fn == nm_gemm_avx512bf16 &&
+      shape.vtype == ValueType::kBFloat16 &&
+      bf16pairs_kind(static_cast<int>(n), static_cast<int>(m)) >= 0) {
+    const at::Tensor out = run_pairs(x, values, mask, bias, shape, rows, cols, n, m);
+    if (out.defined()) return out;
   }
   at::Tensor y = init_y(B, rows, bias);
   if (B == 0 || rows == 0) return y.to(x.scalar_type());

@@ -30,6 +30,7 @@ PAIRS = _build.ISA_CODES["avx512bf16"] | _build.PATH_PAIRS
 
 
 def _gemm(x, p, bias, rows: int, cols: int, pattern: str, code: int) -> torch.Tensor:
+    assert _build.extension_available()  # loads the kernels (a test may run first)
     n, m = (int(v) for v in pattern.split(":"))
     return torch.ops.nmfx_cpu.nm_gemm(x, p.values, p.mask, bias, rows, cols, n, m, code)
 
@@ -72,6 +73,33 @@ def test_pairs_path_reads_strided_x_and_threads_agree() -> None:
     finally:
         torch.set_num_threads(threads)
     assert torch.equal(one, _gemm(x, p, None, 1000, 320, "2:4", PAIRS))
+
+
+@needs_bf16dot
+@pytest.mark.parametrize("pattern", ["1:4", "2:4"])
+def test_pairs_path_writes_the_fp32_paths_bits(pattern: str) -> None:
+    """The kernel writes bf16(sum + bias) itself where x is finite; where x holds a NaN the call
+    takes the fp32 path (y in fp32, the NaN propagated, then converted): the rows without it
+    are bit-identical between the two. Columns span 3 staging items (64 windows each) and
+    weight rows 4 chunks, on one thread and two (each output is one thread's sums, in order)."""
+    w = random_nm(1000, 1100, pattern, torch.bfloat16, seed=4)
+    p = pack(w, pattern)
+    bias = torch.randn(1000).bfloat16()
+    x = torch.randn(70, 1100).bfloat16()
+    bad = x.clone()
+    bad[0, 7] = float("nan")
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = _gemm(x, p, bias, 1000, 1100, pattern, PAIRS)
+    finally:
+        torch.set_num_threads(threads)
+    direct = _gemm(x, p, bias, 1000, 1100, pattern, PAIRS)
+    fallback = _gemm(bad, p, bias, 1000, 1100, pattern, PAIRS)
+    assert torch.equal(one, direct)
+    assert torch.equal(direct[1:], fallback[1:])
+    assert bool(fallback[0].float().isnan().any())
+    torch.testing.assert_close(direct.float(), reference(x, w, bias), **KTOL)
 
 
 @needs_bf16dot

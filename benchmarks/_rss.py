@@ -27,12 +27,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _decode_profile import generate_tokens
 
 
-def vm_hwm_mb() -> float:
-    """The process's resident high-water mark (``VmHWM``), MB."""
+def _status_mb(key: str) -> float:
     for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
+        if line.startswith(f"{key}:"):
             return int(line.split()[1]) / 1024
     return float("nan")
+
+
+def vm_hwm_mb() -> float:
+    """The process's resident high-water mark (``VmHWM``), MB."""
+    return _status_mb("VmHWM")
+
+
+class Stages(dict):
+    """Resident memory (``VmRSS``, MB) after each named step of a child, in order: where the
+    process holds what (``stage("finalized")``)."""
+
+    def __call__(self, name: str) -> None:
+        self[name] = round(_status_mb("VmRSS"), 1)
 
 
 def trim_heap() -> None:
@@ -64,11 +76,15 @@ def load_and_measure(argv: list[str] | None = None) -> dict[str, Any]:
     args = p.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    stage = Stages(imported=round(_status_mb("VmRSS"), 1))
     model = torch.load(args.path, weights_only=False, mmap=args.mmap).eval()  # a pickled module
+    stage("loaded")
     gc.collect()
     trim_heap()  # what unpickling freed, as the building children trim theirs
+    stage("trimmed")
     ids = torch.randint(0, args.vocab, (args.batch, args.prompt))
     out = measure_generate(model, ids, args.new, {})
+    out["stages_mb"] = stage
     out["nmfx_imported"] = "nmfx" in sys.modules
     out["mmap"] = args.mmap
     return out

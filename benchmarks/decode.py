@@ -79,8 +79,10 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DEFAULT_OUT = Path("out/decode.json")  # untracked (/out/ is git-ignored)
 
 
-def build_pruned(args: Any, lm_head: str) -> torch.nn.Module:
-    """The benchmark model, every Linear 2:4 by magnitude (lm_head too when ``sparse``)."""
+def build_pruned(args: Any, lm_head: str, stage: Any = None) -> torch.nn.Module:
+    """The benchmark model, every Linear 2:4 by magnitude (lm_head too when ``sparse``);
+    ``stage(name)`` (an RSS child's ``_rss.Stages``) is called after each step."""
+    stage = stage or (lambda name: None)
     import transformers as tf
 
     cfg = tf.LlamaConfig(
@@ -96,8 +98,12 @@ def build_pruned(args: Any, lm_head: str) -> torch.nn.Module:
         for p in model.parameters():
             p.normal_(0, 0.02, generator=gen) if p.dim() > 1 else p.fill_(1.0)
     model.model.rotary_emb = type(model.model.rotary_emb)(cfg)  # to_empty left inv_freq empty
+    stage("built")
     nmfx.sparsify(model, keep_output_dense=lm_head == "dense", mask_mode="fixed")
-    return nmfx.finalize(model).eval()
+    stage("sparsified")
+    nmfx.finalize(model)
+    stage("finalized")
+    return model.eval()
 
 
 def prepare(name: str, pruned: torch.nn.Module, dtype: torch.dtype, inplace: bool = False):
@@ -126,8 +132,11 @@ def child_rss(args: Any) -> None:
     """Build, keep only one contender, reset the RSS high-water mark, generate once (or, with
     ``--save``, save the contender's model for a fresh process to load)."""
     dtype_name, lm_head, name = args.child
-    pruned = build_pruned(args, lm_head)
+    stage = _rss.Stages()
+    stage("imported")
+    pruned = build_pruned(args, lm_head, stage)
     model, extra = prepare(name, pruned, DTYPES[dtype_name], inplace=True)
+    stage("prepared")
     del pruned
     gc.collect()
     if args.save:
@@ -137,7 +146,10 @@ def child_rss(args: Any) -> None:
     # What building and pruning freed (the fp32 model before a cast, masks) stays resident
     # in glibc's heap until trimmed (nmfx.lower trims too); trimmed for every contender alike.
     release_freed_memory()
-    print(json.dumps(_rss.measure_generate(model, ids, args.new, extra)))
+    stage("trimmed")
+    build_peak = _rss.vm_hwm_mb()  # of the build, sparsify, finalize, lowering (reset next)
+    out = _rss.measure_generate(model, ids, args.new, extra)
+    print(json.dumps({**out, "stages_mb": stage, "build_peak_rss_mb": build_peak}))
 
 
 def _rss_cells(args: Any, dtype_name: str, lm_head: str) -> dict[str, dict]:
@@ -154,6 +166,8 @@ def _rss_cells(args: Any, dtype_name: str, lm_head: str) -> dict[str, dict]:
               f"{n} {v['peak_rss_mb']:.0f} ({v['weights_mb']:.0f})"
               + (f" {v['peak_rss_mb'] / base:.2f}x dense" if base and n != "dense" else "")
               for n, v in rss.items()))  # fmt: skip
+    for n, v in rss.items():  # where each child held what before generate (RSS, MB)
+        print(f"    {n}: " + ", ".join(f"{k} {mb:.0f}" for k, mb in v.get("stages_mb", {}).items()))
     return rss
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import weakref
 
 import torch
 from torch import nn
@@ -27,8 +28,8 @@ __all__ = ["detect_nm", "finalize", "nm_weights"]
 
 log = logging.getLogger("nmfx")
 
-# From this many bytes of masked weights, finalize runs a full garbage collection (~0.1-0.3 s
-# with torch and transformers imported) before handing freed memory back: see _release_maskers.
+# When removed maskers of this many bytes of masked weights are still alive, finalize runs a full
+# garbage collection (~0.1-0.3 s with torch and transformers imported): see _release_maskers.
 COLLECT_FROM_BYTES = 64 << 20
 
 
@@ -42,10 +43,10 @@ def finalize(model: nn.Module, *, pattern: str | tuple[int, int] | None = None) 
     wanted = parse_pattern(pattern) if pattern is not None else None
     if model_state.is_sparsified(model):
         plan = model_state.get_plan(model)
-        masked = sum(m.weight.nbytes for _, m in model_state.maskers(model))
+        removed = [(weakref.ref(m), m.weight.nbytes) for _, m in model_state.maskers(model)]
         record = _bake(model, wanted)
         layers = plan.candidates if plan is not None else None
-        _release_maskers(masked)
+        _release_maskers(removed)
     else:
         record = detect_nm(model, wanted)
         layers = None
@@ -60,19 +61,22 @@ def finalize(model: nn.Module, *, pattern: str | tuple[int, int] | None = None) 
     return model
 
 
-def _release_maskers(masked_bytes: int) -> None:
-    """Free the removed maskers' masks and buffers now and hand the memory back to the OS.
+def _release_maskers(removed: list[tuple[weakref.ref, int]]) -> None:
+    """Hand the removed maskers' masks and buffers back to the OS.
 
-    Sparsify's temporary FX GraphModules (a GraphModule and its Graph refer to each other) keep
-    the maskers they were built with, so once ``uninstall`` drops them the maskers, their stored
-    masks (a byte per weight element) and reused masked-weight buffers are freed only when
-    Python's cyclic GC next runs a full collection: 0.9 GB of masks on a 22-layer
-    TinyLlama-sized Llama, resident after finalize. A full collection costs 0.1-0.3 s, so small
-    models skip it; glibc then keeps what was freed until ``malloc_trim``.
+    Nothing of nmfx's keeps a removed masker (sparsify tears down its temporary GraphModules,
+    ``analysis._discard``), so they are freed as ``uninstall`` drops them. One still alive is
+    held by a reference cycle of someone else's (or by the caller); from 64 MB of such masked
+    weights a full collection runs, as freeing a 22-layer TinyLlama-sized Llama's masks (0.9 GB)
+    is worth its 0.1-0.3 s. glibc then keeps what was freed until ``malloc_trim``.
     """
     from nmfx.lowering.memory import release_freed_memory
 
-    if masked_bytes >= COLLECT_FROM_BYTES:
+    alive = sum(nbytes for ref, nbytes in removed if ref() is not None)
+    if alive and alive >= COLLECT_FROM_BYTES:
+        log.debug(
+            "nmfx.finalize: %.0f MB of removed maskers still alive: collecting", alive / 2**20
+        )
         gc.collect()
     release_freed_memory()
 
@@ -96,16 +100,16 @@ def _bake(model: nn.Module, wanted: NMPattern | None) -> dict[str, NMWeight]:
                 f"finalize(pattern={str(wanted)!r}) but {param} was sparsified with "
                 f"{pattern}; pass pattern={str(pattern)!r} or leave it out. Nothing was changed"
             )
-        weight = masker.weight
-        baked = torch.where(masker.current_mask(), weight, 0)
-        if not is_nm(baked, pattern, masker.reduce_dim):  # cannot happen unless a bug
+        weight, mask = masker.weight, masker.current_mask()
+        # One baked copy at a time (all of them at once were 2.4x a 22-layer Llama's weights)
+        if not is_nm(torch.where(mask, weight, 0), pattern, masker.reduce_dim):  # a bug if so
             raise RuntimeError(f"{param}: baked weight is not {pattern}; the model was not changed")
         cand = by_param.get(param)
         record = NMWeight(param, cand.name if cand else param, cand.op if cand else "unknown",
                           pattern, masker.reduce_dim)  # fmt: skip
-        work.append((weight, baked, record))
-    for weight, baked, _ in work:  # verified: now change the model
-        weight.copy_(baked)
+        work.append((weight, mask, record))
+    for weight, mask, _ in work:  # verified: now change the model (as torch.where above)
+        weight.masked_fill_(mask.logical_not(), 0)
     model_state.uninstall(model)
     return {r.param: r for *_, r in work}
 

@@ -31,10 +31,17 @@ def decode(*flags: str, out: Path) -> subprocess.CompletedProcess:
 def test_load_contenders_measure_a_fresh_process_holding_the_saved_model(tmp_path) -> None:
     pytest.importorskip("transformers", reason="transformers is not installed")
     out = tmp_path / "decode.json"
-    done = decode("--rss-only", "--contenders", "nmfx-load", "nmfx-mmap", "dense-load", out=out)
+    done = decode("--rss-only", "--contenders", "nmfx", "nmfx-load", "nmfx-mmap", "dense-load",
+                  out=out)  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
     rss = json.loads(out.read_text())["results"][0]["peak_rss"]
-    assert set(rss) == {"nmfx-load", "nmfx-mmap", "dense-load"}, done.stdout
+    assert set(rss) == {"nmfx", "nmfx-load", "nmfx-mmap", "dense-load"}, done.stdout
+    # each child records its RSS after every step, in order
+    built = rss["nmfx"]["stages_mb"]
+    assert list(built) == ["imported", "built", "sparsified", "finalized", "prepared", "trimmed"]
+    assert list(rss["nmfx-load"]["stages_mb"]) == ["imported", "loaded", "trimmed"]
+    assert built["sparsified"] > built["built"] > built["imported"] > 0  # masks, weights
+    assert rss["nmfx"]["build_peak_rss_mb"] >= built["sparsified"]
     lowered, dense = rss["nmfx-load"], rss["dense-load"]
     assert rss["nmfx-mmap"]["mmap"] and not lowered["mmap"]  # the same saved model, mmap'd
     assert rss["nmfx-mmap"]["weights_mb"] == lowered["weights_mb"]

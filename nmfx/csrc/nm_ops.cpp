@@ -635,12 +635,48 @@ std::vector<at::Tensor> nm_gemm_group(const at::Tensor& x, at::TensorList values
   return out;
 }
 
-// [stalls, serial calls, late starts, the last window on one thread (ns), ns left of it]
-// (nm_parallel.h): what the contention guard has seen in this process.
+// [stalls, serial calls, late starts, the last window on one thread (ns), ns left of it,
+// stalls and late starts that opened no window (one-offs), parallel calls] (nm_parallel.h):
+// what the contention guard has seen in this process.
 std::vector<int64_t> parallel_guard_stats() {
   const ParallelCounters& c = parallel_counters();
   return {c.stalls.load(), c.serial_calls.load(), c.late_starts.load(), c.window_ns.load(),
-          std::max<int64_t>(0, c.serial_until_ns.load() - steady_ns())};
+          std::max<int64_t>(0, c.serial_until_ns.load() - steady_ns()), c.one_offs.load(),
+          c.parallel_calls.load()};
+}
+
+// The guard's event log since the last clearing read (the newest kEventSlots at most), as
+// kEventFields values per call (nm_parallel.h's log_event), oldest first.
+std::vector<int64_t> parallel_guard_events(bool clear) {
+  ParallelCounters& c = parallel_counters();
+  const int64_t written = c.events_written.load();
+  const int64_t first = std::max(c.events_read.load(), written - kEventSlots);
+  std::vector<int64_t> out;
+  out.reserve(static_cast<size_t>((written - first) * kEventFields));
+  for (int64_t e = first; e < written; ++e) {
+    for (int f = 0; f < kEventFields; ++f) out.push_back(c.events[e % kEventSlots][f].load());
+  }
+  if (clear) c.events_read.store(written);
+  return out;
+}
+
+// Whether the guard acts on its evidence (default) or only logs it (benchmarks comparing the
+// two); returns the previous setting.
+bool set_guard_active(bool active) { return parallel_counters().active.exchange(active); }
+
+// The rule (guard_step) replayed from a fresh state over evidence at the given times (ns),
+// under `rule` ([serial, serial max, confirm] ns; empty: the kernels' rule): the window each
+// piece of evidence opened (0: a one-off). For tests, without real stalls.
+std::vector<int64_t> guard_replay(c10::ArrayRef<int64_t> times, c10::ArrayRef<int64_t> rule) {
+  TORCH_CHECK(rule.empty() || rule.size() == 3,
+              "nmfx: guard_replay's rule is [serial, serial max, confirm] ns or empty; got ",
+              rule.size(), " values");
+  GuardRule r;
+  if (!rule.empty()) r = GuardRule{rule[0], rule[1], rule[2]};
+  GuardState s;
+  std::vector<int64_t> windows;
+  for (const int64_t now : times) windows.push_back(guard_step(s, r, now));
+  return windows;
 }
 
 // A synthetic parallel_items call for the guard's tests: `items` items of `item_us` of spinning
@@ -693,6 +729,9 @@ TORCH_LIBRARY(nmfx_cpu, lib) {
   lib.def("isa_support() -> int", &nmfx::isa_support);
   lib.def("set_isa_cap(int cap) -> int", &nmfx::set_isa_cap);
   lib.def("parallel_guard_stats() -> int[]", &nmfx::parallel_guard_stats);
+  lib.def("parallel_guard_events(bool clear=False) -> int[]", &nmfx::parallel_guard_events);
+  lib.def("set_guard_active(bool active) -> bool", &nmfx::set_guard_active);
+  lib.def("guard_replay(int[] times, int[] rule=[]) -> int[]", &nmfx::guard_replay);
   lib.def("parallel_probe(int items, float item_us, float other_delay_us) -> int[]",
           &nmfx::parallel_probe);
   lib.def(

@@ -29,6 +29,7 @@ if __package__ in (None, ""):
 
 import nmfx.kernels as K
 from benchmarks import _timing as T
+from benchmarks._guard import GuardWatch
 from benchmarks.cpu_kernels import random_nm
 from nmfx.packed import pack
 
@@ -43,13 +44,7 @@ def stats(xs: list[float]) -> dict[str, float]:
     return {"median": statistics.median(xs) * 1e3, "p90": q[-1] * 1e3, "worst": max(xs) * 1e3}
 
 
-GUARD_KEYS = ("stalls", "serial_calls", "late_starts")
-
-
-def guard_stats() -> list[int]:
-    """nmfx's contention guard so far (nm_parallel.h): stalls, calls kept on one thread, late
-    starts of the second thread."""
-    return [int(v) for v in torch.ops.nmfx_cpu.parallel_guard_stats()[:3]]
+GUARD_KEYS = ("stalls", "serial_calls", "late_starts", "one_offs")
 
 
 def case(rows: int, cols: int, dtype: str, batch: int, rounds: int) -> dict[str, Any]:
@@ -67,13 +62,11 @@ def case(rows: int, cols: int, dtype: str, batch: int, rounds: int) -> dict[str,
 
     fns = {"F.linear": lambda: F.linear(x, w), "nm_linear": forced("auto"),
            "dense branch": forced("dense")}  # fmt: skip
-    before = guard_stats()
-    seconds = T.interleaved(fns, repeats=rounds, warmup=3).seconds
-    after = guard_stats()
-    guard = {k: after[i] - before[i] for i, k in enumerate(GUARD_KEYS)}
+    with GuardWatch() as guard:
+        seconds = T.interleaved(fns, repeats=rounds, warmup=3).seconds
     out = {k: stats(v) for k, v in seconds.items()}
     return {"shape": f"{rows}x{cols}", "dtype": dtype, "batch": batch, "ms": out,
-            "guard": guard, "raw_s": seconds}  # fmt: skip
+            "guard": guard.result, "raw_s": seconds}  # fmt: skip
 
 
 def run_all(cases: list[tuple[int, int, str]], rounds: int, contend: int) -> list[dict[str, Any]]:
@@ -117,7 +110,7 @@ def main(argv: list[str] | None = None) -> None:
         results = run_all(cases, rounds, 0) + run_all(cases, rounds, contend)
     headers = ["weight", "dtype", "rows of x", "busy procs", "F.linear med", "p90", "worst",
                "nm_linear med", "p90", "worst", "gain med", "gain p90", "gain worst",
-               "dense branch med", "worst", "stalls/serial/late"]  # fmt: skip
+               "dense branch med", "worst", "stalls/serial/late/one-offs"]  # fmt: skip
     print(f"2:4, single calls, {rounds} interleaved rounds; ms; gain = F.linear / nm_linear")
     print(tabulate(table_rows(results), headers=headers, tablefmt="github"))
     print(T.describe(info, load.result))

@@ -43,6 +43,7 @@ from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from _guard import GuardWatch
 from _timing import Contention, LoadMonitor, add_contend_arg, describe, interleaved, machine_info
 
 import nmfx.kernels as K
@@ -173,12 +174,14 @@ def best_sparse(entry: dict[str, Any], batch: int) -> tuple[str, float] | None:
     return choice, ms[choice]
 
 
-GUARD_KEYS = ("stalls", "serial_calls", "late_starts")
-
-
-def guard_stats() -> list[int]:
-    """[stalls, serial calls, late starts] of nmfx's contention guard so far in this process."""
-    return [int(v) for v in torch.ops.nmfx_cpu.parallel_guard_stats()[:3]]
+def guard_summary(rows: list[dict[str, Any]]) -> str:
+    """One line: what the contention guard did over the sweep (per case in the JSON)."""
+    total = {k: sum(r["guard"][k] for r in rows) for k in ("stalls", "late_starts", "one_offs",
+                                                          "serial_calls")}  # fmt: skip
+    fired = sum(1 for r in rows if r["guard"]["serial_calls"])
+    return (f"contention guard: {total['stalls']} stalls, {total['late_starts']} late starts "
+            f"({total['one_offs']} one-offs that opened no window), {total['serial_calls']} calls "
+            f"kept on one thread in {fired} of {len(rows)} cases")  # fmt: skip
 
 
 def run(
@@ -220,11 +223,10 @@ def run(
                     if config.get("compiled", True):
                         fns["dense_compiled"] = compiled_dense(w, x)
                     probes = probe_read_GBps() if batch == 1 else []
-                    guard0 = guard_stats()
-                    t, per_round, reps, used = measure(
-                        fns, budget_s, max_reps, min_reps, config.get("all_rounds", False)
-                    )
-                    guard = [b - a for a, b in zip(guard0, guard_stats(), strict=True)]
+                    with GuardWatch(config.get("origin_ns")) as guard:
+                        t, per_round, reps, used = measure(
+                            fns, budget_s, max_reps, min_reps, config.get("all_rounds", False)
+                        )
                     if probes:
                         probes += probe_read_GBps()
                     best = (
@@ -264,9 +266,9 @@ def run(
                         "dense_bytes": p.dense_nbytes,
                         "reps": reps,
                         "rounds_used": used,
-                        # nmfx's contention guard over the case's rounds (nm_parallel.h): stalls,
-                        # calls kept on one thread, late starts of the second thread.
-                        "guard": dict(zip(GUARD_KEYS, guard, strict=True)),
+                        # nmfx's contention guard over the case's rounds (benchmarks/_guard.py):
+                        # stalls, calls kept on one thread, late starts, one-offs, evidence.
+                        "guard": guard.result,
                     }
                     if probes:
                         # The best of 3 sums before and 3 after the case's rounds.
@@ -625,6 +627,7 @@ def main(argv: list[str] | None = None) -> None:
     for key, choices in tuned.items():
         print(f"  {key}: {', '.join(f'{b}: {c}' for b, c in choices.items())}")
     config["all_rounds"] = args.contend > 0
+    config["origin_ns"] = time.monotonic_ns()  # the guard's evidence times: ms since here
     with Contention(args.contend), LoadMonitor() as load:
         gib = 0.5 if args.quick else 1.0
         bandwidth = {"before": read_bandwidth(gib)}
@@ -642,6 +645,7 @@ def main(argv: list[str] | None = None) -> None:
     text = render(rows, bandwidth)
     print(text)
     print(describe(info, load.result))
+    print(guard_summary(rows))
     print(
         f"\nisa: {K.available_isas()[-1]}, threads: {torch.get_num_threads()}, "
         f"elapsed {elapsed:.0f} s, dispatch table: {K.dispatch_table()['path']}"

@@ -12,9 +12,12 @@ consecutive clean rounds, the ratio of medians (sparse / dense step) is computed
 10th-90th percentile range of those windows is printed per n.
 
 Minor page faults per phase are counted too (``--malloc no-trim``: see ``benchmarks/_heap.py``).
+``--masked-copy`` adds a third model, interleaved with the other two: the same SR-STE model
+with the forward's GEMM on the masked copy (``F.linear``) instead of the packed N:M weight
+(``NMMasker.sparse_gemm = False``), so both forwards are compared in one run.
 
     PYTHONPATH=. python benchmarks/srste_phases.py [--rounds N] [--optimizer sgd|adamw]
-        [--malloc default|no-trim]
+        [--malloc default|no-trim] [--masked-copy]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from torch.optim.optimizer import (
 
 import model_zoo
 import nmfx
+from nmfx.modules import NMMasker
 
 PHASES = ("zero_grad", "forward", "backward", "srste hook", "optimizer", "step")
 
@@ -91,17 +95,26 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--lam", type=float, default=2e-4)
     parser.add_argument("--malloc", choices=MALLOC_MODES, default="default")
+    parser.add_argument("--masked-copy", action="store_true",
+                        help="also time the forward with F.linear on the masked copy")
     args = parser.parse_args()
     set_malloc(args.malloc)  # before any model exists
     setup_threads(args.threads)
     torch.manual_seed(0)
     dense = model_zoo.build("mlp", in_features=1024)
-    sparse = nmfx.sparsify(copy.deepcopy(dense), pattern="2:4", srste_lambda=args.lam)
+    models = {"dense": dense}
+    models["sparse"] = nmfx.sparsify(copy.deepcopy(dense), pattern="2:4", srste_lambda=args.lam)
+    if args.masked_copy:
+        copied = nmfx.sparsify(copy.deepcopy(dense), pattern="2:4", srste_lambda=args.lam)
+        for masker in copied.modules():
+            if isinstance(masker, NMMasker):
+                masker.sparse_gemm = False
+        models[MASKED_COPY] = copied
     register_optimizer_step_pre_hook(_pre)  # after sparsify registered nmfx's hook
     register_optimizer_step_post_hook(_post)
     x = model_zoo.example_input("mlp", 256, model=dense)
     y = torch.randint(0, 10, (256,))
-    steps = {k: make_step(m, x, y, args.optimizer) for k, m in (("dense", dense), ("sparse", sparse))}
+    steps = {k: make_step(m, x, y, args.optimizer) for k, m in models.items()}
     for s in steps.values():
         s(), s()
     times: dict[str, dict[str, list[float]]] = {k: {p: [] for p in PHASES} for k in steps}
@@ -119,22 +132,38 @@ def main() -> None:
     if len(clean) >= 5:
         times, faults = ({k: {p: [v[i] for i in clean] for p, v in t.items()} for k, t in x.items()}
                          for x in (times, faults))  # fmt: skip
+    for variant in (k for k in steps if k != "dense"):
+        report(variant, times, faults, args)
+    print(f"clean rounds {len(clean)}/{args.rounds}; others' CPU share "
+          f"{load.result['others_cpu_share']:.0%}; {machine_info()['cpu_model']}")  # fmt: skip
+    if MASKED_COPY in steps:
+        paired = sorted(a / b for a, b in zip(times["sparse"]["step"], times[MASKED_COPY]["step"],
+                                               strict=True))  # fmt: skip
+        print(f"sparse step / masked-copy step, paired per round: median "
+              f"{median(paired):.3f}, p10 {paired[len(paired) // 10]:.3f}, "
+              f"p90 {paired[len(paired) * 9 // 10]:.3f}")  # fmt: skip
+
+
+MASKED_COPY = "sparse, masked-copy forward"
+
+
+def report(variant: str, times: dict, faults: dict, args: argparse.Namespace) -> None:
+    """Per-phase medians of ``variant`` against dense, and its ratio's window stability."""
     rows = []
     for p in PHASES:
-        d, s = times["dense"][p], times["sparse"][p]
-        fd, fs = faults["dense"][p], faults["sparse"][p]
+        d, s = times["dense"][p], times[variant][p]
+        fd, fs = faults["dense"][p], faults[variant][p]
         rows.append([p, ms(median(d)), ms(median(s)), ms(median(s) - median(d)),
                      round(spread(d), 2), round(spread(s), 2),
                      round(sum(fd) / len(fd)), round(sum(fs) / len(fs))])  # fmt: skip
-    ratio = median(times["sparse"]["step"]) / median(times["dense"]["step"])
-    print(f"MLP 4x1024 batch 256, {args.optimizer}, {args.rounds} interleaved rounds, "
-          f"threads {torch.get_num_threads()}, malloc {args.malloc}, step ratio {ratio:.3f}")  # fmt: skip
+    ratio = median(times[variant]["step"]) / median(times["dense"]["step"])
+    print(f"\n{variant}: MLP 4x1024 batch 256, {args.optimizer}, {args.rounds} interleaved "
+          f"rounds, threads {torch.get_num_threads()}, malloc {args.malloc}, "
+          f"step ratio {ratio:.3f}")  # fmt: skip
     print(tabulate(rows, headers=["phase", "dense ms", "sparse ms", "diff ms", "d IQR", "s IQR",
                             "d faults", "s faults"],
                    tablefmt="github"))  # fmt: skip
-    print(f"clean rounds {len(clean)}/{args.rounds}; others' CPU share "
-          f"{load.result['others_cpu_share']:.0%}; {machine_info()['cpu_model']}")  # fmt: skip
-    print(tabulate(stability(times["sparse"]["step"], times["dense"]["step"]),
+    print(tabulate(stability(times[variant]["step"], times["dense"]["step"]),
                    headers=["rounds n", "windows", "ratio p10", "p50", "p90"], tablefmt="github"))
 
 

@@ -242,6 +242,18 @@ def _decoder(model: nn.Module, batch: int, length: int, compile: bool) -> _Stati
 STEP_COMPILE_OPTIONS = {"cpp.min_chunk_size": 1 << 18}
 
 
+def _step_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
+    """Inductor with :data:`STEP_COMPILE_OPTIONS`, after the packed calls that share an input
+    (q/k/v, gate/up) became one call each (``group_packed_calls``: x staged once, one parallel
+    region, no weight copied)."""
+    from torch._inductor.compile_fx import compile_fx
+
+    from nmfx.passes.fuse_shared_input_linears import group_packed_calls
+
+    group_packed_calls(gm)
+    return compile_fx(gm, example_inputs, config_patches=STEP_COMPILE_OPTIONS)
+
+
 class _StaticDecoder:
     """One static KV cache of ``length`` positions and the step that decodes into it."""
 
@@ -251,7 +263,7 @@ class _StaticDecoder:
         self.cache = tf.StaticCache(config=model.config, max_cache_len=length)
         self.compiled = compile
         self.step = (
-            torch.compile(self._step, dynamic=False, options=STEP_COMPILE_OPTIONS)
+            torch.compile(self._step, dynamic=False, backend=_step_backend)
             if compile
             else self._step
         )

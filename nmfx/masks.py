@@ -183,15 +183,42 @@ class ReusedTensor:
 
 
 class MaskOutputs:
-    """The reused masked-weight output of one weight's fused mask pass.
+    """The reused outputs of one weight's fused mask pass: the masked weight and, for the
+    forward that runs the sparse GEMM, the packed N:M form of the same weight.
 
-    No mask is written: the SR-STE term recomputes it in registers from the weight it reads
-    anyway (``srste_decay_nm_``), which moves fewer bytes than writing a mask here and
+    No bool mask is written: the SR-STE term recomputes it in registers from the weight it
+    reads anyway (``srste_decay_nm_``), which moves fewer bytes than writing a mask here and
     reading it back in the optimizer hook.
     """
 
     def __init__(self) -> None:
         self.masked = ReusedTensor()
+        self.values = ReusedTensor()
+        self.bits = ReusedTensor()
+
+    def __getstate__(self) -> dict:
+        return {}  # caches: copies start empty
+
+    def __setstate__(self, state: dict) -> None:
+        self.__init__()
+
+    def fill_packed(
+        self, w: torch.Tensor, n: int, m: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(masked, values, mask_bits)`` of a contiguous 2-D ``w`` grouped along dim 1, in one
+        pass: the masked weight as :meth:`fill`, and its packed form (``nmfx.packed``'s values,
+        with the kernels' slack after them, and mask bytes) into reused buffers."""
+        from nmfx.packed import VALUE_SLACK
+
+        rows, cols = w.shape
+        kept = rows * (cols // m * n)
+        masked = self.masked.take(w.shape, w.dtype)
+        buf = self.values.take(torch.Size([kept + VALUE_SLACK]), w.dtype)
+        buf[kept:].zero_()  # the kernels may read the slack; it multiplies nothing
+        values = buf[:kept].view(rows, cols // m * n)
+        bits = self.bits.take(torch.Size([rows, (cols + 7) // 8]), torch.uint8)
+        torch.ops.nmfx_cpu.nm_mask_pack_out(w, n, m, masked, values, bits)
+        return masked, values, bits
 
     def fill(self, w: torch.Tensor, n: int, m: int, dim: int) -> torch.Tensor:
         """``where(nm_mask(w, (n, m), dim), w, 0)`` of a contiguous ``w``, into a reused buffer

@@ -5,6 +5,9 @@
   original model's; masks are derived from weights).
 - ``RewrittenForward``: a module's forward replaced by the code of its rewritten FX graph.
   The module keeps its class, parameters and hooks; only ``forward`` is an instance attribute.
+  A graph that is exactly ``linear(x, masker(W), b)`` runs, in an eager CPU fp32 training
+  forward, the masked weight's GEMM on its packed N:M form (``_PackedLinear``) where the
+  kernel tuner measured the sparse GEMM faster than dense at that shape and batch.
 - ``MHAForward``: ``nn.MultiheadAttention`` cannot be FX-traced; its forward is re-stated here
   with masked in/out projection weights.
 """
@@ -92,6 +95,58 @@ class _FusedStraightThroughMask(torch.autograd.Function):
         return grad, None, None
 
 
+# Weights with fewer elements keep the masked copy's dense GEMM: the first call at a new
+# shape tunes the sparse kernels (as nmfx.lower does), which small layers do not repay.
+SPARSE_GEMM_MIN_NUMEL = 1 << 18
+
+
+class _PackedLinear(torch.autograd.Function):
+    """``linear(x, masker(W), b)`` with the forward's GEMM on the packed N:M weight.
+
+    One pass over W writes the masked weight (saved for the backward, as ``F.linear`` saves
+    it) and its packed form (values + mask bits, reused buffers), then the sparse GEMM runs on
+    the packed form: it multiplies N of every M weights. The backward is ``F.linear``'s on the
+    masked weight, with the straight-through gradient of ``_FusedStraightThroughMask``: grad_W
+    reaches every weight. The forward's output differs from ``F.linear``'s by the rounding of
+    a different summation order only.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: Any,
+        x: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor | None,
+        masker: NMMasker,
+        tracks: bool,
+        code: int,
+    ) -> torch.Tensor:
+        rows, cols = weight.shape
+        masked, values, bits = masker._outputs.fill_packed(weight.detach(), masker.n, masker.m)
+        x2 = x.reshape(-1, cols)
+        b = None if bias is None else bias.detach()
+        y = torch.ops.nmfx_cpu.nm_gemm(x2, values, bits, b, rows, cols, masker.n, masker.m, code)
+        ctx.save_for_backward(x, masked)
+        ctx.masker, ctx.tracks, ctx.weight = masker, tracks, weight
+        return y.reshape(*x.shape[:-1], rows)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple:
+        x, masked = ctx.saved_tensors
+        if torch.is_grad_enabled():  # create_graph: a differentiable masked weight (STE)
+            mask = ctx.masker.compute_mask(ctx.weight)
+            masked = _StraightThroughMask.apply(ctx.weight, mask, False)
+        g2 = grad.reshape(-1, grad.shape[-1])
+        x2 = x.reshape(-1, x.shape[-1])
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = (g2 @ masked).reshape(x.shape) if need_x else None
+        grad_w = g2.t().mm(x2) if need_w else None
+        grad_b = g2.sum(0) if need_b else None
+        if ctx.tracks and need_w:
+            ctx.masker._note_backward(grad_w)
+        return grad_x, grad_w, grad_b, None, None, None
+
+
 class NMMasker(nn.Module):
     """Applies the N:M mask of one weight. Called as ``masker(weight) -> masked weight``."""
 
@@ -126,6 +181,8 @@ class NMMasker(nn.Module):
         self._refresh_pending = stored is not None
         self._last: tuple[int, torch.Tensor] | None = None  # (weight version, mask), eager only
         self._outputs = MaskOutputs()  # the fused forward's reused output buffers (eager CPU)
+        # False: the eager forward keeps F.linear on the masked copy (benchmarks compare both)
+        self.sparse_gemm = True
         self._init_step_tracking()
 
     def _init_step_tracking(self) -> None:
@@ -149,6 +206,7 @@ class NMMasker(nn.Module):
     def __setstate__(self, state: dict) -> None:
         state.setdefault("_refresh_pending", False)  # pickled before the attribute existed
         state.setdefault("_outputs", MaskOutputs())
+        state.setdefault("sparse_gemm", True)
         super().__setstate__(state)
         self._init_step_tracking()
         _LIVE.add(self)  # a copy of an installed masker (deepcopy, pickle, torch.load)
@@ -209,6 +267,59 @@ class NMMasker(nn.Module):
         if tracks:
             masked.register_hook(self._note_backward)
         return masked
+
+    def packed_linear(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> torch.Tensor | None:
+        """``linear(x, self(weight), bias)`` with the GEMM on the packed weight, or None where
+        that path does not apply (then the caller runs the graph: masker, then F.linear)."""
+        code = self._sparse_gemm_code(x, weight, bias)
+        if code is None:
+            return None
+        tracks = self._tracks_steps(weight)
+        if tracks:
+            self._check_stepped_with_term(weight)
+        return _PackedLinear.apply(x, weight, bias, self, tracks, code)
+
+    def _sparse_gemm_code(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> int | None:
+        """nm_gemm's path code for this call, or None: the path needs a training forward
+        (an eval forward stays bit-identical to ``F.linear`` on the masked weight; inference
+        runs ``nmfx.lower``'s model), eager CPU fp32, a plain 2-D weight grouped along dim 1,
+        no hook on the masker, and the tuner's choice of a sparse kernel at this batch."""
+        if not (
+            self.sparse_gemm
+            and not _eager_state_differs()
+            and self.training
+            and weight.requires_grad
+            and torch.is_grad_enabled()
+            and not self.stores_mask
+            and type(x) is torch.Tensor
+            and weight.dtype == torch.float32
+            and x.dtype == torch.float32
+            and weight.dim() == 2
+            and self.reduce_dim in (1, -1)
+            and self.m in (4, 8, 16)
+            and weight.numel() >= SPARSE_GEMM_MIN_NUMEL
+            and x.dim() >= 2
+            and x.shape[-1] == weight.shape[1]
+            and x.numel() > 0
+            and x.device.type == "cpu"
+            and weight.is_contiguous()
+            and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1))
+            and not (self._forward_hooks or self._forward_pre_hooks or _global_module_hooks())
+            and _use_kernel(weight, self.m)
+        ):
+            return None
+        from nmfx.kernels import _dispatch, _ops
+
+        rows, cols = weight.shape
+        batch = x.numel() // cols
+        choice = _dispatch.choose(batch, weight.dtype, self.n, self.m, rows, cols)
+        if choice == "dense":
+            return None
+        return _ops._kernel_code(choice)
 
     def _tracks_steps(self, weight: torch.Tensor) -> bool:
         return (
@@ -366,8 +477,22 @@ class RewrittenForward:
     def __init__(self, owner: nn.Module, code: fx.GraphModule) -> None:
         self._owner = (owner,)
         self._code = (code,)
+        self._linear = _masked_linear_names(code.graph)
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        linear = getattr(self, "_linear", None)  # pickled before the attribute existed: None
+        if (
+            linear is not None
+            and len(args) == 1
+            and not kwargs
+            and type(args[0]) is torch.Tensor  # not an FX proxy
+            and not torch.compiler.is_compiling()
+        ):
+            owner = self._owner[0]
+            masker, weight, bias = (None if a is None else getattr(owner, a) for a in linear)
+            y = masker.packed_linear(args[0], weight, bias)
+            if y is not None:
+                return y
         return type(self._code[0]).forward(self._owner[0], *args, **kwargs)
 
     @property
@@ -387,6 +512,55 @@ class _ModeDispatch(RewrittenForward):
         owner = self._owner[0]
         code = self._code[0] if owner.training else self._eval_code[0]
         return type(code).forward(owner, *args, **kwargs)
+
+
+_LINEARS = (torch._C._nn.linear, F.linear)
+
+
+def _masked_linear_names(graph: fx.Graph) -> tuple[str, str, str | None] | None:
+    """``(masker, weight, bias)`` attribute names when ``graph`` is exactly
+    ``linear(x, masker(weight), bias)`` (a sparsified ``nn.Linear``), else None."""
+    nodes = list(graph.nodes)
+    ops = [n.op for n in nodes]
+    if ops[0] != "placeholder" or ops.count("placeholder") != 1 or ops[-1] != "output":
+        return None
+    out = nodes[-1].args[0]
+    if not isinstance(out, fx.Node) or out.op != "call_function" or out.target not in _LINEARS:
+        return None
+    if out.kwargs or len(out.args) not in (2, 3) or out.args[0] is not nodes[0]:
+        return None
+    masked, bias = out.args[1], out.args[2] if len(out.args) == 3 else None
+    if not (isinstance(masked, fx.Node) and masked.op == "call_module" and len(masked.args) == 1):
+        return None
+    weight = masked.args[0]
+    if not (isinstance(weight, fx.Node) and weight.op == "get_attr") or masked.kwargs:
+        return None
+    if bias is not None and not (isinstance(bias, fx.Node) and bias.op == "get_attr"):
+        return None
+    used = {nodes[0], weight, masked, out, nodes[-1]} | ({bias} if bias is not None else set())
+    if len(nodes) != len(used):
+        return None  # any other node: not this pattern
+    return masked.target, weight.target, None if bias is None else bias.target
+
+
+def _global_module_hooks() -> bool:
+    """Whether a process-wide module hook is registered (it would see the masker's call)."""
+    from torch.nn.modules import module as torch_module
+
+    return bool(torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks)
+
+
+def _eager_state_differs() -> bool:
+    """Whether anything could make the fused path differ from the graph's ops: compiling or
+    FX tracing, autocast, torch function/dispatch modes, functorch transforms."""
+    return (
+        torch.compiler.is_compiling()
+        or fx._symbolic_trace.is_fx_symbolic_tracing()
+        or torch.is_autocast_enabled("cpu")
+        or torch._C._len_torch_dispatch_stack() > 0
+        or torch._C._is_torch_function_mode_enabled()
+        or torch._C._are_functorch_transforms_active()
+    )
 
 
 def rewritten_forward(owner: nn.Module, graphs: dict[bool, fx.Graph]) -> RewrittenForward:

@@ -120,6 +120,82 @@ at::Tensor nm_linear_cpu(const at::Tensor& x, const at::Tensor& values, const at
   return y.reshape(shape);
 }
 
+using GroupSig = std::vector<at::Tensor>(const at::Tensor&, at::TensorList, at::TensorList,
+                                         at::IntArrayRef, int64_t, int64_t, int64_t, int64_t);
+
+// nmfx_cpu::nm_linear_group: nm_linear of several bias-free packed weights on the same x (a
+// decoder's q/k/v or gate/up projections), one output each. The members whose tuned choices for
+// these rows of x settle to the same nm_gemm call run as one nm_gemm_group (x staged once, one
+// parallel region); any other member runs its own nm_linear. Each output equals that member's
+// nm_linear (bit for bit: the same kernel, the same chunks of rows).
+std::vector<at::Tensor> nm_linear_group_cpu(const at::Tensor& x, at::TensorList values,
+                                            at::TensorList masks, at::IntArrayRef rows,
+                                            int64_t cols, int64_t n, int64_t m,
+                                            at::IntArrayRef dispatch) {
+  const size_t count = values.size();
+  TORCH_CHECK(count > 0 && masks.size() == count && rows.size() == count &&
+                  dispatch.size() == count,
+              "nmfx_cpu::nm_linear_group needs as many values, masks, rows and dispatch codes (at "
+              "least one), got ", count, ", ", masks.size(), ", ", rows.size(), ", ",
+              dispatch.size());
+  TORCH_CHECK(x.dim() >= 1 && x.size(-1) == cols, "nmfx_cpu::nm_linear_group: x's last dim must ",
+              "be cols=", cols, ", got x of shape ", x.sizes());
+  const at::Tensor x2 = x.dim() == 2 ? x : x.reshape({-1, cols});
+  std::vector<at::Tensor> out(count);
+  std::vector<bool> done(count, false);
+  static const auto group = c10::Dispatcher::singleton()
+                                .findSchemaOrThrow("nmfx_cpu::nm_gemm_group", "")
+                                .typed<GroupSig>();
+  for (size_t i = 0; i < count; ++i) {
+    if (done[i]) continue;
+    const int64_t code = settle(dispatch[i], x2.size(0));
+    std::vector<size_t> same;  // members after i settling to the same nm_gemm call
+    for (size_t j = i + 1; j < count && code >= 0; ++j) {
+      if (!done[j] && settle(dispatch[j], x2.size(0)) == code) same.push_back(j);
+    }
+    if (same.empty()) {
+      out[i] = nm_linear_cpu(x, values[i], masks[i], std::nullopt, rows[i], cols, n, m,
+                             dispatch[i]);
+      done[i] = true;
+      continue;
+    }
+    same.insert(same.begin(), i);
+    std::vector<at::Tensor> vs, ms;
+    std::vector<int64_t> rs;
+    for (size_t j : same) {
+      vs.push_back(values[j]);
+      ms.push_back(masks[j]);
+      rs.push_back(rows[j]);
+    }
+    std::vector<at::Tensor> ys = group.call(x2, vs, ms, rs, cols, n, m, code);
+    for (size_t k = 0; k < same.size(); ++k) {
+      std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end() - 1);
+      shape.push_back(rs[k]);
+      out[same[k]] = x.dim() == 2 ? ys[k] : ys[k].reshape(shape);
+      done[same[k]] = true;
+    }
+  }
+  return out;
+}
+
+std::vector<at::Tensor> nm_linear_group_autograd(const at::Tensor& x, at::TensorList values,
+                                                 at::TensorList masks, at::IntArrayRef rows,
+                                                 int64_t cols, int64_t n, int64_t m,
+                                                 at::IntArrayRef dispatch) {
+  TORCH_CHECK(!at::GradMode::is_enabled() || !x.requires_grad(),
+              "nmfx_cpu::nm_linear_group has no backward: x requires grad; call "
+              "torch.ops.nmfx.nm_linear per layer where gradients are needed, or run under "
+              "torch.no_grad()");
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("nmfx_cpu::nm_linear_group", "")
+                             .typed<std::vector<at::Tensor>(const at::Tensor&, at::TensorList,
+                                                            at::TensorList, at::IntArrayRef,
+                                                            int64_t, int64_t, int64_t,
+                                                            at::IntArrayRef)>();
+  at::AutoDispatchBelowADInplaceOrView guard;
+  return op.call(x, values, masks, rows, cols, n, m, dispatch);
+}
+
 at::Tensor nm_linear_autograd(const at::Tensor& x, const at::Tensor& values,
                               const at::Tensor& mask, const std::optional<at::Tensor>& bias,
                               int64_t rows, int64_t cols, int64_t n, int64_t m, int64_t dispatch) {
@@ -143,10 +219,19 @@ TORCH_LIBRARY_FRAGMENT(nmfx_cpu, lib) {
   lib.def(
       "nm_linear(Tensor x, Tensor values, Tensor mask, Tensor? bias, int rows, int cols, int n, "
       "int m, int dispatch) -> Tensor");
+  lib.def(
+      "nm_linear_group(Tensor x, Tensor[] values, Tensor[] masks, int[] rows, int cols, int n, "
+      "int m, int[] dispatch) -> Tensor[]");
   lib.def("set_linear_table(int[] bucket_hi, int[] codes) -> ()", &nmfx::set_linear_table);
   lib.def("set_linear_overrides(int count) -> ()", &nmfx::set_linear_overrides);
 }
 
-TORCH_LIBRARY_IMPL(nmfx_cpu, CPU, lib) { lib.impl("nm_linear", &nmfx::nm_linear_cpu); }
+TORCH_LIBRARY_IMPL(nmfx_cpu, CPU, lib) {
+  lib.impl("nm_linear", &nmfx::nm_linear_cpu);
+  lib.impl("nm_linear_group", &nmfx::nm_linear_group_cpu);
+}
 
-TORCH_LIBRARY_IMPL(nmfx_cpu, Autograd, lib) { lib.impl("nm_linear", &nmfx::nm_linear_autograd); }
+TORCH_LIBRARY_IMPL(nmfx_cpu, Autograd, lib) {
+  lib.impl("nm_linear", &nmfx::nm_linear_autograd);
+  lib.impl("nm_linear_group", &nmfx::nm_linear_group_autograd);
+}

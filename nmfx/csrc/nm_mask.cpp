@@ -253,7 +253,69 @@ NMFX_AVX512 void decay4_nm_avx512(float* __restrict__ g, const float* __restrict
   if (q < end) decay4_nm_avx2(g, w, l, q, end, n);  // AVX-512F implies AVX2
 }
 
+// The packed N:M form of one row of fp32 groups of 4 (nmfx/packed.py's layout: the kept
+// values in order, then one mask bit per element, bit j of byte b = element 8b+j), with the
+// masked row too: one pass for the SR-STE forward that runs the sparse GEMM. 16 columns per
+// iteration; returns how many columns it did (a multiple of 16), the caller does the rest.
+// Every group keeps exactly n, so 16 columns give 4n values.
+NMFX_AVX512 int64_t pack4_avx512(const float* __restrict__ w, float* __restrict__ mw,
+                                 float* __restrict__ v, uint8_t* __restrict__ bits, int64_t cols,
+                                 int64_t n) {
+  const int64_t kept = 4 * n;
+  const __mmask16 first = static_cast<__mmask16>((1u << kept) - 1u);
+  int64_t c = 0;
+  for (; c + 16 <= cols; c += 16, v += kept) {
+    const __m512 x = _mm512_loadu_ps(w + c);
+    const __mmask16 k = keep4_avx512(x, n);
+    _mm512_storeu_ps(mw + c, _mm512_maskz_mov_ps(k, x));
+    // compress in a register, then a masked store (a compressing store to memory is slow on
+    // some cores)
+    _mm512_mask_storeu_ps(v, first, _mm512_maskz_compress_ps(k, x));
+    const uint16_t k16 = static_cast<uint16_t>(k);
+    std::memcpy(bits + c / 8, &k16, 2);
+  }
+  return c;
+}
+
 #undef NMFX_AVX512
+
+// For each 8-bit keep pattern, the lanes to gather so the kept ones come first (AVX2 has no
+// compress instruction).
+struct LeftPackTable {
+  alignas(32) int32_t lanes[256][8];
+  LeftPackTable() {
+    for (int k = 0; k < 256; ++k) {
+      int at = 0;
+      for (int i = 0; i < 8; ++i) {
+        if (k & (1 << i)) lanes[k][at++] = i;
+      }
+      for (; at < 8; ++at) lanes[k][at] = 0;
+    }
+  }
+};
+const LeftPackTable kLeftPack;
+
+// pack4_avx512 with AVX2, 8 columns (two groups, 2n values, one mask byte) per iteration.
+__attribute__((target("avx2"))) int64_t pack4_avx2(const float* __restrict__ w,
+                                                  float* __restrict__ mw, float* __restrict__ v,
+                                                  uint8_t* __restrict__ bits, int64_t cols,
+                                                  int64_t n) {
+  const int64_t kept = 2 * n;
+  const __m256i first = _mm256_cmpgt_epi32(_mm256_set1_epi32(static_cast<int32_t>(kept)),
+                                           _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+  int64_t c = 0;
+  for (; c + 8 <= cols; c += 8, v += kept) {
+    const __m256 x = _mm256_loadu_ps(w + c);
+    const __m256 keep = _mm256_castsi256_ps(keep4_avx2(x, n));
+    _mm256_storeu_ps(mw + c, _mm256_and_ps(x, keep));
+    const int k = _mm256_movemask_ps(keep);
+    const __m256i lanes = _mm256_load_si256(reinterpret_cast<const __m256i*>(kLeftPack.lanes[k]));
+    _mm256_maskstore_ps(v, first, _mm256_permutevar8x32_ps(x, lanes));
+    bits[c / 8] = static_cast<uint8_t>(k);
+  }
+  return c;
+}
+
 
 bool cpu_avx2() {
   static const bool yes = __builtin_cpu_supports("avx2");
@@ -610,6 +672,84 @@ void nm_mask_apply_out(const at::Tensor& w, int64_t n, int64_t m, int64_t dim,
   });
 }
 
+// Columns per step of pack_rows' portable part: a multiple of every M and of 8 (mask bytes).
+constexpr int64_t kPackChunk = 4096;
+
+// Rows [r0, r1) of a contiguous [rows, cols] weight grouped along its last dim: the masked
+// rows into ``mw``, the kept values into ``vals`` (cols / m * n per row) and the mask bits
+// into ``bits`` ((cols + 7) / 8 bytes per row). The vector kernels take fp32 groups of 4; the
+// rest of a row goes through mask_range (same ranks) and is packed from its keep bytes.
+template <typename T, int M>
+void pack_rows(int64_t isa, const T* w, T* mw, T* vals, uint8_t* bits, int64_t r0, int64_t r1,
+               int64_t cols, int64_t n, int64_t m) {
+  const int64_t vcols = cols / m * n, bcols = (cols + 7) / 8;
+  bool keep[kPackChunk];
+  for (int64_t r = r0; r < r1; ++r) {
+    const T* wr = w + r * cols;
+    T* mr = mw + r * cols;
+    uint8_t* br = bits + r * bcols;
+    int64_t c = 0;
+#if defined(__x86_64__) || defined(_M_X64)
+    if constexpr (std::is_same_v<T, float> && M == 4) {
+      if (isa == kIsaAvx512) c = pack4_avx512(wr, mr, vals + r * vcols, br, cols, n);
+      else if (isa == kIsaAvx2) c = pack4_avx2(wr, mr, vals + r * vcols, br, cols, n);
+    }
+#endif
+    T* v = vals + r * vcols + c / m * n;  // c is a multiple of 8 and of m
+    for (; c < cols; c += kPackChunk) {
+      const int64_t len = std::min(kPackChunk, cols - c);
+      mask_range<T, M>(isa, wr + c, keep, mr + c, 0, len / m, n, m);
+      for (int64_t i = 0; i < len; ++i) {
+        if (keep[i]) *v++ = wr[c + i];
+      }
+      for (int64_t b = 0; b * 8 < len; ++b) {
+        uint8_t byte = 0;
+        for (int64_t j = 0; j < 8 && b * 8 + j < len; ++j) {
+          byte |= static_cast<uint8_t>(keep[b * 8 + j]) << j;
+        }
+        br[c / 8 + b] = byte;
+      }
+    }
+  }
+}
+
+// The SR-STE forward's masked weight and the packed form of the same N:M weight (what the
+// sparse GEMM nm_gemm reads), from one pass over a contiguous [rows, cols] ``w`` grouped along
+// its last dim, into buffers the caller reuses: ``masked`` like ``w``, ``values`` with at least
+// rows * cols / m * n elements, ``mask`` uint8 [rows, (cols + 7) / 8].
+void nm_mask_pack_out(const at::Tensor& w, int64_t n, int64_t m, at::Tensor masked,
+                      at::Tensor values, at::Tensor mask) {
+  TORCH_CHECK(w.dim() == 2, "nm_mask_pack_out: the weight must be 2-D [rows, cols], got shape ",
+              w.sizes());
+  TORCH_CHECK(m == 4 || m == 8 || m == 16, "nm_mask_pack_out: M=", m,
+              " is not a packed pattern's M (4, 8 or 16)");
+  check_dim_args("nm_mask_pack_out", w, n, m, 1, masked, "masked");
+  const int64_t rows = w.size(0), cols = w.size(1);
+  TORCH_CHECK(values.scalar_type() == w.scalar_type() && values.is_contiguous() &&
+                  values.numel() >= rows * (cols / m * n),
+              "nm_mask_pack_out: values must be contiguous, of the weight's dtype, with at least ",
+              rows * (cols / m * n), " elements; got ", values.scalar_type(), " ", values.sizes());
+  TORCH_CHECK(mask.scalar_type() == at::kByte && mask.is_contiguous() && mask.dim() == 2 &&
+                  mask.size(0) == rows && mask.size(1) == (cols + 7) / 8,
+              "nm_mask_pack_out: mask must be contiguous uint8 [", rows, ", ", (cols + 7) / 8,
+              "], got ", mask.scalar_type(), " ", mask.sizes());
+  const int64_t isa = mask_isa();
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, w.scalar_type(), "nm_mask_pack_out", [&] {
+    const scalar_t* x = w.const_data_ptr<scalar_t>();
+    scalar_t* mw = masked.mutable_data_ptr<scalar_t>();
+    scalar_t* vals = values.mutable_data_ptr<scalar_t>();
+    uint8_t* bits = mask.mutable_data_ptr<uint8_t>();
+    const int64_t row_chunk = std::max<int64_t>(1, 4 * kGroupChunk / cols);
+    nmfx::parallel_ranges(rows, row_chunk, [=](int64_t r0, int64_t r1) {
+      switch (m) {
+        case 4: return pack_rows<scalar_t, 4>(isa, x, mw, vals, bits, r0, r1, cols, n, m);
+        case 8: return pack_rows<scalar_t, 8>(isa, x, mw, vals, bits, r0, r1, cols, n, m);
+        default: return pack_rows<scalar_t, 16>(isa, x, mw, vals, bits, r0, r1, cols, n, m);
+      }
+    });
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(nmfx_cpu, lib) {
@@ -618,6 +758,9 @@ TORCH_LIBRARY_FRAGMENT(nmfx_cpu, lib) {
   lib.def("srste_decay_(Tensor(a!) grad, Tensor w, Tensor mask, float lam) -> ()");
   lib.def("srste_decay_nm_(Tensor(a!) grad, Tensor w, int n, int m, int dim, float lam) -> ()");
   lib.def("nm_mask_apply_out(Tensor w, int n, int m, int dim, Tensor(a!)? mask, Tensor(b!) masked) -> ()");
+  lib.def(
+      "nm_mask_pack_out(Tensor w, int n, int m, Tensor(a!) masked, Tensor(b!) values, "
+      "Tensor(c!) mask) -> ()");
   lib.def("set_mask_isa(int isa) -> int", &set_mask_isa);
 }
 
@@ -627,4 +770,5 @@ TORCH_LIBRARY_IMPL(nmfx_cpu, CPU, lib) {
   lib.impl("srste_decay_", &srste_decay_);
   lib.impl("srste_decay_nm_", &srste_decay_nm_);
   lib.impl("nm_mask_apply_out", &nm_mask_apply_out);
+  lib.impl("nm_mask_pack_out", &nm_mask_pack_out);
 }

@@ -553,12 +553,130 @@ at::Tensor nm_gemm(const at::Tensor& x, const at::Tensor& values, const at::Tens
   return to_dtype(y, x.scalar_type());
 }
 
-// [stalls, serial calls, late starts, the last window on one thread (ns), ns left of it]
-// (nm_parallel.h): what the contention guard has seen in this process.
+// Several packed weights against the same rows of x on the bf16 GEMV (a decoder's q/k/v or
+// gate/up projections at decode): x staged once, and every member's chunks of rows (the chunks
+// run_threads would make for it alone, so each output is bit-identical to the member's own call)
+// taken from one shared counter in one parallel region: one fork and join instead of one per
+// member, and the small k/v projections' chunks fill the threads beside q's.
+void run_group_dot(std::vector<NMProblem>& ps, const at::Tensor& x, int64_t cols) {
+  const int64_t B = x.size(0);
+  const int64_t ldxb = ps.front().ldxb;
+  at::Tensor xhold;
+  uint16_t* xd = static_cast<uint16_t*>(
+      scratch_bytes(kScratchX, static_cast<size_t>(B * ldxb) * sizeof(uint16_t), xhold));
+  stage_x_bf16(x, cols, ldxb, xd);
+  const int64_t nthreads = at::get_num_threads();
+  std::vector<int64_t> first(ps.size() + 1, 0), chunk(ps.size());
+  int64_t macs = 0;
+  for (size_t i = 0; i < ps.size(); ++i) {
+    NMProblem& p = ps[i];
+    p.xbf16 = xd;
+    p.B = B;
+    const int64_t per = (p.R + nthreads * 8 - 1) / (nthreads * 8);  // as run_threads
+    chunk[i] = std::max<int64_t>(8, (per + 7) / 8 * 8);
+    first[i + 1] = first[i] + (p.R + chunk[i] - 1) / chunk[i];
+    macs += p.R * cols * B;
+  }
+  if (nthreads <= 1 || macs < (int64_t{1} << 16)) {
+    for (const NMProblem& p : ps) nm_gemv_avx512bf16(p, 0, p.R);
+  } else {
+    parallel_items(first.back(), nthreads, [&](int64_t item) {
+      const size_t i = std::upper_bound(first.begin(), first.end(), item) - first.begin() - 1;
+      const int64_t r0 = (item - first[i]) * chunk[i];
+      nm_gemv_avx512bf16(ps[i], r0, std::min(ps[i].R, r0 + chunk[i]));
+    });
+  }
+  for (const NMProblem& p : ps) propagate_nonfinite(xd, ldxb, B, cols, p.mask, p.KB, p.R, p.y);
+}
+
+// nm_gemm of several bias-free packed weights [rows[i], cols] on the same x, as one call where
+// they all run the bf16 GEMV at this many rows of x (run_group_dot); otherwise nm_gemm per member
+// (the same outputs, without the sharing).
+std::vector<at::Tensor> nm_gemm_group(const at::Tensor& x, at::TensorList values,
+                                      at::TensorList masks, at::IntArrayRef rows, int64_t cols,
+                                      int64_t n, int64_t m, int64_t isa) {
+  TORCH_CHECK(!values.empty() && values.size() == masks.size() && values.size() == rows.size(),
+              "nmfx: nm_gemm_group needs as many values, masks and rows (at least one), got ",
+              values.size(), ", ", masks.size(), ", ", rows.size());
+  const int64_t path = isa & ~kIsaMask;
+  const int64_t B = x.dim() == 2 ? x.size(0) : 0;
+  const int64_t span = 64 * (32 / std::max<int64_t>(1, 64 / std::max<int64_t>(m, 1) * n));
+  const int64_t ldxb = (cols + span - 1) / span * span;
+  bool fused = B > 0 && select_kernel(isa & kIsaMask) == nm_gemm_avx512bf16 &&
+               bf16dot_supports(static_cast<int>(n), static_cast<int>(m)) &&
+               (path == kPathGemv || (path == 0 && B < kDotMinBatch)) &&
+               static_cast<size_t>(B * ldxb) * sizeof(uint16_t) <= kScratchKeepBytes;
+  std::vector<PackedShape> shapes;
+  for (size_t i = 0; i < values.size(); ++i) {
+    shapes.push_back(check_packed(x, values[i], masks[i], std::nullopt, rows[i], cols, n, m));
+    fused = fused && shapes.back().vtype == ValueType::kBFloat16 && rows[i] > 0;
+  }
+  std::vector<at::Tensor> out;
+  if (!fused) {
+    for (size_t i = 0; i < values.size(); ++i) {
+      out.push_back(nm_gemm(x, values[i], masks[i], std::nullopt, rows[i], cols, n, m, isa));
+    }
+    return out;
+  }
+  std::vector<ValueTail> tails;  // outlive the problems (tail_values points into them)
+  std::vector<NMProblem> ps;
+  for (size_t i = 0; i < values.size(); ++i) {
+    tails.push_back(value_tail(values[i], rows[i], shapes[i].kept));
+    NMProblem p = weight_problem(values[i], masks[i], shapes[i], tails.back(), rows[i], n, m);
+    p.ldx = std::max<int64_t>(16, (cols + 15) / 16 * 16);
+    p.ldxb = ldxb;
+    p.select = SelectMode::kAuto;
+    out.push_back(init_y(B, rows[i], std::nullopt));
+    p.y = out.back().data_ptr<float>();
+    ps.push_back(p);
+  }
+  run_group_dot(ps, x, cols);
+  for (at::Tensor& y : out) y = to_dtype(y, x.scalar_type());
+  return out;
+}
+
+// [stalls, serial calls, late starts, the last window on one thread (ns), ns left of it,
+// stalls and late starts that opened no window (one-offs), parallel calls] (nm_parallel.h):
+// what the contention guard has seen in this process.
 std::vector<int64_t> parallel_guard_stats() {
   const ParallelCounters& c = parallel_counters();
   return {c.stalls.load(), c.serial_calls.load(), c.late_starts.load(), c.window_ns.load(),
-          std::max<int64_t>(0, c.serial_until_ns.load() - steady_ns())};
+          std::max<int64_t>(0, c.serial_until_ns.load() - steady_ns()), c.one_offs.load(),
+          c.parallel_calls.load()};
+}
+
+// The guard's event log since the last clearing read (the newest kEventSlots at most), as
+// kEventFields values per call (nm_parallel.h's log_event), oldest first.
+std::vector<int64_t> parallel_guard_events(bool clear) {
+  ParallelCounters& c = parallel_counters();
+  const int64_t written = c.events_written.load();
+  const int64_t first = std::max(c.events_read.load(), written - kEventSlots);
+  std::vector<int64_t> out;
+  out.reserve(static_cast<size_t>((written - first) * kEventFields));
+  for (int64_t e = first; e < written; ++e) {
+    for (int f = 0; f < kEventFields; ++f) out.push_back(c.events[e % kEventSlots][f].load());
+  }
+  if (clear) c.events_read.store(written);
+  return out;
+}
+
+// Whether the guard acts on its evidence (default) or only logs it (benchmarks comparing the
+// two); returns the previous setting.
+bool set_guard_active(bool active) { return parallel_counters().active.exchange(active); }
+
+// The rule (guard_step) replayed from a fresh state over evidence at the given times (ns),
+// under `rule` ([serial, serial max, confirm] ns; empty: the kernels' rule): the window each
+// piece of evidence opened (0: a one-off). For tests, without real stalls.
+std::vector<int64_t> guard_replay(c10::ArrayRef<int64_t> times, c10::ArrayRef<int64_t> rule) {
+  TORCH_CHECK(rule.empty() || rule.size() == 3,
+              "nmfx: guard_replay's rule is [serial, serial max, confirm] ns or empty; got ",
+              rule.size(), " values");
+  GuardRule r;
+  if (!rule.empty()) r = GuardRule{rule[0], rule[1], rule[2]};
+  GuardState s;
+  std::vector<int64_t> windows;
+  for (const int64_t now : times) windows.push_back(guard_step(s, r, now));
+  return windows;
 }
 
 // A synthetic parallel_items call for the guard's tests: `items` items of `item_us` of spinning
@@ -604,9 +722,16 @@ TORCH_LIBRARY(nmfx_cpu, lib) {
       "nm_gemm(Tensor x, Tensor values, Tensor mask, Tensor? bias, int rows, int cols, int n, "
       "int m, int isa) -> Tensor",
       &nmfx::nm_gemm);
+  lib.def(
+      "nm_gemm_group(Tensor x, Tensor[] values, Tensor[] masks, int[] rows, int cols, int n, "
+      "int m, int isa) -> Tensor[]",
+      &nmfx::nm_gemm_group);
   lib.def("isa_support() -> int", &nmfx::isa_support);
   lib.def("set_isa_cap(int cap) -> int", &nmfx::set_isa_cap);
   lib.def("parallel_guard_stats() -> int[]", &nmfx::parallel_guard_stats);
+  lib.def("parallel_guard_events(bool clear=False) -> int[]", &nmfx::parallel_guard_events);
+  lib.def("set_guard_active(bool active) -> bool", &nmfx::set_guard_active);
+  lib.def("guard_replay(int[] times, int[] rule=[]) -> int[]", &nmfx::guard_replay);
   lib.def("parallel_probe(int items, float item_us, float other_delay_us) -> int[]",
           &nmfx::parallel_probe);
   lib.def(

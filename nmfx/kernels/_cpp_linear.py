@@ -59,10 +59,20 @@ def _setup() -> bool:
     from nmfx.ops import _nm_linear_fake
 
     torch.library.register_fake("nmfx_cpu::nm_linear")(_nm_linear_fake)
+    if hasattr(torch.ops.nmfx_cpu, "nm_linear_group"):
+        torch.library.register_fake("nmfx_cpu::nm_linear_group")(_nm_linear_group_fake)
     torch.ops.nmfx_cpu.set_linear_table(*tables())
     torch.ops.nmfx_cpu.set_linear_overrides(_override_count())
     EAGER_OP[0] = torch.ops.nmfx_cpu.nm_linear.default
     return True
+
+
+def _nm_linear_group_fake(
+    x: torch.Tensor, values: list[torch.Tensor], masks: list[torch.Tensor], rows: list[int],
+    cols: int, n: int, m: int, dispatch: list[int],
+) -> list[torch.Tensor]:  # fmt: skip
+    torch._check(x.shape[-1] == cols)
+    return [x.new_empty((*x.shape[:-1], r)) for r in rows]
 
 
 def tables() -> tuple[list[int], list[int]]:

@@ -9,7 +9,12 @@ row), so this pass concatenates them and emits one call whose output columns are
 back: ``y = nm_linear(x, [Wq; Wk; Wv]) -> y[..., :q], y[..., q:q+k], ...``. Biases, when
 every member has one, are concatenated in the graph.
 
-Runs after ``lower_nm_linear`` (it only sees its packed calls) on CPU graphs. Fused members
+Runs after ``lower_nm_linear`` (it only sees its packed calls) on CPU graphs.
+
+``group_packed_calls`` does the same for a graph of a model already lowered by ``nmfx.lower``
+(``nmfx.hf.fast_generate``'s compiled step, whose calls read the model's own packed buffers),
+without copying a weight: the calls become one ``nmfx_cpu::nm_linear_group`` call, which stages x
+once and runs the members' rows in one parallel region (``nmfx/csrc/nm_linear_op.cpp``). Fused members
 must share the input node, the pattern, the dtype and in_features, and have all or no bias.
 The fused weight is tuned (``autotune``) as its own shape and its choices travel in the
 call's ``dispatch`` argument. Each member's ``LayerDecision`` says what it was fused with.
@@ -153,3 +158,60 @@ def fuse_shared_input_linears(gm: fx.GraphModule, ctx: BackendContext) -> PassRe
     log.debug("fuse_shared_input_linears: %d groups of %d calls", len(groups),
               sum(map(len, groups)))  # fmt: skip
     return PassResult(gm, bool(groups))
+
+
+# ---- a lowered model's calls of the C++ op: one nm_linear_group call per shared input ----
+
+
+def _cpp_call_args(node: fx.Node) -> dict | None:
+    """The call's arguments by name when ``node`` calls ``nmfx_cpu::nm_linear`` without a
+    bias, with constant sizes and dispatch code; else None."""
+    if node.op != "call_function" or node.kwargs or len(node.args) != len(_ARGS) + 1:
+        return None
+    op = getattr(torch.ops.nmfx_cpu, "nm_linear", None)
+    if op is None or node.target not in (op, op.default):
+        return None
+    args = dict(zip((*_ARGS, "dispatch"), node.args, strict=True))
+    ints = ("rows", "cols", "n", "m", "dispatch")
+    if args["bias"] is not None or not all(type(args[k]) is int for k in ints):
+        return None
+    if not all(isinstance(args[k], fx.Node) for k in ("x", "values", "mask")):
+        return None
+    return args
+
+
+def group_packed_calls(gm: fx.GraphModule) -> int:
+    """Replace the bias-free ``nmfx_cpu::nm_linear`` calls that share their input (and
+    pattern and in_features) by one ``nmfx_cpu::nm_linear_group`` call each; returns how many
+    groups. Each member's output is the group's output of the same index (bit-identical to its
+    own call: nm_linear_op.cpp)."""
+    if not hasattr(torch.ops.nmfx_cpu, "nm_linear_group"):
+        return 0
+    import operator
+
+    by_key: dict[tuple, list[tuple[fx.Node, dict]]] = defaultdict(list)
+    for node in gm.graph.nodes:
+        args = _cpp_call_args(node)
+        if args is not None:
+            by_key[(args["x"], args["cols"], args["n"], args["m"])].append((node, args))
+    groups = [g for g in by_key.values() if len(g) > 1]
+    graph = gm.graph
+    for group in groups:
+        first_node, first = group[0]
+        with graph.inserting_before(first_node):
+            call = graph.call_function(
+                torch.ops.nmfx_cpu.nm_linear_group.default,
+                (first["x"], [a["values"] for _, a in group], [a["mask"] for _, a in group],
+                 [a["rows"] for _, a in group], first["cols"], first["n"], first["m"],
+                 [a["dispatch"] for _, a in group]),
+            )  # fmt: skip
+            for i, (node, _) in enumerate(group):
+                part = graph.call_function(operator.getitem, (call, i))
+                part.meta = dict(node.meta)
+                node.replace_all_uses_with(part)
+        for node, _ in group:
+            graph.erase_node(node)
+    if groups:
+        gm.recompile()
+    log.debug("group_packed_calls: %d groups of %d calls", len(groups), sum(map(len, groups)))
+    return len(groups)

@@ -157,3 +157,26 @@ def test_step_elementwise_kernels_run_on_the_calling_thread(monkeypatch) -> None
     finally:
         torch.set_num_threads(threads)
         _DECODERS.pop(low, None)
+
+
+def test_step_groups_shared_input_linears_with_the_same_tokens(monkeypatch) -> None:
+    """q/k/v and gate/up become one nm_linear_group call each in the compiled step (bf16,
+    as decoded); the tokens are those of the step with every linear its own call."""
+    import importlib
+
+    from nmfx.lowering.cpu import NMLinear
+
+    fuse = importlib.import_module("nmfx.passes.fuse_shared_input_linears")
+
+    low = nmfx.lower(pruned("llama").to(torch.bfloat16), "cpu")
+    ids = torch.randint(0, 1024, (1, 5))
+    code = _step_code(low, ids)
+    assert code.count("nm_linear_group.default(") == 2 * 2  # 2 layers: q/k/v and gate/up
+    n_packed = sum(isinstance(mod, NMLinear) for mod in low.modules())
+    assert code.count("nm_linear.default(") == n_packed - 2 * 5  # o, down (lm_head if packed)
+    grouped = fast_generate(low, ids, 12)
+    monkeypatch.setattr(fuse, "group_packed_calls", lambda gm: 0)
+    _DECODERS.pop(low, None)
+    torch._dynamo.reset()
+    assert torch.equal(fast_generate(low, ids, 12), grouped)
+    _DECODERS.pop(low, None)

@@ -256,7 +256,7 @@ def parse_cases() -> tuple[Any, list[Case]]:
     cases = [
         Case("mlp", {"in_features": 1024}, 256, repeats=5 if quick else 61,
              warmup=1 if quick else 2, compile=which in ("mlp", "all"),
-             compiled_repeats=5 if quick else 31, budget_s=10 if quick else 25),
+             compiled_repeats=5 if quick else 31, budget_s=10 if quick else 40),
         Case("resnet18", {}, 4 if quick else 32, repeats=3 if quick else 5, warmup=1,
              compile=which == "all", compiled_repeats=3, budget_s=15 if quick else 50,
              plain_ste=not quick),

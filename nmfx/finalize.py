@@ -8,7 +8,6 @@ not train (an N:M checkpoint) is finalized by detection.
 
 from __future__ import annotations
 
-import gc
 import logging
 import weakref
 
@@ -27,10 +26,6 @@ from nmfx.plan import Candidate, NMWeight
 __all__ = ["detect_nm", "finalize", "nm_weights"]
 
 log = logging.getLogger("nmfx")
-
-# When removed maskers of this many bytes of masked weights are still alive, finalize runs a full
-# garbage collection (~0.1-0.3 s with torch and transformers imported): see _release_maskers.
-COLLECT_FROM_BYTES = 64 << 20
 
 
 def finalize(model: nn.Module, *, pattern: str | tuple[int, int] | None = None) -> nn.Module:
@@ -65,20 +60,13 @@ def _release_maskers(removed: list[tuple[weakref.ref, int]]) -> None:
     """Hand the removed maskers' masks and buffers back to the OS.
 
     Nothing of nmfx's keeps a removed masker (sparsify tears down its temporary GraphModules,
-    ``analysis._discard``), so they are freed as ``uninstall`` drops them. One still alive is
-    held by a reference cycle of someone else's (or by the caller); from 64 MB of such masked
-    weights a full collection runs, as freeing a 22-layer TinyLlama-sized Llama's masks (0.9 GB)
-    is worth its 0.1-0.3 s. glibc then keeps what was freed until ``malloc_trim``.
+    ``analysis._discard``), so they are freed as ``uninstall`` drops them, with no full
+    collection. One still alive is held by a reference cycle of someone else's; from
+    ``memory.COLLECT_FROM_BYTES`` of such masked weights a full collection runs.
     """
-    from nmfx.lowering.memory import release_freed_memory
+    from nmfx.lowering.memory import release_dropped
 
-    alive = sum(nbytes for ref, nbytes in removed if ref() is not None)
-    if alive and alive >= COLLECT_FROM_BYTES:
-        log.debug(
-            "nmfx.finalize: %.0f MB of removed maskers still alive: collecting", alive / 2**20
-        )
-        gc.collect()
-    release_freed_memory()
+    release_dropped(removed)
 
 
 def nm_weights(model: nn.Module) -> dict[str, NMWeight]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import sys
+import weakref
 from typing import Any
 
 from torch import nn
@@ -60,10 +61,15 @@ def lower(
         if options:
             raise TypeError(f"target='cpu' takes no options, got {sorted(options)}")
         from nmfx.lowering.cpu import lower_cpu
-        from nmfx.lowering.memory import release_freed_memory
+        from nmfx.lowering.memory import release_dropped
 
+        weights = [out.get_parameter(nm.param) for nm in record.values()]
+        dense = [(weakref.ref(w), w.nbytes) for w in weights]
+        del weights
         out, decisions = lower_cpu(out, record)
-        release_freed_memory()  # the dense weights lower_cpu freed, else still resident
+        kept = {id(p) for p in out.parameters()}  # weights that stayed dense are not dropped
+        # the dense weights lower_cpu dropped, else still resident (glibc, cycles)
+        release_dropped([(r, n) for r, n in dense if id(r()) not in kept])
     elif target == "cuda":
         from nmfx.lowering.cuda import lower_cuda
 

@@ -58,7 +58,8 @@ def pair(**kwargs) -> tuple[nn.Module, nn.Module]:
     return old, new
 
 
-def packed_nodes(loss: torch.Tensor) -> int:
+def graph_nodes(loss: torch.Tensor) -> set:
+    """Every autograd node that ``loss.backward()`` would run."""
     seen, todo = set(), [loss.grad_fn]
     while todo:
         fn = todo.pop()
@@ -66,7 +67,11 @@ def packed_nodes(loss: torch.Tensor) -> int:
             continue
         seen.add(fn)
         todo += [nxt for nxt, _ in fn.next_functions]
-    return sum("PackedLinear" in type(fn).__name__ for fn in seen)
+    return seen
+
+
+def packed_nodes(loss: torch.Tensor) -> int:
+    return sum("PackedLinear" in type(fn).__name__ for fn in graph_nodes(loss))
 
 
 def host_isas() -> list[str]:
@@ -320,13 +325,7 @@ def test_weight_gradient_becomes_grad_without_a_copy():
             new.zero_grad(set_to_none=True)
             loss = F.cross_entropy(new(x), y)
             received: dict[int, int] = {}
-            seen, todo = set(), [loss.grad_fn]
-            while todo:
-                fn = todo.pop()
-                if fn is None or fn in seen:
-                    continue
-                seen.add(fn)
-                todo += [nxt for nxt, _ in fn.next_functions]
+            for fn in graph_nodes(loss):
                 if "PackedLinear" in type(fn).__name__:
                     acc = fn.next_functions[1][0]  # the weight's AccumulateGrad
 

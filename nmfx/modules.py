@@ -17,6 +17,7 @@ from __future__ import annotations
 import sys
 import warnings
 import weakref
+from operator import attrgetter
 from typing import Any
 
 import torch
@@ -489,7 +490,8 @@ class RewrittenForward:
             and not torch.compiler.is_compiling()
         ):
             owner = self._owner[0]
-            masker, weight, bias = (None if a is None else getattr(owner, a) for a in linear)
+            # dotted targets (``inner.weight``) where the module reads a child's parameter
+            masker, weight, bias = (None if a is None else attrgetter(a)(owner) for a in linear)
             y = masker.packed_linear(args[0], weight, bias)
             if y is not None:
                 return y

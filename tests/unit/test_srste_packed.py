@@ -338,3 +338,26 @@ def test_weight_gradient_becomes_grad_without_a_copy():
             assert sorted(received) == sorted(map(id, weights))
             for w in weights:
                 assert w.grad.data_ptr() == received[id(w)] and w.grad.is_contiguous()
+
+
+def test_a_module_reading_a_childs_weight_trains_on_the_packed_path():
+    """The rewritten forward names the weight ``inner.weight``: the fused path looks it up
+    through the child (a plain ``getattr`` raised AttributeError in the training forward)."""
+
+    class Reads(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.inner = nn.Linear(1024, 512)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return F.linear(x, self.inner.weight, self.inner.bias)
+
+    torch.manual_seed(0)
+    model = nmfx.sparsify(nn.Sequential(Reads(), nn.ReLU(), nn.Linear(512, 8)))
+    model.train()
+    x = torch.randn(64, 1024)
+    with K.force_dispatch("sparse"):
+        loss = model(x).sum()
+    assert packed_nodes(loss) == 1
+    loss.backward()
+    assert model[0].inner.weight.grad is not None

@@ -13,8 +13,8 @@ batch per bucket of rows
 (:data:`BUCKETS`), interleaved, the fastest of at least five rounds per candidate (a round that
 another process's time slice delayed is discarded, not averaged in: medians of five ~8 ms calls
 on a busy host had sent a 1024x1024 layer to the portable kernel), and records the fastest per
-bucket; when the runner-up is within :data:`NEAR_TIE` of the fastest, the two are timed again
-back to back over paired rounds and the median paired ratio decides (a duel, recorded in the
+bucket; candidates within :data:`NEAR_TIE` of the fastest are timed again back to back
+against it over paired rounds and the median paired ratio decides (duels, recorded in the
 entry). Every bucket is measured (no stop at the first loss). A candidate more than
 :data:`PRUNE_FACTOR` times slower than the best is not timed at larger buckets (the portable
 kernel, and expanding W once x has many rows); dense and the batched paths never are. Within :data:`NOISE_MARGIN` of the
@@ -93,11 +93,13 @@ PAIRS_TUNED = frozenset({(1, 4), (1, 8)})
 # branch's register-expanding kernel read W once with fewer wasted lanes.
 VNNI_MIN_ROWS = 9
 NOISE_MARGIN = 0.03
-# A runner-up within this of the fastest (by the fastest rounds) is timed again against it, paired
-# (:func:`_duel`): the fastest of five rounds had sent 4096x11008 fp32 1:4 at one row to the
-# dense branch where the selecting GEMV ran 6% faster in the sweep. The duel's rounds continue
-# past DUEL_MIN_ROUNDS until DUEL_BUDGET_S (per bucket), at most DUEL_MAX_ROUNDS.
+# Candidates within this of the fastest (by the fastest rounds; at most DUEL_CONTENDERS of them)
+# are timed again against the winner so far, paired (:func:`_duel`): the fastest of five rounds
+# had sent 4096x11008 fp32 1:4 at one row to the dense branch where the selecting GEMV ran 6%
+# faster in the sweep (timed alone, their fastest rounds were 1% apart, their medians 13%). A
+# duel's rounds continue past DUEL_MIN_ROUNDS until DUEL_BUDGET_S, at most DUEL_MAX_ROUNDS.
 NEAR_TIE = 0.10
+DUEL_CONTENDERS = 3
 DUEL_MIN_ROUNDS = 6
 DUEL_MAX_ROUNDS = 30
 DUEL_BUDGET_S = 0.02
@@ -351,27 +353,34 @@ def _time_bucket(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
 
 def _settle_near_tie(
     best_s: dict[str, float], fns: dict[str, Callable[[], object]]
-) -> tuple[str, dict[str, Any]]:
-    """The bucket's winner from the fastest times of its rounds; when the runner-up is within
-    :data:`NEAR_TIE` of the fastest, the two are timed again back to back (:func:`_duel`) and
-    the paired ratio decides. Returns the winner and the duel's record ({} when none ran)."""
+) -> tuple[str, list[dict[str, Any]]]:
+    """The bucket's winner from the fastest times of its rounds; every candidate within
+    :data:`NEAR_TIE` of the fastest (at most :data:`DUEL_CONTENDERS`, fastest first) is timed
+    again back to back against the winner so far (:func:`_duel`), and each paired ratio
+    decides. Returns the winner and the duels' records (none when no candidate was that close)."""
     ranked = sorted(best_s, key=best_s.__getitem__)
-    if len(ranked) < 2 or best_s[ranked[1]] > best_s[ranked[0]] * (1 + NEAR_TIE):
-        return ranked[0], {}
-    first, second = ranked[:2]
-    ratio, rounds = _duel(fns, first, second)
-    winner = first if ratio <= 1.0 else second
-    return winner, {"pair": [first, second], "ratio": round(ratio, 4), "rounds": rounds}
+    close = [c for c in ranked[1:] if best_s[c] <= best_s[ranked[0]] * (1 + NEAR_TIE)]
+    winner, duels = ranked[0], []
+    for challenger in close[:DUEL_CONTENDERS]:
+        ratio, rounds = _duel(fns, winner, challenger)
+        duels.append({"pair": [winner, challenger], "ratio": round(ratio, 4), "rounds": rounds})
+        if ratio > 1.0:
+            winner = challenger
+    return winner, duels
 
 
-def _keep_previous(kept: str, winner: str, best_s: dict[str, float], duel: dict[str, Any]) -> bool:
+def _keep_previous(
+    kept: str, winner: str, best_s: dict[str, float], duels: list[dict[str, Any]]
+) -> bool:
     """Whether the previous bucket's winner stays: timed here and within :data:`NOISE_MARGIN`
-    of this bucket's winner (by the duel's paired ratio when the two met in it)."""
+    of this bucket's winner (by their duel's paired ratio where the two met in one)."""
     if kept == winner or kept not in best_s:
         return False
-    if kept in duel.get("pair", ()):
-        ratio = duel["ratio"] if duel["pair"][0] == kept else 1.0 / duel["ratio"]
-        return ratio <= 1 + NOISE_MARGIN
+    for duel in duels:
+        if duel["pair"] == [kept, winner]:
+            return duel["ratio"] <= 1 + NOISE_MARGIN
+        if duel["pair"] == [winner, kept]:
+            return 1.0 / duel["ratio"] <= 1 + NOISE_MARGIN
     return best_s[kept] <= best_s[winner] * (1 + NOISE_MARGIN)
 
 
@@ -431,13 +440,12 @@ def measure(key: ShapeKey) -> dict[str, Any]:
             if weight is not None:
                 linear_ms.append(round(med.pop(LINEAR_REF) * 1e3, 4))
             best = min(med.values())
-            winner, duel = _settle_near_tie(med, fns)
-            if choices and _keep_previous(choices[-1], winner, med, duel):
+            winner, settled = _settle_near_tie(med, fns)
+            if choices and _keep_previous(choices[-1], winner, med, settled):
                 winner = choices[-1]
             choices.append(winner)
             timings.append({c: round(t * 1e3, 4) for c, t in med.items()})
-            if duel:
-                duels.append({"rows": rows_x, **duel})
+            duels += [{"rows": rows_x, **duel} for duel in settled]
             pruned |= {c for c, t in med.items() if _prunable(c) and t > PRUNE_FACTOR * best}
     entry = {"choices": choices, "ms": timings, "probe_rows": list(PROBE_ROWS), "duels": duels}
     return {**entry, "linear_ms": linear_ms} if weight is not None else entry

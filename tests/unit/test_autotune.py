@@ -163,6 +163,23 @@ def test_near_tie_is_settled_by_the_paired_duel(monkeypatch) -> None:
                                  "rounds": 6}  # fmt: skip
 
 
+def test_each_close_candidate_duels_the_winner_so_far(monkeypatch) -> None:
+    """Three candidates within NEAR_TIE by their fastest rounds: the fastest meets the second,
+    the duel's winner meets the third; the last duel's winner is chosen. A fourth, 20% off,
+    takes no part."""
+    sparse = [c for c in _autotune.host_choices(2, 4, 1) if c != "dense"]
+    if len(sparse) < 3:
+        pytest.skip("needs three sparse paths at one row")
+    a, b, far = sparse[:3]
+    first = {"dense": 1.0, a: 1.02, b: 1.05, far: 1.2}
+    paired = {"dense": 1.0, a: 0.97, b: 0.95, far: 0.5}
+    calls = _stub_timer(monkeypatch, lambda rows, c: first.get(c, 9.0), lambda rows, c: paired[c])
+    entry = _autotune.measure(KEY)
+    assert [cands for rows, cands in calls if rows == 1 and cands[0] == "duel"] == [
+        ["duel", "dense", a], ["duel", a, b]]  # fmt: skip
+    assert entry["choices"][0] == b
+
+
 def test_duel_against_the_previous_winner_keeps_it_within_the_noise_margin(monkeypatch) -> None:
     """The previous bucket's winner meets this bucket's fastest in the duel: within
     NOISE_MARGIN (2% slower) it stays; 5% slower, it is replaced."""

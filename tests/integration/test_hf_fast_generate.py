@@ -151,9 +151,12 @@ def test_step_elementwise_kernels_run_on_the_calling_thread(monkeypatch) -> None
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert "omp parallel" not in _step_code(low, ids)
+        code = _step_code(low, ids)
+        assert "omp parallel" not in code
+        assert "assert_size_stride(" not in code  # size_asserts off
         monkeypatch.setattr(nmfx.hf, "STEP_COMPILE_OPTIONS", {})  # inductor's defaults
-        assert "omp parallel" in _step_code(low, ids)
+        code = _step_code(low, ids)
+        assert "omp parallel" in code and "assert_size_stride(" in code
     finally:
         torch.set_num_threads(threads)
         _DECODERS.pop(low, None)

@@ -75,9 +75,17 @@ def test_compiled_step_matches_generate_and_is_reused(monkeypatch) -> None:
         token = decoder.step(ids[:, -1:], torch.full((1, 1), 7))
     assert token.shape == (1, 1) and not calls
     monkeypatch.undo()
-    # another prompt, of another length: the same cache and step, reset, same answer as generate
+    # another prompt, of another length: the same cache and step, reset, same answer as generate;
+    # the steps after the first skip guard checks under one stance entered once per call
     ids2 = torch.randint(0, 1024, (1, 12))
+    stances = []
+    real_stance = torch.compiler.set_stance
+    monkeypatch.setattr(
+        torch.compiler, "set_stance", lambda *a, **k: stances.append(k) or real_stance(*a, **k)
+    )
     assert torch.equal(fast_generate(low, ids2, 10), hf_generate(model, ids2, 10))
+    assert stances == [{"skip_guard_eval_unsafe": True}]
+    monkeypatch.undo()
     assert list(_DECODERS[low]) == [(1, 64, torch.float32, True)]
     # the decoders go with the model
     ref = weakref.ref(low)

@@ -75,9 +75,17 @@ def test_compiled_step_matches_generate_and_is_reused(monkeypatch) -> None:
         token = decoder.step(ids[:, -1:], torch.full((1, 1), 7))
     assert token.shape == (1, 1) and not calls
     monkeypatch.undo()
-    # another prompt, of another length: the same cache and step, reset, same answer as generate
+    # another prompt, of another length: the same cache and step, reset, same answer as generate;
+    # the steps after the first skip guard checks under one stance entered once per call
     ids2 = torch.randint(0, 1024, (1, 12))
+    stances = []
+    real_stance = torch.compiler.set_stance
+    monkeypatch.setattr(
+        torch.compiler, "set_stance", lambda *a, **k: stances.append(k) or real_stance(*a, **k)
+    )
     assert torch.equal(fast_generate(low, ids2, 10), hf_generate(model, ids2, 10))
+    assert stances == [{"skip_guard_eval_unsafe": True}]
+    monkeypatch.undo()
     assert list(_DECODERS[low]) == [(1, 64, torch.float32, True)]
     # the decoders go with the model
     ref = weakref.ref(low)
@@ -151,9 +159,12 @@ def test_step_elementwise_kernels_run_on_the_calling_thread(monkeypatch) -> None
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert "omp parallel" not in _step_code(low, ids)
+        code = _step_code(low, ids)
+        assert "omp parallel" not in code
+        assert "assert_size_stride(" not in code  # size_asserts off
         monkeypatch.setattr(nmfx.hf, "STEP_COMPILE_OPTIONS", {})  # inductor's defaults
-        assert "omp parallel" in _step_code(low, ids)
+        code = _step_code(low, ids)
+        assert "omp parallel" in code and "assert_size_stride(" in code
     finally:
         torch.set_num_threads(threads)
         _DECODERS.pop(low, None)

@@ -15,9 +15,13 @@ Minor page faults per phase are counted too (``--malloc no-trim``: see ``benchma
 ``--masked-copy`` adds a third model, interleaved with the other two: the same SR-STE model
 with the forward's GEMM on the masked copy (``F.linear``) instead of the packed N:M weight
 (``NMMasker.sparse_gemm = False``), so both forwards are compared in one run.
+``--contend N`` runs N busy-looping processes beside the rounds (every round is then used) and
+prints, per model, what nmfx's contention guard counted during its steps (parallel calls,
+stalls, calls kept on one thread): whether the extra time is nmfx's kernels waiting on a
+descheduled thread or torch's own ops.
 
     PYTHONPATH=. python benchmarks/srste_phases.py [--rounds N] [--optimizer sgd|adamw]
-        [--malloc default|no-trim] [--masked-copy]
+        [--malloc default|no-trim] [--masked-copy] [--contend N]
 """
 
 from __future__ import annotations
@@ -30,8 +34,20 @@ from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
+from _guard import COUNTED
+from _guard import stats as guard_stats
 from _heap import MALLOC_MODES, minor_faults, set_malloc
-from _timing import LoadMonitor, _others_share, machine_info, median, ms, setup_threads, spread
+from _timing import (
+    Contention,
+    LoadMonitor,
+    _others_share,
+    add_contend_arg,
+    machine_info,
+    median,
+    ms,
+    setup_threads,
+    spread,
+)
 from tabulate import tabulate
 from torch import nn
 from torch.optim.optimizer import (
@@ -97,6 +113,7 @@ def main() -> None:
     parser.add_argument("--malloc", choices=MALLOC_MODES, default="default")
     parser.add_argument("--masked-copy", action="store_true",
                         help="also time the forward with F.linear on the masked copy")
+    add_contend_arg(parser)
     args = parser.parse_args()
     set_malloc(args.malloc)  # before any model exists
     setup_threads(args.threads)
@@ -120,22 +137,32 @@ def main() -> None:
     times: dict[str, dict[str, list[float]]] = {k: {p: [] for p in PHASES} for k in steps}
     faults: dict[str, dict[str, list[float]]] = {k: {p: [] for p in PHASES} for k in steps}
     shares: list[float | None] = []
-    with LoadMonitor() as load:
+    guard = {k: dict.fromkeys(COUNTED, 0) for k in steps}
+    with Contention(args.contend), LoadMonitor() as load:
         for r in range(args.rounds):
             _, sample = _others_share(None)
             for k in sorted(steps, reverse=r % 2 == 1):
+                before = guard_stats()
                 for p, (t, f) in steps[k]().items():
                     times[k][p].append(t)
                     faults[k][p].append(f)
+                after = guard_stats()
+                for key in COUNTED:
+                    guard[k][key] += after[key] - before[key]
             shares.append(_others_share(sample)[0])
     clean = [i for i, s in enumerate(shares) if s is not None and s <= 0.10]
-    if len(clean) >= 5:
+    if len(clean) >= 5 and not args.contend:
         times, faults = ({k: {p: [v[i] for i in clean] for p, v in t.items()} for k, t in x.items()}
                          for x in (times, faults))  # fmt: skip
     for variant in (k for k in steps if k != "dense"):
         report(variant, times, faults, args)
     print(f"clean rounds {len(clean)}/{args.rounds}; others' CPU share "
-          f"{load.result['others_cpu_share']:.0%}; {machine_info()['cpu_model']}")  # fmt: skip
+          f"{load.result['others_cpu_share']:.0%}; {machine_info()['cpu_model']}"
+          + (f"; {args.contend} busy-looping processes beside it, every round used"
+             if args.contend else ""))  # fmt: skip
+    print("nmfx's contention guard over each model's steps (nmfx kernels' parallel calls):")
+    print(tabulate([[k, *g.values()] for k, g in guard.items()], headers=["model", *COUNTED],
+                   tablefmt="github"))  # fmt: skip
     if MASKED_COPY in steps:
         paired = sorted(a / b for a, b in zip(times["sparse"]["step"], times[MASKED_COPY]["step"],
                                                strict=True))  # fmt: skip

@@ -152,15 +152,51 @@ def _fp32_sdpa(module: nn.Module, query: torch.Tensor, key: torch.Tensor, value:
     On CPU, ``scaled_dot_product_attention`` runs a one-row bf16 query about 6x slower than
     fp32 (240 vs 39 us for 32 heads over 64 positions, one thread, Zen 4): per decoded token
     that was more than a 4-layer model's norms, activations and residuals together. q, k and v
-    are small (the cache of a few hundred positions), so the copies cost little."""
+    are small (the cache of a few hundred positions), so the copies cost little. A decode step's
+    one-row query skips sdpa (:func:`_one_row_attention`)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
+    if _one_row_ok(query, key, attention_mask, args, kwargs):
+        return _one_row_attention(query, key, value, attention_mask, kwargs), None
     dtype = query.dtype
     query, key, value = query.float(), key.float(), value.float()
     if attention_mask is not None and attention_mask.is_floating_point():
         attention_mask = attention_mask.float()
     out, weights = sdpa_attention_forward(module, query, key, value, attention_mask, *args, **kwargs)
     return out.to(dtype), weights
+
+
+def _one_row_ok(query: torch.Tensor, key: torch.Tensor, mask: torch.Tensor | None,
+                args: tuple, kwargs: dict) -> bool:  # fmt: skip
+    """A decode step's attention that :func:`_one_row_attention` computes as sdpa would: one
+    query row, no dropout, a boolean mask (or none), no extras (softcap, position bias)."""
+    extras = any(kwargs.get(k) is not None for k in ("softcap", "position_bias", "s_aux"))
+    plain_mask = mask is None or (
+        mask.dtype == torch.bool and mask.dim() == 4 and mask.shape[1:3] == (1, 1)
+    )
+    return (
+        query.shape[2] == 1 and not args and not extras and not kwargs.get("dropout")
+        and query.shape[1] % key.shape[1] == 0 and query.shape[-1] == key.shape[-1]
+        and plain_mask
+    )  # fmt: skip
+
+
+def _one_row_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                       mask: torch.Tensor | None, kwargs: dict) -> torch.Tensor:  # fmt: skip
+    """Softmax attention of one query row per head, in fp32, written as products and sums so
+    that inductor fuses it into a loop or two over the bf16 cache: no fp32 copy of the cache,
+    no GQA copy of k/v per query head, no separate attention op. Returns [batch, 1, heads,
+    dim] (sdpa's output after HF's transpose)."""
+    batch, heads, _, dim = query.shape
+    kv_heads, length = key.shape[1], key.shape[2]
+    scale = kwargs.get("scaling") or dim**-0.5
+    q = query.reshape(batch, kv_heads, heads // kv_heads, 1, dim).float() * scale
+    scores = (q * key.unsqueeze(2).float()).sum(-1)  # [batch, kv_heads, group, length]
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(-1, 1, 1, length), float("-inf"))
+    probs = scores.softmax(-1).unsqueeze(-1)
+    out = (probs * value.unsqueeze(2).float()).sum(-2)  # [batch, kv_heads, group, dim]
+    return out.reshape(batch, 1, heads, -1).to(query.dtype)
 
 
 @contextlib.contextmanager
@@ -173,6 +209,12 @@ def _fp32_attention(model: nn.Module) -> Any:
     tf = _transformers()
     if _FP32_SDPA not in tf.AttentionInterface._global_mapping:
         tf.AttentionInterface.register(_FP32_SDPA, _fp32_sdpa)
+    # HF builds no attention mask for an implementation its mask interface does not know
+    # (it takes it for an external kernel that needs none): a one-row step would then attend
+    # to the static cache's empty positions too. sdpa's mask, as "sdpa" gets.
+    masks = tf.masking_utils.ALL_MASK_ATTENTION_FUNCTIONS
+    if _FP32_SDPA not in masks._global_mapping:
+        masks.register(_FP32_SDPA, masks._global_mapping["sdpa"])
     model.set_attn_implementation(_FP32_SDPA)
     try:
         yield
@@ -239,7 +281,12 @@ def _decoder(model: nn.Module, batch: int, length: int, compile: bool) -> _Stati
 # than most of these kernels' work. Here a kernel runs in parallel only from 256K values per
 # thread (~50 us of work): the 4-layer TinyLlama-sized model's step opens ~40 regions fewer per
 # token. The packed linears keep their threads (their own op); long caches still go parallel.
-STEP_COMPILE_OPTIONS = {"cpp.min_chunk_size": 1 << 18}
+#
+# The step's Python wrapper also checks the size and stride of every input and custom-op output
+# before use (~110 checks per token in the 4-layer model, about 1 us each): the step's inputs
+# never change shape within a decode (the first step of each call checks every guard) and the
+# packed ops return contiguous outputs, so they are off (size_asserts).
+STEP_COMPILE_OPTIONS = {"cpp.min_chunk_size": 1 << 18, "size_asserts": False}
 
 
 def _step_backend(gm: torch.fx.GraphModule, example_inputs: list) -> Any:
@@ -288,15 +335,19 @@ class _StaticDecoder:
         out = torch.empty(batch, prompt + new, dtype=input_ids.dtype)
         out[:, :prompt] = input_ids
         out[:, prompt : prompt + 1] = token
-        for i in range(1, new):
-            position = torch.full((batch, 1), prompt + i - 1, dtype=torch.long)
-            # The first step checks every guard (the model may have changed since the last
-            # call); later ones only tell compiled graphs apart (~1 ms a token on a model's
-            # guards): nothing can change the model or the inputs' shapes within this loop.
-            with self._stance(skip=i > 1):
-                token = self.step(token, position)
-            out[:, prompt + i : prompt + i + 1] = token
+        # The first step checks every guard (the model may have changed since the last call);
+        # later ones only tell compiled graphs apart (~1 ms a token on a model's guards):
+        # nothing can change the model or the inputs' shapes within this loop. The stance is
+        # entered once for all of them (entering it costs tens of us).
+        for i in range(1, min(new, 2)):
+            out[:, prompt + i : prompt + i + 1] = token = self._step_at(token, prompt + i - 1)
+        with self._stance(skip=True):
+            for i in range(2, new):
+                out[:, prompt + i : prompt + i + 1] = token = self._step_at(token, prompt + i - 1)
         return out
+
+    def _step_at(self, token: torch.Tensor, position: int) -> torch.Tensor:
+        return self.step(token, torch.full((token.shape[0], 1), position, dtype=torch.long))
 
     def _stance(self, skip: bool) -> Any:
         if skip and self.compiled:

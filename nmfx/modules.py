@@ -24,8 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import fx, nn
 
-from nmfx.masks import MaskOutputs, _use_kernel, masked_with_mask, nm_mask
-from nmfx.ops import compiled_mask_op_applies, srste_masked_op
+from nmfx.masks import MaskOutputs, _use_kernel, kernel_supports, masked_with_mask, nm_mask
+from nmfx.ops import compiled_mask_op_applies, srste_masked_op, srste_packed_linear_op
 
 __all__ = [
     "MHAForward",
@@ -282,16 +282,31 @@ class NMMasker(nn.Module):
             self._check_stepped_with_term(weight)
         return _PackedLinear.apply(x, weight, bias, self, tracks, code)
 
-    def _sparse_gemm_code(
+    def compiled_packed_linear(
         self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
-    ) -> int | None:
-        """nm_gemm's path code for this call, or None: the path needs a training forward
-        (an eval forward stays bit-identical to ``F.linear`` on the masked weight; inference
-        runs ``nmfx.lower``'s model), eager CPU fp32, a plain 2-D weight grouped along dim 1,
-        no hook on the masker, and the tuner's choice of a sparse kernel at this batch."""
-        if not (
+    ) -> torch.Tensor | None:
+        """Under ``torch.compile``: ``linear(x, self(weight), bias)`` as one
+        ``nmfx::srste_packed_linear`` node where :meth:`packed_linear`'s static conditions
+        hold (the op asks the tuner per call, and runs ``F.linear`` on the masked copy where
+        it picks dense), else None. As the compiled masked-copy forward, it tracks no steps:
+        the optimizer hook adds the SR-STE term either way."""
+        if (
+            torch.compiler.is_exporting()  # an exported graph keeps plain aten ops
+            or torch.is_autocast_enabled("cpu")
+            or not self._packed_applies(x, weight, bias)
+        ):
+            return None
+        return srste_packed_linear_op(x, weight, bias, self.n, self.m)[0]
+
+    def _packed_applies(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> bool:
+        """The static conditions of the packed forward: a training forward (an eval forward
+        stays bit-identical to ``F.linear`` on the masked weight; inference runs
+        ``nmfx.lower``'s model), CPU fp32, a plain 2-D weight grouped along dim 1 of at least
+        ``SPARSE_GEMM_MIN_NUMEL`` elements, and no hook on the masker."""
+        return (
             self.sparse_gemm
-            and not _eager_state_differs()
             and self.training
             and weight.requires_grad
             and torch.is_grad_enabled()
@@ -310,8 +325,16 @@ class NMMasker(nn.Module):
             and weight.is_contiguous()
             and (bias is None or (bias.dtype == torch.float32 and bias.dim() == 1))
             and not (self._forward_hooks or self._forward_pre_hooks or _global_module_hooks())
-            and _use_kernel(weight, self.m)
-        ):
+            and kernel_supports(weight, self.m)
+        )
+
+    def _sparse_gemm_code(
+        self, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
+    ) -> int | None:
+        """nm_gemm's path code for this eager call, or None: the static conditions, eager
+        state (no compile, tracing, autocast, modes) and the tuner's choice of a sparse kernel
+        at this batch."""
+        if _eager_state_differs() or not self._packed_applies(x, weight, bias):
             return None
         from nmfx.kernels import _dispatch, _ops
 
@@ -486,13 +509,15 @@ class RewrittenForward:
             linear is not None
             and len(args) == 1
             and not kwargs
-            and type(args[0]) is torch.Tensor  # not an FX proxy
-            and not torch.compiler.is_compiling()
+            and isinstance(args[0], torch.Tensor)  # not an FX proxy
         ):
             owner = self._owner[0]
             # dotted targets (``inner.weight``) where the module reads a child's parameter
             masker, weight, bias = (None if a is None else attrgetter(a)(owner) for a in linear)
-            y = masker.packed_linear(args[0], weight, bias)
+            if torch.compiler.is_compiling():
+                y = masker.compiled_packed_linear(args[0], weight, bias)
+            else:
+                y = masker.packed_linear(args[0], weight, bias)
             if y is not None:
                 return y
         return type(self._code[0]).forward(self._owner[0], *args, **kwargs)

@@ -13,10 +13,13 @@ batch per bucket of rows
 (:data:`BUCKETS`), interleaved, the fastest of at least five rounds per candidate (a round that
 another process's time slice delayed is discarded, not averaged in: medians of five ~8 ms calls
 on a busy host had sent a 1024x1024 layer to the portable kernel), and records the fastest per
-bucket. Every bucket is measured (no stop at the first loss). A candidate more than
+bucket; candidates within :data:`NEAR_TIE` of the fastest are timed again back to back
+against it over paired rounds and the median paired ratio decides (duels, recorded in the
+entry). Every bucket is measured (no stop at the first loss). A candidate more than
 :data:`PRUNE_FACTOR` times slower than the best is not timed at larger buckets (the portable
 kernel, and expanding W once x has many rows); dense and the batched paths never are. Within :data:`NOISE_MARGIN` of the
-fastest, the previous bucket's winner is kept, so noise does not flip neighbouring buckets.
+fastest, the previous bucket's winner is kept (unless it lost this bucket's duel), so noise
+does not flip neighbouring buckets.
 
 Results are cached on disk (``$NMFX_CACHE_DIR`` or ``~/.cache/nmfx``) in one JSON file per host
 key: CPU model and flags, threads, torch version and a digest of the kernel sources; an entry per
@@ -55,8 +58,9 @@ logger = logging.getLogger(__name__)
 # 5-8: per-shape autotuning (6: batched paths never pruned; 7: avx512bf16-panels; 8:
 # avx512bf16-gemv); 1-4: thresholds
 # 9: fastest of the rounds, not the median; 10: F.linear reference and the load per entry;
-# 11: avx512bf16-pairs timed; 12: avx512bf16-vnni timed; 13: avx512-select timed
-TABLE_VERSION = 13
+# 11: avx512bf16-pairs timed; 12: avx512bf16-vnni timed; 13: avx512-select timed; 14: near
+# ties settled by a paired duel
+TABLE_VERSION = 14
 CACHE_ENV = "NMFX_CACHE_DIR"
 CALIBRATE_ENV = "NMFX_CALIBRATE"
 # Buckets of rows of x (inclusive bounds; the last is open) and the batch timed for each.
@@ -89,6 +93,16 @@ PAIRS_TUNED = frozenset({(1, 4), (1, 8)})
 # branch's register-expanding kernel read W once with fewer wasted lanes.
 VNNI_MIN_ROWS = 9
 NOISE_MARGIN = 0.03
+# Candidates within this of the fastest (by the fastest rounds; at most DUEL_CONTENDERS of them)
+# are timed again against the winner so far, paired (:func:`_duel`): the fastest of five rounds
+# had sent 4096x11008 fp32 1:4 at one row to the dense branch where the selecting GEMV ran 6%
+# faster in the sweep (timed alone, their fastest rounds were 1% apart, their medians 13%). A
+# duel's rounds continue past DUEL_MIN_ROUNDS until DUEL_BUDGET_S, at most DUEL_MAX_ROUNDS.
+NEAR_TIE = 0.10
+DUEL_CONTENDERS = 3
+DUEL_MIN_ROUNDS = 6
+DUEL_MAX_ROUNDS = 30
+DUEL_BUDGET_S = 0.02
 PRUNE_FACTOR = 3.0
 MIN_ROUNDS = 5
 MAX_ROUNDS = 25
@@ -331,6 +345,63 @@ def _time_bucket(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
     return {name: min(s) for name, s in samples.items()}
 
 
+def _settle_near_tie(
+    best_s: dict[str, float], fns: dict[str, Callable[[], object]]
+) -> tuple[str, list[dict[str, Any]]]:
+    """The bucket's winner from the fastest times of its rounds; every candidate within
+    :data:`NEAR_TIE` of the fastest (at most :data:`DUEL_CONTENDERS`, fastest first) is timed
+    again back to back against the winner so far (:func:`_duel`), and each paired ratio
+    decides. Returns the winner and the duels' records (none when no candidate was that close)."""
+    ranked = sorted(best_s, key=best_s.__getitem__)
+    close = [c for c in ranked[1:] if best_s[c] <= best_s[ranked[0]] * (1 + NEAR_TIE)]
+    winner, duels = ranked[0], []
+    for challenger in close[:DUEL_CONTENDERS]:
+        ratio, rounds = _duel(fns, winner, challenger)
+        duels.append({"pair": [winner, challenger], "ratio": round(ratio, 4), "rounds": rounds})
+        if ratio > 1.0:
+            winner = challenger
+    return winner, duels
+
+
+def _keep_previous(
+    kept: str, winner: str, best_s: dict[str, float], duels: list[dict[str, Any]]
+) -> bool:
+    """Whether the previous bucket's winner stays: timed here and within :data:`NOISE_MARGIN`
+    of this bucket's winner (by their duel's paired ratio where the two met in one)."""
+    if kept == winner or kept not in best_s:
+        return False
+    for duel in duels:
+        if duel["pair"] == [kept, winner]:
+            return duel["ratio"] <= 1 + NOISE_MARGIN
+        if duel["pair"] == [winner, kept]:
+            return 1.0 / duel["ratio"] <= 1 + NOISE_MARGIN
+    return best_s[kept] <= best_s[winner] * (1 + NOISE_MARGIN)
+
+
+def _duel(fns: dict[str, Callable[[], object]], first: str, second: str) -> tuple[float, int]:
+    """Median over paired rounds of time(first) / time(second), and the rounds run: each round
+    calls both, in alternating order, so drift and other processes' load fall on both alike.
+    Rounds continue past :data:`DUEL_MIN_ROUNDS` while within :data:`DUEL_BUDGET_S`."""
+    a, b = fns[first], fns[second]
+    ratios: list[float] = []
+    start = time.perf_counter()
+    while len(ratios) < DUEL_MIN_ROUNDS or (
+        len(ratios) < DUEL_MAX_ROUNDS and time.perf_counter() - start < DUEL_BUDGET_S
+    ):
+        pair = (a, b) if len(ratios) % 2 == 0 else (b, a)
+        spent = []
+        for fn in pair:
+            t0 = time.perf_counter()
+            fn()
+            spent.append(time.perf_counter() - t0)
+        ta, tb = spent if pair[0] is a else spent[::-1]
+        ratios.append(ta / tb)
+    ratios.sort()
+    mid = len(ratios) // 2
+    median = ratios[mid] if len(ratios) % 2 else (ratios[mid - 1] + ratios[mid]) / 2
+    return median, len(ratios)
+
+
 def _linear_reference(key: ShapeKey, values, mask) -> torch.Tensor | None:
     """The dense weight to time ``F.linear`` on, for layers up to LINEAR_REF_MAX_BYTES."""
     from nmfx.packed import unpack_buffers
@@ -351,6 +422,7 @@ def measure(key: ShapeKey) -> dict[str, Any]:
     choices: list[str] = []
     timings: list[dict[str, float]] = []
     linear_ms: list[float] = []
+    duels: list[dict[str, Any]] = []
     with torch.inference_mode():
         for rows_x in PROBE_ROWS:
             x = torch.randn(rows_x, key.cols).to(dtype)
@@ -362,13 +434,14 @@ def measure(key: ShapeKey) -> dict[str, Any]:
             if weight is not None:
                 linear_ms.append(round(med.pop(LINEAR_REF) * 1e3, 4))
             best = min(med.values())
-            winner = min(med, key=med.__getitem__)
-            if choices and choices[-1] in med and med[choices[-1]] <= best * (1 + NOISE_MARGIN):
+            winner, settled = _settle_near_tie(med, fns)
+            if choices and _keep_previous(choices[-1], winner, med, settled):
                 winner = choices[-1]
             choices.append(winner)
             timings.append({c: round(t * 1e3, 4) for c, t in med.items()})
+            duels += [{"rows": rows_x, **duel} for duel in settled]
             pruned |= {c for c, t in med.items() if _prunable(c) and t > PRUNE_FACTOR * best}
-    entry = {"choices": choices, "ms": timings, "probe_rows": list(PROBE_ROWS)}
+    entry = {"choices": choices, "ms": timings, "probe_rows": list(PROBE_ROWS), "duels": duels}
     return {**entry, "linear_ms": linear_ms} if weight is not None else entry
 
 

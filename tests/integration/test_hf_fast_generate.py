@@ -75,9 +75,17 @@ def test_compiled_step_matches_generate_and_is_reused(monkeypatch) -> None:
         token = decoder.step(ids[:, -1:], torch.full((1, 1), 7))
     assert token.shape == (1, 1) and not calls
     monkeypatch.undo()
-    # another prompt, of another length: the same cache and step, reset, same answer as generate
+    # another prompt, of another length: the same cache and step, reset, same answer as generate;
+    # the steps after the first skip guard checks under one stance entered once per call
     ids2 = torch.randint(0, 1024, (1, 12))
+    stances = []
+    real_stance = torch.compiler.set_stance
+    monkeypatch.setattr(
+        torch.compiler, "set_stance", lambda *a, **k: stances.append(k) or real_stance(*a, **k)
+    )
     assert torch.equal(fast_generate(low, ids2, 10), hf_generate(model, ids2, 10))
+    assert stances == [{"skip_guard_eval_unsafe": True}]
+    monkeypatch.undo()
     assert list(_DECODERS[low]) == [(1, 64, torch.float32, True)]
     # the decoders go with the model
     ref = weakref.ref(low)
@@ -151,9 +159,12 @@ def test_step_elementwise_kernels_run_on_the_calling_thread(monkeypatch) -> None
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        assert "omp parallel" not in _step_code(low, ids)
+        code = _step_code(low, ids)
+        assert "omp parallel" not in code
+        assert "assert_size_stride(" not in code  # size_asserts off
         monkeypatch.setattr(nmfx.hf, "STEP_COMPILE_OPTIONS", {})  # inductor's defaults
-        assert "omp parallel" in _step_code(low, ids)
+        code = _step_code(low, ids)
+        assert "omp parallel" in code and "assert_size_stride(" in code
     finally:
         torch.set_num_threads(threads)
         _DECODERS.pop(low, None)
@@ -180,3 +191,85 @@ def test_step_groups_shared_input_linears_with_the_same_tokens(monkeypatch) -> N
     torch._dynamo.reset()
     assert torch.equal(fast_generate(low, ids, 12), grouped)
     _DECODERS.pop(low, None)
+
+
+def _sharp_llama() -> torch.nn.Module:
+    """A small fp32 Llama whose attention is far from uniform (weights scaled up), so that
+    attending to a wrong set of cache positions changes the tokens."""
+    torch.manual_seed(0)
+    config = T.LlamaConfig(
+        hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=256, max_position_embeddings=64,
+    )  # fmt: skip
+    model = T.AutoModelForCausalLM.from_config(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() > 1:
+                p.mul_(8)
+    return model
+
+
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_bf16_attention_route_masks_the_empty_cache_positions(monkeypatch, compiled) -> None:
+    """The attention a bf16 model decodes with (fp32 inside, one-row steps of our own), taken by
+    an fp32 model: generate's tokens. Before the mask was registered for it, HF built no mask
+    and every step also attended to the static cache's empty positions."""
+    import nmfx.hf
+
+    model = _sharp_llama()
+    ids = torch.randint(0, 256, (1, 8))
+    want = hf_generate(model, ids, 20)
+    monkeypatch.setattr(nmfx.hf, "_model_dtype", lambda m: torch.bfloat16)  # the bf16 route
+    calls = []
+    real = nmfx.hf._one_row_attention
+    monkeypatch.setattr(
+        nmfx.hf, "_one_row_attention", lambda *a: calls.append(1) or real(*a)
+    )
+    torch._dynamo.reset()
+    try:
+        assert torch.equal(fast_generate(model, ids, 20, compile=compiled), want)
+    finally:
+        _DECODERS.pop(model, None)
+    assert calls  # the one-row attention ran (traced, when compiled)
+    assert model.config._attn_implementation == "sdpa"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("masked", [False, True], ids=["no-mask", "mask"])
+def test_one_row_attention_is_sdpa(dtype, masked) -> None:
+    """One query row per head, GQA (8 heads on 2 kv heads), a boolean mask over a 40-position
+    cache: sdpa's output on fp32 copies (what the route computed before), transposed as HF
+    returns it."""
+    from nmfx.hf import _one_row_attention, _one_row_ok
+
+    torch.manual_seed(0)
+    q = torch.randn(2, 8, 1, 32).mul(3).to(dtype)
+    k, v = (torch.randn(2, 2, 40, 32).to(dtype) for _ in range(2))
+    mask = torch.arange(40).view(1, 1, 1, 40) < torch.tensor([17, 40]).view(2, 1, 1, 1)
+    mask = mask if masked else None
+    assert _one_row_ok(q, k, mask, (), {"dropout": 0.0, "scaling": 0.2})
+    got = _one_row_attention(q, k, v, mask, {"scaling": 0.2})
+    want = torch.nn.functional.scaled_dot_product_attention(
+        q.float(), k.float(), v.float(), attn_mask=mask, scale=0.2, enable_gqa=True
+    ).transpose(1, 2)
+    assert got.dtype == dtype and got.shape == (2, 1, 8, 32)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {}
+    torch.testing.assert_close(got, want.to(dtype), **tol)
+
+
+@pytest.mark.parametrize(
+    ("rows", "kwargs", "mask_shape"),
+    [(2, {}, None), (1, {"dropout": 0.1}, None), (1, {"softcap": 30.0}, None),
+     (1, {}, (1, 1, 2, 40)), (1, {}, "float")],
+    ids=["two-rows", "dropout", "softcap", "mask-of-two-rows", "float-mask"],
+)  # fmt: skip
+def test_one_row_attention_leaves_other_cases_to_sdpa(rows, kwargs, mask_shape) -> None:
+    from nmfx.hf import _one_row_ok
+
+    q, k = torch.zeros(1, 8, rows, 32), torch.zeros(1, 2, 40, 32)
+    mask = None
+    if mask_shape == "float":
+        mask = torch.zeros(1, 1, 1, 40)
+    elif mask_shape is not None:
+        mask = torch.ones(mask_shape, dtype=torch.bool)
+    assert not _one_row_ok(q, k, mask, (), kwargs)

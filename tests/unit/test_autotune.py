@@ -60,18 +60,33 @@ class FakeLoad:
         pass
 
 
-def _stub_timer(monkeypatch, times_by_batch) -> list[tuple[int, list[str]]]:
-    """Replace the timing: ``times_by_batch(rows_x, choice) -> seconds``; records the calls."""
+def _stub_timer(monkeypatch, times_by_batch, duel_times=None) -> list[tuple[int, list[str]]]:
+    """Replace the timing: ``times_by_batch(rows_x, choice) -> seconds`` for the rounds and
+    ``duel_times`` (default: the same) for a near tie's paired duel; records the calls (a duel
+    as ``(rows_x, ["duel", first, second])``)."""
     calls: list[tuple[int, list[str]]] = []
+    duel_times = duel_times or times_by_batch
 
     def fake(fns):
         rows_x = fake.rows_x.pop(0)
+        fake.now = rows_x
         calls.append((rows_x, list(fns)))
         return {c: times_by_batch(rows_x, c) for c in fns}
 
+    def fake_duel(fns, first, second):
+        assert first in fns and second in fns
+        calls.append((fake.now, ["duel", first, second]))
+        return duel_times(fake.now, first) / duel_times(fake.now, second), 6
+
     fake.rows_x = list(_autotune.PROBE_ROWS)
     monkeypatch.setattr(_autotune, "_time_bucket", fake)
+    monkeypatch.setattr(_autotune, "_duel", fake_duel)
     return calls
+
+
+def _timed(calls: list[tuple[int, list[str]]]) -> list[tuple[int, list[str]]]:
+    """The calls of the interleaved rounds (no duels)."""
+    return [(rows, cands) for rows, cands in calls if cands[0] != "duel"]
 
 
 def test_every_bucket_and_every_host_choice_is_timed_without_early_stop(monkeypatch) -> None:
@@ -83,8 +98,9 @@ def test_every_bucket_and_every_host_choice_is_timed_without_early_stop(monkeypa
             return 1.0
         return 2.0 if rows_x == 2 else 0.5
 
-    calls = _stub_timer(monkeypatch, times)
+    stub = _stub_timer(monkeypatch, times)
     entry = _autotune.measure(KEY)
+    calls = _timed(stub)
     assert [rows for rows, _ in calls] == list(_autotune.PROBE_ROWS)
     assert set(calls[0][1]) == {*_autotune.host_choices(2, 4, 1), _autotune.LINEAR_REF}
     # The F.linear reference (timed like a sparse path here), never a choice.
@@ -110,11 +126,110 @@ def test_noise_margin_keeps_the_previous_winner_and_slow_paths_are_pruned(monkey
             base["avx2-panels"] = 0.2
         return base.get(choice, 0.9)
 
-    calls = _stub_timer(monkeypatch, times)
+    stub = _stub_timer(monkeypatch, times)
     entry = _autotune.measure(KEY)
+    calls = _timed(stub)
     assert entry["choices"][6:] == ["avx2-expand"] * 2 + ["avx2-panels"] * 2
     assert all("portable" not in cands for _, cands in calls[1:])  # > 3x the best at 1 row
     assert all("dense" in cands and "avx2-panels" in cands for _, cands in calls)
+
+
+def _runner_up() -> str:
+    """A sparse choice this host offers at every probe batch (the second of a near tie)."""
+    return next(c for c in _autotune.host_choices(2, 4, 512) if c != "dense")
+
+
+def test_near_tie_is_settled_by_the_paired_duel(monkeypatch) -> None:
+    """Dense is fastest by its rounds' minimum at one row but within NEAR_TIE of a sparse path:
+    the two are timed again and the duel's paired ratio (sparse 6% faster) decides. Far apart
+    (256+ rows), no duel runs."""
+    other = _runner_up()
+
+    def times(rows_x, choice):
+        if rows_x >= 256:
+            return {"dense": 1.0, other: 2.0}.get(choice, 9.0)
+        return {"dense": 1.0, other: 1.05}.get(choice, 9.0)
+
+    def duel_times(rows_x, choice):
+        return {"dense": 1.0, other: 0.94}[choice]
+
+    calls = _stub_timer(monkeypatch, times, duel_times)
+    entry = _autotune.measure(KEY)
+    duels = [(rows, cands) for rows, cands in calls if cands[0] == "duel"]
+    assert duels and all(cands == ["duel", "dense", other] for _, cands in duels)
+    assert {rows for rows, _ in duels} == {r for r in _autotune.PROBE_ROWS if r < 256}
+    assert entry["choices"][:8] == [other] * 8 and entry["choices"][8:] == ["dense"] * 2
+    assert entry["duels"][0] == {"rows": 1, "pair": ["dense", other], "ratio": round(1 / 0.94, 4),
+                                 "rounds": 6}  # fmt: skip
+
+
+def test_each_close_candidate_duels_the_winner_so_far(monkeypatch) -> None:
+    """Three candidates within NEAR_TIE by their fastest rounds: the fastest meets the second,
+    the duel's winner meets the third; the last duel's winner is chosen. A fourth, 20% off,
+    takes no part."""
+    sparse = [c for c in _autotune.host_choices(2, 4, 1) if c != "dense"]
+    if len(sparse) < 3:
+        pytest.skip("needs three sparse paths at one row")
+    a, b, far = sparse[:3]
+    first = {"dense": 1.0, a: 1.02, b: 1.05, far: 1.2}
+    paired = {"dense": 1.0, a: 0.97, b: 0.95, far: 0.5}
+    calls = _stub_timer(monkeypatch, lambda rows, c: first.get(c, 9.0), lambda rows, c: paired[c])
+    entry = _autotune.measure(KEY)
+    assert [cands for rows, cands in calls if rows == 1 and cands[0] == "duel"] == [
+        ["duel", "dense", a], ["duel", a, b]]  # fmt: skip
+    assert entry["choices"][0] == b
+
+
+def test_duel_against_the_previous_winner_keeps_it_within_the_noise_margin(monkeypatch) -> None:
+    """The previous bucket's winner meets this bucket's fastest in the duel: within
+    NOISE_MARGIN (2% slower) it stays; 5% slower, it is replaced."""
+    other = _runner_up()
+
+    def times(rows_x, choice):
+        if rows_x == 1:
+            return {"dense": 1.0, other: 1.5}.get(choice, 9.0)
+        return {"dense": 1.0, other: 0.97}.get(choice, 9.0)
+
+    def duel_times(rows_x, choice):
+        return {"dense": 1.0, other: 0.98 if rows_x < 64 else 0.95}[choice]
+
+    _stub_timer(monkeypatch, times, duel_times)
+    entry = _autotune.measure(KEY)
+    assert entry["choices"][:6] == ["dense"] * 6
+    assert entry["choices"][6:] == [other] * 4
+
+
+class FakeClock:
+    """perf_counter for :func:`_autotune._duel`: calls of the timed functions advance it."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+    def spend(self, seconds: float):
+        def fn() -> None:
+            self.now += seconds
+
+        return fn
+
+
+def test_duel_takes_the_median_paired_ratio_within_its_budget(monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(_autotune, "time", clock)
+    slow_once = iter([0.05] + [0.001] * 100)
+    fns = {"a": clock.spend(0.001), "b": clock.spend(0.002),
+           "c": lambda: clock.spend(next(slow_once))()}  # fmt: skip
+    ratio, rounds = _autotune._duel(fns, "a", "b")
+    assert ratio == pytest.approx(0.5)
+    # 3 ms a round: past DUEL_MIN_ROUNDS until the budget is spent, at most DUEL_MAX_ROUNDS
+    budget_rounds = int(_autotune.DUEL_BUDGET_S / 0.003) + 1
+    assert rounds == min(max(_autotune.DUEL_MIN_ROUNDS, budget_rounds), _autotune.DUEL_MAX_ROUNDS)
+    # one round slowed 50x (another process's time slice) does not move the median
+    ratio, rounds = _autotune._duel(fns, "c", "a")
+    assert ratio == pytest.approx(1.0)
+    assert rounds == _autotune.DUEL_MIN_ROUNDS  # the slow round spent the budget
 
 
 def test_cache_round_trip_and_memory(monkeypatch) -> None:

@@ -670,6 +670,10 @@ def main(argv: list[str] | None = None) -> None:
         "autotune_load": tune_load,
         "elapsed_s": elapsed,
         "dispatch_ms": {k: v.get("ms") for k, v in K.dispatch_table()["entries"].items()},
+        # near ties the tuner re-timed paired: per shape, [{rows, pair, ratio, rounds}]
+        "dispatch_duels": {
+            k: v.get("duels", []) for k, v in K.dispatch_table()["entries"].items()
+        },
         "dense_branch_overhead": overhead,
         "results": rows,
     }

@@ -324,9 +324,21 @@ def _runner(key: ShapeKey, choice: str, values, mask, x) -> Callable[[], object]
     return lambda: op(*args, code)
 
 
+class Fastest(dict):
+    """Fastest seconds per candidate (the dict) and each candidate's median round
+    (``medians``; empty where the timing was stubbed)."""
+
+    medians: dict[str, float]
+
+    def __init__(self, fastest: dict[str, float], medians: dict[str, float]) -> None:
+        super().__init__(fastest)
+        self.medians = medians
+
+
 def _time_bucket(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
     """Fastest seconds per candidate over interleaved rounds (rotating order), after one warm-up
-    call each: interference only adds time, so the minimum is the estimate it disturbs least."""
+    call each: interference only adds time, so the minimum is the estimate it disturbs least.
+    Returns a :class:`Fastest` (the medians name the near ties the minimum hides)."""
     for fn in fns.values():
         fn()
     names = list(fns)
@@ -342,18 +354,29 @@ def _time_bucket(fns: dict[str, Callable[[], object]]) -> dict[str, float]:
             fns[name]()
             samples[name].append(time.perf_counter() - t0)
         rounds += 1
-    return {name: min(s) for name, s in samples.items()}
+    medians = {name: sorted(s)[len(s) // 2] for name, s in samples.items()}
+    return Fastest({name: min(s) for name, s in samples.items()}, medians)
 
 
 def _settle_near_tie(
     best_s: dict[str, float], fns: dict[str, Callable[[], object]]
 ) -> tuple[str, list[dict[str, Any]]]:
     """The bucket's winner from the fastest times of its rounds; every candidate within
-    :data:`NEAR_TIE` of the fastest (at most :data:`DUEL_CONTENDERS`, fastest first) is timed
-    again back to back against the winner so far (:func:`_duel`), and each paired ratio
-    decides. Returns the winner and the duels' records (none when no candidate was that close)."""
+    :data:`NEAR_TIE` of the fastest, or with a faster median round than the fastest's (a path
+    whose times spread widely can win by one lucky round: ``avx2-panels`` at 4.1 ms fastest,
+    5.7 ms median), at most :data:`DUEL_CONTENDERS` of them, fastest first, is timed again back
+    to back against the winner so far (:func:`_duel`), and each paired ratio decides. Returns
+    the winner and the duels' records (none when no candidate was that close)."""
     ranked = sorted(best_s, key=best_s.__getitem__)
-    close = [c for c in ranked[1:] if best_s[c] <= best_s[ranked[0]] * (1 + NEAR_TIE)]
+    top = ranked[0]
+    medians = getattr(best_s, "medians", {})
+
+    def is_close(c: str) -> bool:
+        if best_s[c] <= best_s[top] * (1 + NEAR_TIE):
+            return True
+        return c in medians and top in medians and medians[c] < medians[top]
+
+    close = [c for c in ranked[1:] if is_close(c)]
     winner, duels = ranked[0], []
     for challenger in close[:DUEL_CONTENDERS]:
         ratio, rounds = _duel(fns, winner, challenger)

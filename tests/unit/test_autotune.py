@@ -180,6 +180,41 @@ def test_each_close_candidate_duels_the_winner_so_far(monkeypatch) -> None:
     assert entry["choices"][0] == b
 
 
+def test_a_faster_median_challenges_a_lucky_fastest_round(monkeypatch) -> None:
+    """Dense wins by its fastest round by far (30%), but a sparse path's median round is faster
+    than dense's: the two duel, and the paired ratio decides. Without a faster median, no duel."""
+    other = _runner_up()
+
+    def fake(fns):
+        fastest = {c: {"dense": 0.7, other: 1.0}.get(c, 9.0) for c in fns}
+        medians = {c: {"dense": 1.3, other: 1.1 if fake.lucky else 1.4}.get(c, 9.0) for c in fns}
+        return _autotune.Fastest(fastest, medians)
+
+    duels = []
+
+    def fake_duel(fns, first, second):
+        duels.append((first, second))
+        return 1.2, 6  # dense 20% slower, paired
+
+    monkeypatch.setattr(_autotune, "_time_bucket", fake)
+    monkeypatch.setattr(_autotune, "_duel", fake_duel)
+    fake.lucky = True
+    assert _autotune.measure(KEY)["choices"] == [other] * len(_autotune.BUCKETS)
+    assert duels == [("dense", other)] * len(_autotune.BUCKETS)
+    duels.clear()
+    fake.lucky = False
+    assert _autotune.measure(KEY)["choices"] == ["dense"] * len(_autotune.BUCKETS)
+    assert duels == []
+
+
+def test_time_bucket_reports_fastest_and_median_rounds(monkeypatch) -> None:
+    clock = FakeClock()
+    monkeypatch.setattr(_autotune, "time", clock)
+    spent = iter([0.001] + [0.003, 0.002, 0.009, 0.002, 0.004] * 20)
+    out = _autotune._time_bucket({"a": lambda: clock.spend(next(spent))()})
+    assert out == {"a": 0.002} and out.medians == {"a": 0.003}
+
+
 def test_duel_against_the_previous_winner_keeps_it_within_the_noise_margin(monkeypatch) -> None:
     """The previous bucket's winner meets this bucket's fastest in the duel: within
     NOISE_MARGIN (2% slower) it stays; 5% slower, it is replaced."""

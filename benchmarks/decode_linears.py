@@ -17,6 +17,13 @@ Contenders: dense ``F.linear`` on the dense weight, each one-row sparse path thi
 bytes each reads: the dense weight for ``F.linear``, the packed values and mask for the rest.
 
     python benchmarks/decode_linears.py --threads 1 --dtypes bfloat16,float32
+
+``--rows N`` times the same linears at N rows of x instead: a prompt's forward (prefill) of N
+tokens, where the batched paths (``avx2-panels``, ``avx512-panels``, ...) join the contenders
+and the one-row selecting GEMVs leave. The set then holds the layers' linears only:
+``nmfx.hf.fast_generate`` runs lm_head on the prompt's last row alone (``logits_to_keep=1``).
+
+    python benchmarks/decode_linears.py --threads 2 --dtypes float32 --rows 32
 """
 
 from __future__ import annotations
@@ -67,16 +74,17 @@ def packed_bytes(p: PackedNM) -> int:
     return p.values.numel() * p.values.element_size() + p.mask.numel()
 
 
-def sparse_paths(n: int, m: int, dtype: str) -> list[str]:
-    """The one-row sparse paths of this host (forced), without the batched ones."""
-    return [c for c in _autotune.host_choices(n, m, 1, dtype)
-            if c not in ("dense", "portable") and not c.endswith("-panels")]  # fmt: skip
+def sparse_paths(n: int, m: int, dtype: str, rows: int = 1) -> list[str]:
+    """The sparse paths of this host (forced) at ``rows`` rows of x; at one row without the
+    batched ones."""
+    return [c for c in _autotune.host_choices(n, m, rows, dtype)
+            if c not in ("dense", "portable") and (rows > 1 or not c.endswith("-panels"))]  # fmt: skip
 
 
 def contenders(
-    ws: list[torch.Tensor], ps: list[PackedNM], n: int, m: int, dtype: torch.dtype
+    ws: list[torch.Tensor], ps: list[PackedNM], n: int, m: int, dtype: torch.dtype, rows: int = 1
 ) -> dict[str, Callable[[], object]]:
-    xs = {w.shape[1]: torch.randn(1, w.shape[1]).to(dtype) for w in ws}
+    xs = {w.shape[1]: torch.randn(rows, w.shape[1]).to(dtype) for w in ws}
     op = torch.ops.nmfx_cpu.nm_gemm.default
 
     def dense() -> None:
@@ -96,7 +104,7 @@ def contenders(
             K.nm_linear(xs[p.shape[1]], p)
 
     fns: dict[str, Callable[[], object]] = {"F.linear": dense}
-    for choice in sparse_paths(n, m, str(dtype).removeprefix("torch.")):
+    for choice in sparse_paths(n, m, str(dtype).removeprefix("torch."), rows):
         fns[choice] = path(_autotune.path_code(choice))
     fns["nm_linear"] = shipped
     return fns
@@ -109,20 +117,22 @@ def measure(
     repeats: int,
     label: str,
     calls: int = 1,
+    rows: int = 1,
 ) -> dict[str, Any]:
-    """Each weight of ``shapes`` (its own tensor) called ``calls`` times in a row, per round."""
+    """Each weight of ``shapes`` (its own tensor) called ``calls`` times in a row, per round, on
+    ``rows`` rows of x."""
     n, m = (int(v) for v in pattern.split(":"))
     ws = [w for r, c in shapes for w in [random_nm(r, c, n, m, dtype)] * calls]
     ps = [p for w in ws[::calls] for p in [pack(w, pattern)] * calls]
     dense_b = sum(w.numel() * w.element_size() for w in ws)
     sparse_b = sum(packed_bytes(p) for p in ps)
-    fns = contenders(ws, ps, n, m, dtype)
+    fns = contenders(ws, ps, n, m, dtype, rows)
     with torch.inference_mode():
         fns["nm_linear"]()  # tunes the shapes (or reads the cache) before timing
         rounds = interleaved(fns, repeats, warmup=1)
     secs, used = rounds.pick()
     out = {"set": label, "dtype": str(dtype).removeprefix("torch."), "pattern": pattern,
-           "dense_bytes": dense_b, "packed_bytes": sparse_b, "rounds": used,
+           "rows_of_x": rows, "dense_bytes": dense_b, "packed_bytes": sparse_b, "rounds": used,
            "raw": rounds.as_json(), "ms": {}, "GBps": {}}  # fmt: skip
     for name, s in secs.items():
         t = median(s)
@@ -149,31 +159,40 @@ def main() -> None:
     parser.add_argument("--pattern", default="2:4")
     parser.add_argument("--layers", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=15, help="rounds per set")
+    parser.add_argument("--rows", type=int, default=1,
+                        help="rows of x (default 1: decoding; e.g. 32: a 32-token prefill)")  # fmt: skip
     add_contend_arg(parser)
     args = parser.parse_args()
     setup_threads(args.threads)
     if not K.kernels_available():
         raise SystemExit(f"nmfx kernels unavailable: {K.build_error()}")
     torch.manual_seed(0)
+    if args.rows < 1:
+        parser.error(f"--rows {args.rows}: give at least 1 row of x")
     layers = 1 if args.quick else args.layers
-    model = LAYER * layers + [LM_HEAD]
+    model = LAYER * layers + ([LM_HEAD] if args.rows == 1 else [])
+    what = "decode set" if args.rows == 1 else f"prefill set, {args.rows} rows of x"
+    head = " + lm_head" if args.rows == 1 else ", no lm_head"
     info = machine_info()
     results = []
     with Contention(args.contend), LoadMonitor() as load:
         for name in args.dtypes.split(","):
             dtype = getattr(torch, name)
             results.append(measure(model, args.pattern, dtype, args.repeats,
-                                   f"decode set ({layers} layers + lm_head)"))  # fmt: skip
+                                   f"{what} ({layers} layers{head})", rows=args.rows))  # fmt: skip
             for shape in sorted(set(LAYER)):
                 nbytes = shape[0] * shape[1] * dtype.itemsize
                 where = "fits" if nbytes * 0.6 < L3_BYTES else "exceeds"
                 label = f"{shape[0]}x{shape[1]} ({where} L3)"
-                results.append(measure([shape], args.pattern, dtype, args.repeats, label, 8))
+                results.append(
+                    measure([shape], args.pattern, dtype, args.repeats, label, 8, args.rows)
+                )
     headers = ["set", "dtype", "path", "ms", "GB/s read", "x F.linear"]
-    print(f"One row of x, pattern {args.pattern}, ISAs {_build.supported_isas()}")
+    print(f"{args.rows} row(s) of x, pattern {args.pattern}, ISAs {_build.supported_isas()}")
     print(tabulate(table_rows(results), headers=headers, tablefmt="github"))
     print("\n" + describe(info, load.result))
     payload = {"machine": info, "load": load.result, "contend": args.contend, "layers": layers,
+               "rows_of_x": args.rows,
                "pattern": args.pattern, "headers": headers, "rows": table_rows(results),
                "results": results}  # fmt: skip
     path = write_json("decode_linears", payload, args.out)

@@ -209,12 +209,7 @@ def _cpuinfo() -> tuple[str, list[str]]:
     return model, flags
 
 
-def sources_digest() -> str:
-    h = hashlib.sha256()
-    for path in sorted(_build.CSRC.glob("*")):
-        if path.suffix in (".cpp", ".h"):
-            h.update(path.name.encode() + path.read_bytes())
-    return h.hexdigest()[:16]
+sources_digest = _build.sources_digest
 
 
 _static_key: list[dict[str, Any]] = []
@@ -235,8 +230,7 @@ def host_key() -> dict[str, Any]:
     return {**_static_key[0], "isas": _build.supported_isas(), "threads": torch.get_num_threads()}
 
 
-def cache_dir() -> Path:
-    return Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "nmfx")
+cache_dir = _build.cache_dir  # CACHE_ENV
 
 
 def cache_path(host: dict[str, Any]) -> Path:

@@ -4,10 +4,17 @@ The first call that needs a kernel compiles the sources with
 ``torch.utils.cpp_extension.load`` into the default torch extensions directory (cached across
 processes; rebuilt when a source changes). If that fails -- no compiler, no headers -- nmfx warns
 once and every N:M linear runs dense.
+
+A process whose kernels were built before loads the library directly (``torch.ops.load_library``)
+when a record in nmfx's cache directory names it for the same sources, flags and torch: importing
+``torch.utils.cpp_extension`` pulls in setuptools and adds ~5 MB to the resident memory of a
+process that only runs a lowered model, and its up-to-date check runs ninja on every start.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import threading
@@ -142,21 +149,98 @@ def build_error() -> BaseException | None:
     return err if isinstance(err, BaseException) else None
 
 
+CFLAGS = ("-O3", "-std=c++17", "-fno-math-errno", "-fopenmp")
+LDFLAGS = ("-fopenmp",)  # at::parallel_for is inline OpenMP: without it, one thread
+BUILT_RECORD = "kernels-built.json"  # in cache_dir(): the library last built for build_key()
+
+
 def _load() -> None:
     if hasattr(torch.ops.nmfx_cpu, "nm_gemm"):
         return  # already loaded in this process
+    if _load_recorded():
+        return
     from torch.utils.cpp_extension import load
 
     logger.info("building nmfx CPU kernels (first use; cached afterwards)")
     load(
         name=EXTENSION_NAME,
         sources=[str(CSRC / s) for s in SOURCES],
-        extra_cflags=["-O3", "-std=c++17", "-fno-math-errno", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],  # at::parallel_for is inline OpenMP: without it, one thread
+        extra_cflags=list(CFLAGS),
+        extra_ldflags=list(LDFLAGS),
         extra_include_paths=[str(CSRC)],
         is_python_module=False,
         verbose=False,
     )
+    _record_built()
+
+
+def cache_dir() -> Path:
+    """nmfx's cache directory (``NMFX_CACHE_DIR``, else ``~/.cache/nmfx``): tuning results and
+    the record of the built kernels."""
+    return Path(os.environ.get("NMFX_CACHE_DIR") or Path.home() / ".cache" / "nmfx")
+
+
+def sources_digest() -> str:
+    """Digest of the kernel sources and headers (``nmfx/csrc``)."""
+    h = hashlib.sha256()
+    for path in sorted(CSRC.glob("*")):
+        if path.suffix in (".cpp", ".h"):
+            h.update(path.name.encode() + path.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def build_key() -> str:
+    """What the built library depends on: sources and headers, flags, torch, the extensions
+    directory it was built in."""
+    parts = [sources_digest(), *SOURCES, *CFLAGS, *LDFLAGS, torch.__version__,
+             str(torch.version.git_version), os.environ.get("TORCH_EXTENSIONS_DIR", "")]  # fmt: skip
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:20]
+
+
+def _library_file(record: dict) -> Path | None:
+    """The recorded library when it is still the very file that was built (size, mtime)."""
+    path = Path(record.get("path", ""))
+    try:
+        st = path.stat()
+    except OSError:
+        return None
+    return path if [st.st_size, st.st_mtime_ns] == record.get("stat") else None
+
+
+def _load_recorded() -> bool:
+    """Load the library the record names for this ``build_key()``; False (then a normal
+    build/load runs) when there is none, it changed, or loading it fails."""
+    try:
+        record = json.loads((cache_dir() / BUILT_RECORD).read_text())
+    except (OSError, ValueError):
+        return False
+    path = _library_file(record) if record.get("key") == build_key() else None
+    if path is None:
+        return False
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as exc:
+        logger.info("recorded nmfx kernels %s did not load (%s); building", path, exc)
+        return False
+    return hasattr(torch.ops.nmfx_cpu, "nm_gemm")
+
+
+def _record_built() -> None:
+    """Remember the library ``load`` just loaded, for the next process (best effort)."""
+    built = [p for p in torch.ops.loaded_libraries if Path(p).name.startswith(EXTENSION_NAME)]
+    if not built:
+        return
+    path = Path(built[-1])
+    st = path.stat()
+    record = {"key": build_key(), "path": str(path), "stat": [st.st_size, st.st_mtime_ns]}
+    target = cache_dir() / BUILT_RECORD
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(record))
+        tmp.replace(target)  # atomic: a concurrent reader sees the old record or this one
+    except OSError as exc:
+        logger.debug("could not record the built kernels in %s (%s)", target, exc)
 
 
 def supported_isas() -> list[str]:

@@ -55,35 +55,46 @@ def lower(
             "no N:M weights to lower: sparsify and train the model with nmfx.sparsify, then "
             "nmfx.finalize it (or load an N:M checkpoint)"
         )
-    _check_still_nm(model, record)
-    out = model if inplace else copy.deepcopy(model)
     if target == "cpu":
         if options:
             raise TypeError(f"target='cpu' takes no options, got {sorted(options)}")
-        from nmfx.lowering.cpu import lower_cpu
-        from nmfx.lowering.memory import release_dropped
+        from nmfx.lowering.memory import large_blocks_mapped
 
-        weights = [out.get_parameter(nm.param) for nm in record.values()]
-        dense = [(weakref.ref(w), w.nbytes) for w in weights]
-        del weights
-        out, decisions = lower_cpu(out, record)
-        kept = {id(p) for p in out.parameters()}  # weights that stayed dense are not dropped
-        # the dense weights lower_cpu dropped, else still resident (glibc, cycles)
-        release_dropped([(r, n) for r, n in dense if id(r()) not in kept])
-    elif target == "cuda":
-        from nmfx.lowering.cuda import lower_cuda
-
-        out, decisions = lower_cuda(out, record, example_inputs=example_inputs, **options)
+        with large_blocks_mapped():  # the copy, packed weights and temporaries leave no heap holes
+            _check_still_nm(model, record)
+            out, decisions = _lower_cpu(model if inplace else copy.deepcopy(model), record)
     else:
-        from nmfx.lowering.tensorrt import lower_tensorrt
+        _check_still_nm(model, record)
+        out = model if inplace else copy.deepcopy(model)
+        if target == "cuda":
+            from nmfx.lowering.cuda import lower_cuda
 
-        if example_inputs is None:
-            raise ValueError(
-                "target='tensorrt' needs example_inputs=(tensor, ...) to build engines"
-            )
-        out, decisions = lower_tensorrt(out, record, example_inputs, **options)
+            out, decisions = lower_cuda(out, record, example_inputs=example_inputs, **options)
+        else:
+            from nmfx.lowering.tensorrt import lower_tensorrt
+
+            if example_inputs is None:
+                raise ValueError(
+                    "target='tensorrt' needs example_inputs=(tensor, ...) to build engines"
+                )
+            out, decisions = lower_tensorrt(out, record, example_inputs, **options)
     model_state.set_decisions(out, decisions)
     return out
+
+
+def _lower_cpu(out: nn.Module, record: dict[str, NMWeight]) -> tuple[nn.Module, list]:
+    """``lower_cpu``, then hand the dense weights it dropped back to the OS (else still
+    resident: glibc's heap, reference cycles)."""
+    from nmfx.lowering.cpu import lower_cpu
+    from nmfx.lowering.memory import release_dropped
+
+    weights = [out.get_parameter(nm.param) for nm in record.values()]
+    dense = [(weakref.ref(w), w.nbytes) for w in weights]
+    del weights
+    out, decisions = lower_cpu(out, record)
+    kept = {id(p) for p in out.parameters()}  # weights that stayed dense are not dropped
+    release_dropped([(r, n) for r, n in dense if id(r()) not in kept])
+    return out, decisions
 
 
 def _check_still_nm(model: nn.Module, record: dict[str, NMWeight]) -> None:

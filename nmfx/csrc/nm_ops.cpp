@@ -260,6 +260,8 @@ at::Tensor init_y(int64_t B, int64_t rows, const std::optional<at::Tensor>& bias
   return y;
 }
 
+constexpr int64_t kPanelBlock = 256;  // rows of x per batched-path work item, at most
+
 // Runs fn over every weight row (and, on the batched path, every panel of x) on the torch
 // threads. Small problems stay on one thread (a fork costs more than it saves below ~64k
 // multiply-adds). Otherwise threads take work items from a shared counter (parallel_items,
@@ -268,7 +270,18 @@ void run_threads(KernelFn fn, const NMProblem& p, int64_t cols) {
   const int64_t rows = p.R;
   const int64_t nthreads = at::get_num_threads();
   const int64_t macs = rows * std::max<int64_t>(cols, 1) * p.B;
-  if (nthreads <= 1 || macs < (int64_t{1} << 16)) return fn(p, 0, rows);
+  if (nthreads <= 1 || macs < (int64_t{1} << 16)) {
+    if (p.xpanel == nullptr) return fn(p, 0, rows);
+    // The batched path keeps y^T [weight rows, rows of x] per thread: at most kPanelBlock rows
+    // of x at a time, as in the work items below.
+    for (int64_t b0 = 0; b0 < p.nbp; b0 += kPanelBlock) {
+      NMProblem q = p;
+      q.pb0 = b0;
+      q.pb1 = std::min(p.nbp, b0 + kPanelBlock);
+      fn(q, 0, rows);
+    }
+    return;
+  }
   int64_t items, rchunk, bchunk = p.nbp, nbc = 1;
   if (p.xpanel != nullptr) {
     // The batched path re-reads the x panels for every chunk of weight rows, so chunks are at
@@ -276,7 +289,7 @@ void run_threads(KernelFn fn, const NMProblem& p, int64_t cols) {
     // rows of x). 16-row chunks had made 256x4096 at 256-1024 rows of x 0.71-0.78x dense.
     rchunk = std::max<int64_t>(128, ((rows + nthreads * 4 - 1) / (nthreads * 4) + 7) / 8 * 8);
     const int64_t nrc = (rows + rchunk - 1) / rchunk;
-    bchunk = 256;
+    bchunk = kPanelBlock;
     while (bchunk > kPanelBatch && nrc * ((p.nbp + bchunk - 1) / bchunk) < 2 * nthreads) {
       bchunk /= 2;
     }

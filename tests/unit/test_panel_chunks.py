@@ -95,3 +95,24 @@ def test_panel_chunks_same_bits_on_one_and_two_threads(isa: str, batch: int) -> 
         torch.set_num_threads(before)
     torch.testing.assert_close(two, one, **TOL["exact"][torch.float32])
     torch.testing.assert_close(one, F.linear(x, w), **TOL["kernel"][torch.float32])
+
+
+@pytest.mark.parametrize("isa", _isas())
+def test_one_thread_keeps_accumulators_for_256_rows_of_x_at_most(isa: str) -> None:
+    """On one thread the batched path goes 256 rows of x at a time, as two threads' work items
+    do: its kept per-thread y^T buffer is weight rows x 256, not x all rows of x (a 2048-row
+    prompt through 512 weight rows would keep 4 MB; a 4096-row one through 11008 rows, 180 MB)."""
+    rows, cols, batch = 512, 256, 2048
+    w = _random_nm(rows, cols, "2:4", torch.float32, seed=5)
+    p = pack(w, "2:4")
+    x = torch.randn(batch, cols, generator=torch.Generator().manual_seed(6))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        torch.ops.nmfx_cpu.release_scratch()
+        y = _panels(x, p, None, rows, cols, "2:4", isa)
+        kept = torch.ops.nmfx_cpu.scratch_stats()[0]
+    finally:
+        torch.set_num_threads(before)
+    torch.testing.assert_close(y, F.linear(x, w), **TOL["kernel"][torch.float32])
+    assert kept < rows * batch * 4, f"{kept} bytes kept after a {batch}-row call"
